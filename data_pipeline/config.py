@@ -1,0 +1,68 @@
+"""The `data:` section of the run YAML."""
+
+import math
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def default_cache_dir() -> Path:
+    """Built-in corpus and tokenizer live here so every run after the first starts instantly."""
+    return Path(os.environ.get("PARALLAX_CACHE", Path.home() / ".cache" / "parallax"))
+
+
+class SourceConfig(BaseModel):
+    """One corpus: a file or a directory of files, each file being one shard."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Path
+    weight: float = 1.0
+    format: Literal["text", "jsonl", "parquet"] | None = Field(
+        default=None, description="None infers it per file from the extension (.jsonl/.json, .parquet, else text)."
+    )
+    text_field: str = "text"
+
+    @field_validator("weight")
+    @classmethod
+    def _weight_positive(cls, weight: float) -> float:
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"weight must be a positive number, got {weight}; give every source a weight > 0")
+        return weight
+
+
+class DataConfig(BaseModel):
+    """Everything the pipeline needs; the run YAML's `data:` section validates into this."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seq_len: int = 128
+    sources: list[SourceConfig] | None = Field(
+        default=None, description="None or [] trains on the built-in corpus made from the Python standard library."
+    )
+    tokenizer: Path | None = Field(
+        default=None, description="A tokenizer.json; None builds (once, then caches) a BPE on the built-in corpus."
+    )
+    vocab_size: int = 8192
+    shuffle_buffer: int = 1000
+    num_workers: int = 1
+    epochs: int | None = Field(
+        default=None, description="None loops forever (training); N stops each rank after N passes (evaluation)."
+    )
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+
+    @field_validator("seq_len", "vocab_size", "shuffle_buffer", "epochs")
+    @classmethod
+    def _positive(cls, value: int | None, info) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"{info.field_name} must be a positive integer, got {value}; set data.{info.field_name} to 1 or more")
+        return value
+
+    @field_validator("num_workers")
+    @classmethod
+    def _not_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"num_workers must be 0 (read in the training process) or more, got {value}")
+        return value

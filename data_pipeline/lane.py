@@ -1,0 +1,182 @@
+"""One lane's pipeline: claim work, read, shuffle, tokenize, pack, blend, batch.
+
+Everything a lane does is a function of its state dict, so a batch can carry the
+state right after it and a checkpoint is just the state of the last batch taken.
+"""
+
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from tokenizers import Tokenizer
+
+from .errors import DataError
+from .sources import Source, read_documents
+from .work import advance, merge, next_claim, shard_of_visit
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every lane of every rank agrees on; pickled into the worker processes."""
+
+    sources: tuple[Source, ...]
+    tokenizer_json: str
+    eod: int
+    pad: int
+    seq_len: int
+    shuffle_buffer: int
+    epochs: int | None
+    seed: int
+
+    def visit_limit(self, source_index: int) -> int | None:
+        return None if self.epochs is None else self.epochs * len(self.sources[source_index].shards)
+
+
+class SourceStream:
+    """One source on one lane: yields packed windows of `seq_len + 1` tokens."""
+
+    def __init__(self, plan: Plan, source_index: int, cursor: dict, tokenizer: Tokenizer):
+        self.plan, self.source_index, self.tokenizer = plan, source_index, tokenizer
+        self.source = plan.sources[source_index]
+        self.pending = [list(item) for item in cursor["pending"]]
+        self.claim = list(cursor["claim"])
+        self.reading = cursor["reading"] and [cursor["reading"][0], [list(r) for r in cursor["reading"][1]]]
+        self.reader, self.found = None, False
+        self.rng = random.Random()
+        self.rng.setstate(cursor["rng"])
+        self.carry, self.carry_start = list(cursor["carry"]), 0
+        self.buffer = self.reread(cursor["buffer"])
+        self.fruitless_shards: set[int] = set()
+
+    def state(self) -> dict:
+        return {
+            "pending": [[visit, [list(r) for r in ranges]] for visit, ranges in self.pending],
+            "claim": list(self.claim),
+            "reading": self.reading and [self.reading[0], [list(r) for r in self.reading[1]]],
+            "buffer": [list(doc_id) for doc_id, _ in self.buffer],
+            "rng": self.rng.getstate(),
+            "carry": self.carry[self.carry_start:],
+        }
+
+    def shard(self, visit: int):
+        return self.source.shards[shard_of_visit(self.plan.seed, self.source_index, len(self.source.shards), visit)]
+
+    def read(self, visit: int, ranges: list) -> Iterator[tuple[int, str]]:
+        """The documents of one work item, reading the shard once from its first wanted record."""
+        wanted = merge(ranges)
+        for index, text in read_documents(self.shard(visit), start=wanted[0][0]):
+            wanted = advance(wanted, index)
+            if not wanted:
+                return
+            if index >= wanted[0][0]:
+                yield index, text
+
+    def reread(self, doc_ids: list) -> list:
+        """Refills a restored shuffle buffer; checkpoints hold document ids, not texts, to stay small."""
+        texts = {}
+        for visit in sorted({visit for visit, _ in doc_ids}):
+            indices = [[index, index + 1] for v, index in doc_ids if v == visit]
+            texts.update(((visit, index), text) for index, text in self.read(visit, indices))
+        return [((visit, index), texts[visit, index]) for visit, index in doc_ids]
+
+    def next_work(self) -> list | None:
+        if self.pending:
+            return self.pending.pop(0)
+        limit = self.plan.visit_limit(self.source_index)
+        visit = next_claim(self.claim)
+        if limit is not None and visit >= limit:
+            return None
+        self.claim[3] += 1
+        return [visit, [[0, None]]]
+
+    def next_read(self) -> tuple[tuple[int, int], str] | None:
+        while True:
+            if self.reader is None:
+                self.reading = self.reading or self.next_work()
+                if self.reading is None:
+                    return None
+                self.reader, self.found = self.read(*self.reading), False
+            item = next(self.reader, None)
+            if item is None:
+                self.check_not_all_empty()
+                self.reading = self.reader = None
+                continue
+            index, text = item
+            self.found = True
+            self.reading[1] = advance(self.reading[1], index + 1)
+            return (self.reading[0], index), text
+
+    def check_not_all_empty(self) -> None:
+        """Without this, a source whose records all have empty text would be read forever: a hang."""
+        if not self.found:
+            self.fruitless_shards.add(shard_of_visit(self.plan.seed, self.source_index, len(self.source.shards), self.reading[0]))
+            if len(self.fruitless_shards) == len(self.source.shards):
+                raise DataError(f"{self.source.name}: every document in this source is empty; remove it from data.sources")
+
+    def next_document(self) -> str | None:
+        """A seeded shuffle buffer: fill to capacity, then emit a random element."""
+        while len(self.buffer) < self.plan.shuffle_buffer and (doc := self.next_read()) is not None:
+            self.buffer.append(doc)
+        if not self.buffer:
+            return None
+        pick = self.rng.randrange(len(self.buffer))
+        self.buffer[pick], self.buffer[-1] = self.buffer[-1], self.buffer[pick]
+        return self.buffer.pop()[1]
+
+    def next_window(self) -> list[int] | None:
+        """Documents joined by end-of-document, cut with no padding; a document's rest carries over.
+
+        Only the very last window of a finite run is padded, so no token is ever dropped.
+        """
+        size = self.plan.seq_len + 1
+        while len(self.carry) - self.carry_start < size and (text := self.next_document()) is not None:
+            self.carry = self.carry[self.carry_start:] + self.tokenizer.encode(text).ids + [self.plan.eod]
+            self.carry_start = 0
+        window = self.carry[self.carry_start:self.carry_start + size]
+        self.carry_start += len(window)
+        return window + [self.plan.pad] * (size - len(window)) if window else None
+
+
+class Lane:
+    """Blends the sources of one lane window by window with a deterministic weighted schedule.
+
+    Each window goes to the source furthest behind its share (largest
+    weight * windows_so_far - its_windows), which keeps every prefix of the
+    output within one window per source of the configured mix.
+    """
+
+    def __init__(self, plan: Plan, state: dict):
+        tokenizer = Tokenizer.from_str(plan.tokenizer_json)
+        self.plan = plan
+        self.streams = [SourceStream(plan, i, cursor, tokenizer) for i, cursor in enumerate(state["sources"])]
+        self.emitted = list(state["emitted"])
+        self.active = [True] * len(self.streams)
+
+    def state(self) -> dict:
+        return {"sources": [stream.state() for stream in self.streams], "emitted": list(self.emitted)}
+
+    def next_window(self) -> list[int] | None:
+        while any(self.active):
+            total = sum(w for w, on in zip(self.weights, self.active) if on)
+            made = sum(self.emitted) + 1
+            choice = max(
+                (i for i, on in enumerate(self.active) if on),
+                key=lambda i: self.weights[i] / total * made - self.emitted[i],
+            )
+            window = self.streams[choice].next_window()
+            if window is not None:
+                self.emitted[choice] += 1
+                return window
+            self.active[choice] = False
+        return None
+
+    @property
+    def weights(self) -> list[float]:
+        return [source.weight for source in self.plan.sources]
+
+    def batches(self, micro_batch_size: int) -> Iterator[tuple[torch.Tensor, dict]]:
+        """Each batch comes with the lane state right after it; a finite run's last batch is padded with pad rows."""
+        while rows := [w for w in (self.next_window() for _ in range(micro_batch_size)) if w is not None]:
+            rows += [[self.plan.pad] * (self.plan.seq_len + 1)] * (micro_batch_size - len(rows))
+            yield torch.tensor(rows, dtype=torch.long), self.state()

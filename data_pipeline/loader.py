@@ -1,0 +1,155 @@
+"""The per-rank loader: lanes in background workers, checkpointable and reshardable.
+
+A rank runs one lane per DataLoader worker (one lane in-process when
+num_workers is 0). The DataLoader takes batches from its workers round-robin,
+and every batch arrives with its lane's state right after it, so the rank's
+state is exact without ever asking a worker anything: it is the state attached
+to the last batch consumed from each lane, plus which lane is next.
+"""
+
+import copy
+import time
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .config import DataConfig
+from .corpus import builtin_corpus
+from .errors import DataError
+from .lane import Lane, Plan
+from .sources import discover
+from .tokenizer import EOD, PAD, load_tokenizer
+from .work import new_cursor, reshard
+
+STATE_VERSION = 1
+
+
+def build_dataloader(cfg: DataConfig, *, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int) -> "PipelineLoader":
+    """Every TP peer of a DP rank must pass the same dp_rank/dp_size/seed: it then gets identical batches."""
+    if micro_batch_size < 1:
+        raise DataError(f"micro_batch_size must be a positive integer, got {micro_batch_size}")
+    if not 0 <= dp_rank < dp_size:
+        raise DataError(f"dp_rank {dp_rank} is outside 0..{dp_size - 1} for dp_size {dp_size}")
+    tokenizer = load_tokenizer(cfg)
+    plan = Plan(
+        sources=tuple(discover(source) for source in cfg.sources or [builtin_corpus(cfg.cache_dir)]),
+        tokenizer_json=tokenizer.to_str(),
+        eod=tokenizer.token_to_id(EOD),
+        pad=tokenizer.token_to_id(PAD),
+        seq_len=cfg.seq_len,
+        shuffle_buffer=cfg.shuffle_buffer,
+        epochs=cfg.epochs,
+        seed=seed,
+    )
+    return PipelineLoader(plan, micro_batch_size, dp_rank, dp_size, cfg.num_workers)
+
+
+class PipelineLoader:
+    """Iterator of LongTensor[micro_batch_size, seq_len + 1]; endless unless data.epochs is set."""
+
+    def __init__(self, plan: Plan, micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int):
+        self.plan, self.micro_batch_size = plan, micro_batch_size
+        self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
+        self.lanes_per_rank = max(1, num_workers)
+        total = dp_size * self.lanes_per_rank
+        self.lane_states = [
+            {
+                "sources": [new_cursor(plan.seed, s, 0, total, self.global_lane(w)) for s in range(len(plan.sources))],
+                "emitted": [0] * len(plan.sources),
+            }
+            for w in range(self.lanes_per_rank)
+        ]
+        self.next_lane = 0
+        self.data_wait_seconds = 0.0  # cumulative time the training loop blocked in next(); log it
+        self.batches = None
+
+    def global_lane(self, worker: int) -> int:
+        return self.dp_rank * self.lanes_per_rank + worker
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.batches is None:
+            self.batches = iter(self.torch_loader())
+        start = time.perf_counter()
+        lane, batch, state = next(self.batches)
+        self.data_wait_seconds += time.perf_counter() - start
+        if batch is None:
+            raise DataError(state)
+        self.lane_states[lane] = state
+        self.next_lane = (lane + 1) % self.lanes_per_rank
+        return batch
+
+    def torch_loader(self) -> DataLoader:
+        dataset = LaneDataset(self.plan, self.lane_states, self.next_lane, self.micro_batch_size)
+        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=as_is)
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "dp_rank": self.dp_rank,
+            "dp_size": self.dp_size,
+            "seed": self.plan.seed,
+            "shards": shard_names(self.plan),
+            "next_lane": self.next_lane,
+            "lanes": copy.deepcopy(self.lane_states),
+        }
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        """`states[r]` is the state_dict() of old DP rank r; a different DP size or worker count reshards."""
+        self.check_compatible(states)
+        if len(states) == self.dp_size and all(len(s["lanes"]) == self.lanes_per_rank for s in states):
+            self.lane_states = copy.deepcopy(states[self.dp_rank]["lanes"])
+            self.next_lane = states[self.dp_rank]["next_lane"]
+        else:
+            self.lane_states = self.resharded([lane for state in states for lane in state["lanes"]])
+            self.next_lane = 0
+        self.batches = None  # workers restart from the loaded state
+
+    def resharded(self, old_lanes: list[dict]) -> list[dict]:
+        total = self.dp_size * self.lanes_per_rank
+        per_source = [
+            reshard([lane["sources"][s] for lane in old_lanes], total, self.plan.seed, s, self.plan.visit_limit(s))
+            for s in range(len(self.plan.sources))
+        ]
+        return [
+            {"sources": [cursors[self.global_lane(w)] for cursors in per_source], "emitted": [0] * len(per_source)}
+            for w in range(self.lanes_per_rank)
+        ]
+
+    def check_compatible(self, states: list[dict]) -> None:
+        """Resuming onto different files or another seed would silently break exactly-once, so refuse."""
+        if not states or [s.get("dp_rank") for s in states] != list(range(len(states))):
+            raise DataError("load_state_dict needs the data states of every DP rank of the saved run, in rank order")
+        if any(s.get("version") != STATE_VERSION for s in states):
+            raise DataError(f"data checkpoint has an unknown format version; this code reads version {STATE_VERSION}")
+        if states[0]["shards"] != shard_names(self.plan):
+            raise DataError("data.sources lists different files than when the checkpoint was saved; resume with the same files")
+        if states[0]["seed"] != self.plan.seed:
+            raise DataError(f"the checkpoint's data seed is {states[0]['seed']} but this run uses {self.plan.seed}; use the same seed to resume")
+
+
+class LaneDataset(IterableDataset):
+    """Worker w runs lane (first_lane + w): the DataLoader starts at worker 0, the resumed rank at its next lane."""
+
+    def __init__(self, plan: Plan, lane_states: list[dict], first_lane: int, micro_batch_size: int):
+        self.plan, self.lane_states = plan, lane_states
+        self.first_lane, self.micro_batch_size = first_lane, micro_batch_size
+
+    def __iter__(self):
+        worker = get_worker_info()
+        lane = (self.first_lane + (worker.id if worker else 0)) % len(self.lane_states)
+        try:
+            for batch, state in Lane(self.plan, self.lane_states[lane]).batches(self.micro_batch_size):
+                yield lane, batch, state
+        except DataError as error:  # crossing the process boundary as data keeps it one line, not a traceback
+            yield lane, None, str(error)
+
+
+def as_is(item):
+    return item
+
+
+def shard_names(plan: Plan) -> list[list[str]]:
+    return [[shard.path.name for shard in source.shards] for source in plan.sources]
