@@ -1,0 +1,175 @@
+"""The run configuration: one YAML file, one typed schema, dotted overrides from the command line.
+
+Every section is validated as it loads, and every failure becomes a `ConfigError` whose message is
+one line naming the field and what to do; the CLI prints it and exits non-zero, with no traceback.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
+
+from data_pipeline import DataConfig
+from models.config import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot work; the message is the one line the user sees."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ParallelConfig(_Section):
+    tp: PositiveInt = Field(1, description="tensor-parallel size")
+    ep: PositiveInt = Field(1, description="expert-parallel size, carved out of the data-parallel ranks")
+    pp: Literal[1] = Field(1, description="pipeline-parallel size (not yet supported beyond 1)")
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    sequence_parallel: bool = False
+    activation_checkpointing: bool = False
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-4, ge=0)
+    warmup_steps: NonNegativeInt = 20
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip; 0 disables")
+
+    @model_validator(mode="after")
+    def _min_lr_below_lr(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"optim.min_lr={self.min_lr} is above optim.lr={self.lr}; lower min_lr")
+        return self
+
+
+class TrainConfig(_Section):
+    steps: PositiveInt = 300
+    micro_batch_size: PositiveInt = 8
+    grad_accum: PositiveInt = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 1234
+
+
+class LoggingConfig(_Section):
+    run_dir: str = "runs/gpt-tiny"
+    interval: PositiveInt = 10
+
+
+class RunConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _layout_fits_model(self):
+        tp, m = self.parallel.tp, self.model
+        if m.num_heads % tp:
+            raise ValueError(
+                f"model.num_heads={m.num_heads} is not divisible by parallel.tp={tp}; "
+                f"choose parallel.tp from {_divisors(m.num_heads)}"
+            )
+        if m.ffn_size % tp:
+            raise ValueError(f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tp={tp}")
+        if m.vocab_multiple % tp:
+            raise ValueError(f"model.vocab_multiple={m.vocab_multiple} is not divisible by parallel.tp={tp}")
+        if self.data.seq_len > m.max_seq_len:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
+                "raise model.max_seq_len or shorten data.seq_len"
+            )
+        if self.parallel.sequence_parallel and self.data.seq_len % tp:
+            raise ValueError(
+                f"parallel.sequence_parallel needs data.seq_len={self.data.seq_len} divisible by parallel.tp={tp}"
+            )
+        return self
+
+    def check_world_size(self, world_size: int) -> int:
+        """The data-parallel size this config gets on `world_size` ranks."""
+        p = self.parallel
+        model_parallel = p.tp * p.ep * p.pp
+        if world_size % model_parallel:
+            raise ConfigError(
+                f"parallel: world size {world_size} is not divisible by tp x ep x pp = "
+                f"{p.tp}x{p.ep}x{p.pp}; use a multiple of {model_parallel} ranks or change parallel.tp/ep"
+            )
+        return world_size // (p.tp * p.pp)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read YAML (or the defaults when path is None), apply `a.b=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass the path of a YAML file such as configs/gpt-tiny.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {path}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must be a mapping of sections (model:, parallel:, ...)")
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_explain(e.errors()[0], raw)) from None
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{item}' is not of the form section.field=value, e.g. parallel.tp=2")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def _explain(error: dict, raw: dict) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown key '{loc}'{_did_you_mean(error['loc'])}"
+    if error["type"] == "value_error":  # our own validators: prefix the field unless already named
+        message = str(error["ctx"]["error"])
+        return message if message.startswith(loc) else f"{loc}: {message}"
+    got = error.get("input")
+    shown = f"; got {got!r}" if got is not None and not isinstance(got, dict) else ""
+    return f"{loc}: {error['msg'].lower()}{shown}"
+
+
+def _did_you_mean(loc: tuple) -> str:
+    """Suggest the closest known field of the section the unknown key sits in."""
+    schema: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        annotation = schema.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        schema = annotation
+    match = difflib.get_close_matches(str(loc[-1]), list(schema.model_fields), n=1)
+    if not match:
+        return f"; known keys here: {', '.join(schema.model_fields)}"
+    return f" (did you mean '{'.'.join(map(str, loc[:-1] + (match[0],)))}'?)"
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

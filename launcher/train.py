@@ -1,0 +1,96 @@
+"""The training loop: build the groups, the model, the engine and the data, then step."""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data_pipeline import build_dataloader, load_tokenizer
+from launcher.config import ConfigError, RunConfig
+from launcher.run_log import RunLog
+from models.gpt import GPT
+from parallel.engine import build_engine
+from parallel.topology import Topology, init_topology
+
+BatchSource = Callable[[Topology], Iterable[torch.Tensor]]
+
+
+def train(cfg: RunConfig, batches: Optional[BatchSource] = None) -> list[dict]:
+    """Pretrain for cfg.train.steps optimizer steps and return one metrics record per step.
+
+    `batches` gives each rank its [micro_batch, seq_len + 1] token windows; by default the data
+    pipeline's loader for this rank's data-parallel shard. Every TP peer gets the same batches.
+    """
+    p = cfg.parallel
+    topo = init_topology(tp=p.tp, ep=p.ep, pp=p.pp)
+    if cfg.train.precision == "fp16" and topo.device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs CUDA (DeepSpeed's loss scaler); use bf16 or fp32 on CPU")
+    _seed_everything(cfg.train.seed)
+    vocab_size = cfg.model.vocab_size or load_tokenizer(cfg.data).get_vocab_size()
+    model = GPT(
+        cfg.model, vocab_size, sequence_parallel=p.sequence_parallel, activation_checkpointing=p.activation_checkpointing
+    )
+    engine = build_engine(model, cfg, topo)
+    if batches is None:
+        loader = build_dataloader(
+            cfg.data, micro_batch_size=cfg.train.micro_batch_size, dp_rank=topo.dp_rank, dp_size=topo.dp,
+            seed=cfg.train.seed,
+        )
+    else:
+        loader = batches(topo)
+    stream = iter(loader)
+
+    run_dir = Path(cfg.logging.run_dir)
+    if topo.is_logging_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        n_params = sum(p.numel() for p in model.parameters())  # this rank's shard; see --parameters
+        print(f"parallax: {topo.describe()} zero={p.zero_stage} precision={cfg.train.precision} "
+              f"params/rank={n_params / 1e6:.2f}M run_dir={run_dir}", flush=True)
+    log = RunLog(run_dir, cfg.train.steps, cfg.logging.interval, enabled=topo.is_logging_rank)
+    tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * topo.dp * cfg.data.seq_len
+
+    history = []
+    for step in range(1, cfg.train.steps + 1):
+        started = time.perf_counter()
+        lr = engine.get_lr()[0]
+        loss_sum = torch.zeros((), device=topo.device)
+        for _ in range(cfg.train.grad_accum):
+            tokens = next(stream).to(topo.device)
+            loss = engine(tokens[:, :-1], tokens[:, 1:])
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().float()
+        # Every rank of a DP group holds its own shard's loss; the run's loss is their mean.
+        dist.all_reduce(loss_sum, group=topo.dp_group)
+        step_seconds = time.perf_counter() - started
+        record = {
+            "step": step,
+            "loss": loss_sum.item() / (cfg.train.grad_accum * topo.dp),
+            "lr": lr,
+            "grad_norm": _as_float(engine.get_global_grad_norm()),
+            "tokens_per_s": tokens_per_step / step_seconds,
+            "step_seconds": step_seconds,
+        }
+        history.append(record)
+        log.step(record)
+    first, last = history[0]["loss"], history[-1]["loss"]
+    log.close(f"parallax: done: {cfg.train.steps} steps, loss {first:.3f} -> {last:.3f}, run dir {run_dir}")
+    return history
+
+
+def _seed_everything(seed: int) -> None:
+    # The same seed on every rank: TP peers must draw the same full weights (each keeps its slice),
+    # and DP replicas must start identical.
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _as_float(value) -> Optional[float]:
+    return None if value is None else float(value)

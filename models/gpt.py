@@ -1,0 +1,218 @@
+"""GPT: a decoder-only transformer language model (Radford et al. 2018, 2019), with Megatron-style
+tensor parallelism (Shoeybi et al. 2019) and optional sequence parallelism (Korthikanti et al. 2022).
+
+Reading guide. Activations are sequence-first, [s, b, h], as in Megatron, because sequence
+parallelism splits dim 0. Every weight matrix is a megatron-core column- or row-parallel layer:
+a column-parallel layer splits its output features over the tensor-parallel (TP) ranks, a
+row-parallel layer splits its input features and all-reduces its output. Attention is QKV
+column-parallel (each TP rank owns whole heads) followed by a row-parallel output projection; the
+MLP is column-parallel -> GeLU -> row-parallel. So each block costs one all-reduce forward and one
+backward per sub-layer, the f/g scheme of the Megatron paper.
+
+With sequence parallelism, the norms, dropout and residual stream hold only this rank's 1/tp of
+the sequence; the sequence is gathered on entry to each parallel sub-layer and split again on exit.
+The norm weights then see only part of the batch, so their gradients are summed over the TP group
+in the graph itself (megatron's copy-to-tensor-parallel-region), which keeps them correct under any
+engine or ZeRO stage.
+
+Weights are created the same way at every TP size: megatron draws each full matrix from the torch
+generator and keeps this rank's slice (`use_cpu_initialization`), so one seed gives one model.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.model_parallel_config import ModelParallelConfig
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models.config import ModelConfig
+from parallel.sequence_parallel import gather_sequence, split_sequence
+
+
+def _normal_init(std: float):
+    return lambda weight: nn.init.normal_(weight, mean=0.0, std=std)
+
+
+class Norm(nn.Module):
+    """Pre-norm LayerNorm or RMSNorm (Zhang & Sennrich 2019), replicated on every TP rank."""
+
+    def __init__(self, cfg: ModelConfig, sequence_parallel: bool):
+        super().__init__()
+        self.kind, self.eps, self.sequence_parallel = cfg.norm, cfg.norm_eps, sequence_parallel
+        self.weight = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(cfg.hidden_size)) if cfg.norm == "layernorm" else None
+
+    def _replicated(self, p):
+        # Under sequence parallelism each TP rank normalises different tokens: sum the gradient.
+        return tensor_parallel.copy_to_tensor_model_parallel_region(p) if self.sequence_parallel else p
+
+    def forward(self, x):
+        shape = (x.shape[-1],)
+        if self.kind == "rmsnorm":
+            return F.rms_norm(x, shape, self._replicated(self.weight), self.eps)
+        return F.layer_norm(x, shape, self._replicated(self.weight), self._replicated(self.bias), self.eps)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021), applied to queries and keys."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x):  # x: [b, heads, s, head_dim]
+        s = x.shape[2]
+        cos, sin = self.cos[:s].to(x.dtype), self.sin[:s].to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        return rotated.flatten(-2)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention; this TP rank computes num_heads / tp of the heads."""
+
+    def __init__(self, cfg: ModelConfig, tp_config: ModelParallelConfig, output_init, sequence_parallel: bool):
+        super().__init__()
+        tp = tp_config.tensor_model_parallel_size
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.local_heads = cfg.num_heads // tp
+        self.dropout = cfg.dropout
+        # The QKV rows are laid out head by head ([q_i, k_i, v_i] for each head i), so splitting
+        # the output features contiguously over TP ranks hands each rank whole heads.
+        self.qkv = tensor_parallel.ColumnParallelLinear(
+            cfg.hidden_size, 3 * cfg.hidden_size, config=tp_config, init_method=_normal_init(cfg.init_std),
+            bias=True, gather_output=False, disable_grad_reduce=sequence_parallel,
+        )
+        self.proj = tensor_parallel.RowParallelLinear(
+            cfg.hidden_size, cfg.hidden_size, config=tp_config, init_method=output_init,
+            bias=True, input_is_parallel=True, skip_bias_add=False,
+        )
+        self.rotary = (
+            Rotary(self.head_dim, cfg.max_seq_len, cfg.rotary_base) if cfg.position_embedding == "rotary" else None
+        )
+
+    def forward(self, x):  # x: [s, b, h]
+        s, b, _ = x.shape
+        qkv, _ = self.qkv(x)
+        qkv = qkv.view(s, b, self.local_heads, 3 * self.head_dim).permute(1, 2, 0, 3)
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # each [b, local_heads, s, head_dim]
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        y = y.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * self.head_dim)
+        out, _ = self.proj(y)
+        return out
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp_config: ModelParallelConfig, output_init, sequence_parallel: bool):
+        super().__init__()
+        self.fc_in = tensor_parallel.ColumnParallelLinear(
+            cfg.hidden_size, cfg.ffn_size, config=tp_config, init_method=_normal_init(cfg.init_std),
+            bias=True, gather_output=False, disable_grad_reduce=sequence_parallel,
+        )
+        self.fc_out = tensor_parallel.RowParallelLinear(
+            cfg.ffn_size, cfg.hidden_size, config=tp_config, init_method=output_init,
+            bias=True, input_is_parallel=True, skip_bias_add=False,
+        )
+
+    def forward(self, x):
+        h, _ = self.fc_in(x)
+        out, _ = self.fc_out(F.gelu(h, approximate="tanh"))
+        return out
+
+
+class Block(nn.Module):
+    """x + Attention(Norm(x)), then x + MLP(Norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, tp_config: ModelParallelConfig, output_init, sequence_parallel: bool):
+        super().__init__()
+        self.sequence_parallel = sequence_parallel
+        self.attn_norm = Norm(cfg, sequence_parallel)
+        self.attn = Attention(cfg, tp_config, output_init, sequence_parallel)
+        self.mlp_norm = Norm(cfg, sequence_parallel)
+        self.mlp = MLP(cfg, tp_config, output_init, sequence_parallel)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def _in_tensor_parallel_region(self, sublayer, x):
+        if not self.sequence_parallel:
+            return sublayer(x)
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        return split_sequence(sublayer(gather_sequence(x, tp_group)), tp_group)
+
+    def forward(self, x):
+        x = x + self.dropout(self._in_tensor_parallel_region(self.attn, self.attn_norm(x)))
+        x = x + self.dropout(self._in_tensor_parallel_region(self.mlp, self.mlp_norm(x)))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        vocab_size: int,
+        *,
+        sequence_parallel: bool = False,
+        activation_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.sequence_parallel = sequence_parallel
+        self.activation_checkpointing = activation_checkpointing
+        self.vocab_size = cfg.padded_vocab_size(vocab_size)
+        tp_config = ModelParallelConfig(
+            tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+            use_cpu_initialization=True,
+        )
+        # GPT-2's scaled init: each residual branch's output projection is shrunk by
+        # sqrt(2 x layers) so the residual stream's variance does not grow with depth.
+        output_init = _normal_init(cfg.init_std / math.sqrt(2 * cfg.num_layers))
+
+        self.embedding = tensor_parallel.VocabParallelEmbedding(
+            self.vocab_size, cfg.hidden_size, init_method=_normal_init(cfg.init_std), config=tp_config
+        )
+        self.position_embedding = (
+            nn.Embedding(cfg.max_seq_len, cfg.hidden_size) if cfg.position_embedding == "learned" else None
+        )
+        if self.position_embedding is not None:
+            nn.init.normal_(self.position_embedding.weight, std=cfg.init_std)
+        self.embedding_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            Block(cfg, tp_config, output_init, sequence_parallel) for _ in range(cfg.num_layers)
+        )
+        self.final_norm = Norm(cfg, sequence_parallel)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
+        """input_ids, labels: [b, s]. Returns the mean next-token loss when labels are given,
+        else this TP rank's vocabulary slice of the logits, [s, b, padded_vocab / tp]."""
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        x = self.embedding(input_ids).transpose(0, 1)  # [s, b, h], identical on every TP rank
+        if self.position_embedding is not None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            x = x + self.position_embedding(positions)[:, None, :]
+        x = self.embedding_dropout(x)
+        if self.sequence_parallel:
+            x = split_sequence(x, tp_group)
+
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if self.activation_checkpointing else block(x)
+        x = self.final_norm(x)
+
+        # Output layer tied to the input embedding: this rank scores its slice of the vocabulary,
+        # so the gradient reaching x is partial and is summed over the TP group on the way back.
+        if self.sequence_parallel:
+            x = gather_sequence(x, tp_group)
+        else:
+            x = tensor_parallel.copy_to_tensor_model_parallel_region(x)
+        logits = F.linear(x, self.embedding.weight)
+        if labels is None:
+            return logits
+        losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
+        return losses.mean()

@@ -1,0 +1,68 @@
+"""The DeepSpeed engine: ZeRO stage, precision, AdamW, clipping, accumulation and the LR schedule.
+
+DeepSpeed reduces gradients over dp_group only and computes the global gradient norm counting each
+tensor-parallel shard once, because it is handed `DeepSpeedMPU`, whose groups are megatron's.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from parallel.topology import DeepSpeedMPU, Topology
+
+if TYPE_CHECKING:
+    from launcher.config import OptimConfig, RunConfig
+
+
+def deepspeed_config(cfg: RunConfig, topo: Topology) -> dict:
+    precision, o = cfg.train.precision, cfg.optim
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * topo.dp,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "torch_adam": True},
+        },
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def warmup_cosine(step: int, optim: OptimConfig, total_steps: int) -> float:
+    """Learning rate at optimizer step `step` (0-based): linear warmup, then cosine down to min_lr."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
+    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: biases and norm gains are not regularised (as in GPT-3 and Megatron)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology):
+    import deepspeed
+
+    optim = cfg.optim
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=_param_groups(model, optim.weight_decay),
+        config=deepspeed_config(cfg, topo),
+        mpu=DeepSpeedMPU(),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: warmup_cosine(step, optim, cfg.train.steps) / optim.lr
+        ),
+    )
+    return engine

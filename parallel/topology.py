@@ -1,0 +1,133 @@
+"""Process-group topology: which TP, EP, DP (and later PP) groups this rank belongs to.
+
+The groups themselves are megatron-core's `parallel_state`, so its tensor-parallel layers find them
+without being told. This module is the one place that creates them, and `Topology` is the one
+object the rest of Parallax asks about ranks and groups. Rank order is Megatron's tp-cp-ep-dp-pp:
+tensor-parallel peers are adjacent ranks (on one node, where their frequent all-reduces are cheap),
+and the expert-parallel group is carved out of the data-parallel ranks.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Topology:
+    world_size: int
+    rank: int
+    tp: int
+    ep: int
+    pp: int
+    dp: int
+    tp_rank: int
+    dp_rank: int
+    device: torch.device
+
+    @property
+    def tp_group(self):
+        from megatron.core import parallel_state
+        return parallel_state.get_tensor_model_parallel_group()
+
+    @property
+    def dp_group(self):
+        from megatron.core import parallel_state
+        return parallel_state.get_data_parallel_group()
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> str:
+        return f"world={self.world_size} tp={self.tp} ep={self.ep} pp={self.pp} dp={self.dp}"
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_topology(tp: int, ep: int = 1, pp: int = 1) -> Topology:
+    """Join the job's process group (once per process) and (re)build the model-parallel groups.
+
+    Rendezvous is torch's env:// contract (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), which torchrun
+    sets; a lone process with none of them set is a world of one.
+    """
+    import deepspeed
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        deepspeed.init_distributed(dist_backend=default_backend(), verbose=False)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+
+    world_size = dist.get_world_size()
+    if world_size % (tp * ep * pp):
+        raise ValueError(
+            f"world size {world_size} is not divisible by tp x ep x pp = {tp}x{ep}x{pp}; "
+            "change parallel.tp/parallel.ep or the number of ranks"
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        create_gloo_process_groups=False,
+    )
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return Topology(
+        world_size=world_size,
+        rank=dist.get_rank(),
+        tp=tp,
+        ep=ep,
+        pp=pp,
+        dp=parallel_state.get_data_parallel_world_size(),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        device=device,
+    )
+
+
+class DeepSpeedMPU:
+    """The `mpu` DeepSpeed asks for: it reduces gradients over dp_group and counts each
+    tensor-parallel shard once in the global gradient norm."""
+
+    @staticmethod
+    def get_model_parallel_rank():
+        from megatron.core import parallel_state
+        return parallel_state.get_tensor_model_parallel_rank()
+
+    @staticmethod
+    def get_model_parallel_world_size():
+        from megatron.core import parallel_state
+        return parallel_state.get_tensor_model_parallel_world_size()
+
+    @staticmethod
+    def get_model_parallel_group():
+        from megatron.core import parallel_state
+        return parallel_state.get_tensor_model_parallel_group()
+
+    @staticmethod
+    def get_data_parallel_rank():
+        from megatron.core import parallel_state
+        return parallel_state.get_data_parallel_rank()
+
+    @staticmethod
+    def get_data_parallel_world_size():
+        from megatron.core import parallel_state
+        return parallel_state.get_data_parallel_world_size()
+
+    @staticmethod
+    def get_data_parallel_group():
+        from megatron.core import parallel_state
+        return parallel_state.get_data_parallel_group()
