@@ -1,0 +1,43 @@
+"""Real test corpora and their token accounting, written under tmp paths."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from data_pipeline import DataConfig
+
+
+def write_jsonl(path: Path, texts) -> Path:
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts), encoding="utf-8")
+    return path
+
+
+def doc_length(doc_id: int) -> int:
+    """Varied lengths, some longer than a window, so documents straddle window boundaries."""
+    return 1 + (doc_id * 7) % 37
+
+
+def write_id_corpus(directory: Path, num_shards: int, docs_per_shard: int, first_id: int = 0) -> dict[str, int]:
+    """Document i is the word `d<i>` repeated doc_length(i) times: every token names its document.
+
+    Returns {word: length}, the token count each document must contribute per epoch.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    lengths = {}
+    for shard in range(num_shards):
+        ids = range(first_id + shard * docs_per_shard, first_id + (shard + 1) * docs_per_shard)
+        write_jsonl(directory / f"part-{shard:03d}.jsonl", (" ".join([f"d{i}"] * doc_length(i)) for i in ids))
+        lengths.update({f"d{i}": doc_length(i) for i in ids})
+    return lengths
+
+
+def token_counts(batches, tokenizer_path: Path) -> Counter:
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    return Counter(tokenizer.id_to_token(t) for batch in batches for t in batch.flatten().tolist())
+
+
+def id_config(corpus: Path, tokenizer: Path, **overrides) -> DataConfig:
+    fields = dict(sources=[{"path": corpus}], tokenizer=tokenizer, seq_len=16, shuffle_buffer=8, num_workers=1)
+    return DataConfig(**(fields | overrides))
