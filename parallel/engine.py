@@ -65,4 +65,23 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology):
             opt, lambda step: warmup_cosine(step, optim, cfg.train.steps) / optim.lr
         ),
     )
+    _keep_stage0_grad_norm(engine)
     return engine
+
+
+def _keep_stage0_grad_norm(engine) -> None:
+    """Make `get_global_grad_norm()` answer at ZeRO-0 in fp32 too.
+
+    At every other stage and precision DeepSpeed's optimizer wrapper records the TP-aware global
+    norm it clips with; at ZeRO-0/fp32 the engine computes the same norm to clip and drops it.
+    """
+    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_keep_norm():
+        engine._global_grad_norm = clip_grad_norm_(
+            engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu
+        )
+
+    engine.clip_fp32_gradients = clip_and_keep_norm

@@ -1,0 +1,75 @@
+"""Run many distributed scenarios in one torchrun launch per world size, and report each separately.
+
+Importing megatron-core and DeepSpeed costs ~8 s per rank, so each world size is launched once and
+runs every scenario registered for it in turn, each in its own try-block: a failing scenario writes
+its traceback and the next one still runs. Rank 0 saves what the scenario returns to
+`<out>/<name>.pt`, which the pytest side compares against the single-process reference.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[2]
+SCENARIOS: dict[str, tuple[int, Callable]] = {}
+
+
+def scenario(world_size: int):
+    def register(fn):
+        SCENARIOS[fn.__name__] = (world_size, fn)
+        return fn
+    return register
+
+
+def launch(world_size: int, out_dir: Path, timeout: float = 900) -> None:
+    """Start `world_size` local ranks running every scenario registered for that world size."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
+           "-m", "tests.distributed.harness", str(out_dir), str(world_size)]
+    with open(out_dir / f"launch-{world_size}.log", "w") as log:
+        subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+
+
+def result(out_dir: Path, name: str):
+    """What rank 0 saved for scenario `name`, or an AssertionError carrying the rank's traceback."""
+    import torch
+
+    artifact, error = out_dir / f"{name}.pt", out_dir / f"{name}.error"
+    if artifact.exists():
+        return torch.load(artifact, weights_only=False)
+    if error.exists():
+        raise AssertionError(f"scenario {name} failed:\n{error.read_text()}")
+    logs = "\n".join(p.read_text()[-3000:] for p in out_dir.glob("launch-*.log"))
+    raise AssertionError(f"scenario {name} produced nothing; launch log tail:\n{logs}")
+
+
+def _run_all(out_dir: Path, world_size: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    # Run as __main__, this module is not the `tests.distributed.harness` the scenarios register into.
+    import tests.distributed.scenarios  # noqa: F401
+    from tests.distributed.harness import SCENARIOS as registered
+
+    rank = int(os.environ["RANK"])
+    for name, (size, fn) in registered.items():
+        if size != world_size:
+            continue
+        try:
+            value = fn()
+            if rank == 0:
+                torch.save(value, out_dir / f"{name}.pt")
+        except Exception:
+            (out_dir / f"{name}.error").write_text(f"rank {rank}:\n{traceback.format_exc()}")
+            raise  # the other ranks may be blocked in a collective; a clean stop beats a hang
+        if dist.is_initialized():
+            dist.barrier()
+
+
+if __name__ == "__main__":
+    _run_all(Path(sys.argv[1]), int(sys.argv[2]))

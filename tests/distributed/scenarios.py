@@ -1,0 +1,170 @@
+"""The distributed scenarios behind the parity tests, grouped by world size (see harness.py).
+
+Every scenario trains or evaluates the same tiny GPT from the same seed on the same global batches,
+so any difference from the one-process reference is a bug in how the layout splits the work.
+"""
+import torch
+import torch.distributed as dist
+
+from tests.distributed.harness import scenario
+
+# megatron-core, DeepSpeed and the data pipeline are imported inside the scenarios, so that the
+# pytest process, which only reads the registry, does not pay for them.
+
+VOCAB = 512
+GLOBAL_BATCH = 8
+
+
+def tiny_config(*overrides: str):
+    from launcher.config import load_config
+
+    return load_config(None, [
+        "model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.max_seq_len=32",
+        f"model.vocab_size={VOCAB}", "data.seq_len=32", "train.steps=5", f"train.micro_batch_size={GLOBAL_BATCH}",
+        "optim.lr=3e-3", "optim.warmup_steps=2", "optim.min_lr=3e-4", "logging.run_dir=/tmp/parallax-test-runs",
+        *overrides,
+    ])
+
+
+def fixed_batches(cfg):
+    """The same global batches at every layout: DP rank r takes rows r*m..(r+1)*m of each micro-step."""
+    def source(topo):
+        m, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
+        assert m * accum * topo.dp == GLOBAL_BATCH, "a parity scenario must keep the global batch"
+        # Learnable token streams (each row counts up by its own stride), so losses fall within 5 steps.
+        g = torch.Generator().manual_seed(0)
+        shape = (cfg.train.steps, GLOBAL_BATCH, 1)
+        start, stride = torch.randint(0, VOCAB, shape, generator=g), torch.randint(1, 4, shape, generator=g)
+        data = (start + stride * torch.arange(cfg.data.seq_len + 1)) % VOCAB
+        for step_batch in data:
+            for j in range(accum):
+                start = (j * topo.dp + topo.dp_rank) * m
+                yield step_batch[start:start + m]
+    return source
+
+
+def run_training(*overrides: str) -> list[dict]:
+    from launcher.train import train
+
+    cfg = tiny_config(*overrides)
+    return train(cfg, batches=fixed_batches(cfg))
+
+
+def _gather_tp(tensor: torch.Tensor, dim: int, tp_group) -> torch.Tensor:
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(tp_group))]
+    dist.all_gather(parts, tensor.contiguous(), group=tp_group)
+    return torch.cat(parts, dim=dim)
+
+
+def model_outputs(*overrides: str) -> dict:
+    """Logits, loss and gradients of one forward/backward, gathered to full (TP=1) shapes."""
+    from models.gpt import GPT
+    from parallel.topology import init_topology
+
+    cfg = tiny_config(*overrides)
+    topo = init_topology(tp=cfg.parallel.tp)
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model, VOCAB, sequence_parallel=cfg.parallel.sequence_parallel)
+    tokens = next(iter(fixed_batches(cfg)(topo)))
+    with torch.no_grad():
+        logits = _gather_tp(model(tokens[:, :-1]), -1, topo.tp_group)
+    loss = model(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    grads = {
+        name: _gather_tp(p.grad, p.partition_dim, topo.tp_group) if getattr(p, "tensor_model_parallel", False)
+        else p.grad
+        for name, p in model.named_parameters()
+    }
+    return {"logits": logits, "loss": loss.item(), "grads": grads}
+
+
+ROTARY_RMSNORM = ("model.position_embedding=rotary", "model.norm=rmsnorm")
+
+# --- one process: the references -------------------------------------------------------------
+
+@scenario(world_size=1)
+def reference_model():
+    return model_outputs()
+
+
+@scenario(world_size=1)
+def reference_model_rotary_rmsnorm():
+    return model_outputs(*ROTARY_RMSNORM)
+
+
+@scenario(world_size=1)
+def reference_training():
+    return run_training("parallel.zero_stage=0")
+
+
+# --- two ranks ---------------------------------------------------------------------------------
+
+@scenario(world_size=2)
+def tp2_model():
+    return model_outputs("parallel.tp=2")
+
+
+@scenario(world_size=2)
+def tp2_model_rotary_rmsnorm():
+    return model_outputs("parallel.tp=2", *ROTARY_RMSNORM)
+
+
+@scenario(world_size=2)
+def tp2_sequence_parallel_model():
+    return model_outputs("parallel.tp=2", "parallel.sequence_parallel=true")
+
+
+@scenario(world_size=2)
+def tp2_training():
+    return run_training("parallel.tp=2", "parallel.zero_stage=1")
+
+
+@scenario(world_size=2)
+def tp2_sequence_parallel_training():
+    return run_training("parallel.tp=2", "parallel.zero_stage=1", "parallel.sequence_parallel=true")
+
+
+@scenario(world_size=2)
+def tp2_activation_checkpointing_training():
+    return run_training("parallel.tp=2", "parallel.zero_stage=2", "parallel.activation_checkpointing=true")
+
+
+def _dp2_zero(stage: int):
+    return run_training(f"train.micro_batch_size={GLOBAL_BATCH // 2}", f"parallel.zero_stage={stage}")
+
+
+@scenario(world_size=2)
+def dp2_zero0_training():
+    return _dp2_zero(0)
+
+
+@scenario(world_size=2)
+def dp2_zero1_training():
+    return _dp2_zero(1)
+
+
+@scenario(world_size=2)
+def dp2_zero2_training():
+    return _dp2_zero(2)
+
+
+@scenario(world_size=2)
+def dp2_zero3_training():
+    return _dp2_zero(3)
+
+
+@scenario(world_size=2)
+def dp2_zero1_grad_accum_training():
+    return run_training("train.micro_batch_size=2", "train.grad_accum=2", "parallel.zero_stage=1")
+
+
+@scenario(world_size=2)
+def dp2_zero1_bf16_training():
+    return run_training(f"train.micro_batch_size={GLOBAL_BATCH // 2}", "parallel.zero_stage=1", "train.precision=bf16")
+
+
+# --- four ranks --------------------------------------------------------------------------------
+
+@scenario(world_size=4)
+def tp2_dp2_zero2_training():
+    return run_training("parallel.tp=2", f"train.micro_batch_size={GLOBAL_BATCH // 2}", "parallel.zero_stage=2")
