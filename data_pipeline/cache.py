@@ -16,7 +16,7 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     mid-build never leaves a half-written artifact behind for the next run.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
+    with open(target.parent / f".{target.name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not target.exists():
             tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.")) / target.name

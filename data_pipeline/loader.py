@@ -76,6 +76,7 @@ class PipelineLoader:
         lane, batch, state = next(self.batches)
         self.data_wait_seconds += time.perf_counter() - start
         if batch is None:
+            self.batches = None  # stop the workers now, not whenever the loader happens to be collected
             raise DataError(state)
         self.lane_states[lane] = state
         self.next_lane = (lane + 1) % self.lanes_per_rank

@@ -120,9 +120,7 @@ def read_documents(shard: Shard, start: int = 0) -> Iterator[tuple[int, str]]:
                 if text:
                     yield index, text
                 index += 1
-    except UnicodeDecodeError as error:
-        raise DataError(f"{shard.path}: not UTF-8 text (bad byte at offset {error.start}); re-encode it as UTF-8 or remove it") from None
-    except (pyarrow.ArrowException, datasets.exceptions.DatasetGenerationError, ValueError) as error:
+    except (pyarrow.ArrowException, datasets.exceptions.DatasetGenerationError, ValueError) as error:  # incl. UnicodeDecodeError
         raise DataError(f"{shard.path}: {diagnose(shard, error)}") from None
 
 
@@ -137,6 +135,8 @@ def diagnose(shard: Shard, error: Exception) -> str:
                     return f"line {number} is not UTF-8; re-encode the file as UTF-8 or remove it"
                 except json.JSONDecodeError as bad:
                     return f"line {number} is malformed JSON ({bad.msg}); fix or remove that line"
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text (bad byte at offset {error.start}); re-encode it as UTF-8 or remove it"
     return f"cannot be read as {shard.format} ({one_line(error)}); fix or remove it"
 
 
