@@ -17,6 +17,9 @@ def _train(args) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    import torch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     # One BLAS thread per core: more ranks than cores would only thrash.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)

@@ -1,0 +1,24 @@
+# `make demo` and `make test` set up everything on a fresh machine: the venv is built on first use.
+PYTHON ?= python3
+VENV   := .venv
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/parallax train configs/gpt-tiny.yaml --nproc 2
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[bench]'
+	$(VENV)/bin/python bench/overhead.py
+
+clean:
+	rm -rf $(VENV) runs

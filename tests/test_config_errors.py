@@ -1,0 +1,62 @@
+"""Issue 2: a wrong config gives one line naming the field and what to do, and a non-zero exit."""
+import subprocess
+import sys
+
+import pytest
+
+from launcher.cli import main
+from launcher.config import load_config
+
+TINY = "configs/gpt-tiny.yaml"
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["parallel.tp=3"], "model.num_heads=4 is not divisible by parallel.tp=3; choose parallel.tp from [1, 2, 4]"),
+    (["--nproc", "3", "parallel.tp=2"], "world size 3 is not divisible by tp x ep x pp = 2x1x1"),
+    (["optim.lrr=1e-3"], "unknown key 'optim.lrr' (did you mean 'optim.lr'?)"),
+    (["modle.hidden_size=8"], "unknown key 'modle' (did you mean 'model'?)"),
+    (["model.hidden_size=0"], "model.hidden_size: input should be greater than 0; got 0"),
+    (["train.micro_batch_size=-2"], "train.micro_batch_size: input should be greater than 0; got -2"),
+    (["optim.lr=fast"], "optim.lr: input should be a valid number"),
+    (["parallel.zero_stage=4"], "parallel.zero_stage: input should be 0, 1, 2 or 3; got 4"),
+    (["model.norm=batchnorm"], "model.norm: input should be 'layernorm' or 'rmsnorm'; got 'batchnorm'"),
+    (["data.seq_len=512"], "data.seq_len=512 exceeds model.max_seq_len=128"),
+    (["model.num_heads=3"], "model.hidden_size=256 is not divisible by model.num_heads=3"),
+    (["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=127"],
+     "parallel.sequence_parallel needs data.seq_len=127 divisible by parallel.tp=2"),
+])
+def test_bad_config_is_one_line_naming_the_field(capsys, args, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", TINY, *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("parallax: error: "), err
+    assert expected in err
+
+
+def test_missing_and_malformed_files(capsys, tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model: [1,\n")
+    for path, expected in [(tmp_path / "nope.yaml", "nope.yaml does not exist"),
+                           (bad_yaml, "bad.yaml line 2 is not valid YAML")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", str(path)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and expected in err, err
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(TINY, ["parallel.tp=2", "optim.lr=3e-4", "parallel.sequence_parallel=true"])
+    assert cfg.parallel.tp == 2 and cfg.optim.lr == 3e-4 and cfg.parallel.sequence_parallel is True
+
+
+def test_error_inside_a_rank_is_one_line_and_exit_code_2():
+    """fp16 is refused on CPU once the rank knows its device: a real launch, through the console script."""
+    parallax = [sys.executable, "-c", "from launcher.cli import main; main()"]
+    proc = subprocess.run([*parallax, "train", TINY, "train.precision=fp16", "train.steps=1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    error_lines = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert error_lines == ["parallax: error (rank 0): train.precision=fp16 needs CUDA (DeepSpeed's loss scaler); "
+                           "use bf16 or fp32 on CPU"], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
