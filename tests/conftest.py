@@ -16,5 +16,5 @@ def scenario_results(tmp_path_factory):
             harness.launch(world_size, out_dir)
         return harness.result(out_dir, name)
 
-    import tests.distributed.scenarios  # noqa: F401  registers the scenarios
+    harness.import_scenarios()
     return lookup

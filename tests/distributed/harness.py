@@ -7,6 +7,7 @@ its traceback and the next one still runs. Rank 0 saves what the scenario return
 """
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -23,6 +24,12 @@ def scenario(world_size: int):
         SCENARIOS[fn.__name__] = (world_size, fn)
         return fn
     return register
+
+
+def import_scenarios() -> None:
+    """Register every scenario: they live in tests/distributed/scenarios*.py, one module per area."""
+    for path in sorted(Path(__file__).parent.glob("scenarios*.py")):
+        importlib.import_module(f"tests.distributed.{path.stem}")
 
 
 def launch(world_size: int, out_dir: Path, timeout: float = 900) -> None:
@@ -53,8 +60,9 @@ def _run_all(out_dir: Path, world_size: int) -> None:
     import torch.distributed as dist
 
     # Run as __main__, this module is not the `tests.distributed.harness` the scenarios register into.
-    import tests.distributed.scenarios  # noqa: F401
-    from tests.distributed.harness import SCENARIOS as registered
+    from tests.distributed.harness import SCENARIOS as registered, import_scenarios
+
+    import_scenarios()
 
     rank = int(os.environ["RANK"])
     for name, (size, fn) in registered.items():
