@@ -4,16 +4,16 @@ Everything a lane does is a function of its state dict, so a batch can carry the
 state right after it and a checkpoint is just the state of the last batch taken.
 """
 
-import random
+from array import array
 from dataclasses import dataclass
 from typing import Iterator
 
-import torch
+import numpy
 from tokenizers import Tokenizer
 
 from .errors import DataError
 from .sources import Source, read_documents
-from .work import advance, merge, next_claim, shard_of_visit
+from .work import TOKEN_TYPE, advance, merge, next_claim, shard_of_visit, shuffle_draw
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,10 @@ class SourceStream:
         self.claim = list(cursor["claim"])
         self.reading = cursor["reading"] and [cursor["reading"][0], [list(r) for r in cursor["reading"][1]]]
         self.reader, self.found = None, False
-        self.rng = random.Random()
-        self.rng.setstate(cursor["rng"])
-        self.carry, self.carry_start = list(cursor["carry"]), 0
+        self.shuffle_key, self.draws = cursor["shuffle"]
+        self.carry, self.carry_start = array(TOKEN_TYPE, cursor["carry"]), 0
         self.buffer = self.reread(cursor["buffer"])
+        self.buffer_ids = None  # snapshot of the buffer's document ids, rebuilt only after the buffer changes
         self.fruitless_shards: set[int] = set()
 
     def state(self) -> dict:
@@ -54,10 +54,16 @@ class SourceStream:
             "pending": [[visit, [list(r) for r in ranges]] for visit, ranges in self.pending],
             "claim": list(self.claim),
             "reading": self.reading and [self.reading[0], [list(r) for r in self.reading[1]]],
-            "buffer": [list(doc_id) for doc_id, _ in self.buffer],
-            "rng": self.rng.getstate(),
-            "carry": self.carry[self.carry_start:],
+            "buffer": self.buffer_ids_snapshot(),
+            "shuffle": [self.shuffle_key, self.draws],
+            "carry": self.carry[self.carry_start:].tobytes(),
         }
+
+    def buffer_ids_snapshot(self) -> tuple:
+        """A batch spans a fraction of a document, so most batches reuse the previous snapshot."""
+        if self.buffer_ids is None:
+            self.buffer_ids = tuple(doc_id for doc_id, _ in self.buffer)
+        return self.buffer_ids
 
     def shard(self, visit: int):
         return self.source.shards[shard_of_visit(self.plan.seed, self.source_index, len(self.source.shards), visit)]
@@ -120,22 +126,26 @@ class SourceStream:
             self.buffer.append(doc)
         if not self.buffer:
             return None
-        pick = self.rng.randrange(len(self.buffer))
+        pick = shuffle_draw(self.shuffle_key, self.draws, len(self.buffer))
+        self.draws += 1
+        self.buffer_ids = None
         self.buffer[pick], self.buffer[-1] = self.buffer[-1], self.buffer[pick]
         return self.buffer.pop()[1]
 
-    def next_window(self) -> list[int] | None:
+    def next_window(self) -> array | None:
         """Documents joined by end-of-document, cut with no padding; a document's rest carries over.
 
         Only the very last window of a finite run is padded, so no token is ever dropped.
         """
         size = self.plan.seq_len + 1
         while len(self.carry) - self.carry_start < size and (text := self.next_document()) is not None:
-            self.carry = self.carry[self.carry_start:] + self.tokenizer.encode(text).ids + [self.plan.eod]
+            del self.carry[:self.carry_start]
             self.carry_start = 0
+            self.carry.extend(self.tokenizer.encode(text).ids)
+            self.carry.append(self.plan.eod)
         window = self.carry[self.carry_start:self.carry_start + size]
         self.carry_start += len(window)
-        return window + [self.plan.pad] * (size - len(window)) if window else None
+        return window + array(TOKEN_TYPE, [self.plan.pad]) * (size - len(window)) if window else None
 
 
 class Lane:
@@ -156,7 +166,7 @@ class Lane:
     def state(self) -> dict:
         return {"sources": [stream.state() for stream in self.streams], "emitted": list(self.emitted)}
 
-    def next_window(self) -> list[int] | None:
+    def next_window(self) -> array | None:
         while any(self.active):
             total = sum(w for w, on in zip(self.weights, self.active) if on)
             made = sum(self.emitted) + 1
@@ -175,8 +185,13 @@ class Lane:
     def weights(self) -> list[float]:
         return [source.weight for source in self.plan.sources]
 
-    def batches(self, micro_batch_size: int) -> Iterator[tuple[torch.Tensor, dict]]:
-        """Each batch comes with the lane state right after it; a finite run's last batch is padded with pad rows."""
+    def batches(self, micro_batch_size: int) -> Iterator[tuple[numpy.ndarray, dict]]:
+        """Each batch comes with the lane state right after it; a finite run's last batch is padded with pad rows.
+
+        Batches are numpy arrays: they cross the worker boundary as one plain copy,
+        where a torch tensor would each time be moved into a new shared-memory segment.
+        """
+        pad_row = array(TOKEN_TYPE, [self.plan.pad]) * (self.plan.seq_len + 1)
         while rows := [w for w in (self.next_window() for _ in range(micro_batch_size)) if w is not None]:
-            rows += [[self.plan.pad] * (self.plan.seq_len + 1)] * (micro_batch_size - len(rows))
-            yield torch.tensor(rows, dtype=torch.long), self.state()
+            rows += [pad_row] * (micro_batch_size - len(rows))
+            yield numpy.array(rows, dtype=numpy.int64), self.state()

@@ -22,6 +22,7 @@ from .tokenizer import EOD, PAD, load_tokenizer
 from .work import new_cursor, reshard
 
 STATE_VERSION = 1
+PREFETCH = 16  # batches queued per worker: rides out the training loop's stalls and a busy scheduler
 
 
 def build_dataloader(cfg: DataConfig, *, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int) -> "PipelineLoader":
@@ -80,11 +81,14 @@ class PipelineLoader:
             raise DataError(state)
         self.lane_states[lane] = state
         self.next_lane = (lane + 1) % self.lanes_per_rank
-        return batch
+        return torch.from_numpy(batch)
 
     def torch_loader(self) -> DataLoader:
         dataset = LaneDataset(self.plan, self.lane_states, self.next_lane, self.micro_batch_size)
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=as_is)
+        return DataLoader(
+            dataset, batch_size=None, num_workers=self.num_workers, collate_fn=as_is,
+            prefetch_factor=PREFETCH if self.num_workers else None,
+        )
 
     def state_dict(self) -> dict:
         return {

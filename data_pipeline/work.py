@@ -21,8 +21,12 @@ tokens a lane had tokenized but not yet emitted (its packing carry-over) are
 handed to new lane `old_lane % new_lanes` to be emitted first.
 """
 
+import hashlib
 import random
+from array import array
 from functools import lru_cache
+
+TOKEN_TYPE = "i"  # int32 token ids
 
 # A work item is [visit, ranges]: the documents of one visit whose record index
 # lies in one of the half-open ranges [start, stop); stop None means "to the end".
@@ -40,20 +44,31 @@ def shard_of_visit(seed: int, source_index: int, num_shards: int, visit: int) ->
     return shard_order(seed, source_index, visit // num_shards, num_shards)[visit % num_shards]
 
 
-def lane_rng(seed: int, source_index: int, base: int, lane: int) -> random.Random:
-    """Seeded by the claim base too, so lanes created by a reshard get fresh, still deterministic, shuffles."""
-    return random.Random(f"shuffle/{seed}/{source_index}/{base}/{lane}")
+def shuffle_key(seed: int, source_index: int, base: int, lane: int) -> str:
+    """Includes the claim base, so lanes created by a reshard get fresh, still deterministic, shuffles."""
+    return f"shuffle/{seed}/{source_index}/{base}/{lane}"
 
 
-def new_cursor(seed: int, source_index: int, base: int, stride: int, lane: int, pending=(), carry=()) -> dict:
-    """The state of one source on one lane; a plain dict so checkpoints are plain data."""
+def shuffle_draw(key: str, draw: int, size: int) -> int:
+    """The draw-th random index below `size`: a hash, so the generator's whole state is one counter."""
+    digest = hashlib.blake2b(f"{key}/{draw}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % size
+
+
+def tokens_to_bytes(tokens) -> bytes:
+    """Token lists travel with every batch, and bytes pickle as one copy where a list pickles int by int."""
+    return array(TOKEN_TYPE, tokens).tobytes()
+
+
+def new_cursor(seed: int, source_index: int, base: int, stride: int, lane: int, pending=(), carry=b"") -> dict:
+    """The state of one source on one lane; plain data so it can sit in any checkpoint."""
     return {
         "pending": [list(item) for item in pending],
         "claim": [base, stride, lane, 0],  # base, stride, offset, claims made
         "reading": None,  # the work item being read, its ranges shrinking as documents are read
-        "buffer": [],  # [visit, index] of the documents in the shuffle buffer, in buffer order
-        "rng": lane_rng(seed, source_index, base, lane).getstate(),
-        "carry": list(carry),  # tokenized but not yet emitted
+        "buffer": [],  # (visit, index) of the documents in the shuffle buffer, in buffer order
+        "shuffle": [shuffle_key(seed, source_index, base, lane), 0],  # key, draws made
+        "carry": carry,  # tokens tokenized but not yet emitted, as TOKEN_TYPE bytes
     }
 
 
@@ -88,7 +103,7 @@ def reshard(cursors: list[dict], new_lanes: int, seed: int, source_index: int, l
     if limit is not None:
         frontier = min(frontier, limit)
     pool: dict[int, Ranges] = {}
-    carries = [[] for _ in range(new_lanes)]
+    carries = [b""] * new_lanes
     for old_lane, cursor in enumerate(cursors):
         items = list(cursor["pending"]) + ([cursor["reading"]] if cursor["reading"] else [])
         items += [[visit, [[index, index + 1]]] for visit, index in cursor["buffer"]]
@@ -96,7 +111,7 @@ def reshard(cursors: list[dict], new_lanes: int, seed: int, source_index: int, l
         items += [[visit, [[0, None]]] for visit in range(next_claim(cursor["claim"]), frontier, stride)]
         for visit, ranges in items:
             pool.setdefault(visit, []).extend(ranges)
-        carries[old_lane % new_lanes].extend(cursor["carry"])
+        carries[old_lane % new_lanes] += cursor["carry"]
     work = [[visit, merge(pool[visit])] for visit in sorted(pool)]
     return [
         new_cursor(seed, source_index, frontier, new_lanes, lane, pending=work[lane::new_lanes], carry=carries[lane])
