@@ -115,7 +115,7 @@ class SourceStream:
 
     def check_not_all_empty(self) -> None:
         """Without this, a source whose records all have empty text would be read forever: a hang."""
-        if not self.found:
+        if not self.found and self.reading[1] == [[0, None]]:  # a whole shard, not a leftover range
             self.fruitless_shards.add(shard_of_visit(self.plan.seed, self.source_index, len(self.source.shards), self.reading[0]))
             if len(self.fruitless_shards) == len(self.source.shards):
                 raise DataError(f"{self.source.name}: every document in this source is empty; remove it from data.sources")
@@ -160,6 +160,7 @@ class Lane:
         tokenizer = Tokenizer.from_str(plan.tokenizer_json)
         self.plan = plan
         self.streams = [SourceStream(plan, i, cursor, tokenizer) for i, cursor in enumerate(state["sources"])]
+        self.weights = [source.weight for source in plan.sources]
         self.emitted = list(state["emitted"])
         self.active = [True] * len(self.streams)
 
@@ -180,10 +181,6 @@ class Lane:
                 return window
             self.active[choice] = False
         return None
-
-    @property
-    def weights(self) -> list[float]:
-        return [source.weight for source in self.plan.sources]
 
     def batches(self, micro_batch_size: int) -> Iterator[tuple[numpy.ndarray, dict]]:
         """Each batch comes with the lane state right after it; a finite run's last batch is padded with pad rows.

@@ -71,9 +71,9 @@ class PipelineLoader:
         return self
 
     def __next__(self) -> torch.Tensor:
-        if self.batches is None:
-            self.batches = iter(self.torch_loader())
         start = time.perf_counter()
+        if self.batches is None:
+            self.batches = iter(self.torch_loader())  # starting the workers is waiting too
         lane, batch, state = next(self.batches)
         self.data_wait_seconds += time.perf_counter() - start
         if batch is None:
