@@ -8,6 +8,7 @@ to the last batch consumed from each lane, plus which lane is next.
 """
 
 import copy
+import hashlib
 import time
 
 import torch
@@ -97,6 +98,7 @@ class PipelineLoader:
             "dp_size": self.dp_size,
             "seed": self.plan.seed,
             "shards": shard_names(self.plan),
+            "tokenizer": tokenizer_fingerprint(self.plan),
             "next_lane": self.next_lane,
             "lanes": copy.deepcopy(self.lane_states),
         }
@@ -131,6 +133,8 @@ class PipelineLoader:
             raise DataError(f"data checkpoint has an unknown format version; this code reads version {STATE_VERSION}")
         if states[0]["shards"] != shard_names(self.plan):
             raise DataError("data.sources lists different files than when the checkpoint was saved; resume with the same files")
+        if states[0]["tokenizer"] != tokenizer_fingerprint(self.plan):
+            raise DataError("data.tokenizer differs from the checkpoint's (its carried-over tokens would be wrong); resume with the same tokenizer")
         if states[0]["seed"] != self.plan.seed:
             raise DataError(f"the checkpoint's data seed is {states[0]['seed']} but this run uses {self.plan.seed}; use the same seed to resume")
 
@@ -154,6 +158,10 @@ class LaneDataset(IterableDataset):
 
 def as_is(item):
     return item
+
+
+def tokenizer_fingerprint(plan: Plan) -> str:
+    return hashlib.sha256(plan.tokenizer_json.encode()).hexdigest()[:16]
 
 
 def shard_names(plan: Plan) -> list[list[str]]:

@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 
-from data_pipeline import DataConfig, build_dataloader
+from data_pipeline import DataConfig, DataError, build_dataloader
 
 from .corpora import id_config, write_id_corpus
 
@@ -73,3 +73,19 @@ def test_a_fresh_loader_does_not_continue_where_the_old_one_stopped(tmp_path, id
         next(original)
     fresh = build_dataloader(cfg, micro_batch_size=2, dp_rank=0, dp_size=1, seed=11)
     assert not all(torch.equal(next(original), next(fresh)) for _ in range(5))
+
+
+@pytest.mark.parametrize("change", ["seed", "files", "tokenizer", "rank order"])
+def test_resuming_onto_different_data_is_refused(tmp_path, id_tokenizer, bpe_tokenizer, change):
+    write_id_corpus(tmp_path / "corpus", num_shards=3, docs_per_shard=4)
+    cfg = id_config(tmp_path / "corpus", id_tokenizer, num_workers=0)
+    states = [build_dataloader(cfg, micro_batch_size=2, dp_rank=r, dp_size=2, seed=11).state_dict() for r in range(2)]
+    seed = 12 if change == "seed" else 11
+    if change == "files":
+        write_id_corpus(tmp_path / "corpus", num_shards=4, docs_per_shard=4)
+    if change == "tokenizer":
+        cfg = id_config(tmp_path / "corpus", bpe_tokenizer, num_workers=0)
+    if change == "rank order":
+        states.reverse()
+    with pytest.raises(DataError, match=change.split()[-1]):
+        build_dataloader(cfg, micro_batch_size=2, dp_rank=0, dp_size=1, seed=seed).load_state_dict(states)
