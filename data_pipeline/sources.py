@@ -59,8 +59,10 @@ def infer_format(path: Path) -> str:
 def discover(cfg: SourceConfig) -> Source:
     """Lists and checks a source's files up front, so bad paths fail at startup and not hours into a run.
 
-    Policy: empty (0-byte) files are skipped and counted; everything else that is
-    wrong is an error. Content errors (bad UTF-8, malformed JSON) can only be seen
+    Policy: empty (0-byte) files are skipped and counted, and dot-files and
+    dot-directories (.git, editor droppings) are not data; everything else that is
+    wrong is an error. A text file is one document; JSON Lines and Parquet hold one
+    document per record. Content errors (bad UTF-8, malformed JSON) can only be seen
     while reading and are raised then.
     """
     root = cfg.path.expanduser()
