@@ -88,6 +88,16 @@ class RunConfig(_Section):
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
                 "raise model.max_seq_len or shorten data.seq_len"
             )
+        ep, moe = self.parallel.ep, m.moe
+        if ep > 1 and moe is None:
+            raise ValueError(f"parallel.ep={ep} shards experts, but the model has none; add a model.moe section or set parallel.ep=1")
+        if moe is not None and moe.num_experts % ep:
+            raise ValueError(
+                f"model.moe.num_experts={moe.num_experts} is not divisible by parallel.ep={ep}; "
+                f"choose parallel.ep from {_divisors(moe.num_experts)}"
+            )
+        if moe is not None and self.parallel.zero_stage == 3:
+            raise ValueError("parallel.zero_stage=3 does not support MoE layers in DeepSpeed; use zero_stage 1 or 2")
         if self.parallel.sequence_parallel and self.data.seq_len % tp:
             raise ValueError(
                 f"parallel.sequence_parallel needs data.seq_len={self.data.seq_len} divisible by parallel.tp={tp}"

@@ -33,7 +33,8 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None) -> list[dict]:
     _seed_everything(cfg.train.seed)
     vocab_size = cfg.model.vocab_size or load_tokenizer(cfg.data).get_vocab_size()
     model = GPT(
-        cfg.model, vocab_size, sequence_parallel=p.sequence_parallel, activation_checkpointing=p.activation_checkpointing
+        cfg.model, vocab_size, sequence_parallel=p.sequence_parallel, activation_checkpointing=p.activation_checkpointing,
+        expert_parallel_size=p.ep,
     )
     engine = build_engine(model, cfg, topo)
     if batches is None:
@@ -49,9 +50,9 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None) -> list[dict]:
     if topo.is_logging_rank:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        n_params = sum(p.numel() for p in model.parameters())  # this rank's shard; see --parameters
+        total, active = model.parameter_counts()
         print(f"parallax: {topo.describe()} zero={p.zero_stage} precision={cfg.train.precision} "
-              f"params/rank={n_params / 1e6:.2f}M run_dir={run_dir}", flush=True)
+              f"parameters={total / 1e6:.2f}M active/token={active / 1e6:.2f}M run_dir={run_dir}", flush=True)
     log = RunLog(run_dir, cfg.train.steps, cfg.logging.interval, enabled=topo.is_logging_rank)
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * topo.dp * cfg.data.seq_len
 
@@ -76,6 +77,7 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None) -> list[dict]:
             "grad_norm": _as_float(engine.get_global_grad_norm()),
             "tokens_per_s": tokens_per_step / step_seconds,
             "step_seconds": step_seconds,
+            "moe": model.moe_metrics(),
         }
         history.append(record)
         log.step(record)
