@@ -1,0 +1,5 @@
+"""`parallax plan`: prove on paper, before a job is submitted, that a layout fits and how fast it runs.
+
+Pure arithmetic (memory.py, throughput.py) over the parameter counts of the real model, built for
+one rank on the meta device (count.py); layout.py puts them together, cli.py prints them.
+"""

@@ -1,0 +1,104 @@
+"""`parallax plan CONFIG --nodes N --gpus-per-node G --gpu h100 [--search]`: print the plan.
+
+Exit status 0 when the layout fits (with --search: when any layout fits), 1 when it does not, so a
+script (and `parallax submit`, issue 7) can refuse a job before it queues; 2 for a bad config.
+"""
+from __future__ import annotations
+
+import sys
+
+from launcher.config import load_config
+from launcher.plan.hardware import GPUS, GiB, USABLE_FRACTION, Cluster
+from launcher.plan.layout import Plan, advice, plan, search
+from launcher.plan.throughput import DEFAULT_EFFICIENCY, DP_COLLECTIVES
+
+
+def add_plan_command(commands) -> None:
+    parser = commands.add_parser("plan", help="check on paper that a layout fits the GPUs, and estimate its speed")
+    parser.add_argument("config", help="run config YAML, e.g. configs/gpt3-175b.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=8 parallel.zero_stage=2")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    parser.add_argument("--gpu", default="h100", help=f"one of {', '.join(GPUS)} (default h100)")
+    parser.add_argument("--efficiency", type=float, default=DEFAULT_EFFICIENCY,
+                        help=f"fraction of peak FLOP/s the compute reaches (default {DEFAULT_EFFICIENCY})")
+    parser.add_argument("--search", action="store_true", help="also rank every layout of the cluster that fits")
+    parser.add_argument("--top", type=int, default=10, help="layouts --search prints (default 10)")
+    parser.set_defaults(run=_run)
+
+
+def _run(args) -> None:
+    cfg = load_config(args.config, args.overrides)
+    cluster = Cluster.of(args.nodes, args.gpus_per_node, args.gpu)
+    current = plan(cfg, cluster, efficiency=args.efficiency)
+    print(f"parallax plan: {args.config} on {cluster.describe()}")
+    print(render(current))
+    if args.search:
+        ranked = search(current, args.efficiency)
+        print(render_search(ranked, args.top))
+        sys.exit(0 if ranked else 1)
+    if not current.fits:
+        print(render_advice(advice(current, args.efficiency)))
+    sys.exit(0 if current.fits else 1)
+
+
+def render(p: Plan) -> str:
+    cfg, m, s = p.cfg, p.memory, p.step
+    precision, stage, dp = cfg.train.precision, cfg.parallel.zero_stage, p.dp
+    gpu = p.cluster.gpu
+
+    def split(partitioned: bool) -> str:
+        return f"/ dp={dp}" if partitioned else "replicated over DP"
+
+    activations = (f"micro-batch {cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens, "
+                   + ("checkpointed" if cfg.parallel.activation_checkpointing else "all kept")
+                   + (", sequence-parallel" if cfg.parallel.sequence_parallel else ""))
+    buffers = "DeepSpeed reduce bucket" + (" + 2 gathered layers" if stage == 3 else "") if stage else "none"
+    master = "fp32 master + " if m.optimizer and (precision != "fp32" or stage) else ""
+    verdict = "fits" if p.fits else "does NOT fit"
+    tp_link = "NVLink" if cfg.parallel.tp <= p.cluster.gpus_per_node else "network"
+    dp_link = "network" if p.cluster.nodes > 1 else "NVLink"
+    lines = [
+        f"model     {p.count} (rank 0 of tp={cfg.parallel.tp} built on the meta device)",
+        f"layout    {p.layout()}; global batch {p.global_batch} x {cfg.data.seq_len} tokens, {precision}",
+        "memory per GPU                                                             GiB",
+        _row(f"  parameters   {precision}, {split(stage >= 3)}", m.parameters),
+        _row(f"  gradients    {precision}, {split(stage >= 2)}", m.gradients),
+        _row(f"  optimizer    {master}Adam m, v, {split(stage >= 1)}", m.optimizer),
+        _row(f"  buffers      {buffers}", m.buffers),
+        _row(f"  activations  {activations}", m.activations),
+        _row("  total", m.total) + f"  of {p.cluster.usable_bytes / GiB:.2f} usable "
+        f"({USABLE_FRACTION:.0%} of {gpu.memory_gib:g}): {verdict}",
+        f"step      estimate: compute at {s.efficiency:.0%} of peak, communication at line rate, no overlap",
+        f"  model FLOPs {s.model_flops:.3g} per step"
+        + (f" ({s.hardware_flops:.3g} done, with recomputation)" if s.hardware_flops != s.model_flops else ""),
+        f"  compute                                                      {s.compute_seconds:9.3f} s",
+        f"  TP all-reduces {s.tp_bytes / 1e9:10.2f} GB per GPU over {tp_link:8}                   {s.tp_seconds:9.3f} s",
+        f"  DP {DP_COLLECTIVES[stage]}: {s.dp_bytes / 1e9:.2f} GB per GPU over {dp_link}",
+        f"                                                               {s.dp_seconds:9.3f} s",
+        f"  step time {s.seconds:.3f} s, {s.tokens_per_second:,.0f} tokens/s, MFU {s.mfu:.1%} "
+        f"of {gpu.peak_tflops[precision]:g} TFLOP/s {precision} peak per {gpu.name}",
+    ]
+    return "\n".join(lines)
+
+
+def render_advice(fixes: list[tuple[str, Plan]]) -> str:
+    if not fixes:
+        return "no single change makes it fit; run with --search to try every layout of the cluster"
+    lines = ["to fit, change one of:"]
+    for overrides, fixed in fixes:
+        lines.append(f"  {overrides:70} -> {fixed.memory.total / GiB:6.2f} GiB, {fixed.step.seconds:.3f} s/step")
+    return "\n".join(lines)
+
+
+def render_search(ranked: list[Plan], top: int) -> str:
+    if not ranked:
+        return "search: no layout of this cluster fits; add GPUs or nodes, or shorten data.seq_len"
+    lines = [f"search: {len(ranked)} layouts fit, fastest first", "  s/step    MFU    GiB  layout"]
+    for p in ranked[:top]:
+        lines.append(f"  {p.step.seconds:6.3f} {p.step.mfu:6.1%} {p.memory.total / GiB:6.2f}  {p.layout()}")
+    return "\n".join(lines)
+
+
+def _row(label: str, value: float) -> str:
+    return f"{label:72} {value / GiB:7.2f}"

@@ -1,0 +1,170 @@
+"""A layout's plan: a config's parallel layout on a cluster, what it costs in memory and in time,
+whether it fits, what single change would make it fit, and the search over all layouts.
+
+A layout is nothing but a run config (parallel.*, train.micro_batch_size/grad_accum) on a cluster,
+so every candidate is validated by the one schema in launcher/config.py and described by the same
+dotted overrides a user passes to `parallax train`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from pydantic import ValidationError
+
+from launcher.config import ConfigError, RunConfig
+from launcher.plan.count import ParameterCount, checked_count, closed_form_count
+from launcher.plan.hardware import Cluster
+from launcher.plan.memory import Memory, memory_per_gpu
+from launcher.plan.throughput import DEFAULT_EFFICIENCY, Step, step_estimate
+
+
+@dataclass(frozen=True)
+class Plan:
+    cfg: RunConfig
+    cluster: Cluster
+    dp: int
+    vocab_size: int
+    count: ParameterCount
+    memory: Memory
+    step: Step
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.cluster.usable_bytes
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.train.micro_batch_size * self.cfg.train.grad_accum * self.dp
+
+    def layout(self) -> str:
+        p, t = self.cfg.parallel, self.cfg.train
+        return (f"tp={p.tp} dp={self.dp} zero={p.zero_stage} sp={'on' if p.sequence_parallel else 'off'} "
+                f"checkpointing={'on' if p.activation_checkpointing else 'off'} "
+                f"micro-batch={t.micro_batch_size} grad-accum={t.grad_accum}")
+
+
+def vocab_size_of(cfg: RunConfig) -> int:
+    """The vocabulary the run will train, by the same rule as launcher/train.py."""
+    if cfg.model.vocab_size:
+        return cfg.model.vocab_size
+    from data_pipeline import load_tokenizer
+
+    return load_tokenizer(cfg.data).get_vocab_size()
+
+
+def plan(cfg: RunConfig, cluster: Cluster, *, count: ParameterCount | None = None, vocab_size: int | None = None,
+         efficiency: float = DEFAULT_EFFICIENCY) -> Plan:
+    """Plan `cfg` on `cluster`. Without `count`, rank 0 is built on the meta device and counted."""
+    if not 0 < efficiency <= 1:
+        raise ConfigError(f"--efficiency={efficiency} must be a fraction of peak in (0, 1], e.g. 0.5")
+    dp = cfg.check_world_size(cluster.world_size)
+    cluster.peak_flops(cfg.train.precision)  # refuse a precision the GPU lacks before building anything
+    vocab_size = vocab_size or vocab_size_of(cfg)
+    count = count or checked_count(cfg.model, vocab_size, cfg.parallel.tp)
+    return Plan(
+        cfg=cfg, cluster=cluster, dp=dp, vocab_size=vocab_size, count=count,
+        memory=memory_per_gpu(cfg, count, dp, vocab_size),
+        step=step_estimate(cfg, cluster, count, dp, vocab_size, efficiency),
+    )
+
+
+def changed(cfg: RunConfig, overrides: dict[str, object]) -> RunConfig | None:
+    """`cfg` with dotted overrides applied and re-validated, or None if the schema refuses them."""
+    raw = cfg.model_dump(mode="json")
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        raw[section][field] = value
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError:
+        return None
+
+
+def advice(current: Plan, efficiency: float = DEFAULT_EFFICIENCY) -> list[tuple[str, Plan]]:
+    """For each knob (TP, ZeRO stage, activation checkpointing, sequence parallelism, micro-batch),
+    the smallest single change of it that makes the layout fit, keeping the global batch."""
+    p, t = current.cfg.parallel, current.cfg.train
+    knobs = [
+        [_layout_change(current, tp=tp, micro_batch=t.micro_batch_size)
+         for tp in _tp_sizes(current.cluster) if tp > p.tp],
+        [{"parallel.zero_stage": stage} for stage in range(p.zero_stage + 1, 4)],
+        [] if p.activation_checkpointing else [{"parallel.activation_checkpointing": True}],
+        [] if p.tp == 1 or p.sequence_parallel else [{"parallel.sequence_parallel": True}],
+        [_layout_change(current, tp=p.tp, micro_batch=mb)
+         for mb in reversed(_powers_of_two(t.micro_batch_size - 1))],
+    ]
+    fixes = []
+    for options in knobs:
+        for overrides in filter(None, options):
+            cfg = changed(current.cfg, overrides)
+            candidate = cfg and _replan(cfg, current, efficiency)
+            if candidate is not None and candidate.fits:
+                fixes.append((_describe(overrides, current.cfg), candidate))
+                break
+    return fixes
+
+
+def search(current: Plan, efficiency: float = DEFAULT_EFFICIENCY) -> list[Plan]:
+    """Every valid TP x DP x ZeRO x micro-batch x checkpointing (x sequence parallelism) layout of
+    the cluster at the current global batch that fits, fastest first. (EP joins with MoE, issue 5.)"""
+    fitting = [plan_ for plan_ in _layouts(current, efficiency) if plan_.fits]
+    return sorted(fitting, key=lambda plan_: (plan_.step.seconds, plan_.memory.total))
+
+
+def _layouts(current: Plan, efficiency: float) -> Iterator[Plan]:
+    for tp in _tp_sizes(current.cluster):
+        for micro_batch in _powers_of_two(current.global_batch):
+            base = _layout_change(current, tp=tp, micro_batch=micro_batch)
+            if base is None:
+                continue
+            for zero_stage in (0, 1, 2, 3):
+                for checkpointing in (False, True):
+                    for sequence_parallel in ((False, True) if tp > 1 else (False,)):
+                        cfg = changed(current.cfg, {
+                            **base, "parallel.zero_stage": zero_stage,
+                            "parallel.activation_checkpointing": checkpointing,
+                            "parallel.sequence_parallel": sequence_parallel,
+                        })
+                        candidate = cfg and _replan(cfg, current, efficiency)
+                        if candidate is not None:
+                            yield candidate
+
+
+def _layout_change(current: Plan, tp: int, micro_batch: int) -> dict[str, object] | None:
+    """TP and micro-batch overrides with the gradient accumulation that keeps the global batch."""
+    world = current.cluster.world_size
+    if world % tp or current.global_batch % (micro_batch * (world // tp)):
+        return None
+    accum = current.global_batch // (micro_batch * (world // tp))
+    return {"parallel.tp": tp, "train.micro_batch_size": micro_batch, "train.grad_accum": accum}
+
+
+def _replan(cfg: RunConfig, current: Plan, efficiency: float) -> Plan | None:
+    if cfg.parallel.tp == current.cfg.parallel.tp:
+        count = current.count
+    else:
+        count = closed_form_count(cfg.model, current.vocab_size, cfg.parallel.tp)
+    try:
+        return plan(cfg, current.cluster, count=count, vocab_size=current.vocab_size, efficiency=efficiency)
+    except ConfigError:
+        return None
+
+
+def _tp_sizes(cluster: Cluster) -> list[int]:
+    """TP stays inside a node: its all-reduces on every layer would crawl over the network."""
+    return [tp for tp in range(1, cluster.gpus_per_node + 1) if cluster.world_size % tp == 0]
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    return [2**i for i in range(limit.bit_length()) if 2**i <= limit]
+
+
+def _describe(overrides: dict[str, object], cfg: RunConfig) -> str:
+    """The overrides that change something, as the user would type them."""
+    def current(key: str) -> object:
+        section, field = key.split(".")
+        return getattr(getattr(cfg, section), field)
+
+    return " ".join(f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+                    for key, value in overrides.items() if current(key) != value)
