@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.config import ModelConfig
+from models.moe import MoEFeedForward, is_expert_parameter
 from parallel.sequence_parallel import gather_sequence, split_sequence
 
 
@@ -130,15 +131,20 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """x + Attention(Norm(x)), then x + MLP(Norm(x))."""
+    """x + Attention(Norm(x)), then x + MLP(Norm(x)); the MLP is a mixture of experts in MoE layers."""
 
-    def __init__(self, cfg: ModelConfig, tp_config: ModelParallelConfig, output_init, sequence_parallel: bool):
+    def __init__(self, cfg: ModelConfig, tp_config: ModelParallelConfig, output_std: float,
+                 sequence_parallel: bool, moe_expert_parallel_size: int | None):
         super().__init__()
         self.sequence_parallel = sequence_parallel
+        output_init = _normal_init(output_std)
         self.attn_norm = Norm(cfg, sequence_parallel)
         self.attn = Attention(cfg, tp_config, output_init, sequence_parallel)
         self.mlp_norm = Norm(cfg, sequence_parallel)
-        self.mlp = MLP(cfg, tp_config, output_init, sequence_parallel)
+        if moe_expert_parallel_size is None:
+            self.mlp = MLP(cfg, tp_config, output_init, sequence_parallel)
+        else:
+            self.mlp = MoEFeedForward(cfg, moe_expert_parallel_size, output_std)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def _in_tensor_parallel_region(self, sublayer, x):
@@ -161,11 +167,13 @@ class GPT(nn.Module):
         *,
         sequence_parallel: bool = False,
         activation_checkpointing: bool = False,
+        expert_parallel_size: int = 1,
     ):
         super().__init__()
         self.cfg = cfg
         self.sequence_parallel = sequence_parallel
         self.activation_checkpointing = activation_checkpointing
+        self.expert_parallel_size = expert_parallel_size
         self.vocab_size = cfg.padded_vocab_size(vocab_size)
         tp_config = ModelParallelConfig(
             tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
@@ -173,7 +181,7 @@ class GPT(nn.Module):
         )
         # GPT-2's scaled init: each residual branch's output projection is shrunk by
         # sqrt(2 x layers) so the residual stream's variance does not grow with depth.
-        output_init = _normal_init(cfg.init_std / math.sqrt(2 * cfg.num_layers))
+        output_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
 
         self.embedding = tensor_parallel.VocabParallelEmbedding(
             self.vocab_size, cfg.hidden_size, init_method=_normal_init(cfg.init_std), config=tp_config
@@ -185,13 +193,39 @@ class GPT(nn.Module):
             nn.init.normal_(self.position_embedding.weight, std=cfg.init_std)
         self.embedding_dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            Block(cfg, tp_config, output_init, sequence_parallel) for _ in range(cfg.num_layers)
+            Block(cfg, tp_config, output_std, sequence_parallel,
+                  expert_parallel_size if cfg.is_moe_layer(layer) else None)
+            for layer in range(cfg.num_layers)
         )
+        self.moe_layers = [block.mlp for block in self.blocks if isinstance(block.mlp, MoEFeedForward)]
         self.final_norm = Norm(cfg, sequence_parallel)
 
+    def parameter_counts(self) -> tuple[int, int]:
+        """(total, active per token) over the whole model, not just this rank's shard: a token meets
+        every dense parameter but only top_k of each MoE layer's experts."""
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        total = active = 0
+        for p in self.parameters():
+            n = getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves an empty tensor in p
+            if getattr(p, "tensor_model_parallel", False):
+                n *= tp
+            if is_expert_parameter(p):  # each rank holds num_experts / ep of them, replicated over TP
+                n *= self.expert_parallel_size
+                total, active = total + n, active + n * self.cfg.moe.top_k / self.cfg.moe.num_experts
+            else:
+                total, active = total + n, active + n
+        return total, int(active)
+
+    def moe_metrics(self) -> list[dict]:
+        """Per MoE layer, from the last forward: tokens routed to each expert, dropped fraction, router losses."""
+        return [
+            {"layer": layer, **{name: value.tolist() for name, value in block.mlp.metrics.items()}}
+            for layer, block in enumerate(self.blocks) if isinstance(block.mlp, MoEFeedForward)
+        ]
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
-        """input_ids, labels: [b, s]. Returns the mean next-token loss when labels are given,
-        else this TP rank's vocabulary slice of the logits, [s, b, padded_vocab / tp]."""
+        """input_ids, labels: [b, s]. Returns the mean next-token loss (plus the MoE router losses)
+        when labels are given, else this TP rank's vocabulary slice of the logits, [s, b, padded_vocab / tp]."""
         tp_group = parallel_state.get_tensor_model_parallel_group()
         x = self.embedding(input_ids).transpose(0, 1)  # [s, b, h], identical on every TP rank
         if self.position_embedding is not None:
@@ -215,4 +249,4 @@ class GPT(nn.Module):
         if labels is None:
             return logits
         losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
-        return losses.mean()
+        return losses.mean() + sum(moe.router_loss for moe in self.moe_layers)

@@ -1,10 +1,16 @@
 """Process-group topology: which TP, EP, DP (and later PP) groups this rank belongs to.
 
-The groups themselves are megatron-core's `parallel_state`, so its tensor-parallel layers find them
-without being told. This module is the one place that creates them, and `Topology` is the one
-object the rest of Parallax asks about ranks and groups. Rank order is Megatron's tp-cp-ep-dp-pp:
-tensor-parallel peers are adjacent ranks (on one node, where their frequent all-reduces are cheap),
-and the expert-parallel group is carved out of the data-parallel ranks.
+The TP and DP groups are megatron-core's `parallel_state`, so its tensor-parallel layers find them
+without being told; the expert groups are DeepSpeed's, because its MoE layer and engine look them
+up by name. This module is the one place that creates both, and `Topology` is the one object the
+rest of Parallax asks about ranks and groups. Rank order is Megatron's: tensor-parallel peers are
+adjacent ranks (on one node, where their frequent all-reduces are cheap) and data-parallel ranks
+are strided by tp. Each expert-parallel group is carved out of one data-parallel group (ep
+consecutive DP ranks), so tokens travel to experts only between DP ranks; the expert-data-parallel
+group, over which expert gradients are reduced, is the DP ranks at the same EP position. Experts
+are replicated over TP peers and compute identical gradients there, so no reduction crosses TP
+and DeepSpeed's TP-aware gradient norm counts them once. With tp=2, ep=2 on 4 ranks:
+TP {0,1} {2,3}; DP {0,2} {1,3}; EP {0,2} {1,3}; expert-DP {0} {1} {2} {3}.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ class Topology:
     dp: int
     tp_rank: int
     dp_rank: int
+    ep_rank: int
     device: torch.device
 
     @property
@@ -38,11 +45,26 @@ class Topology:
         return parallel_state.get_data_parallel_group()
 
     @property
+    def ep_group(self):
+        from deepspeed.utils import groups
+        return groups._get_expert_parallel_group(expert_group_name(self.ep))
+
+    @property
+    def expert_dp_group(self):
+        from deepspeed.utils import groups
+        return groups._get_expert_data_parallel_group(expert_group_name(self.ep))
+
+    @property
     def is_logging_rank(self) -> bool:
         return self.rank == 0
 
     def describe(self) -> str:
         return f"world={self.world_size} tp={self.tp} ep={self.ep} pp={self.pp} dp={self.dp}"
+
+
+def expert_group_name(ep: int) -> str:
+    """The name DeepSpeed's MoE layer looks its expert groups up by."""
+    return f"ep_size_{ep}"
 
 
 def default_backend() -> str:
@@ -65,8 +87,11 @@ def init_topology(tp: int, ep: int = 1, pp: int = 1) -> Topology:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         deepspeed.init_distributed(dist_backend=default_backend(), verbose=False)
+    from deepspeed.utils import groups as deepspeed_groups
+
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+        deepspeed_groups._release_process_group_references()  # forget the previous layout's expert groups
 
     world_size = dist.get_world_size()
     if world_size % (tp * ep * pp):
@@ -74,12 +99,13 @@ def init_topology(tp: int, ep: int = 1, pp: int = 1) -> Topology:
             f"world size {world_size} is not divisible by tp x ep x pp = {tp}x{ep}x{pp}; "
             "change parallel.tp/parallel.ep or the number of ranks"
         )
+    if (world_size // (tp * pp)) % ep:
+        raise ValueError(f"parallel.ep={ep} does not divide the data-parallel size {world_size // (tp * pp)}")
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        expert_model_parallel_size=ep,
-        create_gloo_process_groups=False,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, create_gloo_process_groups=False
     )
+    deepspeed_groups.mpu = DeepSpeedMPU()
+    deepspeed_groups._create_expert_data_and_model_parallel(ep, mpu=DeepSpeedMPU())
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -94,6 +120,7 @@ def init_topology(tp: int, ep: int = 1, pp: int = 1) -> Topology:
         dp=parallel_state.get_data_parallel_world_size(),
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
+        ep_rank=deepspeed_groups._get_expert_parallel_rank(expert_group_name(ep)),
         device=device,
     )
 

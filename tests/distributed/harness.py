@@ -17,11 +17,15 @@ from typing import Callable
 
 REPO = Path(__file__).resolve().parents[2]
 SCENARIOS: dict[str, tuple[int, Callable]] = {}
+LAUNCH_FIRST: dict[int, set[int]] = {}  # world size -> world sizes whose scenarios write files it reads
 
 
-def scenario(world_size: int):
+def scenario(world_size: int, reads_from: int | None = None):
+    """`reads_from`: the world size whose launch writes what this scenario reads (under $PARALLAX_SCENARIO_DIR)."""
     def register(fn):
         SCENARIOS[fn.__name__] = (world_size, fn)
+        if reads_from is not None:
+            LAUNCH_FIRST.setdefault(world_size, set()).add(reads_from)
         return fn
     return register
 
@@ -35,7 +39,8 @@ def import_scenarios() -> None:
 def launch(world_size: int, out_dir: Path, timeout: float = 900) -> None:
     """Start `world_size` local ranks running every scenario registered for that world size."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu",
+           "PARALLAX_SCENARIO_DIR": str(out_dir)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
            "-m", "tests.distributed.harness", str(out_dir), str(world_size)]
     with open(out_dir / f"launch-{world_size}.log", "w") as log:
@@ -74,7 +79,9 @@ def _run_all(out_dir: Path, world_size: int) -> None:
                 torch.save(value, out_dir / f"{name}.pt")
         except Exception:
             (out_dir / f"{name}.error").write_text(f"rank {rank}:\n{traceback.format_exc()}")
-            raise  # the other ranks may be blocked in a collective; a clean stop beats a hang
+            if world_size > 1:
+                raise  # the other ranks may be blocked in a collective; a clean stop beats a hang
+            continue
         if dist.is_initialized():
             dist.barrier()
 

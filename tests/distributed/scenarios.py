@@ -50,7 +50,7 @@ def run_training(*overrides: str) -> list[dict]:
     return train(cfg, batches=fixed_batches(cfg))
 
 
-def _gather_tp(tensor: torch.Tensor, dim: int, tp_group) -> torch.Tensor:
+def gather_tp(tensor: torch.Tensor, dim: int, tp_group) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(tp_group))]
     dist.all_gather(parts, tensor.contiguous(), group=tp_group)
     return torch.cat(parts, dim=dim)
@@ -67,11 +67,11 @@ def model_outputs(*overrides: str) -> dict:
     model = GPT(cfg.model, VOCAB, sequence_parallel=cfg.parallel.sequence_parallel)
     tokens = next(iter(fixed_batches(cfg)(topo)))
     with torch.no_grad():
-        logits = _gather_tp(model(tokens[:, :-1]), -1, topo.tp_group)
+        logits = gather_tp(model(tokens[:, :-1]), -1, topo.tp_group)
     loss = model(tokens[:, :-1], tokens[:, 1:])
     loss.backward()
     grads = {
-        name: _gather_tp(p.grad, p.partition_dim, topo.tp_group) if getattr(p, "tensor_model_parallel", False)
+        name: gather_tp(p.grad, p.partition_dim, topo.tp_group) if getattr(p, "tensor_model_parallel", False)
         else p.grad
         for name, p in model.named_parameters()
     }
