@@ -1,15 +1,18 @@
 """The per-rank loader: lanes in background workers, checkpointable and reshardable.
 
 A rank runs one lane per DataLoader worker (one lane in-process when
-num_workers is 0). The DataLoader takes batches from its workers round-robin,
-and every batch arrives with its lane's state right after it, so the rank's
-state is exact without ever asking a worker anything: it is the state attached
-to the last batch consumed from each lane, plus which lane is next.
+num_workers is 0). The DataLoader takes chunks of CHUNK batches from its
+workers round-robin, and every batch arrives with its lane's state right after
+it, so the rank's state is exact without ever asking a worker anything: it is
+the state attached to the last batch consumed from each lane, plus which lane
+is next and how many batches of its current chunk are still due.
 """
 
 import copy
 import hashlib
 import time
+from collections import deque
+from itertools import islice
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -20,10 +23,11 @@ from .errors import DataError
 from .lane import Lane, Plan
 from .sources import discover
 from .tokenizer import EOD, PAD, load_tokenizer
-from .work import new_cursor, reshard
+from .work import new_cursor, reshard, tokens_from_bytes, tokens_to_bytes
 
 STATE_VERSION = 1
-PREFETCH = 16  # batches queued per worker: rides out the training loop's stalls and a busy scheduler
+CHUNK = 8  # batches per hand-off from a worker: each hand-off costs two process wake-ups
+PREFETCH = 4  # chunks queued per worker: rides out the training loop's stalls and a busy scheduler
 
 
 def build_dataloader(cfg: DataConfig, *, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int) -> "PipelineLoader":
@@ -61,9 +65,10 @@ class PipelineLoader:
             }
             for w in range(self.lanes_per_rank)
         ]
-        self.next_lane = 0
+        self.next_lane, self.chunk_left = 0, 0  # chunk_left: batches still due from next_lane's current chunk
         self.data_wait_seconds = 0.0  # cumulative time the training loop blocked in next(); log it
-        self.batches = None
+        self.chunks = None
+        self.ready = deque()
 
     def global_lane(self, worker: int) -> int:
         return self.dp_rank * self.lanes_per_rank + worker
@@ -72,20 +77,23 @@ class PipelineLoader:
         return self
 
     def __next__(self) -> torch.Tensor:
-        start = time.perf_counter()
-        if self.batches is None:
-            self.batches = iter(self.torch_loader())  # starting the workers is waiting too
-        lane, batch, state = next(self.batches)
-        self.data_wait_seconds += time.perf_counter() - start
-        if batch is None:
-            self.batches = None  # stop the workers now, not whenever the loader happens to be collected
-            raise DataError(state)
+        if not self.ready:
+            start = time.perf_counter()
+            if self.chunks is None:
+                self.chunks = iter(self.torch_loader())  # starting the workers is waiting too
+            lane, chunk = next(self.chunks)
+            self.data_wait_seconds += time.perf_counter() - start
+            if isinstance(chunk, str):
+                self.chunks = None  # stop the workers now, not whenever the loader happens to be collected
+                raise DataError(chunk)
+            self.ready.extend((lane, batch, state) for batch, state in chunk)
+        lane, batch, state = self.ready.popleft()
         self.lane_states[lane] = state
-        self.next_lane = (lane + 1) % self.lanes_per_rank
+        self.next_lane, self.chunk_left = (lane, len(self.ready)) if self.ready else ((lane + 1) % self.lanes_per_rank, 0)
         return torch.from_numpy(batch)
 
     def torch_loader(self) -> DataLoader:
-        dataset = LaneDataset(self.plan, self.lane_states, self.next_lane, self.micro_batch_size)
+        dataset = LaneDataset(self.plan, self.lane_states, self.next_lane, self.chunk_left, self.micro_batch_size)
         return DataLoader(
             dataset, batch_size=None, num_workers=self.num_workers, collate_fn=as_is,
             prefetch_factor=PREFETCH if self.num_workers else None,
@@ -100,19 +108,21 @@ class PipelineLoader:
             "shards": shard_names(self.plan),
             "tokenizer": tokenizer_fingerprint(self.plan),
             "next_lane": self.next_lane,
-            "lanes": copy.deepcopy(self.lane_states),
+            "chunk_left": self.chunk_left,
+            "lanes": with_carries_as(tokens_from_bytes, self.lane_states),
         }
 
     def load_state_dict(self, states: list[dict]) -> None:
         """`states[r]` is the state_dict() of old DP rank r; a different DP size or worker count reshards."""
         self.check_compatible(states)
+        states = [{**state, "lanes": with_carries_as(tokens_to_bytes, state["lanes"])} for state in states]
         if len(states) == self.dp_size and all(len(s["lanes"]) == self.lanes_per_rank for s in states):
-            self.lane_states = copy.deepcopy(states[self.dp_rank]["lanes"])
-            self.next_lane = states[self.dp_rank]["next_lane"]
+            self.lane_states = states[self.dp_rank]["lanes"]
+            self.next_lane, self.chunk_left = states[self.dp_rank]["next_lane"], states[self.dp_rank]["chunk_left"]
         else:
             self.lane_states = self.resharded([lane for state in states for lane in state["lanes"]])
-            self.next_lane = 0
-        self.batches = None  # workers restart from the loaded state
+            self.next_lane, self.chunk_left = 0, 0
+        self.chunks, self.ready = None, deque()  # workers restart from the loaded state
 
     def resharded(self, old_lanes: list[dict]) -> list[dict]:
         total = self.dp_size * self.lanes_per_rank
@@ -140,20 +150,37 @@ class PipelineLoader:
 
 
 class LaneDataset(IterableDataset):
-    """Worker w runs lane (first_lane + w): the DataLoader starts at worker 0, the resumed rank at its next lane."""
+    """Worker w runs lane (first_lane + w): the DataLoader starts at worker 0, the resumed rank at its next lane.
 
-    def __init__(self, plan: Plan, lane_states: list[dict], first_lane: int, micro_batch_size: int):
+    The first lane first finishes the chunk it was in the middle of (`first_chunk` batches), so a
+    resumed rank interleaves its lanes exactly as the uninterrupted one did.
+    """
+
+    def __init__(self, plan: Plan, lane_states: list[dict], first_lane: int, first_chunk: int, micro_batch_size: int):
         self.plan, self.lane_states = plan, lane_states
-        self.first_lane, self.micro_batch_size = first_lane, micro_batch_size
+        self.first_lane, self.first_chunk, self.micro_batch_size = first_lane, first_chunk, micro_batch_size
 
     def __iter__(self):
         worker = get_worker_info()
-        lane = (self.first_lane + (worker.id if worker else 0)) % len(self.lane_states)
+        worker_id = worker.id if worker else 0
+        lane = (self.first_lane + worker_id) % len(self.lane_states)
+        size = self.first_chunk if worker_id == 0 and self.first_chunk else CHUNK
+        batches = Lane(self.plan, self.lane_states[lane]).batches(self.micro_batch_size)
         try:
-            for batch, state in Lane(self.plan, self.lane_states[lane]).batches(self.micro_batch_size):
-                yield lane, batch, state
+            while chunk := list(islice(batches, size)):
+                yield lane, chunk
+                size = CHUNK
         except DataError as error:  # crossing the process boundary as data keeps it one line, not a traceback
-            yield lane, None, str(error)
+            yield lane, str(error)
+
+
+def with_carries_as(convert, lane_states: list[dict]) -> list[dict]:
+    """A deep copy of lane states with each carry converted between its in-flight and checkpoint forms."""
+    lane_states = copy.deepcopy(lane_states)
+    for lane in lane_states:
+        for cursor in lane["sources"]:
+            cursor["carry"] = convert(cursor["carry"])
+    return lane_states
 
 
 def as_is(item):

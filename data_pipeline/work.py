@@ -55,9 +55,14 @@ def shuffle_draw(key: str, draw: int, size: int) -> int:
     return int.from_bytes(digest, "little") % size
 
 
-def tokens_to_bytes(tokens) -> bytes:
-    """Token lists travel with every batch, and bytes pickle as one copy where a list pickles int by int."""
+def tokens_to_bytes(tokens: list[int]) -> bytes:
+    """Carried tokens travel with every batch as bytes, which pickle as one copy where a list pickles int by int."""
     return array(TOKEN_TYPE, tokens).tobytes()
+
+
+def tokens_from_bytes(data: bytes) -> list[int]:
+    """Checkpoints hold a list: torch.load(weights_only=True) refuses some bytes objects (b"")."""
+    return array(TOKEN_TYPE, data).tolist()
 
 
 def new_cursor(seed: int, source_index: int, base: int, stride: int, lane: int, pending=(), carry=b"") -> dict:
