@@ -4,16 +4,29 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+from pathlib import Path
 
 from launcher.config import load_config
-from launcher.errors import USER_ERROR_EXIT_CODE, USER_ERRORS, exit_with
+from launcher.errors import (REQUEUE_EXIT_CODE, SAVE_FAILED_EXIT_CODE, USER_ERROR_EXIT_CODE, USER_ERRORS,
+                             exit_with)
+
+RANKS_HAVE_SAID_WHY = {USER_ERROR_EXIT_CODE, SAVE_FAILED_EXIT_CODE, REQUEUE_EXIT_CODE}
 
 
 def _train(args) -> None:
-    """Validate here, before any rank starts, then launch the ranks through torch's elastic launcher."""
+    """Validate here, before any rank starts, then launch the ranks through torch's elastic launcher.
+
+    torchrun restarts every rank from the newest checkpoint when one dies (--max-restarts), and on
+    SIGTERM/SIGINT passes the signal on to the ranks, which save and exit "requeue me". SIGUSR1
+    (SLURM's early warning) would end torchrun itself, so it is passed on the same way.
+    """
+    if args.resume is not None:
+        args.overrides = [*args.overrides, f"checkpoint.resume={args.resume}"]
     cfg = load_config(args.config, args.overrides)
     cfg.check_world_size(args.nproc)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -23,17 +36,62 @@ def _train(args) -> None:
     # One BLAS thread per core: more ranks than cores would only thrash.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    torchrun_args = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={args.nproc}", "--module", "launcher.entry", args.config, *args.overrides]
-    )
+    torchrun_args = get_args_parser().parse_args([
+        "--standalone", f"--nproc-per-node={args.nproc}", f"--max-restarts={args.max_restarts}",
+        "--module", "launcher.entry", args.config, *args.overrides,
+    ])
+
+    def pass_on(signum, frame):
+        raise SignalException(f"parallax got {signal.Signals(signum).name}", sigval=signal.Signals(signum))
+
+    signal.signal(signal.SIGUSR1, pass_on)
     try:
         run(torchrun_args)
+    except SignalException:  # the ranks got the signal too, and have saved (see above)
+        sys.exit(REQUEUE_EXIT_CODE)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        if failure.exitcode != USER_ERROR_EXIT_CODE:  # a user error has already said what it is
+        if failure.exitcode not in RANKS_HAVE_SAID_WHY:
             print(f"parallax: error: rank {rank} exited with code {failure.exitcode}; its output is above",
                   file=sys.stderr)
         sys.exit(failure.exitcode if failure.exitcode > 0 else 1)
+
+
+def _consolidate(args) -> None:
+    from parallel.checkpoint import consolidate, find_checkpoint
+
+    path = find_checkpoint(Path(args.run_dir), args.step)
+    out = Path(args.out) if args.out else Path(args.run_dir) / f"consolidated-{path.name}.pt"
+    n_params = consolidate(path, out)
+    print(f"parallax: wrote {out}: {n_params / 1e6:.2f}M fp32 parameters from {path}")
+
+
+def _add_data_commands(commands) -> None:
+    """`prepare-data` and `prepare-tokenizer`: make the built-in corpus and a tokenizer.json ahead of a run."""
+    from data_pipeline.corpus import DEFAULT_MAX_BYTES, DEFAULT_NUM_SHARDS
+
+    def prepare_data(args) -> None:
+        from data_pipeline import prepare_data
+
+        shards = prepare_data(args.out_dir, max_bytes=args.max_bytes, num_shards=args.num_shards)
+        print(f"parallax: wrote {len(shards)} JSON Lines shards of Python standard library source to {args.out_dir}")
+
+    def prepare_tokenizer(args) -> None:
+        from data_pipeline import prepare_tokenizer
+
+        out = prepare_tokenizer(args.sources, args.out, vocab_size=args.vocab_size)
+        print(f"parallax: wrote byte-level BPE tokenizer ({args.vocab_size} tokens) to {out}")
+
+    data = commands.add_parser("prepare-data", help="write the built-in corpus (stdlib source) as shard files")
+    data.add_argument("out_dir", help="directory for the .jsonl shards")
+    data.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="text to sample (default %(default)s)")
+    data.add_argument("--num-shards", type=int, default=DEFAULT_NUM_SHARDS, help="files to write (default %(default)s)")
+    data.set_defaults(run=prepare_data)
+    tokenizer = commands.add_parser("prepare-tokenizer", help="train a byte-level BPE tokenizer.json on local files")
+    tokenizer.add_argument("sources", nargs="+", help="text/.jsonl/.parquet files or directories to train on")
+    tokenizer.add_argument("--out", required=True, help="where to write tokenizer.json")
+    tokenizer.add_argument("--vocab-size", type=int, default=8192, help="default %(default)s")
+    tokenizer.set_defaults(run=prepare_tokenizer)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="run config YAML, e.g. configs/gpt-tiny.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 optim.lr=3e-4")
     train.add_argument("--nproc", type=int, default=1, help="ranks to start on this machine (default 1)")
+    train.add_argument("--resume", metavar="auto|none|PATH", default=None,
+                       help="auto (default): the newest complete checkpoint of the run; none: start afresh; "
+                       "PATH: that checkpoint (same as checkpoint.resume=...)")
+    train.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                       help="when a rank dies, restart all ranks from the last checkpoint, up to K times")
     train.set_defaults(run=_train)
+
+    checkpoint = commands.add_parser("checkpoint", help="inspect and export checkpoints")
+    checkpoint_commands = checkpoint.add_subparsers(dest="checkpoint_command", required=True)
+    consolidate = checkpoint_commands.add_parser(
+        "consolidate", help="write one file holding the full fp32 model state dict of a checkpoint")
+    consolidate.add_argument("run_dir", metavar="RUN", help="run directory (or its checkpoints directory)")
+    consolidate.add_argument("--step", type=int, default=None, help="default: the newest complete checkpoint")
+    consolidate.add_argument("--out", default=None, help="default: RUN/consolidated-step-NNNNNNNN.pt")
+    consolidate.set_defaults(run=_consolidate)
+    _add_data_commands(commands)
     return parser
 
 

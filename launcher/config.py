@@ -56,11 +56,23 @@ class TrainConfig(_Section):
     grad_accum: PositiveInt = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 1234
+    stop_at_step: Optional[PositiveInt] = Field(
+        None, description="end this launch after this step with a checkpoint, as a preemption would; "
+        "for splitting a run into jobs shorter than a queue's time limit",
+    )
 
 
 class LoggingConfig(_Section):
     run_dir: str = "runs/gpt-tiny"
     interval: PositiveInt = 10
+
+
+class CheckpointConfig(_Section):
+    dir: Optional[str] = Field(None, description="default: <logging.run_dir>/checkpoints")
+    interval: NonNegativeInt = Field(100, description="save every this many steps; 0: only at the end and on a stop")
+    keep: PositiveInt = Field(3, description="how many of the newest checkpoints to keep")
+    resume: str = Field("auto", description="auto: the newest complete checkpoint of dir; none: start afresh; "
+                        "or the path of a checkpoint (or of a checkpoints directory)")
 
 
 class RunConfig(_Section):
@@ -70,6 +82,7 @@ class RunConfig(_Section):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     @model_validator(mode="after")
     def _layout_fits_model(self):

@@ -9,7 +9,8 @@ import sys
 import warnings
 
 from launcher.config import load_config
-from launcher.errors import USER_ERRORS, exit_with
+from launcher.errors import REQUEUE_EXIT_CODE, SAVE_FAILED_EXIT_CODE, USER_ERROR_EXIT_CODE, USER_ERRORS, exit_with
+from parallel.checkpoint import CheckpointError, SaveFailed, StopRequested
 
 
 def _quiet_third_party_logs() -> None:
@@ -24,13 +25,21 @@ def main(argv=None) -> None:
     _quiet_third_party_logs()
     from launcher.train import train
 
+    rank = os.environ.get("RANK", "0")
     try:
         cfg = load_config(argv[0], argv[1:])
         cfg.check_world_size(int(os.environ.get("WORLD_SIZE", "1")))
         train(cfg)
+    except (CheckpointError, SaveFailed) as e:  # every rank reached the same verdict together: rank 0 says it
+        if rank == "0":
+            print(f"parallax: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(SAVE_FAILED_EXIT_CODE if isinstance(e, SaveFailed) else USER_ERROR_EXIT_CODE)
     except USER_ERRORS as e:
-        rank = os.environ.get("RANK", "0")
         exit_with(e, prefix=f"parallax: error (rank {rank}): ")
+    except StopRequested as e:
+        if rank == "0":
+            print(f"parallax: {e} (exit code {REQUEUE_EXIT_CODE}: requeue me)", flush=True)
+        sys.exit(REQUEUE_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
-"""How a user error ends a process: one line on stderr, exit code 2, no traceback."""
+"""How a run ends when it does not finish: one line on stderr, a documented exit code, no traceback."""
 import sys
 
 from data_pipeline import DataError
 from launcher.config import ConfigError
+from parallel.checkpoint import CheckpointError
 
-USER_ERRORS = (ConfigError, DataError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
 USER_ERROR_EXIT_CODE = 2
+SAVE_FAILED_EXIT_CODE = 74  # sysexits EX_IOERR: the last checkpoint could not be written; fix the disk
+REQUEUE_EXIT_CODE = 75  # sysexits EX_TEMPFAIL: stopped early with a checkpoint; run the same command again
 
 
-def exit_with(error: Exception, prefix: str = "parallax: error: ") -> None:
+def exit_with(error: Exception, prefix: str = "parallax: error: ", code: int = USER_ERROR_EXIT_CODE) -> None:
     print(f"{prefix}{error}", file=sys.stderr, flush=True)
-    sys.exit(USER_ERROR_EXIT_CODE)
+    sys.exit(code)

@@ -14,6 +14,7 @@ from data_pipeline import build_dataloader, load_tokenizer
 from launcher.config import ConfigError, RunConfig
 from launcher.run_log import RunLog
 from models.gpt import GPT
+from parallel.checkpoint import Checkpointer, Resumed, StopRequested
 from parallel.engine import build_engine
 from parallel.topology import Topology, init_topology
 
@@ -25,6 +26,9 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None) -> list[dict]:
 
     `batches` gives each rank its [micro_batch, seq_len + 1] token windows; by default the data
     pipeline's loader for this rank's data-parallel shard. Every TP peer gets the same batches.
+    Checkpoints need a source with the loader's `state_dict()`/`load_state_dict(states)`; a plain
+    iterable trains without saving or resuming. A run that stops early (signal, train.stop_at_step)
+    raises StopRequested after its checkpoint; a resumed run returns only the steps it ran.
     """
     p = cfg.parallel
     topo = init_topology(tp=p.tp, ep=p.ep, pp=p.pp)
@@ -44,6 +48,8 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None) -> list[dict]:
         )
     else:
         loader = batches(topo)
+    checkpoints = Checkpointer(cfg, topo, engine, loader) if hasattr(loader, "state_dict") else None
+    resumed = checkpoints.resume() if checkpoints else Resumed()
     stream = iter(loader)
 
     run_dir = Path(cfg.logging.run_dir)
@@ -56,8 +62,8 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None) -> list[dict]:
     log = RunLog(run_dir, cfg.train.steps, cfg.logging.interval, enabled=topo.is_logging_rank)
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * topo.dp * cfg.data.seq_len
 
-    history = []
-    for step in range(1, cfg.train.steps + 1):
+    history, tokens_seen = [], resumed.tokens
+    for step in range(resumed.step + 1, cfg.train.steps + 1):
         started = time.perf_counter()
         lr = engine.get_lr()[0]
         loss_sum = torch.zeros((), device=topo.device)
@@ -81,8 +87,13 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None) -> list[dict]:
         }
         history.append(record)
         log.step(record)
-    first, last = history[0]["loss"], history[-1]["loss"]
-    log.close(f"parallax: done: {cfg.train.steps} steps, loss {first:.3f} -> {last:.3f}, run dir {run_dir}")
+        tokens_seen += tokens_per_step
+        if checkpoints and checkpoints.should_save(step):  # interval, last step, or a stop request
+            checkpoints.save(step, tokens_seen)
+        if checkpoints and checkpoints.stopping and step < cfg.train.steps:
+            raise StopRequested(step, history)
+    losses = f"loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}" if history else "nothing left to train"
+    log.close(f"parallax: done: {cfg.train.steps} steps, {losses}, run dir {run_dir}")
     return history
 
 

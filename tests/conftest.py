@@ -9,11 +9,15 @@ def scenario_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("scenarios")
     launched = set()
 
-    def lookup(name: str):
-        world_size = harness.SCENARIOS[name][0]
+    def ensure_launched(world_size: int):
         if world_size not in launched:
             launched.add(world_size)
+            for earlier in sorted(harness.LAUNCH_FIRST.get(world_size, ())):
+                ensure_launched(earlier)
             harness.launch(world_size, out_dir)
+
+    def lookup(name: str):
+        ensure_launched(harness.SCENARIOS[name][0])
         return harness.result(out_dir, name)
 
     harness.import_scenarios()

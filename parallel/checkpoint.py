@@ -1,0 +1,563 @@
+"""Sharded checkpoints that resume at any layout, committed atomically, and the stop signals that trigger them.
+
+Why not DeepSpeed's own files: `engine.save_checkpoint` writes ZeRO's flat, padded partitions of one
+layout, and reading them at another TP or DP size needs DeepSpeed's offline `ds_to_universal` step.
+A Parallax checkpoint holds every parameter under its name as the *full* tensor -- TP shards joined
+along megatron's `partition_dim`, ZeRO partitions joined over the DP group -- for the fp32 master
+weight and both Adam moments. The tensors are spread over one file per rank, so every rank writes
+its share at once; at load each rank cuts out of the memory-mapped files the slice it owns at its
+own layout. At the same layout that restores exactly the numbers that were saved: resume is bitwise.
+
+A run's checkpoint directory:
+
+    step-00000020/  shard-00000.pt shard-00001.pt ...  client.pt  config.yaml  manifest.json
+    latest          "step-00000020"
+
+A save is written to `.step-00000020.tmp/`; every file is fsynced and listed with its size and
+crc32 in `manifest.json`, written last by rank 0 once every rank reported success; then the
+directory is renamed into place and only then is `latest` rewritten. A crash at any moment leaves
+the previous checkpoint complete, and resume uses only a directory whose files match its manifest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+MASTER = "param"  # the key of the fp32 master weight next to the moments
+MANIFEST, CLIENT, LATEST = "manifest.json", "client.pt", "latest"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message is the one line the user sees."""
+
+
+class SaveFailed(Exception):
+    """The last save that had to succeed (at the end of the run, or before stopping) did not."""
+
+
+class StopRequested(Exception):
+    """The run stopped early with a checkpoint of `step`, on a signal or train.stop_at_step; launch again to continue."""
+
+    def __init__(self, step: int, history: list[dict]):
+        super().__init__(f"stopped after step {step} with a checkpoint; launch the same command again to continue")
+        self.step, self.history = step, history
+
+
+@dataclass(frozen=True)
+class Resumed:
+    step: int = 0
+    tokens: int = 0
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+# --- where each parameter's fp32 master and Adam moments live, at any ZeRO stage -------------------
+
+def _local_shape(param) -> torch.Size:
+    """This TP rank's shape of `param`; ZeRO-3 leaves only a partition in `param` itself."""
+    return param.ds_shape if hasattr(param, "ds_id") else param.shape
+
+
+def _read_local(engine, param, key: str) -> torch.Tensor:
+    """This TP rank's whole tensor (all DP partitions joined) of the master weight or an Adam moment."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    value = safe_get_full_fp32_param(param) if key == MASTER else safe_get_full_optimizer_state(param, key)
+    if value is None:  # ZeRO-0 in fp32: the torch optimizer steps the model's own parameters
+        value = param.data if key == MASTER else engine.optimizer.state[param][key]
+    return value.reshape(_local_shape(param))
+
+
+def _write_local(engine, param, key: str, value: torch.Tensor, dp_rank: int, dp: int) -> None:
+    """Store this TP rank's whole tensor `value`: each DP rank keeps its own ZeRO partition of it."""
+    from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state,
+                                 safe_set_local_fp32_param, safe_set_local_optimizer_state)
+
+    if hasattr(param, "ds_id"):
+        # ZeRO-3's own full-tensor setter cannot cut the last, padded partition; cut it here.
+        n = param.ds_tensor.numel()
+        flat = torch.nn.functional.pad(value.flatten(), (0, n * dp - value.numel()))
+        mine = flat.narrow(0, n * dp_rank, n)
+        safe_set_local_fp32_param(param, mine) if key == MASTER else safe_set_local_optimizer_state(param, mine, key)
+    elif hasattr(param, "_hp_mapping"):  # ZeRO-1/2 and the bf16 optimizer
+        safe_set_full_fp32_param(param, value) if key == MASTER else safe_set_full_optimizer_state(param, value, key)
+    else:
+        (param.data if key == MASTER else engine.optimizer.state[param][key]).copy_(value)
+
+
+def _base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch AdamW underneath; ZeRO and the bf16 optimizer wrap it as `.optimizer`."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _adam_step(engine) -> int:
+    states = [s for s in _base_optimizer(engine).state.values() if "step" in s]
+    return int(states[0]["step"]) if states else 0
+
+
+def _prepare_adam_state(engine, step: int) -> None:
+    """Give a fresh optimizer the state torch's AdamW creates at its first step, so moments can be written into it."""
+    base = _base_optimizer(engine)
+    # ZeRO-3 hands its flat fp32 partitions to the torch optimizer only for the length of a step.
+    stepped = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or [
+        p for group in base.param_groups for p in group["params"]]
+    for p in stepped:
+        state = base.state[p]
+        state["step"] = torch.tensor(float(step), dtype=torch.float32)
+        for key in ADAM_MOMENTS:
+            state.setdefault(key, torch.zeros_like(p, memory_format=torch.preserve_format))
+    _link_optimizer_state(engine)
+
+
+def _link_optimizer_state(engine) -> None:
+    """Point each parameter at its fragment of the flat Adam state (ZeRO-1/2, bf16).
+
+    DeepSpeed 0.19's ZeRO-1/2 link once, after stepping the first param group but before the later
+    groups have any state, which leaves those groups' moments unreachable; link again now.
+    """
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
+def _refresh_model_weights(engine) -> None:
+    """Copy the restored fp32 masters into the weights the forward pass reads."""
+    opt = engine.optimizer
+    if hasattr(opt, "update_lp_params"):  # ZeRO-1/2 and the bf16 optimizer
+        opt.update_lp_params()
+    elif hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        for sub_group in range(len(opt.fp32_partitioned_groups_flat)):
+            opt._reassign_or_swap_out_partitioned_parameters(sub_group)
+    # ZeRO-0 in fp32: the master is the model's own parameter, already written.
+
+
+def _tp_partition(param) -> Optional[int]:
+    """The dimension megatron splits `param` along over the TP group, or None if it is replicated."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return None
+    assert getattr(param, "partition_stride", 1) == 1, "strided TP partitions are not supported"
+    return param.partition_dim
+
+
+def _gather_full(engine, topo, param, key: str) -> torch.Tensor:
+    local = _read_local(engine, param, key)
+    dim = _tp_partition(param)
+    if dim is None or topo.tp == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(topo.tp)]
+    dist.all_gather(parts, local.contiguous(), group=topo.tp_group)
+    return torch.cat(parts, dim=dim)
+
+
+def _owners(sizes: list[int], world_size: int) -> list[int]:
+    """Spread tensors over the ranks' files by size, largest first, so every rank writes about as much."""
+    load, owner = [0] * world_size, [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        owner[i] = min(range(world_size), key=load.__getitem__)
+        load[owner[i]] += sizes[i]
+    return owner
+
+
+# --- files: every byte checksummed as it is written, fsynced, committed by rename ------------------
+
+class _ChecksummedFile:
+    """A write-only file that keeps the crc32 and size of what went through it."""
+
+    def __init__(self, path: Path):
+        self.file, self.crc, self.size = open(path, "wb"), 0, 0
+
+    def write(self, data) -> int:
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += len(data)
+        return self.file.write(data)
+
+    def flush(self):
+        self.file.flush()
+
+    def close(self) -> dict:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        return {"size": self.size, "crc32": self.crc}
+
+
+def _save_file(obj, path: Path) -> dict:
+    out = _ChecksummedFile(path)
+    try:
+        torch.save(obj, out)
+    finally:
+        entry = out.close()
+    return entry
+
+
+def _save_text(text: str, path: Path) -> dict:
+    out = _ChecksummedFile(path)
+    try:
+        out.write(text.encode())
+    finally:
+        entry = out.close()
+    return entry
+
+
+def _os_error(action) -> Optional[str]:
+    """Run `action`; a disk failure (full, read-only, gone) comes back as its message, not an exception."""
+    try:
+        action()
+    except OSError as e:
+        return str(e)
+    return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_crc(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def verify(path: Path, files: Optional[list[str]] = None) -> Optional[str]:
+    """The first file of checkpoint `path` (or of `files` in it) that does not match the manifest, as
+    one line naming it; None if they all match. A missing or unreadable manifest names the manifest."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        listed = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{path / MANIFEST} is missing or unreadable"
+    for name in listed if files is None else files:
+        file, expected = path / name, listed[name]
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != expected["size"]:
+            return f"{file} has {file.stat().st_size} bytes, the manifest says {expected['size']} (truncated?)"
+        if _file_crc(file) != expected["crc32"]:
+            return f"{file} does not match its checksum in the manifest (altered or corrupt)"
+    return None
+
+
+def read_manifest(path: Path) -> dict:
+    return json.loads((path / MANIFEST).read_text())
+
+
+def checkpoint_steps(root: Path) -> list[int]:
+    """Steps of the committed checkpoints under `root`, newest first (temporary directories are not committed)."""
+    if not root.is_dir():
+        return []
+    steps = [int(p.name[5:]) for p in root.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit()]
+    return sorted(steps, reverse=True)
+
+
+# --- RNG -----------------------------------------------------------------------------------------
+
+def _rng_state() -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+
+
+# --- the object the training loop talks to ---------------------------------------------------------
+
+_stop_signal: list[Optional[int]] = [None]  # set by the handler, read at the end of each step
+
+
+def _listen_for_stop_signals() -> None:
+    """SIGTERM (preemption, scancel, torchrun's shutdown) and SIGUSR1 (SLURM's --signal warning) only
+    raise a flag: the step in flight finishes, the loop saves, and the run exits "requeue me"."""
+    _stop_signal[0] = None
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, lambda received, frame: _stop_signal.__setitem__(0, received))
+
+
+def checkpoint_root(cfg) -> Path:
+    return Path(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
+
+
+class Checkpointer:
+    """Saves and resumes one run's checkpoints; every method is collective over all ranks.
+
+    `loader` is the batch source: its `state_dict()` per DP rank is saved, and its
+    `load_state_dict(states)` receives the states of every DP rank of the saved run, so it can
+    reshard them onto a different DP size.
+    """
+
+    def __init__(self, cfg, topo, engine, loader):
+        self.cfg, self.topo, self.engine, self.loader = cfg, topo, engine, loader
+        self.root = checkpoint_root(cfg)
+        self.stopping = False
+        _listen_for_stop_signals()
+
+
+    def _say(self, line: str) -> None:
+        if self.topo.is_logging_rank:
+            print(f"parallax: {line}", flush=True)
+
+    # --- when ---
+
+    def should_save(self, step: int) -> bool:
+        """Every checkpoint.interval steps, at the last step, and when the run has to stop.
+
+        Ranks receive a signal at slightly different times, so they agree (one tiny all-reduce) to
+        stop after the same step; `self.stopping` then tells the loop to leave.
+        """
+        flag = torch.tensor([_stop_signal[0] is not None], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.stopping = bool(flag.item()) or step == self.cfg.train.stop_at_step
+        if self.stopping and step < self.cfg.train.steps:
+            why = signal.Signals(_stop_signal[0]).name if _stop_signal[0] else "train.stop_at_step"
+            self._say(f"stopping after step {step} ({why}): saving a checkpoint")
+        interval = self.cfg.checkpoint.interval
+        return self.stopping or step == self.cfg.train.steps or (interval > 0 and step % interval == 0)
+
+    # --- save ---
+
+    def save(self, step: int, tokens: int) -> bool:
+        """Write and commit the checkpoint of `step`; on a disk failure report it in one line and
+        return False with the previous checkpoint untouched. Raises SaveFailed when this save was
+        the last chance (end of run or stopping), since training cannot continue past it."""
+        topo, name = self.topo, step_dir_name(step)
+        tmp, final = self.root / f".{name}.tmp", self.root / name
+        tensors = self._gather_tensors()  # collectives first: every rank must reach them, whatever its disk does
+        data_states = self._gather_data_states()
+        entries = {}
+
+        def fresh_directory():
+            for abandoned in self.root.glob(".step-*.tmp"):  # left by a crash during an earlier save
+                shutil.rmtree(abandoned, ignore_errors=True)
+            tmp.mkdir(parents=True)
+
+        def write_files():
+            shard = f"shard-{topo.rank:05d}.pt"
+            entries[shard] = _save_file({"tensors": tensors, "rng": _rng_state()}, tmp / shard)
+            if topo.rank == 0:
+                entries[CLIENT] = _save_file(self._client_state(step, tokens, data_states), tmp / CLIENT)
+                entries["config.yaml"] = _save_text(self.cfg.to_yaml(), tmp / "config.yaml")
+
+        error = _os_error(fresh_directory) if topo.rank == 0 else None
+        dist.barrier()
+        error = error or _os_error(write_files)
+        if error:
+            error = f"rank {topo.rank}: {error}"
+        reports = [None] * topo.world_size
+        dist.all_gather_object(reports, (entries, error))
+        error = next((err for _, err in reports if err), None)
+        if topo.rank == 0 and error is None:
+            error = self._commit(tmp, final, step, tokens, {k: v for files, _ in reports for k, v in files.items()})
+        if topo.rank == 0 and error is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        outcome = [error]
+        dist.broadcast_object_list(outcome, src=0)
+        error = outcome[0]
+        if error is None:
+            self._say(f"checkpoint saved: {final}")
+            return True
+        previous = checkpoint_steps(self.root)
+        kept = f"{self.root / step_dir_name(previous[0])} is intact" if previous else "there is no earlier checkpoint"
+        message = f"checkpoint of step {step} failed ({error}); {kept}"
+        if self.stopping or step == self.cfg.train.steps:
+            raise SaveFailed(f"{message}; free space or fix permissions on {self.root} and launch again")
+        self._say(f"warning: {message}; training continues and saves again at the next interval")
+        return False
+
+    def _gather_tensors(self) -> dict:
+        """This rank's share of the full tensors: gathered by every rank, kept by their owner."""
+        _link_optimizer_state(self.engine)
+        named = list(self.engine.module.named_parameters())
+        owner = _owners([p.ds_numel if hasattr(p, "ds_id") else p.numel() for _, p in named], self.topo.world_size)
+        mine = {}
+        for (name, param), rank in zip(named, owner):
+            full = {key: _gather_full(self.engine, self.topo, param, key) for key in (MASTER, *ADAM_MOMENTS)}
+            if rank == self.topo.rank:
+                mine[name] = {key: value.detach().to("cpu", copy=True) for key, value in full.items()}
+        return mine
+
+    def _gather_data_states(self) -> list:
+        """Every DP rank's data state, in DP order (TP peers share theirs)."""
+        states = [None] * self.topo.dp
+        dist.all_gather_object(states, self.loader.state_dict(), group=self.topo.dp_group)
+        return states
+
+    def _client_state(self, step: int, tokens: int, data_states: list) -> dict:
+        scheduler = self.engine.lr_scheduler
+        return {
+            "version": FORMAT_VERSION,
+            "step": step,
+            "tokens": tokens,
+            "adam_step": _adam_step(self.engine),
+            "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "data": data_states,
+            "config": self.cfg.model_dump(mode="json"),
+            "layout": self._layout(),
+        }
+
+    def _layout(self) -> dict:
+        t = self.topo
+        return {"world_size": t.world_size, "tp": t.tp, "dp": t.dp, "zero_stage": self.cfg.parallel.zero_stage}
+
+    def _commit(self, tmp: Path, final: Path, step: int, tokens: int, files: dict) -> Optional[str]:
+        """Rank 0, once every rank's files are on disk: manifest, rename into place, move `latest`, prune."""
+        manifest = {"version": FORMAT_VERSION, "step": step, "tokens": tokens, "layout": self._layout(), "files": files}
+
+        def publish():
+            _save_text(json.dumps(manifest, indent=1), tmp / MANIFEST)
+            _fsync_dir(tmp)
+            if final.exists():  # a damaged checkpoint of the same step, skipped when this run resumed
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+            _save_text(final.name, self.root / f".{LATEST}.tmp")
+            os.replace(self.root / f".{LATEST}.tmp", self.root / LATEST)
+            _fsync_dir(self.root)
+
+        error = _os_error(publish)
+        if error:
+            return f"rank 0: {error}"
+        for old in checkpoint_steps(self.root)[self.cfg.checkpoint.keep:]:
+            shutil.rmtree(self.root / step_dir_name(old), ignore_errors=True)
+        return None
+
+    # --- resume ---
+
+    def resume(self) -> Resumed:
+        """Load the checkpoint checkpoint.resume names (auto: the newest complete one) and say where to continue."""
+        path = self._choose()
+        if path is None:
+            return Resumed()
+        client = torch.load(path / CLIENT, weights_only=True)
+        self._check_same_model(path, client["config"])
+        self._load_tensors(path, client)
+        if client["lr_scheduler"] is not None:
+            scheduler = self.engine.lr_scheduler
+            scheduler.load_state_dict(client["lr_scheduler"])
+            for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
+        self.engine.global_steps = client["step"]
+        self.engine.global_samples = client["step"] * self.engine.train_batch_size()
+        self.loader.load_state_dict(client["data"])
+        old = client["layout"]
+        self._say(f"resumed from {path} at step {client['step']} (saved at tp={old['tp']} dp={old['dp']} "
+                  f"zero={old['zero_stage']})")
+        return Resumed(step=client["step"], tokens=client["tokens"])
+
+    def _choose(self) -> Optional[Path]:
+        choice = self.cfg.checkpoint.resume
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+            choice = "auto"  # after a crash restart the newest checkpoint is at least as new as the one named
+        if choice == "none":
+            return None
+        if choice != "auto":
+            path = Path(choice)
+            if not (path / MANIFEST).exists() and (path / LATEST).is_file():  # a checkpoint root was named
+                path = path / (path / LATEST).read_text().strip()
+            problem = self._verify_together(path)
+            if problem:
+                raise CheckpointError(f"cannot resume: {problem}; pass another checkpoint or --resume auto")
+            return path
+        for step in checkpoint_steps(self.root):
+            path = self.root / step_dir_name(step)
+            problem = self._verify_together(path)
+            if problem is None:
+                return path
+            self._say(f"warning: skipping checkpoint {path.name}: {problem}")
+        return None
+
+    def _verify_together(self, path: Path) -> Optional[str]:
+        """Every rank checks its share of the files, so a large checkpoint verifies in parallel."""
+        try:
+            names = sorted(read_manifest(path)["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            names = None
+        problem = verify(path, names[self.topo.rank::self.topo.world_size] if names is not None else None)
+        problems = [None] * self.topo.world_size
+        dist.all_gather_object(problems, problem)
+        return next((p for p in problems if p), None)
+
+    def _check_same_model(self, path: Path, saved_config: dict) -> None:
+        ours = self.cfg.model.model_dump(mode="json")
+        for key, value in saved_config["model"].items():
+            if ours.get(key) != value:
+                raise CheckpointError(
+                    f"checkpoint {path} has model.{key}={value} but this run has model.{key}={ours.get(key)}; "
+                    "resume with the model it was trained with, or --resume none to start afresh"
+                )
+
+    def _load_tensors(self, path: Path, client: dict) -> None:
+        topo, engine = self.topo, self.engine
+        shards = [torch.load(path / name, mmap=True, weights_only=True)
+                  for name in sorted(read_manifest(path)["files"]) if name.startswith("shard-")]
+        tensors = {name: value for shard in shards for name, value in shard["tensors"].items()}
+        _prepare_adam_state(engine, client["adam_step"])
+        for name, param in engine.module.named_parameters():
+            if name not in tensors:
+                raise CheckpointError(f"checkpoint {path} has no tensor {name}; it was saved from another model")
+            dim = _tp_partition(param)
+            for key in (MASTER, *ADAM_MOMENTS):
+                value = tensors[name][key]
+                if dim is not None:
+                    value = value.chunk(topo.tp, dim=dim)[topo.tp_rank]
+                _write_local(engine, param, key, value.to(param.device), topo.dp_rank, topo.dp)
+        _refresh_model_weights(engine)
+        same_world = client["layout"]["world_size"] == topo.world_size
+        # The generators of this very rank, or rank 0's when the world changed size (every rank is seeded alike).
+        _set_rng_state(shards[topo.rank if same_world else 0]["rng"])
+
+
+# --- offline -------------------------------------------------------------------------------------
+
+def find_checkpoint(run_dir: Path, step: Optional[int] = None) -> Path:
+    """The checkpoint of `step` (default: the newest complete one) of a run directory or a checkpoint root."""
+    root = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
+    steps = checkpoint_steps(root) if step is None else [step]
+    for s in steps:
+        path = root / step_dir_name(s)
+        problem = verify(path)
+        if problem is None:
+            return path
+        if step is not None:
+            raise CheckpointError(f"cannot use checkpoint {path}: {problem}")
+    raise CheckpointError(f"no complete checkpoint under {root}; pass a run directory that has checkpoints/step-*")
+
+
+def consolidate(path: Path, out: Path) -> int:
+    """Write the full fp32 model state dict of checkpoint `path` to `out` as one file; returns its parameter count."""
+    shards = [torch.load(path / name, mmap=True, weights_only=True)
+              for name in sorted(read_manifest(path)["files"]) if name.startswith("shard-")]
+    state = {name: value[MASTER] for shard in shards for name, value in sorted(shard["tensors"].items())}
+    torch.save(state, out)
+    return sum(t.numel() for t in state.values())
