@@ -66,7 +66,7 @@ def tokens_from_bytes(data: bytes) -> list[int]:
 
 
 def new_cursor(seed: int, source_index: int, base: int, stride: int, lane: int, pending=(), carry=b"") -> dict:
-    """The state of one source on one lane; plain data so it can sit in any checkpoint."""
+    """The state of one source on one lane, as plain data (the carry is bytes in flight, a list in checkpoints)."""
     return {
         "pending": [list(item) for item in pending],
         "claim": [base, stride, lane, 0],  # base, stride, offset, claims made
@@ -88,12 +88,12 @@ def advance(ranges: Ranges, past: int) -> Ranges:
 
 
 def merge(ranges: Ranges) -> Ranges:
+    """Sorted, with overlapping or touching ranges joined, so each work item reads its shard once."""
     merged = []
     for start, stop in sorted(ranges, key=lambda r: r[0]):
-        if merged and merged[-1][1] is not None and merged[-1][1] >= start:
-            merged[-1][1] = None if stop is None else max(merged[-1][1], stop)
-        elif merged and merged[-1][1] is None:
-            continue
+        last = merged[-1] if merged else None
+        if last and (last[1] is None or last[1] >= start):
+            last[1] = None if last[1] is None or stop is None else max(last[1], stop)
         else:
             merged.append([start, stop])
     return merged

@@ -8,6 +8,7 @@ shows up with twice its length, a skipped one with less.
 import pytest
 
 from data_pipeline import EOD, PAD, build_dataloader
+from data_pipeline.work import advance, merge
 
 from .corpora import id_config, token_counts, write_id_corpus
 
@@ -65,3 +66,9 @@ def test_changing_only_the_worker_count_also_keeps_exactly_once(tmp_path, id_tok
     batches += [batch for loader in resumed for batch in loader]
     counts = token_counts(batches, id_tokenizer)
     assert {word: counts[word] for word in lengths} == lengths
+
+
+def test_work_ranges_merge_and_advance():
+    assert merge([[5, 6], [0, 2], [2, 3], [7, None], [9, 10]]) == [[0, 3], [5, 6], [7, None]]
+    assert advance([[0, 3], [5, 6], [7, None]], 5) == [[5, 6], [7, None]]
+    assert advance([[0, 3], [7, None]], 9) == [[9, None]]
