@@ -1,0 +1,61 @@
+"""What a real one-rank DeepSpeed engine holds in parameters, gradients and optimizer states, for
+tests/test_plan.py to hold the memory plan against.
+
+Measured after the second backward (the optimizer has stepped once, so its states exist, and the
+new gradients are still alive): the peak of the model states. Every live CPU tensor is found through
+the garbage collector and each storage counted once, so DeepSpeed's flat buffers and fp32 master
+copies are counted whether or not the model's parameters point into them.
+"""
+import gc
+
+from tests.distributed.harness import scenario
+
+MEMORY_CASES = {  # name -> overrides of tests.distributed.scenarios.tiny_config
+    "fp32_zero0": ("parallel.zero_stage=0",),
+    "fp32_zero1": ("parallel.zero_stage=1",),
+    "bf16_zero2": ("parallel.zero_stage=2", "train.precision=bf16"),
+}
+MODEL = ("model.num_layers=4", "model.hidden_size=256", "model.num_heads=4", "model.vocab_size=8192")
+
+
+def _live_tensor_bytes() -> int:
+    import torch
+
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _model_state_bytes(*overrides: str) -> int:
+    import torch
+
+    from models.gpt import GPT
+    from parallel.engine import build_engine
+    from parallel.topology import init_topology
+    from tests.distributed.scenarios import fixed_batches, tiny_config
+
+    cfg = tiny_config(*MODEL, *overrides)
+    topo = init_topology(tp=1)
+    gc.collect()
+    before = _live_tensor_bytes()
+    engine = build_engine(GPT(cfg.model, cfg.model.vocab_size), cfg, topo)
+    tokens = next(iter(fixed_batches(cfg)(topo)))
+    for step in range(2):
+        loss = engine(tokens[:, :-1], tokens[:, 1:])
+        engine.backward(loss)
+        if step == 0:
+            engine.step()
+    del loss
+    gc.collect()
+    held = _live_tensor_bytes() - before - tokens.untyped_storage().nbytes()
+    del engine
+    gc.collect()
+    return held
+
+
+@scenario(world_size=1)
+def plan_measured_memory():
+    return {name: _model_state_bytes(*overrides) for name, overrides in MEMORY_CASES.items()}
