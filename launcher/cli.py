@@ -11,6 +11,7 @@ from pathlib import Path
 from launcher.config import load_config
 from launcher.errors import (REQUEUE_EXIT_CODE, SAVE_FAILED_EXIT_CODE, USER_ERROR_EXIT_CODE, USER_ERRORS,
                              exit_with)
+from launcher.plan.cli import add_plan_command
 
 RANKS_HAVE_SAID_WHY = {USER_ERROR_EXIT_CODE, SAVE_FAILED_EXIT_CODE, REQUEUE_EXIT_CODE}
 
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     consolidate.add_argument("--out", default=None, help="default: RUN/consolidated-step-NNNNNNNN.pt")
     consolidate.set_defaults(run=_consolidate)
     _add_data_commands(commands)
+    add_plan_command(commands)
     return parser
 
 
