@@ -12,7 +12,7 @@ Two measures, best of alternating rounds:
   joined before reading it), which is what "cost" means on a machine whose other
   load makes wall-clock figures swing.
 
-    PYTHONPATH=. .venv/bin/python bench/data.py [--tokens 1000000] [--rounds 3] [--num-workers 1]
+    PYTHONPATH=. .venv/bin/python bench/data.py [--tokens 2000000] [--rounds 3] [--num-workers 1]
 """
 
 import argparse
@@ -61,7 +61,7 @@ def pipeline(cfg: DataConfig, micro_batch_size: int, tokens: int) -> tuple[float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=1_000_000)
+    parser.add_argument("--tokens", type=int, default=2_000_000)  # about one pass over the built-in corpus
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--source", type=Path, help="a .jsonl file or directory; default: the built-in corpus")
     parser.add_argument("--num-workers", type=int, default=1)

@@ -4,7 +4,6 @@ Everything a lane does is a function of its state dict, so a batch can carry the
 state right after it and a checkpoint is just the state of the last batch taken.
 """
 
-from array import array
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -44,9 +43,10 @@ class SourceStream:
         self.reading = cursor["reading"] and [cursor["reading"][0], [list(r) for r in cursor["reading"][1]]]
         self.reader, self.found = None, False
         self.shuffle_key, self.draws = cursor["shuffle"]
-        self.carry, self.carry_start = array(TOKEN_TYPE, cursor["carry"]), 0
-        self.buffer = self.reread(cursor["buffer"])
-        self.buffer_ids = None  # snapshot of the buffer's document ids, rebuilt only after the buffer changes
+        self.carry, self.carry_start = numpy.frombuffer(cursor["carry"], dtype=TOKEN_TYPE), 0
+        self.buffer_ids = [tuple(doc_id) for doc_id in cursor["buffer"]]  # parallel lists: ids are the state,
+        self.buffer_texts = self.reread(self.buffer_ids)  # texts are re-read on restore
+        self.buffer_snapshot = None  # tuple(buffer_ids), rebuilt only after the buffer changes
         self.fruitless_shards: set[int] = set()
 
     def state(self) -> dict:
@@ -61,9 +61,9 @@ class SourceStream:
 
     def buffer_ids_snapshot(self) -> tuple:
         """A batch spans a fraction of a document, so most batches reuse the previous snapshot."""
-        if self.buffer_ids is None:
-            self.buffer_ids = tuple(doc_id for doc_id, _ in self.buffer)
-        return self.buffer_ids
+        if self.buffer_snapshot is None:
+            self.buffer_snapshot = tuple(self.buffer_ids)
+        return self.buffer_snapshot
 
     def shard(self, visit: int):
         return self.source.shards[shard_of_visit(self.plan.seed, self.source_index, len(self.source.shards), visit)]
@@ -78,13 +78,13 @@ class SourceStream:
             if index >= wanted[0][0]:
                 yield index, text
 
-    def reread(self, doc_ids: list) -> list:
+    def reread(self, doc_ids: list[tuple[int, int]]) -> list[str]:
         """Refills a restored shuffle buffer; checkpoints hold document ids, not texts, to stay small."""
         texts = {}
         for visit in sorted({visit for visit, _ in doc_ids}):
             indices = [[index, index + 1] for v, index in doc_ids if v == visit]
             texts.update(((visit, index), text) for index, text in self.read(visit, indices))
-        return [((visit, index), texts[visit, index]) for visit, index in doc_ids]
+        return [texts[doc_id] for doc_id in doc_ids]
 
     def next_work(self) -> list | None:
         if self.pending:
@@ -122,30 +122,33 @@ class SourceStream:
 
     def next_document(self) -> str | None:
         """A seeded shuffle buffer: fill to capacity, then emit a random element."""
-        while len(self.buffer) < self.plan.shuffle_buffer and (doc := self.next_read()) is not None:
-            self.buffer.append(doc)
-        if not self.buffer:
+        self.buffer_snapshot = None
+        while len(self.buffer_ids) < self.plan.shuffle_buffer and (doc := self.next_read()) is not None:
+            self.buffer_ids.append(doc[0])
+            self.buffer_texts.append(doc[1])
+        if not self.buffer_ids:
             return None
-        pick = shuffle_draw(self.shuffle_key, self.draws, len(self.buffer))
+        pick = shuffle_draw(self.shuffle_key, self.draws, len(self.buffer_ids))
         self.draws += 1
-        self.buffer_ids = None
-        self.buffer[pick], self.buffer[-1] = self.buffer[-1], self.buffer[pick]
-        return self.buffer.pop()[1]
+        for items in (self.buffer_ids, self.buffer_texts):  # swap the pick to the end, where popping is O(1)
+            items[pick], items[-1] = items[-1], items[pick]
+        self.buffer_ids.pop()
+        return self.buffer_texts.pop()
 
-    def next_window(self) -> array | None:
+    def next_window(self) -> numpy.ndarray | None:
         """Documents joined by end-of-document, cut with no padding; a document's rest carries over.
 
         Only the very last window of a finite run is padded, so no token is ever dropped.
         """
         size = self.plan.seq_len + 1
         while len(self.carry) - self.carry_start < size and (text := self.next_document()) is not None:
-            del self.carry[:self.carry_start]
-            self.carry_start = 0
-            self.carry.extend(self.tokenizer.encode(text).ids)
-            self.carry.append(self.plan.eod)
+            document = numpy.array(self.tokenizer.encode(text).ids + [self.plan.eod], dtype=TOKEN_TYPE)
+            self.carry, self.carry_start = numpy.concatenate([self.carry[self.carry_start:], document]), 0
         window = self.carry[self.carry_start:self.carry_start + size]
         self.carry_start += len(window)
-        return window + array(TOKEN_TYPE, [self.plan.pad]) * (size - len(window)) if window else None
+        if len(window) in (0, size):
+            return window if len(window) else None
+        return numpy.pad(window, (0, size - len(window)), constant_values=self.plan.pad)
 
 
 class Lane:
@@ -167,7 +170,7 @@ class Lane:
     def state(self) -> dict:
         return {"sources": [stream.state() for stream in self.streams], "emitted": list(self.emitted)}
 
-    def next_window(self) -> array | None:
+    def next_window(self) -> numpy.ndarray | None:
         while any(self.active):
             total = sum(w for w, on in zip(self.weights, self.active) if on)
             made = sum(self.emitted) + 1
@@ -188,7 +191,7 @@ class Lane:
         Batches are numpy arrays: they cross the worker boundary as one plain copy,
         where a torch tensor would each time be moved into a new shared-memory segment.
         """
-        pad_row = array(TOKEN_TYPE, [self.plan.pad]) * (self.plan.seq_len + 1)
+        pad_row = numpy.full(self.plan.seq_len + 1, self.plan.pad, dtype=TOKEN_TYPE)
         while rows := [w for w in (self.next_window() for _ in range(micro_batch_size)) if w is not None]:
             rows += [pad_row] * (micro_batch_size - len(rows))
-            yield numpy.array(rows, dtype=numpy.int64), self.state()
+            yield numpy.stack(rows).astype(numpy.int64), self.state()

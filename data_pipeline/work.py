@@ -23,10 +23,11 @@ handed to new lane `old_lane % new_lanes` to be emitted first.
 
 import hashlib
 import random
-from array import array
 from functools import lru_cache
 
-TOKEN_TYPE = "i"  # int32 token ids
+import numpy
+
+TOKEN_TYPE = numpy.int32
 
 # A work item is [visit, ranges]: the documents of one visit whose record index
 # lies in one of the half-open ranges [start, stop); stop None means "to the end".
@@ -57,12 +58,12 @@ def shuffle_draw(key: str, draw: int, size: int) -> int:
 
 def tokens_to_bytes(tokens: list[int]) -> bytes:
     """Carried tokens travel with every batch as bytes, which pickle as one copy where a list pickles int by int."""
-    return array(TOKEN_TYPE, tokens).tobytes()
+    return numpy.asarray(tokens, dtype=TOKEN_TYPE).tobytes()
 
 
 def tokens_from_bytes(data: bytes) -> list[int]:
     """Checkpoints hold a list: torch.load(weights_only=True) refuses some bytes objects (b"")."""
-    return array(TOKEN_TYPE, data).tolist()
+    return numpy.frombuffer(data, dtype=TOKEN_TYPE).tolist()
 
 
 def new_cursor(seed: int, source_index: int, base: int, stride: int, lane: int, pending=(), carry=b"") -> dict:
