@@ -31,7 +31,9 @@ def prepare_data(out_dir: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, num_sh
 
     Taking every k-th file (rather than the first files alphabetically) keeps the
     sample as varied as the whole library. Files that are not UTF-8 (a few
-    encoding tests) are left out. One file is one document.
+    encoding tests) are left out. One top-level definition is one document, not
+    one file: the shuffle buffer mixes documents, and a whole module would fill a
+    batch with consecutive windows of itself.
     """
     files = stdlib_sources()
     stride = max(1, round(sum(f.stat().st_size for f in files) / max_bytes))
@@ -47,9 +49,10 @@ def prepare_data(out_dir: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, num_sh
                 text = file.read_bytes().decode("utf-8")
             except UnicodeDecodeError:
                 continue
-            record = {"text": text, "id": str(file.relative_to(root))}
-            outputs[written % num_shards].write(json.dumps(record) + "\n")
-            written += 1
+            for line, unit in top_level_units(text):
+                record = {"text": unit, "id": f"{file.relative_to(root)}:{line}"}
+                outputs[written % num_shards].write(json.dumps(record) + "\n")
+                written += 1
             if sum(out.tell() for out in outputs) >= max_bytes:
                 break
     finally:
@@ -58,7 +61,21 @@ def prepare_data(out_dir: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, num_sh
     return shards
 
 
+def top_level_units(text: str) -> list[tuple[int, str]]:
+    """(first line number, text) of each top-level def or class with its decorators; a module's
+    preamble (docstring, imports, constants) is a unit too."""
+    lines = text.splitlines(keepends=True)
+    units, start = [], 0
+    for i, line in enumerate(lines):
+        opens_definition = line.startswith(("def ", "async def ", "class ", "@"))
+        if opens_definition and i > start and not lines[i - 1].startswith("@"):
+            units.append((start + 1, "".join(lines[start:i])))
+            start = i
+    units.append((start + 1, "".join(lines[start:])))
+    return [(line, unit) for line, unit in units if unit.strip()]
+
+
 def builtin_corpus(cache_dir: Path) -> SourceConfig:
     """The cached default corpus, built on first use; named by Python version since its text differs."""
-    name = f"stdlib-corpus-py{sys.version_info.major}.{sys.version_info.minor}-v1"
+    name = f"stdlib-corpus-py{sys.version_info.major}.{sys.version_info.minor}-v2"
     return SourceConfig(path=build_once(Path(cache_dir) / name, prepare_data), format="jsonl")

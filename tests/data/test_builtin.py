@@ -9,6 +9,7 @@ from pathlib import Path
 
 from data_pipeline import EOD, PAD, SPECIAL_TOKENS, DataConfig, build_dataloader, load_tokenizer, prepare_data
 from data_pipeline.cache import build_once
+from data_pipeline.corpus import top_level_units
 
 
 def test_prepare_data_writes_the_same_real_stdlib_text_every_time(tmp_path):
@@ -19,8 +20,21 @@ def test_prepare_data_writes_the_same_real_stdlib_text_every_time(tmp_path):
     records = [json.loads(line) for shard in first for line in shard.read_text(encoding="utf-8").splitlines()]
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     assert sum(len(r["text"]) for r in records) >= 200_000 * 0.9
-    assert all(r["text"] == (stdlib / r["id"]).read_text(encoding="utf-8") for r in records)
+    for r in records:  # each document is the exact source lines at its "file:line" id
+        path, line = r["id"].rsplit(":", 1)
+        source = (stdlib / path).read_text(encoding="utf-8").splitlines(keepends=True)
+        unit = r["text"].splitlines(keepends=True)
+        assert source[int(line) - 1:int(line) - 1 + len(unit)] == unit, r["id"]
     assert len({Path(r["id"]).parts[0] for r in records}) > 5, "the sample should spread over the library"
+    assert len(records) > 3 * len({r["id"].rsplit(":", 1)[0] for r in records}), "documents are definitions, not files"
+
+
+def test_a_module_splits_into_its_top_level_definitions():
+    module = '"""Doc."""\nimport os\n\n@cache\n@wraps(f)\ndef f():\n    def inner():\n        pass\n\nclass C:\n    x = 1\n'
+    units = top_level_units(module)
+    assert [line for line, _ in units] == [1, 4, 10]
+    assert units[1][1].startswith("@cache\n@wraps(f)\ndef f():") and "def inner" in units[1][1]
+    assert "".join(unit for _, unit in units) == module
 
 
 def test_default_config_builds_corpus_and_tokenizer_once_and_trains_on_it(tmp_path):
