@@ -11,17 +11,21 @@ from launcher.plan.count import built_count, closed_form_count
 from launcher.plan.hardware import Cluster
 from launcher.plan.layout import advice, plan, search
 from launcher.plan.memory import activation_bytes
-from launcher.plan.throughput import dp_bytes_per_step
+from launcher.plan.throughput import dp_bytes_per_step, ep_bytes_per_step
 from tests.distributed.scenarios_plan import MEMORY_CASES, MODEL
 
 PUBLISHED = sorted(p for p in Path("configs").glob("*.yaml") if not p.stem.endswith("-tiny"))  # -tiny: CPU-sized
 TNLG = "configs/tnlg-17b.yaml"
 DGX2_X16 = Cluster.of(16, 16, "v100")  # T-NLG's 256 V100-32GB
+MOE = "configs/gpt-moe-52b.yaml"
+A100_X128 = Cluster.of(16, 8, "a100")
+SMALL_MOE = ("model.num_layers=4", "model.hidden_size=128", "model.num_heads=8", "model.ffn_hidden_size=320",
+             "model.vocab_size=1000", "model.moe.num_experts=8")
 
 
 def closed_form_plan(cfg, cluster):
     """Plan without the meta build (tested on its own below), to keep the suite fast."""
-    return plan(cfg, cluster, count=closed_form_count(cfg.model, cfg.model.vocab_size, cfg.parallel.tp))
+    return plan(cfg, cluster, count=closed_form_count(cfg.model, cfg.model.vocab_size, cfg.parallel.tp, cfg.parallel.ep))
 
 
 @pytest.mark.parametrize("tp", [1, 2, 8])
@@ -140,3 +144,91 @@ def test_bad_input_is_one_line_naming_what_to_change(capsys, args, expected):
         main(["plan", TNLG, *args])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and expected in err, err
+
+
+@pytest.mark.parametrize("tp,ep,moe", [
+    (1, 1, ()), (2, 2, ()), (2, 4, ("model.moe.top_k=1",)), (1, 8, ("model.moe.every=1",)),
+])
+def test_meta_moe_build_matches_the_closed_form(tp, ep, moe):
+    m = load_config(None, [*SMALL_MOE, *moe]).model
+    built = built_count(m, 1000, tp, ep)
+    assert built == closed_form_count(m, 1000, tp, ep)
+    # Each rank holds num_experts / ep experts per MoE layer, whole: replicated over TP, not split.
+    h, f, moe_layers = 128, 320, m.num_layers // m.moe.every
+    assert built.experts_per_rank == moe_layers * 8 // ep * (2 * h * f + f + h)
+    assert built.total == closed_form_count(m, 1000, 1, 1).per_rank  # every shard and every expert once
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_active_parameters_are_the_dense_model_plus_routers_and_top_k_experts(top_k):
+    """GPT.parameter_counts() semantics: a token meets every dense parameter, every router, and top_k
+    experts of each MoE layer; one expert is one dense MLP, so Switch top-1 is the dense model plus
+    its routers."""
+    m = load_config(None, [*SMALL_MOE, f"model.moe.top_k={top_k}"]).model
+    moe = closed_form_count(m, 1000, 2, 4)
+    dense = closed_form_count(m.model_copy(update={"moe": None}), 1000, 1)
+    h, f, moe_layers = 128, 320, 2
+    routers, mlp = moe_layers * h * 8, moe_layers * (2 * h * f + f + h)
+    assert moe.active_per_token == dense.total + routers + (top_k - 1) * mlp
+    assert moe.total == dense.total + routers + (8 - 1) * mlp
+    assert dense.active_per_token == dense.total
+
+
+def test_moe_config_is_deepspeed_moes_52b_and_fits_its_cluster():
+    cfg = load_config(MOE)
+    count = built_count(cfg.model, 50257, cfg.parallel.tp, cfg.parallel.ep)
+    assert abs(count.total / 52e9 - 1) < 0.01, count
+    gpt3_xl = closed_form_count(load_config("configs/gpt3-1.3b.yaml").model, 50257, 1)
+    assert count.active_per_token == gpt3_xl.total + 12 * 2048 * 128  # top-1: the dense model + 12 routers
+    p = closed_form_plan(cfg, A100_X128)
+    assert p.fits and p.dp == 128 and p.global_batch == 512
+    assert p.step.model_flops / p.step.tokens == pytest.approx(  # 6N per token with N the active parameters
+        6 * count.active_per_token + 12 * 24 * 2048 * 2048, rel=0.005)
+
+
+def test_expert_states_are_partitioned_over_the_expert_data_parallel_ranks():
+    """DeepSpeed's ZeRO 1/2 partition expert optimizer states (and from stage 2 gradients) over the
+    dp / ep ranks holding the same experts, not over all of DP."""
+    def experts(ep, stage):
+        return closed_form_plan(load_config(MOE, [f"parallel.ep={ep}", f"parallel.zero_stage={stage}"]),
+                                A100_X128).memory.experts
+
+    n = closed_form_count(load_config(MOE).model, 50257, 1, 32).experts_per_rank
+    assert experts(32, 0) == pytest.approx(n * (2 + 2 + 12))  # bf16 weights and gradients; fp32 master, m, v
+    assert experts(32, 1) == pytest.approx(n * (2 + 2 + 12 / 4))  # optimizer over the 128 / 32 expert-DP ranks
+    assert experts(32, 2) == pytest.approx(n * (2 + (2 + 12) / 4))
+    assert experts(128, 2) == pytest.approx(n / 4 * 16)  # a single rank per expert: nothing to partition
+
+
+def test_all_to_all_volume_is_the_capacity_buffer_four_times_per_moe_layer():
+    base = ["parallel.tp=2", "parallel.ep=8", "parallel.activation_checkpointing=false", "train.grad_accum=2"]
+    cfg = load_config(MOE, base)
+    tokens_hidden = 2048 * 4 * 2048 * 2 / 2  # one micro-batch's [s, b, h] in bf16, this TP rank's half
+    assert ep_bytes_per_step(cfg) == pytest.approx(2 * 12 * 4 * 7 / 8 * tokens_hidden * 1 * 1.25)
+    assert ep_bytes_per_step(load_config(MOE, [*base, "model.moe.top_k=2"])) == pytest.approx(2 * ep_bytes_per_step(cfg))
+    recomputed = load_config(MOE, [*base, "parallel.activation_checkpointing=true"])
+    assert ep_bytes_per_step(recomputed) == pytest.approx(1.5 * ep_bytes_per_step(cfg))
+    assert ep_bytes_per_step(load_config(MOE, ["parallel.ep=1"])) == 0
+
+
+def test_moe_layout_that_does_not_fit_is_told_to_raise_ep():
+    """All 128 experts on every GPU (EP=1) is 52B parameters per GPU; no ZeRO stage MoE allows can
+    hold that, and sharding the experts can."""
+    too_big = closed_form_plan(load_config(MOE, ["parallel.ep=1"]), A100_X128)
+    assert not too_big.fits
+    fixes = dict(advice(too_big))
+    assert "parallel.ep=4" in fixes and fixes["parallel.ep=4"].fits
+    assert not closed_form_plan(load_config(MOE, ["parallel.ep=2"]), A100_X128).fits  # 4 is the smallest
+    assert not [fix for fix in fixes if "zero_stage" in fix]
+
+
+def test_search_shards_experts_only_over_ep_dividing_dp_and_the_experts():
+    cluster = Cluster.of(2, 8, "a100")
+    current = closed_form_plan(load_config(MOE, ["model.moe.num_experts=24", "parallel.ep=8",
+                                                 "train.micro_batch_size=4", "train.grad_accum=8"]), cluster)
+    ranked = search(current)
+    assert ranked and all(p.fits and p.global_batch == 512 for p in ranked)
+    assert all(p.dp % p.cfg.parallel.ep == 0 and 24 % p.cfg.parallel.ep == 0 for p in ranked)
+    assert {p.cfg.parallel.ep for p in ranked} == {1, 2, 4, 8}  # 3, 6, 12, 24 divide no DP size of 16 GPUs
+    assert {p.cfg.parallel.zero_stage for p in ranked} <= {0, 1, 2}
+    assert ranked[0].layout().startswith("tp=") and " ep=" in ranked[0].layout()

@@ -10,7 +10,7 @@ import sys
 from launcher.config import load_config
 from launcher.plan.hardware import GPUS, GiB, USABLE_FRACTION, Cluster
 from launcher.plan.layout import Plan, advice, plan, search
-from launcher.plan.throughput import DEFAULT_EFFICIENCY, DP_COLLECTIVES
+from launcher.plan.throughput import DEFAULT_EFFICIENCY, DP_COLLECTIVES, ep_within_node
 
 
 def add_plan_command(commands) -> None:
@@ -58,24 +58,35 @@ def render(p: Plan) -> str:
     verdict = "fits" if p.fits else "does NOT fit"
     tp_link = "NVLink" if cfg.parallel.tp <= p.cluster.gpus_per_node else "network"
     dp_link = "network" if p.cluster.nodes > 1 else "NVLink"
+    ep = cfg.parallel.ep
+    built = f"tp={cfg.parallel.tp}" + (f" ep={ep}" if cfg.model.moe else "")
+    extra_work = " and ".join(
+        [reason for reason, present in (("recomputation", cfg.parallel.activation_checkpointing),
+                                        ("experts' capacity padding", cfg.model.moe)) if present])
     lines = [
-        f"model     {p.count} (rank 0 of tp={cfg.parallel.tp} built on the meta device)",
+        f"model     {p.count} (rank 0 of {built} built on the meta device)",
         f"layout    {p.layout()}; global batch {p.global_batch} x {cfg.data.seq_len} tokens, {precision}",
         "memory per GPU                                                             GiB",
         _row(f"  parameters   {precision}, {split(stage >= 3)}", m.parameters),
         _row(f"  gradients    {precision}, {split(stage >= 2)}", m.gradients),
         _row(f"  optimizer    {master}Adam m, v, {split(stage >= 1)}", m.optimizer),
+        *([_row(f"  of which experts: {p.count.experts_per_rank / 1e9:.2f}B on this GPU, states "
+                + (f"/ expert-dp={dp // ep} from ZeRO-1" if stage else "replicated"), m.experts)]
+          if p.count.experts_per_rank else []),
         _row(f"  buffers      {buffers}", m.buffers),
         _row(f"  activations  {activations}", m.activations),
         _row("  total", m.total) + f"  of {p.cluster.usable_bytes / GiB:.2f} usable "
         f"({USABLE_FRACTION:.0%} of {gpu.memory_gib:g}): {verdict}",
         f"step      estimate: compute at {s.efficiency:.0%} of peak, communication at line rate, no overlap",
         f"  model FLOPs {s.model_flops:.3g} per step"
-        + (f" ({s.hardware_flops:.3g} done, with recomputation)" if s.hardware_flops != s.model_flops else ""),
+        + (f" ({s.hardware_flops:.3g} done, with {extra_work})" if extra_work else ""),
         f"  compute                                                      {s.compute_seconds:9.3f} s",
         f"  TP all-reduces {s.tp_bytes / 1e9:10.2f} GB per GPU over {tp_link:8}                   {s.tp_seconds:9.3f} s",
         f"  DP {DP_COLLECTIVES[stage]}: {s.dp_bytes / 1e9:.2f} GB per GPU over {dp_link}",
         f"                                                               {s.dp_seconds:9.3f} s",
+        *([f"  EP all-to-alls {s.ep_bytes / 1e9:10.2f} GB per GPU over "
+           f"{'NVLink' if ep_within_node(cfg, p.cluster) else 'network':8}                   {s.ep_seconds:9.3f} s"]
+          if cfg.model.moe else []),
         f"  step time {s.seconds:.3f} s, {s.tokens_per_second:,.0f} tokens/s, MFU {s.mfu:.1%} "
         f"of {gpu.peak_tflops[precision]:g} TFLOP/s {precision} peak per {gpu.name}",
     ]

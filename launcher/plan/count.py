@@ -21,66 +21,126 @@ from models.config import ModelConfig
 
 @dataclass(frozen=True)
 class ParameterCount:
-    per_rank: int  # what one GPU holds before ZeRO partitions it
-    total: int  # the model, every TP shard counted once
-    per_layer_per_rank: int  # one block's share: what ZeRO-3 gathers at a time
+    per_rank: int  # what one GPU holds before ZeRO partitions it, its experts included
+    total: int  # the model, every TP shard and every expert counted once
+    per_layer_per_rank: int  # the largest block's share: what ZeRO-3 gathers at a time
+    experts_per_rank: int = 0  # the part of per_rank that is experts: ZeRO partitions it over DP / EP ranks
+    active: int | None = None  # parameters one token meets (top_k of each MoE layer's experts); None: total
+
+    @property
+    def active_per_token(self) -> int:
+        return self.total if self.active is None else self.active
 
     def __str__(self) -> str:
-        return f"{self.total / 1e9:.2f}B parameters, {self.per_rank / 1e9:.2f}B per GPU"
+        moe = f" ({self.active_per_token / 1e9:.2f}B active per token)" if self.experts_per_rank else ""
+        return f"{self.total / 1e9:.2f}B parameters{moe}, {self.per_rank / 1e9:.2f}B per GPU"
 
 
-def closed_form_count(m: ModelConfig, vocab_size: int, tp: int) -> ParameterCount:
-    """Parameters of models.gpt.GPT: which tensors are split over TP and which every rank replicates."""
+def closed_form_count(m: ModelConfig, vocab_size: int, tp: int, ep: int = 1) -> ParameterCount:
+    """Parameters of models.gpt.GPT: which tensors are split over TP, which every rank replicates, and
+    which are experts (num_experts / ep of them per MoE layer on each rank, replicated over TP)."""
     h, f, L = m.hidden_size, m.ffn_size, m.num_layers
     norm = 2 * h if m.norm == "layernorm" else h
-    # Column-parallel QKV and fc_in (weight and bias) and row-parallel proj and fc_out weights are split.
-    layer_split = (3 * h * h + 3 * h) + h * h + (h * f + f) + f * h
-    # Row-parallel biases (added after the all-reduce) and both norms are replicated.
-    layer_replicated = 2 * h + 2 * norm
+    # Column-parallel QKV and fc_in (weight and bias) and row-parallel proj and fc_out weights are split;
+    # row-parallel biases (added after the all-reduce) and both norms are replicated.
+    attention_split, mlp_split = (3 * h * h + 3 * h) + h * h, (h * f + f) + f * h
+    dense_layer = (attention_split + mlp_split, 2 * h + 2 * norm)  # (split, replicated)
     embedding = m.padded_vocab_size(vocab_size) * h  # vocabulary-parallel, tied to the output layer
     replicated = (m.max_seq_len * h if m.position_embedding == "learned" else 0) + norm  # + final norm
-    per_layer_per_rank = layer_split // tp + layer_replicated
+    moe_layers = sum(m.is_moe_layer(layer) for layer in range(L))
+    if moe_layers == 0:
+        return ParameterCount(
+            per_rank=L * (dense_layer[0] // tp + dense_layer[1]) + embedding // tp + replicated,
+            total=L * sum(dense_layer) + embedding + replicated,
+            per_layer_per_rank=dense_layer[0] // tp + dense_layer[1],
+        )
+    # An MoE layer swaps the MLP for a replicated router (h x experts, no bias) and unsplit experts,
+    # each the dense MLP with both biases.
+    e, k = m.moe.num_experts, m.moe.top_k
+    expert = 2 * h * f + f + h
+    moe_layer = (attention_split, h + 2 * norm + h * e)
+    dense = ParameterCount(
+        per_rank=(L - moe_layers) * (dense_layer[0] // tp + dense_layer[1])
+        + moe_layers * (moe_layer[0] // tp + moe_layer[1]) + embedding // tp + replicated,
+        total=(L - moe_layers) * sum(dense_layer) + moe_layers * sum(moe_layer) + embedding + replicated,
+        per_layer_per_rank=0,
+    )
+    experts_per_rank = moe_layers * e // ep * expert
     return ParameterCount(
-        per_rank=L * per_layer_per_rank + embedding // tp + replicated,
-        total=L * (layer_split + layer_replicated) + embedding + replicated,
-        per_layer_per_rank=per_layer_per_rank,
+        per_rank=dense.per_rank + experts_per_rank,
+        total=dense.total + moe_layers * e * expert,
+        per_layer_per_rank=max(dense_layer[0] // tp + dense_layer[1] if moe_layers < L else 0,
+                               moe_layer[0] // tp + moe_layer[1] + e // ep * expert),
+        experts_per_rank=experts_per_rank,
+        active=dense.total + moe_layers * k * expert,
     )
 
 
-def built_count(m: ModelConfig, vocab_size: int, tp: int) -> ParameterCount:
-    """Build rank 0 of a TP=`tp` layout on the meta device and count what it holds."""
+def built_count(m: ModelConfig, vocab_size: int, tp: int, ep: int = 1) -> ParameterCount:
+    """Build rank 0 of a TP=`tp`, EP=`ep` layout on the meta device and count what it holds; the
+    model's own parameter_counts() gives the total and active figures a training run prints."""
     import torch
 
     from models.gpt import GPT
+    from models.moe import is_expert_parameter
 
-    with _fake_model_parallel_world(tp), torch.device("meta"):
-        model = GPT(m, vocab_size)
-    per_rank = sum(p.numel() for p in model.parameters())
-    total = sum(p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1) for p in model.parameters())
-    per_layer = sum(p.numel() for p in model.blocks[0].parameters())
-    return ParameterCount(per_rank=per_rank, total=total, per_layer_per_rank=per_layer)
+    with _fake_model_parallel_world(tp, ep if m.moe else None), torch.device("meta"):
+        model = GPT(m, vocab_size, expert_parallel_size=ep)
+        total, active = model.parameter_counts()
+    parameters = list(model.parameters())
+    experts = sum(p.numel() for p in parameters if is_expert_parameter(p))
+    return ParameterCount(
+        per_rank=sum(p.numel() for p in parameters),
+        total=total,
+        per_layer_per_rank=max(sum(p.numel() for p in block.parameters()) for block in model.blocks),
+        experts_per_rank=experts,
+        active=active if experts else None,
+    )
 
 
-def checked_count(m: ModelConfig, vocab_size: int, tp: int) -> ParameterCount:
-    built = built_count(m, vocab_size, tp)
-    expected = closed_form_count(m, vocab_size, tp)
+def checked_count(m: ModelConfig, vocab_size: int, tp: int, ep: int = 1) -> ParameterCount:
+    built = built_count(m, vocab_size, tp, ep)
+    expected = closed_form_count(m, vocab_size, tp, ep)
     if built != expected:
         raise RuntimeError(f"the meta-built model ({built}) disagrees with the closed form ({expected})")
     return built
 
 
 @contextmanager
-def _fake_model_parallel_world(tp: int):
+def _fake_model_parallel_world(tp: int, ep: int | None):
+    """tp fake ranks, times ep when the model has experts: DeepSpeed's MoE layer finds its expert
+    groups by name, so they are created over a data-parallel dimension of ep ranks, as in training."""
     import torch.distributed as dist
     from megatron.core import parallel_state
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
         raise RuntimeError("planning builds its own fake process group; run it outside a distributed job")
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp * (ep or 1))
     try:
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
-        yield
+        if ep is None:
+            yield
+        else:
+            with _expert_groups(ep):
+                yield
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
+
+
+@contextmanager
+def _expert_groups(ep: int):
+    import deepspeed
+    from deepspeed.utils import groups
+
+    from parallel.topology import DeepSpeedMPU
+
+    deepspeed.init_distributed(dist_backend="fake", verbose=False)  # wraps the fake group already set up
+    previous_mpu, groups.mpu = groups.mpu, DeepSpeedMPU()
+    try:
+        groups._create_expert_data_and_model_parallel(ep, mpu=DeepSpeedMPU())
+        yield
+    finally:
+        groups._release_process_group_references()
+        groups.mpu = previous_mpu

@@ -8,6 +8,7 @@ dotted overrides a user passes to `parallax train`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import product
 from typing import Iterator
 
 from pydantic import ValidationError
@@ -39,7 +40,8 @@ class Plan:
 
     def layout(self) -> str:
         p, t = self.cfg.parallel, self.cfg.train
-        return (f"tp={p.tp} dp={self.dp} zero={p.zero_stage} sp={'on' if p.sequence_parallel else 'off'} "
+        ep = f"ep={p.ep} " if self.cfg.model.moe else ""
+        return (f"tp={p.tp} {ep}dp={self.dp} zero={p.zero_stage} sp={'on' if p.sequence_parallel else 'off'} "
                 f"checkpointing={'on' if p.activation_checkpointing else 'off'} "
                 f"micro-batch={t.micro_batch_size} grad-accum={t.grad_accum}")
 
@@ -61,7 +63,7 @@ def plan(cfg: RunConfig, cluster: Cluster, *, count: ParameterCount | None = Non
     dp = cfg.check_world_size(cluster.world_size)
     cluster.peak_flops(cfg.train.precision)  # refuse a precision the GPU lacks before building anything
     vocab_size = vocab_size or vocab_size_of(cfg)
-    count = count or checked_count(cfg.model, vocab_size, cfg.parallel.tp)
+    count = count or checked_count(cfg.model, vocab_size, cfg.parallel.tp, cfg.parallel.ep)
     return Plan(
         cfg=cfg, cluster=cluster, dp=dp, vocab_size=vocab_size, count=count,
         memory=memory_per_gpu(cfg, count, dp, vocab_size),
@@ -82,12 +84,13 @@ def changed(cfg: RunConfig, overrides: dict[str, object]) -> RunConfig | None:
 
 
 def advice(current: Plan, efficiency: float = DEFAULT_EFFICIENCY) -> list[tuple[str, Plan]]:
-    """For each knob (TP, ZeRO stage, activation checkpointing, sequence parallelism, micro-batch),
+    """For each knob (TP, EP, ZeRO stage, activation checkpointing, sequence parallelism, micro-batch),
     the smallest single change of it that makes the layout fit, keeping the global batch."""
     p, t = current.cfg.parallel, current.cfg.train
     knobs = [
         [_layout_change(current, tp=tp, micro_batch=t.micro_batch_size)
          for tp in _tp_sizes(current.cluster) if tp > p.tp],
+        [{"parallel.ep": ep} for ep in _ep_sizes(current.cfg, current.dp) if ep > p.ep],
         [{"parallel.zero_stage": stage} for stage in range(p.zero_stage + 1, 4)],
         [] if p.activation_checkpointing else [{"parallel.activation_checkpointing": True}],
         [] if p.tp == 1 or p.sequence_parallel else [{"parallel.sequence_parallel": True}],
@@ -106,8 +109,8 @@ def advice(current: Plan, efficiency: float = DEFAULT_EFFICIENCY) -> list[tuple[
 
 
 def search(current: Plan, efficiency: float = DEFAULT_EFFICIENCY) -> list[Plan]:
-    """Every valid TP x DP x ZeRO x micro-batch x checkpointing (x sequence parallelism) layout of
-    the cluster at the current global batch that fits, fastest first. (EP joins with MoE, issue 5.)"""
+    """Every valid TP x EP x DP x ZeRO x micro-batch x checkpointing (x sequence parallelism) layout
+    of the cluster at the current global batch that fits, fastest first."""
     fitting = [plan_ for plan_ in _layouts(current, efficiency) if plan_.fits]
     return sorted(fitting, key=lambda plan_: (plan_.step.seconds, plan_.memory.total))
 
@@ -118,17 +121,20 @@ def _layouts(current: Plan, efficiency: float) -> Iterator[Plan]:
             base = _layout_change(current, tp=tp, micro_batch=micro_batch)
             if base is None:
                 continue
-            for zero_stage in (0, 1, 2, 3):
-                for checkpointing in (False, True):
-                    for sequence_parallel in ((False, True) if tp > 1 else (False,)):
-                        cfg = changed(current.cfg, {
-                            **base, "parallel.zero_stage": zero_stage,
-                            "parallel.activation_checkpointing": checkpointing,
-                            "parallel.sequence_parallel": sequence_parallel,
-                        })
-                        candidate = cfg and _replan(cfg, current, efficiency)
-                        if candidate is not None:
-                            yield candidate
+            for ep, zero_stage, checkpointing, sequence_parallel in product(
+                _ep_sizes(current.cfg, current.cluster.world_size // tp),
+                (0, 1, 2) if current.cfg.model.moe else (0, 1, 2, 3),  # DeepSpeed's MoE refuses ZeRO-3
+                (False, True),
+                (False, True) if tp > 1 else (False,),
+            ):
+                cfg = changed(current.cfg, {
+                    **base, "parallel.ep": ep, "parallel.zero_stage": zero_stage,
+                    "parallel.activation_checkpointing": checkpointing,
+                    "parallel.sequence_parallel": sequence_parallel,
+                })
+                candidate = cfg and _replan(cfg, current, efficiency)
+                if candidate is not None:
+                    yield candidate
 
 
 def _layout_change(current: Plan, tp: int, micro_batch: int) -> dict[str, object] | None:
@@ -141,10 +147,10 @@ def _layout_change(current: Plan, tp: int, micro_batch: int) -> dict[str, object
 
 
 def _replan(cfg: RunConfig, current: Plan, efficiency: float) -> Plan | None:
-    if cfg.parallel.tp == current.cfg.parallel.tp:
+    if (cfg.parallel.tp, cfg.parallel.ep) == (current.cfg.parallel.tp, current.cfg.parallel.ep):
         count = current.count
     else:
-        count = closed_form_count(cfg.model, current.vocab_size, cfg.parallel.tp)
+        count = closed_form_count(cfg.model, current.vocab_size, cfg.parallel.tp, cfg.parallel.ep)
     try:
         return plan(cfg, current.cluster, count=count, vocab_size=current.vocab_size, efficiency=efficiency)
     except ConfigError:
@@ -154,6 +160,13 @@ def _replan(cfg: RunConfig, current: Plan, efficiency: float) -> Plan | None:
 def _tp_sizes(cluster: Cluster) -> list[int]:
     """TP stays inside a node: its all-reduces on every layer would crawl over the network."""
     return [tp for tp in range(1, cluster.gpus_per_node + 1) if cluster.world_size % tp == 0]
+
+
+def _ep_sizes(cfg: RunConfig, dp: int) -> list[int]:
+    """EP is carved out of the data-parallel ranks and shards the experts: it divides both."""
+    if cfg.model.moe is None:
+        return [1]
+    return [ep for ep in range(1, dp + 1) if dp % ep == 0 and cfg.model.moe.num_experts % ep == 0]
 
 
 def _powers_of_two(limit: int) -> list[int]:

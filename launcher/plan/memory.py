@@ -5,11 +5,16 @@ it, checked against a real engine on CPU (tests/test_plan.py): parameters and gr
 training precision, Adam's two fp32 moments, and an fp32 master copy of the weights whenever the
 parameters are 16-bit or a ZeRO optimizer owns the update (DeepSpeed's ZeRO optimizer clones its
 fp32 partition even when training in fp32). ZeRO partitions optimizer states over the data-parallel
-ranks from stage 1, gradients from stage 2, parameters at stage 3.
+ranks from stage 1, gradients from stage 2, parameters at stage 3. Experts are partitioned the
+same way but over their expert-data-parallel group only (the DP / EP ranks holding the same
+experts), which is how DeepSpeed's ZeRO 1/2 treat MoE parameter groups; MoE refuses ZeRO-3.
 
 Activations are Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
 Models"), which counts 16-bit activations and 1-byte dropout masks for a GPT block with a 4h MLP
-and attention scores stored (no flash attention): a conservative figure.
+and attention scores stored (no flash attention): a conservative figure. In an MoE layer the MLP's
+share is the experts' on their capacity buffer (top_k x capacity factor x tokens, split over TP
+peers, which each send a share through the all-to-all), plus DeepSpeed's einsum dispatch: two
+16-bit [tokens, experts, capacity] masks kept for backward, quadratic in the micro-batch's tokens.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ class Memory:
     optimizer: float
     buffers: float  # DeepSpeed's reduce bucket, and ZeRO-3's gathered layers
     activations: float
+    experts: float = 0.0  # the experts' part of parameters + gradients + optimizer
 
     @property
     def model_states(self) -> float:
@@ -52,16 +58,25 @@ def optimizer_bytes_per_parameter(precision: str, zero_stage: int) -> int:
 def memory_per_gpu(cfg: RunConfig, count: ParameterCount, dp: int, vocab_size: int) -> Memory:
     stage, precision = cfg.parallel.zero_stage, cfg.train.precision
     width = BYTES[precision]
-    psi = count.per_rank
+    dense, experts = count.per_rank - count.experts_per_rank, count.experts_per_rank
+    expert_dp = dp // cfg.parallel.ep
+
+    def states(parameters: int, ranks: int, bytes_per_parameter: int, from_stage: int) -> float:
+        return parameters * bytes_per_parameter / (ranks if stage >= from_stage else 1)
+
+    per_state = {  # name -> (bytes per parameter, the ZeRO stage that partitions it)
+        "parameters": (width, 3),
+        "gradients": (width, 2),
+        "optimizer": (optimizer_bytes_per_parameter(precision, stage), 1),
+    }
     buffers = REDUCE_BUCKET_ELEMENTS * width if stage >= 1 else 0
     if stage == 3:
         buffers += ZERO3_GATHERED_LAYERS * count.per_layer_per_rank * width
     return Memory(
-        parameters=psi * width / (dp if stage >= 3 else 1),
-        gradients=psi * width / (dp if stage >= 2 else 1),
-        optimizer=psi * optimizer_bytes_per_parameter(precision, stage) / (dp if stage >= 1 else 1),
+        **{name: states(dense, dp, *how) + states(experts, expert_dp, *how) for name, how in per_state.items()},
         buffers=buffers,
         activations=activation_bytes(cfg, vocab_size),
+        experts=sum(states(experts, expert_dp, *how) for how in per_state.values()),
     )
 
 
@@ -74,11 +89,30 @@ def activation_bytes(cfg: RunConfig, vocab_size: int) -> float:
         one_layer = s * b * h / t * (34 + 5 * a * s / h)
     else:  # only the tensors inside the TP region are split; 10sbh are replicated
         one_layer = s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
+    moe_layers = sum(m.is_moe_layer(layer) for layer in range(L))
+    moe_layer = one_layer + (_moe_mlp_minus_dense_mlp(cfg) if moe_layers else 0)
     if p.activation_checkpointing:
         # Each block's 16-bit input is kept; one block at a time is rebuilt in full during backward.
-        kept = L * 2 * s * b * h / (t if p.sequence_parallel else 1) + one_layer
+        kept = L * 2 * s * b * h / (t if p.sequence_parallel else 1) + max(one_layer if moe_layers < L else 0, moe_layer)
     else:
-        kept = L * one_layer
+        kept = (L - moe_layers) * one_layer + moe_layers * moe_layer
     # Embedding dropout and final norm (4sbh/t) and the fp32 logits for the cross-entropy (4sbv/t).
     head = 4 * s * b * h / t * (1 + v / h)
     return (kept + head) * BYTES[cfg.train.precision] / 2
+
+
+def _moe_mlp_minus_dense_mlp(cfg: RunConfig) -> float:
+    """An MoE layer's MLP activations less the dense MLP's, in Korthikanti's 16-bit units.
+
+    Dense: input 2sbh and dropout mask sbh (replicated unless sequence-parallel), fc_in and GeLU
+    outputs 4f/h sbh/t (16sbh/t for a 4h MLP). MoE (the sequence is gathered before the router): input 2sbh, dropout mask
+    sbh, the capacity buffer of c = top_k x capacity factor x sbh tokens-by-hidden: this TP rank's
+    1/t of it dispatched (2c/t), expanded by its experts (fc_in and GeLU outputs 4f/h x c/t),
+    gathered back (2c); and the two [sb, experts, capacity] masks, 2 x 2 x c x sb / h in sbh units."""
+    m, p = cfg.model, cfg.parallel
+    s, b, h, f, t = cfg.data.seq_len, cfg.train.micro_batch_size, m.hidden_size, m.ffn_size, p.tp
+    sbh, tokens = s * b * h, s * b
+    capacity = m.moe.top_k * m.moe.capacity_factor * sbh
+    dense = sbh * (3 / (t if p.sequence_parallel else 1) + 4 * f / h / t)
+    moe = 3 * sbh + capacity * (2 / t + 4 * f / h / t + 2) + 4 * capacity * tokens / h
+    return moe - dense

@@ -4,7 +4,8 @@ Model FLOPs are Megatron's count (Narayanan et al. 2021, appendix): every matrix
 per multiply-add, attention scores included, backward twice the forward; per sequence that is
 72 L s h^2 (1 + s/(6h) + V/(12 L h)) for a 4h MLP. Full activation recomputation runs each block's
 forward again (their 96 L s h^2 (1 + s/(6h) + V/(16 L h))): the GPU does that work, but MFU counts
-only the model's FLOPs.
+only the model's FLOPs. A token meets top_k experts of an MoE layer (model FLOPs), but the experts
+compute their whole capacity buffer, top_k x capacity factor per token, padding included (done).
 
 Time is compute at an assumed fraction of the GPU's peak plus communication at line rate, with no
 overlap: TP's collectives sit on the critical path by construction, and parallel/engine.py leaves
@@ -32,13 +33,15 @@ class Step:
     tp_seconds: float
     dp_bytes: float
     dp_seconds: float
+    ep_bytes: float  # the MoE layers' all-to-alls
+    ep_seconds: float
     peak_flops: float  # of the whole cluster
     efficiency: float  # the assumed fraction of peak the compute reaches
     tokens: int
 
     @property
     def seconds(self) -> float:
-        return self.compute_seconds + self.tp_seconds + self.dp_seconds
+        return self.compute_seconds + self.tp_seconds + self.dp_seconds + self.ep_seconds
 
     @property
     def mfu(self) -> float:
@@ -49,26 +52,61 @@ class Step:
         return self.tokens / self.seconds
 
 
-def forward_flops_per_sequence(cfg: RunConfig, vocab_size: int) -> tuple[float, float]:
-    """(all blocks, output layer) forward FLOPs for one sequence."""
+def forward_flops_per_sequence(cfg: RunConfig, vocab_size: int, *, padded: bool = False) -> tuple[float, float]:
+    """(all blocks, output layer) forward FLOPs for one sequence. An MoE layer's MLP is its router
+    plus top_k experts per token, or with `padded`, top_k x capacity factor: what the GPUs compute."""
     m, s = cfg.model, cfg.data.seq_len
-    h, f = m.hidden_size, m.ffn_size
-    block = 2 * s * (4 * h * h + 2 * h * f) + 4 * s * s * h  # QKV, proj, MLP; QK^T and attention x V
-    return m.num_layers * block, 2 * s * h * m.padded_vocab_size(vocab_size)
+    h, f, L = m.hidden_size, m.ffn_size, m.num_layers
+    attention = 2 * s * 4 * h * h + 4 * s * s * h  # QKV, proj; QK^T and attention x V
+    mlp = 2 * s * 2 * h * f
+    moe_layers = _moe_layers(cfg)
+    blocks = L * attention + (L - moe_layers) * mlp
+    if moe_layers:
+        experts_per_token = m.moe.top_k * (m.moe.capacity_factor if padded else 1)
+        blocks += moe_layers * (experts_per_token * mlp + 2 * s * h * m.moe.num_experts)
+    return blocks, 2 * s * h * m.padded_vocab_size(vocab_size)
 
 
 def tp_bytes_per_step(cfg: RunConfig) -> float:
     """Each block all-reduces its [s, b, h] output twice forward and twice backward (the Megatron f/g
     pair per sub-layer), twice more when recomputed; the embedding and the logits' input add one each.
-    Sequence parallelism swaps each all-reduce for a reduce-scatter plus an all-gather: same volume."""
+    Sequence parallelism swaps each all-reduce for a reduce-scatter plus an all-gather: same volume.
+    An MoE layer's MLP has no all-reduce: DeepSpeed all-gathers the TP peers' shares of the capacity
+    buffer (top_k x capacity factor x the message) once forward (again when recomputed), once backward."""
     t, p = cfg.parallel.tp, cfg.parallel
     if t == 1:
         return 0.0
-    per_block = 6 if p.activation_checkpointing else 4
-    collectives = cfg.model.num_layers * per_block + 2
-    message = cfg.data.seq_len * cfg.train.micro_batch_size * cfg.model.hidden_size * BYTES[cfg.train.precision]
-    ring_all_reduce = 2 * (t - 1) / t * message
-    return cfg.train.grad_accum * collectives * ring_all_reduce
+    per_sublayer = 3 if p.activation_checkpointing else 2
+    moe_layers = _moe_layers(cfg)
+    all_reduces = (2 * cfg.model.num_layers - moe_layers) * per_sublayer + 2
+    all_gathers = moe_layers * per_sublayer * _capacity_per_token(cfg)  # in messages
+    message = _message_bytes(cfg)
+    return cfg.train.grad_accum * (all_reduces * 2 + all_gathers) * (t - 1) / t * message
+
+
+def ep_bytes_per_step(cfg: RunConfig) -> float:
+    """Each MoE layer sends its capacity buffer (tokens x hidden x top_k x capacity factor, this TP
+    rank's 1/t share of it) through two all-to-alls forward (to the experts and back) and two
+    backward, two more when recomputed; (ep-1)/ep of each leaves the GPU."""
+    ep = cfg.parallel.ep
+    if ep == 1:
+        return 0.0
+    all_to_alls = _moe_layers(cfg) * (6 if cfg.parallel.activation_checkpointing else 4)
+    buffer = _capacity_per_token(cfg) * _message_bytes(cfg) / cfg.parallel.tp
+    return cfg.train.grad_accum * all_to_alls * (ep - 1) / ep * buffer
+
+
+def _moe_layers(cfg: RunConfig) -> int:
+    return sum(cfg.model.is_moe_layer(layer) for layer in range(cfg.model.num_layers))
+
+
+def _capacity_per_token(cfg: RunConfig) -> float:
+    return cfg.model.moe.top_k * cfg.model.moe.capacity_factor if cfg.model.moe else 0.0
+
+
+def _message_bytes(cfg: RunConfig) -> float:
+    """One micro-batch's [s, b, h] activations."""
+    return cfg.data.seq_len * cfg.train.micro_batch_size * cfg.model.hidden_size * BYTES[cfg.train.precision]
 
 
 DP_COLLECTIVES = {
@@ -82,10 +120,11 @@ DP_COLLECTIVES = {
 def dp_bytes_per_step(cfg: RunConfig, count: ParameterCount, dp: int) -> float:
     """The ZeRO paper's volumes: stages 0-2 move 2 x parameters per step (all-reduce, or
     reduce-scatter + all-gather), stage 3 1.5x that. Stages 2-3 cannot keep whole gradients, so they
-    reduce every micro-batch; stage 3 also gathers the parameters for each forward and backward."""
-    if dp == 1:
-        return 0.0
-    ring = (dp - 1) / dp * count.per_rank * BYTES[cfg.train.precision]
+    reduce every micro-batch; stage 3 also gathers the parameters for each forward and backward.
+    Experts move over their expert-data-parallel group of dp / ep ranks."""
+    expert_dp = dp // cfg.parallel.ep
+    dense = count.per_rank - count.experts_per_rank
+    ring = ((dp - 1) / dp * dense + (expert_dp - 1) / expert_dp * count.experts_per_rank) * BYTES[cfg.train.precision]
     accum, stage = cfg.train.grad_accum, cfg.parallel.zero_stage
     if stage <= 1:
         return 2 * ring
@@ -98,13 +137,17 @@ def step_estimate(cfg: RunConfig, cluster: Cluster, count: ParameterCount, dp: i
                   efficiency: float = DEFAULT_EFFICIENCY) -> Step:
     sequences = cfg.train.micro_batch_size * cfg.train.grad_accum * dp
     blocks, output = forward_flops_per_sequence(cfg, vocab_size)
+    computed, _ = forward_flops_per_sequence(cfg, vocab_size, padded=True)
     model_flops = 3 * sequences * (blocks + output)
-    hardware_flops = model_flops + (sequences * blocks if cfg.parallel.activation_checkpointing else 0)
+    hardware_flops = sequences * ((4 if cfg.parallel.activation_checkpointing else 3) * computed + 3 * output)
     peak = cluster.peak_flops(cfg.train.precision) * cluster.world_size
-    tp_bytes, dp_bytes = tp_bytes_per_step(cfg), dp_bytes_per_step(cfg, count, dp)
+    tp_bytes, dp_bytes, ep_bytes = tp_bytes_per_step(cfg), dp_bytes_per_step(cfg, count, dp), ep_bytes_per_step(cfg)
     gpu = cluster.gpu
-    # TP peers are adjacent ranks, on one node while tp <= gpus_per_node; DP spans nodes when there are several.
+    # TP peers are adjacent ranks, on one node while tp <= gpus_per_node; an EP group is ep
+    # consecutive DP ranks strided by tp, on one node while tp x ep <= gpus_per_node; DP spans nodes
+    # when there are several.
     tp_gbs = gpu.intra_node_gbs if cfg.parallel.tp <= cluster.gpus_per_node else gpu.inter_node_gbs
+    ep_gbs = gpu.intra_node_gbs if ep_within_node(cfg, cluster) else gpu.inter_node_gbs
     dp_gbs = gpu.inter_node_gbs if cluster.nodes > 1 else gpu.intra_node_gbs
     return Step(
         model_flops=model_flops,
@@ -114,7 +157,13 @@ def step_estimate(cfg: RunConfig, cluster: Cluster, count: ParameterCount, dp: i
         tp_seconds=tp_bytes / (tp_gbs * 1e9),
         dp_bytes=dp_bytes,
         dp_seconds=dp_bytes / (dp_gbs * 1e9),
+        ep_bytes=ep_bytes,
+        ep_seconds=ep_bytes / (ep_gbs * 1e9),
         peak_flops=peak,
         efficiency=efficiency,
         tokens=sequences * cfg.data.seq_len,
     )
+
+
+def ep_within_node(cfg: RunConfig, cluster: Cluster) -> bool:
+    return cfg.parallel.tp * cfg.parallel.ep <= cluster.gpus_per_node
