@@ -18,14 +18,15 @@ MEMORY_CASES = {  # name -> overrides of tests.distributed.scenarios.tiny_config
 MODEL = ("model.num_layers=4", "model.hidden_size=256", "model.num_heads=4", "model.vocab_size=8192")
 
 
-def _live_tensor_bytes() -> int:
+def _live_tensor_bytes(model=None) -> int:
+    """Bytes of every distinct CPU storage a Python object holds, plus the model's gradients:
+    autograd creates `p.grad` without a Python object, so the gc walk alone does not see it."""
     import torch
 
-    storages = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
-            storage = obj.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
+    tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor) and obj.device.type == "cpu"]
+    if model is not None:
+        tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
 
 
@@ -50,7 +51,7 @@ def _model_state_bytes(*overrides: str) -> int:
             engine.step()
     del loss
     gc.collect()
-    held = _live_tensor_bytes() - before - tokens.untyped_storage().nbytes()
+    held = _live_tensor_bytes(engine.module) - before - tokens.untyped_storage().nbytes()
     del engine
     gc.collect()
     return held
