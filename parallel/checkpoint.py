@@ -181,11 +181,16 @@ class _ChecksummedFile:
 
     def __init__(self, path: Path):
         self.file, self.crc, self.size = open(path, "wb"), 0, 0
+        self.failure: Optional[OSError] = None
 
     def write(self, data) -> int:
         self.crc = zlib.crc32(data, self.crc)
         self.size += len(data)
-        return self.file.write(data)
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.failure = e
+            raise
 
     def flush(self):
         self.file.flush()
@@ -201,6 +206,10 @@ def _save_file(obj, path: Path) -> dict:
     out = _ChecksummedFile(path)
     try:
         torch.save(obj, out)
+    except RuntimeError:
+        if out.failure is None:
+            raise
+        raise out.failure from None  # torch's zip writer reports the disk's own error as a RuntimeError
     finally:
         entry = out.close()
     return entry

@@ -1,0 +1,191 @@
+"""Issue 4, points 3 and 7-9: damaged checkpoints, preemption signals, failed saves and
+consolidation, each through the real `parallax` command: torchrun, two gloo ranks, the data pipeline.
+
+Every run trains the same 30 steps; one uninterrupted run is the reference, and each recovered run
+must end on exactly its final loss (CPU fp32 resume is bitwise).
+"""
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from launcher.cli import main
+from launcher.errors import REQUEUE_EXIT_CODE, SAVE_FAILED_EXIT_CODE
+from parallel.checkpoint import verify
+
+STEPS, INTERVAL = 30, 5
+PARALLAX = [sys.executable, "-c", "from launcher.cli import main; main()"]
+TINY = ["configs/gpt-tiny.yaml", "--nproc", "2", "model.num_layers=2", "model.hidden_size=64", "model.max_seq_len=32",
+        "data.seq_len=32", f"train.steps={STEPS}", f"checkpoint.interval={INTERVAL}", "checkpoint.keep=3",
+        "logging.interval=1000"]
+
+
+def parallax_train(run_dir: Path, *extra: str, shell_prefix: str = "") -> subprocess.CompletedProcess:
+    cmd = [*PARALLAX, "train", *TINY, f"logging.run_dir={run_dir}", *extra]
+    if shell_prefix:  # e.g. a file-size limit the ranks inherit
+        cmd = ["bash", "-c", f'{shell_prefix}; exec "$@"', "bash", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def start_training(run_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([*PARALLAX, "train", *TINY, f"logging.run_dir={run_dir}", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def final_loss(run_dir: Path) -> float:
+    """The loss of the last step, as the run that finished it logged it (a restarted run logs some steps twice)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["step"] == STEPS]
+    assert last, f"step {STEPS} never ran"
+    return last[-1]["loss"]
+
+
+def rank_processes(launcher: subprocess.Popen, timeout: float = 120) -> dict[int, psutil.Process]:
+    """The rank processes torchrun started, by rank (DataLoader workers are their children, not these)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ranks = {}
+        for child in psutil.Process(launcher.pid).children():
+            try:
+                if "launcher.entry" in child.cmdline():
+                    ranks[int(child.environ()["RANK"])] = child
+            except (psutil.NoSuchProcess, KeyError):
+                pass
+        if len(ranks) == 2:
+            return ranks
+        time.sleep(0.05)
+    raise AssertionError("the ranks never started")
+
+
+def wait_for(path: Path, launcher: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert launcher.poll() is None, f"the run ended before {path} appeared:\n{launcher.stdout.read()[-3000:]}"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("reference")
+    proc = parallax_train(run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def checkpoints(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def test_save_keeps_the_last_k_and_points_latest_at_the_newest(reference):
+    root = checkpoints(reference)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000020", "step-00000025", "step-00000030"]
+    assert (root / "latest").read_text() == "step-00000030"
+    for step_dir in root.glob("step-*"):
+        assert verify(step_dir) is None
+        names = set(json.loads((step_dir / "manifest.json").read_text())["files"])
+        assert names == {"shard-00000.pt", "shard-00001.pt", "client.pt", "config.yaml"}
+    client = torch.load(root / "step-00000030" / "client.pt", weights_only=True)
+    assert client["step"] == STEPS and client["tokens"] == STEPS * 8 * 32  # micro-batch 4 x DP 2 x seq_len 32
+    assert len(client["data"]) == 2 and client["layout"] == {"world_size": 2, "tp": 1, "dp": 2, "zero_stage": 1}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "alter", "delete"])
+def test_verify_names_the_damaged_file(reference, tmp_path, damage):
+    step_dir = tmp_path / "step"
+    shutil.copytree(checkpoints(reference) / "step-00000030", step_dir)
+    shard = step_dir / "shard-00001.pt"
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    elif damage == "alter":
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 1
+        shard.write_bytes(bytes(data))
+    else:
+        shard.unlink()
+    assert str(shard) in verify(step_dir)
+
+
+def test_resume_auto_refuses_a_damaged_checkpoint_and_uses_the_previous_one(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    shard = checkpoints(run_dir) / "step-00000030" / "shard-00000.pt"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    (run_dir / "metrics.jsonl").unlink()
+    proc = parallax_train(run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    refused = [line for line in proc.stdout.splitlines() if "skipping checkpoint" in line]
+    assert len(refused) == 1 and str(shard) in refused[0] and "truncated" in refused[0], proc.stdout
+    assert f"resumed from {checkpoints(run_dir) / 'step-00000025'} at step 25" in proc.stdout
+    assert final_loss(run_dir) == final_loss(reference)
+    assert verify(checkpoints(run_dir) / "step-00000030") is None, "the damaged checkpoint is replaced by a good one"
+
+
+def test_sigterm_and_sigusr1_save_and_exit_requeue_then_resume(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = start_training(run_dir)
+    ranks = rank_processes(launcher)
+    wait_for(checkpoints(run_dir) / "step-00000005", launcher)
+    ranks[0].send_signal(signal.SIGTERM)  # as SLURM delivers them, to each rank and not all at the same instant
+    ranks[1].send_signal(signal.SIGUSR1)
+    output, _ = launcher.communicate(timeout=600)
+    assert launcher.returncode == REQUEUE_EXIT_CODE, output[-3000:]
+    stopped = int((checkpoints(run_dir) / "latest").read_text()[5:])
+    assert 5 <= stopped < STEPS and f"stopping after step {stopped}" in output
+    assert f"stopped after step {stopped}" in output and "Traceback" not in output
+
+    proc = parallax_train(run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {checkpoints(run_dir) / f'step-{stopped:08d}'}" in proc.stdout
+    assert final_loss(run_dir) == final_loss(reference)
+
+
+def test_a_failed_save_is_one_line_and_leaves_the_previous_checkpoint(reference, tmp_path):
+    """A file-size limit makes every shard write fail part-way (EFBIG), as a full disk would (ENOSPC)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    root = checkpoints(run_dir)
+    for step in (25, 30):
+        shutil.rmtree(root / f"step-{step:08d}")
+    (root / "latest").write_text("step-00000020")
+    proc = parallax_train(run_dir, shell_prefix="ulimit -f 1024")  # 1 MiB; a shard is 6 MB
+    assert proc.returncode == SAVE_FAILED_EXIT_CODE, proc.stderr[-3000:]
+    warnings = [line for line in proc.stdout.splitlines() if "checkpoint of step" in line]
+    assert len(warnings) == 1 and "step 25 failed" in warnings[0] and "File too large" in warnings[0], proc.stdout
+    assert f"{root / 'step-00000020'} is intact" in warnings[0]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("parallax: error")]
+    assert len(errors) == 1 and "checkpoint of step 30 failed" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000020"], "no partial checkpoint is left"
+    assert (root / "latest").read_text() == "step-00000020" and verify(root / "step-00000020") is None
+
+
+def test_consolidate_writes_the_full_fp32_model(reference, tmp_path, capsys):
+    out = tmp_path / "model.pt"
+    main(["checkpoint", "consolidate", str(reference), "--step", "25", "--out", str(out)])
+    assert f"wrote {out}" in capsys.readouterr().out
+    state = torch.load(out, weights_only=True)
+    saved = {}
+    for shard in sorted((checkpoints(reference) / "step-00000025").glob("shard-*.pt")):
+        saved.update(torch.load(shard, weights_only=True)["tensors"])
+    assert state.keys() == saved.keys()
+    assert all(torch.equal(state[name], saved[name]["param"]) and state[name].dtype == torch.float32 for name in state)
+    assert state["embedding.weight"].shape == (8192, 64)
+
+
+def test_consolidate_refuses_a_damaged_checkpoint_in_one_line(reference, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    (checkpoints(run_dir) / "step-00000030" / "client.pt").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["checkpoint", "consolidate", str(run_dir), "--step", "30"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "client.pt is missing" in err and "step-00000030" in err
