@@ -19,8 +19,8 @@ RANKS_HAVE_SAID_WHY = {USER_ERROR_EXIT_CODE, SAVE_FAILED_EXIT_CODE, REQUEUE_EXIT
 def _train(args) -> None:
     """Validate here, before any rank starts, then launch the ranks through torch's elastic launcher.
 
-    torchrun restarts every rank from the newest checkpoint when one dies (--max-restarts), and on
-    SIGTERM/SIGINT passes the signal on to the ranks, which save and exit "requeue me". SIGUSR1
+    --max-restarts is handed to torchrun, but restarted ranks currently hang while re-forming their
+    gloo groups (issue 4's note); relaunching resumes instead. On SIGTERM/SIGINT torchrun passes the signal on to the ranks, which save and exit "requeue me". SIGUSR1
     (SLURM's early warning) would end torchrun itself, so it is passed on the same way.
     """
     if args.resume is not None:
@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto (default): the newest complete checkpoint of the run; none: start afresh; "
                        "PATH: that checkpoint (same as checkpoint.resume=...)")
     train.add_argument("--max-restarts", type=int, default=0, metavar="K",
-                       help="when a rank dies, restart all ranks from the last checkpoint, up to K times")
+                       help="when a rank dies, torchrun restarts all ranks, up to K times "
+                       "(known issue: restarted ranks hang on gloo; relaunch instead, resume is automatic)")
     train.set_defaults(run=_train)
 
     checkpoint = commands.add_parser("checkpoint", help="inspect and export checkpoints")
