@@ -120,13 +120,18 @@ class RunConfig(_Section):
     def check_world_size(self, world_size: int) -> int:
         """The data-parallel size this config gets on `world_size` ranks."""
         p = self.parallel
-        model_parallel = p.tp * p.ep * p.pp
-        if world_size % model_parallel:
+        if world_size % (p.tp * p.pp):
             raise ConfigError(
-                f"parallel: world size {world_size} is not divisible by tp x ep x pp = "
-                f"{p.tp}x{p.ep}x{p.pp}; use a multiple of {model_parallel} ranks or change parallel.tp/ep"
+                f"parallel: world size {world_size} is not divisible by tp x pp = {p.tp}x{p.pp}; "
+                f"use a multiple of {p.tp * p.pp} ranks or change parallel.tp"
             )
-        return world_size // (p.tp * p.pp)
+        dp = world_size // (p.tp * p.pp)
+        if dp % p.ep:
+            raise ConfigError(
+                f"parallel.ep={p.ep} does not divide the data-parallel size {dp} ({world_size} ranks / tp {p.tp}), "
+                f"which the experts are sharded over; choose parallel.ep from {_divisors(dp)} or use more ranks"
+            )
+        return dp
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

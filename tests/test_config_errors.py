@@ -12,7 +12,7 @@ TINY = "configs/gpt-tiny.yaml"
 
 @pytest.mark.parametrize("args,expected", [
     (["parallel.tp=3"], "model.num_heads=4 is not divisible by parallel.tp=3; choose parallel.tp from [1, 2, 4]"),
-    (["--nproc", "3", "parallel.tp=2"], "world size 3 is not divisible by tp x ep x pp = 2x1x1"),
+    (["--nproc", "3", "parallel.tp=2"], "world size 3 is not divisible by tp x pp = 2x1"),
     (["optim.lrr=1e-3"], "unknown key 'optim.lrr' (did you mean 'optim.lr'?)"),
     (["modle.hidden_size=8"], "unknown key 'modle' (did you mean 'model'?)"),
     (["model.hidden_size=0"], "model.hidden_size: input should be greater than 0; got 0"),
@@ -32,6 +32,26 @@ def test_bad_config_is_one_line_naming_the_field(capsys, args, expected):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("parallax: error: "), err
     assert expected in err
+
+
+MOE = "configs/gpt-moe-tiny.yaml"
+
+
+@pytest.mark.parametrize("config,args,expected", [
+    (MOE, ["--nproc", "2", "model.moe.num_experts=3"],
+     "model.moe.num_experts=3 is not divisible by parallel.ep=2; choose parallel.ep from [1, 3]"),
+    (MOE, ["--nproc", "2", "parallel.ep=4"],
+     "parallel.ep=4 does not divide the data-parallel size 2 (2 ranks / tp 1), which the experts are sharded over"),
+    (MOE, ["--nproc", "4", "parallel.tp=2", "parallel.ep=4"], "parallel.ep=4 does not divide the data-parallel size 2"),
+    (MOE, ["parallel.ep=1", "model.moe.num_experts=1"], "model.moe.top_k=2 exceeds model.moe.num_experts=1"),
+    (MOE, ["--nproc", "2", "parallel.zero_stage=3"], "parallel.zero_stage=3 does not support MoE layers"),
+    (TINY, ["--nproc", "2", "parallel.ep=2"], "parallel.ep=2 shards experts, but the model has none"),
+])
+def test_bad_moe_layout_is_one_line_naming_the_field(capsys, config, args, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", config, *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and expected in err, err
 
 
 def test_missing_and_malformed_files(capsys, tmp_path):
