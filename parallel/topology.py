@@ -67,6 +67,15 @@ def expert_group_name(ep: int) -> str:
     return f"ep_size_{ep}"
 
 
+def create_expert_groups(ep: int) -> None:
+    """DeepSpeed's expert groups in the layout the module docstring describes (its E+M+D layout),
+    created before any MoE layer so that the layers and the engine find them by name."""
+    from deepspeed.utils import groups as deepspeed_groups
+
+    deepspeed_groups.mpu = DeepSpeedMPU()
+    deepspeed_groups._create_expert_data_and_model_parallel(ep, mpu=deepspeed_groups.mpu)
+
+
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
@@ -94,18 +103,12 @@ def init_topology(tp: int, ep: int = 1, pp: int = 1) -> Topology:
         deepspeed_groups._release_process_group_references()  # forget the previous layout's expert groups
 
     world_size = dist.get_world_size()
-    if world_size % (tp * ep * pp):
-        raise ValueError(
-            f"world size {world_size} is not divisible by tp x ep x pp = {tp}x{ep}x{pp}; "
-            "change parallel.tp/parallel.ep or the number of ranks"
-        )
-    if (world_size // (tp * pp)) % ep:
-        raise ValueError(f"parallel.ep={ep} does not divide the data-parallel size {world_size // (tp * pp)}")
+    if world_size % (tp * ep * pp):  # the config validates this with friendlier words before launch
+        raise ValueError(f"world size {world_size} does not fit tp={tp} x ep={ep} (carved out of DP) x pp={pp}")
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, create_gloo_process_groups=False
     )
-    deepspeed_groups.mpu = DeepSpeedMPU()
-    deepspeed_groups._create_expert_data_and_model_parallel(ep, mpu=DeepSpeedMPU())
+    create_expert_groups(ep)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -126,35 +129,15 @@ def init_topology(tp: int, ep: int = 1, pp: int = 1) -> Topology:
 
 
 class DeepSpeedMPU:
-    """The `mpu` DeepSpeed asks for: it reduces gradients over dp_group and counts each
-    tensor-parallel shard once in the global gradient norm."""
+    """The `mpu` DeepSpeed asks for, answering from megatron's groups: DeepSpeed reduces gradients
+    over the data-parallel group and counts each tensor-parallel shard once in the global norm."""
 
-    @staticmethod
-    def get_model_parallel_rank():
+    def __init__(self):
         from megatron.core import parallel_state
-        return parallel_state.get_tensor_model_parallel_rank()
 
-    @staticmethod
-    def get_model_parallel_world_size():
-        from megatron.core import parallel_state
-        return parallel_state.get_tensor_model_parallel_world_size()
-
-    @staticmethod
-    def get_model_parallel_group():
-        from megatron.core import parallel_state
-        return parallel_state.get_tensor_model_parallel_group()
-
-    @staticmethod
-    def get_data_parallel_rank():
-        from megatron.core import parallel_state
-        return parallel_state.get_data_parallel_rank()
-
-    @staticmethod
-    def get_data_parallel_world_size():
-        from megatron.core import parallel_state
-        return parallel_state.get_data_parallel_world_size()
-
-    @staticmethod
-    def get_data_parallel_group():
-        from megatron.core import parallel_state
-        return parallel_state.get_data_parallel_group()
+        self.get_model_parallel_rank = parallel_state.get_tensor_model_parallel_rank
+        self.get_model_parallel_world_size = parallel_state.get_tensor_model_parallel_world_size
+        self.get_model_parallel_group = parallel_state.get_tensor_model_parallel_group
+        self.get_data_parallel_rank = parallel_state.get_data_parallel_rank
+        self.get_data_parallel_world_size = parallel_state.get_data_parallel_world_size
+        self.get_data_parallel_group = parallel_state.get_data_parallel_group

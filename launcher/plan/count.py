@@ -134,12 +134,12 @@ def _expert_groups(ep: int):
     import deepspeed
     from deepspeed.utils import groups
 
-    from parallel.topology import DeepSpeedMPU
+    from parallel.topology import create_expert_groups
 
     deepspeed.init_distributed(dist_backend="fake", verbose=False)  # wraps the fake group already set up
-    previous_mpu, groups.mpu = groups.mpu, DeepSpeedMPU()
+    previous_mpu = groups.mpu
     try:
-        groups._create_expert_data_and_model_parallel(ep, mpu=DeepSpeedMPU())
+        create_expert_groups(ep)
         yield
     finally:
         groups._release_process_group_references()
