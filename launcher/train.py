@@ -64,7 +64,7 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None) -> list[dict]:
 
     history, tokens_seen = [], resumed.tokens
     for step in range(resumed.step + 1, cfg.train.steps + 1):
-        started = time.perf_counter()
+        started, waited_before = time.perf_counter(), _data_wait(loader)
         lr = engine.get_lr()[0]
         loss_sum = torch.zeros((), device=topo.device)
         for _ in range(cfg.train.grad_accum):
@@ -83,6 +83,7 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None) -> list[dict]:
             "grad_norm": _as_float(engine.get_global_grad_norm()),
             "tokens_per_s": tokens_per_step / step_seconds,
             "step_seconds": step_seconds,
+            "data_wait_seconds": _data_wait(loader) - waited_before,
             "moe": model.moe_metrics(),
         }
         history.append(record)
@@ -103,6 +104,11 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _data_wait(loader) -> float:
+    """Seconds this rank has so far spent blocked on its data loader (0 for a plain batch source)."""
+    return getattr(loader, "data_wait_seconds", 0.0)
 
 
 def _as_float(value) -> Optional[float]:

@@ -97,6 +97,16 @@ def test_save_keeps_the_last_k_and_points_latest_at_the_newest(reference):
     assert len(client["data"]) == 2 and client["layout"] == {"world_size": 2, "tp": 1, "dp": 2, "zero_stage": 1}
 
 
+def test_each_step_logs_how_long_it_waited_for_data(reference):
+    """Issue 3: the loop's wait for the pipeline is measured per step; the first step waits for the
+    DataLoader worker to start, so a loader that reported nothing would fail here."""
+    records = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    waits = [r["data_wait_seconds"] for r in records]
+    assert len(waits) == STEPS and all(w >= 0 for w in waits)
+    assert waits[0] > 0
+    assert sum(waits) < sum(r["step_seconds"] for r in records)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "alter", "delete"])
 def test_verify_names_the_damaged_file(reference, tmp_path, damage):
     step_dir = tmp_path / "step"
