@@ -14,8 +14,10 @@ from parallel.checkpoint import CheckpointError, SaveFailed, StopRequested
 
 
 def _quiet_third_party_logs() -> None:
-    """Megatron and DeepSpeed announce optional kernels they did not find; on CPU that is noise."""
+    """Megatron and DeepSpeed announce optional kernels they did not find, and torch 2.13 warns on
+    every call DeepSpeed makes to the collective it renamed; none of it is the user's to act on."""
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor` is deprecated.*", category=FutureWarning)
     for name in ("DeepSpeed", "deepspeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
