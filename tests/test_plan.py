@@ -135,7 +135,7 @@ def test_cli_plans_tnlg_and_says_what_to_change(capsys):
 @pytest.mark.parametrize("args,expected", [
     (["--gpu", "a200"], "--gpu a200 is not known; choose one of v100, a100-40gb, a100, h100, h200"),
     (["--gpu", "v100", "train.precision=bf16"], "train.precision=bf16 is not supported on V100-32GB; use fp16 or fp32"),
-    (["--gpus-per-node", "6"], "world size 6 is not divisible by tp x ep x pp = 4x1x1"),
+    (["--gpus-per-node", "6"], "world size 6 is not divisible by tp x pp = 4x1; use a multiple of 4 ranks"),
     (["--nodes", "0"], "--nodes=0 --gpus-per-node=8: both must be 1 or more"),
     (["--efficiency", "1.5"], "--efficiency=1.5 must be a fraction of peak in (0, 1]"),
 ])
