@@ -9,9 +9,14 @@ is next and how many batches of its current chunk are still due.
 """
 
 import copy
+import ctypes
 import hashlib
+import os
+import signal
+import sys
 import time
 from collections import deque
+from functools import partial
 from itertools import islice
 
 import torch
@@ -96,7 +101,7 @@ class PipelineLoader:
         dataset = LaneDataset(self.plan, self.lane_states, self.next_lane, self.chunk_left, self.micro_batch_size)
         return DataLoader(
             dataset, batch_size=None, num_workers=self.num_workers, collate_fn=as_is,
-            prefetch_factor=PREFETCH if self.num_workers else None,
+            prefetch_factor=PREFETCH if self.num_workers else None, worker_init_fn=partial(die_with_rank, os.getpid()),
         )
 
     def state_dict(self) -> dict:
@@ -185,6 +190,17 @@ def with_carries_as(convert, lane_states: list[dict]) -> list[dict]:
 
 def as_is(item):
     return item
+
+
+def die_with_rank(rank_pid: int, worker_id: int) -> None:
+    """Have the kernel kill this worker when its rank dies. A rank killed outright (SIGKILL, the OOM
+    killer) otherwise leaves its workers blocked for ever flushing batches nobody reads, each holding
+    the dead rank's inherited sockets and memory while the job restarts beside them."""
+    if sys.platform == "linux":
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != rank_pid:  # the rank died before the request took effect
+            os._exit(1)
 
 
 def tokenizer_fingerprint(plan: Plan) -> str:

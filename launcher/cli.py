@@ -19,9 +19,10 @@ RANKS_HAVE_SAID_WHY = {USER_ERROR_EXIT_CODE, SAVE_FAILED_EXIT_CODE, REQUEUE_EXIT
 def _train(args) -> None:
     """Validate here, before any rank starts, then launch the ranks through torch's elastic launcher.
 
-    --max-restarts is handed to torchrun, but restarted ranks currently hang while re-forming their
-    gloo groups (issue 4's note); relaunching resumes instead. On SIGTERM/SIGINT torchrun passes the signal on to the ranks, which save and exit "requeue me". SIGUSR1
-    (SLURM's early warning) would end torchrun itself, so it is passed on the same way.
+    With --max-restarts, torchrun restarts every rank when one dies, and they resume from the newest
+    complete checkpoint (checkpoint.resume=auto). On SIGTERM/SIGINT torchrun passes the signal on to
+    the ranks, which save and exit "requeue me". SIGUSR1 (SLURM's early warning) would end torchrun
+    itself, so it is passed on the same way.
     """
     if args.resume is not None:
         args.overrides = [*args.overrides, f"checkpoint.resume={args.resume}"]
@@ -34,6 +35,9 @@ def _train(args) -> None:
     import torch
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    # A restarted round must not share the rendezvous store with the round that died: its keys
+    # (each gloo/NCCL group's peer addresses) would send the new ranks to dead peers (pytorch#135712).
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     # One BLAS thread per core: more ranks than cores would only thrash.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
@@ -107,8 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto (default): the newest complete checkpoint of the run; none: start afresh; "
                        "PATH: that checkpoint (same as checkpoint.resume=...)")
     train.add_argument("--max-restarts", type=int, default=0, metavar="K",
-                       help="when a rank dies, torchrun restarts all ranks, up to K times "
-                       "(known issue: restarted ranks hang on gloo; relaunch instead, resume is automatic)")
+                       help="when a rank dies, restart all ranks from the newest checkpoint, up to K times")
     train.set_defaults(run=_train)
 
     checkpoint = commands.add_parser("checkpoint", help="inspect and export checkpoints")

@@ -1,10 +1,11 @@
-"""Issue 4, points 3 and 7-9: damaged checkpoints, preemption signals, failed saves and
+"""Issue 4, points 3 and 6-9: damaged checkpoints, crash restarts, preemption signals, failed saves and
 consolidation, each through the real `parallax` command: torchrun, two gloo ranks, the data pipeline.
 
 Every run trains the same 30 steps; one uninterrupted run is the reference, and each recovered run
 must end on exactly its final loss (CPU fp32 resume is bitwise).
 """
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -155,6 +156,21 @@ def test_sigterm_and_sigusr1_save_and_exit_requeue_then_resume(reference, tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from {checkpoints(run_dir) / f'step-{stopped:08d}'}" in proc.stdout
     assert final_loss(run_dir) == final_loss(reference)
+
+
+def test_a_rank_killed_mid_run_restarts_the_job_from_its_last_checkpoint(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = start_training(run_dir, "--max-restarts", "1")
+    ranks = rank_processes(launcher)
+    wait_for(checkpoints(run_dir) / "step-00000010", launcher)
+    workers = ranks[1].children()  # its DataLoader worker must not outlive it
+    ranks[1].kill()
+    output, _ = launcher.communicate(timeout=600)
+    assert launcher.returncode == 0, output[-3000:]
+    resumed = re.findall(r"resumed from .*step-(\d+) at step", output)
+    assert len(resumed) == 1 and int(resumed[0]) >= 10, output[-3000:]  # the newest checkpoint when the kill landed
+    assert final_loss(run_dir) == final_loss(reference)
+    assert workers and not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
 
 
 def test_a_failed_save_is_one_line_and_leaves_the_previous_checkpoint(reference, tmp_path):
