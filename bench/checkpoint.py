@@ -49,7 +49,7 @@ def _rank_main(args) -> None:
     import torch.distributed as dist
 
     from launcher.config import load_config
-    from parallel.checkpoint import Checkpointer, step_dir_name
+    from parallel.checkpoint import Checkpointer, read_tensors, step_dir_name
 
     cfg = load_config(None, [
         f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}", "model.num_heads=4",
@@ -77,11 +77,8 @@ def _rank_main(args) -> None:
     if topo.rank != 0:
         return
 
-    shards = sorted(path.glob("shard-*.pt"))
     sharded_mb = sum(f.stat().st_size for f in path.iterdir()) / 1e6
-    tensors = {}
-    for shard in shards:
-        tensors.update(torch.load(shard, weights_only=True)["tensors"])
+    tensors = read_tensors(path)
     baseline = Path(args.dir) / "torch-save.pt"
     started = time.perf_counter()
     torch.save(tensors, baseline)

@@ -2,10 +2,12 @@
 
 Why not DeepSpeed's own files: `engine.save_checkpoint` writes ZeRO's flat, padded partitions of one
 layout, and reading them at another TP or DP size needs DeepSpeed's offline `ds_to_universal` step.
-A Parallax checkpoint holds every parameter under its name as the *full* tensor -- TP shards joined
-along megatron's `partition_dim`, ZeRO partitions joined over the DP group -- for the fp32 master
-weight and both Adam moments. The tensors are spread over one file per rank, so every rank writes
-its share at once; at load each rank cuts out of the memory-mapped files the slice it owns at its
+A Parallax shard file instead names what it holds: for each parameter (experts by their global
+index), the flat fragment of the fp32 master weight and of both Adam moments that this rank's
+optimizer keeps, with its offset in the TP rank's tensor, that tensor's shape, and the TP slice it
+is. Every rank writes what it already holds, at once and with no communication; a number held by
+several ranks (TP-replicated, or DP replicas at ZeRO-0) is written by one of them. At load each rank
+assembles a parameter's full tensor from the memory-mapped files and keeps the slice it owns at its
 own layout. At the same layout that restores exactly the numbers that were saved: resume is bitwise.
 
 A run's checkpoint directory:
@@ -21,8 +23,10 @@ the previous checkpoint complete, and resume uses only a directory whose files m
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import re
 import shutil
 import signal
 import zlib
@@ -37,7 +41,7 @@ import torch.distributed as dist
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 MASTER = "param"  # the key of the fp32 master weight next to the moments
 MANIFEST, CLIENT, LATEST = "manifest.json", "client.pt", "latest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class CheckpointError(Exception):
@@ -73,14 +77,24 @@ def _local_shape(param) -> torch.Size:
     return param.ds_shape if hasattr(param, "ds_id") else param.shape
 
 
-def _read_local(engine, param, key: str) -> torch.Tensor:
-    """This TP rank's whole tensor (all DP partitions joined) of the master weight or an Adam moment."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+def _held_fragment(engine, param, key: str) -> Optional[tuple[int, torch.Tensor]]:
+    """(flat offset, fp32 values) of the part of this TP rank's tensor that this rank's optimizer holds,
+    for the master weight or an Adam moment; None if it holds none of it."""
+    if hasattr(param, "ds_id"):  # ZeRO-3: partition r of the flattened tensor, padded at the end
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
-    value = safe_get_full_fp32_param(param) if key == MASTER else safe_get_full_optimizer_state(param, key)
-    if value is None:  # ZeRO-0 in fp32: the torch optimizer steps the model's own parameters
-        value = param.data if key == MASTER else engine.optimizer.state[param][key]
-    return value.reshape(_local_shape(param))
+        n = param.ds_tensor.numel()
+        start = n * dist.get_rank(param.ds_process_group)
+        value = safe_get_local_fp32_param(param) if key == MASTER else safe_get_local_optimizer_state(param, key)
+        numel = min(n, param.ds_numel - start)
+        return (start, value.flatten()[:numel]) if numel > 0 else None
+    if hasattr(param, "_hp_mapping"):  # ZeRO-1/2 and the bf16 optimizer: a slice of the DP-flat buffer
+        mapping = param._hp_mapping
+        if mapping is None:
+            return None
+        return mapping.lp_fragment_address.start, mapping.get_hp_fragment(None if key == MASTER else key)
+    # ZeRO-0 in fp32: the torch optimizer steps the model's own parameters
+    return 0, (param.data if key == MASTER else engine.optimizer.state[param][key]).flatten()
 
 
 def _write_local(engine, param, key: str, value: torch.Tensor, dp_rank: int, dp: int) -> None:
@@ -155,23 +169,58 @@ def _tp_partition(param) -> Optional[int]:
     return param.partition_dim
 
 
-def _gather_full(engine, topo, param, key: str) -> torch.Tensor:
-    local = _read_local(engine, param, key)
-    dim = _tp_partition(param)
-    if dim is None or topo.tp == 1:
-        return local
-    parts = [torch.empty_like(local) for _ in range(topo.tp)]
-    dist.all_gather(parts, local.contiguous(), group=topo.tp_group)
-    return torch.cat(parts, dim=dim)
-
-
 def _owners(sizes: list[int], world_size: int) -> list[int]:
-    """Spread tensors over the ranks' files by size, largest first, so every rank writes about as much."""
+    """Spread tensors over ranks by size, largest first, so every rank writes about as much."""
     load, owner = [0] * world_size, [0] * len(sizes)
     for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
         owner[i] = min(range(world_size), key=load.__getitem__)
         load[owner[i]] += sizes[i]
     return owner
+
+
+def _is_expert(param) -> bool:
+    """DeepSpeed marks expert parameters: their gradients are reduced over the expert-DP group only."""
+    return getattr(param, "allreduce", True) is False
+
+
+def _replicated_over_dp(param) -> bool:
+    """At ZeRO-0 (fp32) every DP rank holds and steps the whole parameter; ZeRO partitions it."""
+    return not hasattr(param, "ds_id") and not hasattr(param, "_hp_mapping")
+
+
+def _load_shards(path: Path) -> list[dict]:
+    """Every rank's shard file, memory-mapped: a rank copies out only the fragments it reads."""
+    shards = [torch.load(path / name, mmap=True, weights_only=True)
+              for name in sorted(read_manifest(path)["files"]) if name.startswith("shard-")]
+    if any("pieces" not in shard for shard in shards):
+        raise CheckpointError(f"checkpoint {path} is in an older Parallax format; start afresh with --resume none")
+    return shards
+
+
+def _pieces_by_name(shards: list[dict]) -> dict[str, list[dict]]:
+    pieces: dict[str, list[dict]] = {}
+    for shard in shards:
+        for name, piece in shard["pieces"].items():
+            pieces.setdefault(name, []).append(piece)
+    return pieces
+
+
+def _assemble(path: Path, name: str, pieces: list[dict], key: str) -> torch.Tensor:
+    """One full tensor out of the fragments the ranks wrote: each TP rank's tensor is filled from its
+    flat fragments, then the TP ranks' tensors are joined along megatron's partition_dim."""
+    shape, tp_size, dim = pieces[0]["shape"], pieces[0]["tp_size"], pieces[0]["dim"]
+    parts = []
+    for tp_rank in range(tp_size):
+        flat, covered = torch.empty(math.prod(shape), dtype=torch.float32), 0
+        for piece in pieces:
+            if piece["tp_rank"] == tp_rank:
+                fragment = piece[key]
+                flat[piece["start"]:piece["start"] + fragment.numel()] = fragment
+                covered += fragment.numel()
+        if covered != flat.numel():
+            raise CheckpointError(f"checkpoint {path} lacks part of {name}; it was not written whole, use another")
+        parts.append(flat.view(shape))
+    return parts[0] if tp_size == 1 else torch.cat(parts, dim=dim)
 
 
 # --- files: every byte checksummed as it is written, fsynced, committed by rename ------------------
@@ -362,8 +411,8 @@ class Checkpointer:
         the last chance (end of run or stopping), since training cannot continue past it."""
         topo, name = self.topo, step_dir_name(step)
         tmp, final = self.root / f".{name}.tmp", self.root / name
-        tensors = self._gather_tensors()  # collectives first: every rank must reach them, whatever its disk does
-        data_states = self._gather_data_states()
+        pieces = self._my_pieces()
+        data_states = self._gather_data_states()  # a collective: every rank must reach it, whatever its disk does
         entries = {}
 
         def fresh_directory():
@@ -373,7 +422,7 @@ class Checkpointer:
 
         def write_files():
             shard = f"shard-{topo.rank:05d}.pt"
-            entries[shard] = _save_file({"tensors": tensors, "rng": _rng_state()}, tmp / shard)
+            entries[shard] = _save_file({"pieces": pieces, "rng": _rng_state()}, tmp / shard)
             if topo.rank == 0:
                 entries[CLIENT] = _save_file(self._client_state(step, tokens, data_states), tmp / CLIENT)
                 entries["config.yaml"] = _save_text(self.cfg.to_yaml(), tmp / "config.yaml")
@@ -404,17 +453,45 @@ class Checkpointer:
         self._say(f"warning: {message}; training continues and saves again at the next interval")
         return False
 
-    def _gather_tensors(self) -> dict:
-        """This rank's share of the full tensors: gathered by every rank, kept by their owner."""
+    def _my_pieces(self) -> dict:
+        """What this rank writes: the fragment its optimizer holds of each parameter, unless a peer
+        holds the very same numbers and writes them instead (the TP peers of a replicated parameter,
+        the DP replicas at ZeRO-0). Every number is written once, and no rank waits for another."""
+        topo = self.topo
         _link_optimizer_state(self.engine)
         named = list(self.engine.module.named_parameters())
-        owner = _owners([p.ds_numel if hasattr(p, "ds_id") else p.numel() for _, p in named], self.topo.world_size)
-        mine = {}
-        for (name, param), rank in zip(named, owner):
-            full = {key: _gather_full(self.engine, self.topo, param, key) for key in (MASTER, *ADAM_MOMENTS)}
-            if rank == self.topo.rank:
-                mine[name] = {key: value.detach().to("cpu", copy=True) for key, value in full.items()}
-        return mine
+        writers = _owners([_local_shape(p).numel() for _, p in named], topo.world_size)
+        pieces = {}
+        for (name, param), writer in zip(named, writers):
+            dim = _tp_partition(param)
+            if dim is None and topo.tp_rank != 0:
+                continue
+            if _replicated_over_dp(param):
+                group = topo.expert_dp_group if _is_expert(param) else topo.dp_group
+                if writer % dist.get_world_size(group) != dist.get_rank(group):
+                    continue
+            held = {key: _held_fragment(self.engine, param, key) for key in (MASTER, *ADAM_MOMENTS)}
+            if held[MASTER] is None:
+                continue
+            pieces[self._saved_name(name, param)] = {
+                "tp_rank": 0 if dim is None else topo.tp_rank,
+                "tp_size": 1 if dim is None else topo.tp,
+                "dim": 0 if dim is None else dim,
+                "shape": list(_local_shape(param)),
+                "start": held[MASTER][0],
+                # a copy, not a view: torch.save would write the whole flat buffer a ZeRO fragment views
+                **{key: value.detach().to("cpu", copy=True) for key, (_, value) in held.items()},
+            }
+        return pieces
+
+    def _saved_name(self, name: str, param) -> str:
+        """Experts are saved under their global index, so a checkpoint loads at any EP size: local
+        expert i of EP rank r is expert r x (experts per rank) + i."""
+        if not _is_expert(param):
+            return name
+        per_rank = self.cfg.model.moe.num_experts // self.topo.ep
+        return re.sub(r"(deepspeed_experts\.)(\d+)\.",
+                      lambda m: f"{m[1]}{self.topo.ep_rank * per_rank + int(m[2])}.", name, count=1)
 
     def _gather_data_states(self) -> list:
         """Every DP rank's data state, in DP order (TP peers share theirs)."""
@@ -528,16 +605,16 @@ class Checkpointer:
 
     def _load_tensors(self, path: Path, client: dict) -> None:
         topo, engine = self.topo, self.engine
-        shards = [torch.load(path / name, mmap=True, weights_only=True)
-                  for name in sorted(read_manifest(path)["files"]) if name.startswith("shard-")]
-        tensors = {name: value for shard in shards for name, value in shard["tensors"].items()}
+        shards = _load_shards(path)
+        pieces = _pieces_by_name(shards)
         _prepare_adam_state(engine, client["adam_step"])
         for name, param in engine.module.named_parameters():
-            if name not in tensors:
-                raise CheckpointError(f"checkpoint {path} has no tensor {name}; it was saved from another model")
+            saved = self._saved_name(name, param)
+            if saved not in pieces:
+                raise CheckpointError(f"checkpoint {path} has no tensor {saved}; it was saved from another model")
             dim = _tp_partition(param)
             for key in (MASTER, *ADAM_MOMENTS):
-                value = tensors[name][key]
+                value = _assemble(path, saved, pieces[saved], key)
                 if dim is not None:
                     value = value.chunk(topo.tp, dim=dim)[topo.tp_rank]
                 _write_local(engine, param, key, value.to(param.device), topo.dp_rank, topo.dp)
@@ -563,10 +640,16 @@ def find_checkpoint(run_dir: Path, step: Optional[int] = None) -> Path:
     raise CheckpointError(f"no complete checkpoint under {root}; pass a run directory that has checkpoints/step-*")
 
 
+def read_tensors(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every parameter of checkpoint `path` as full tensors: {name: {"param", "exp_avg", "exp_avg_sq"}}."""
+    pieces = _pieces_by_name(_load_shards(path))
+    return {name: {key: _assemble(path, name, parts, key) for key in (MASTER, *ADAM_MOMENTS)}
+            for name, parts in sorted(pieces.items())}
+
+
 def consolidate(path: Path, out: Path) -> int:
     """Write the full fp32 model state dict of checkpoint `path` to `out` as one file; returns its parameter count."""
-    shards = [torch.load(path / name, mmap=True, weights_only=True)
-              for name in sorted(read_manifest(path)["files"]) if name.startswith("shard-")]
-    state = {name: value[MASTER] for shard in shards for name, value in sorted(shard["tensors"].items())}
+    pieces = _pieces_by_name(_load_shards(path))
+    state = {name: _assemble(path, name, parts, MASTER) for name, parts in sorted(pieces.items())}
     torch.save(state, out)
     return sum(t.numel() for t in state.values())

@@ -1,4 +1,5 @@
-"""Issue 4, points 4 and 5: exact resume at one layout, resharding onto another with no offline step.
+"""Issue 4, points 4 and 5: exact resume at one layout, resharding onto another with no offline step,
+for the model, its optimizer and the data pipeline.
 
 The runs are real ranks on gloo under the real DeepSpeed engine (tests/distributed/scenarios_checkpoint.py);
 the checkpoints are real files, read back here without any of the code that wrote them.
@@ -8,14 +9,16 @@ import torch
 
 from pathlib import Path
 
-from tests.distributed.scenarios_checkpoint import SAVED_AT, STEPS, read_full_tensors
+from data_pipeline import EOD
+from tests.data.corpora import doc_length, token_counts
+from tests.distributed.scenarios_checkpoint import ID_DOCS_PER_SHARD, ID_SHARDS, SAVED_AT, STEPS, read_full_tensors
 
 LOSS_CURVE_TOL = 1e-4
 
 
 @pytest.mark.parametrize("name", [
     "exact_resume_dp2_zero0", "exact_resume_dp2_zero1", "exact_resume_dp2_zero2", "exact_resume_dp2_zero3",
-    "exact_resume_tp2",
+    "exact_resume_tp2", "exact_resume_ep2",
 ])
 def test_resumed_losses_are_bitwise_equal(scenario_results, name):
     runs = scenario_results(name)
@@ -30,6 +33,7 @@ def test_resumed_losses_are_bitwise_equal(scenario_results, name):
 @pytest.mark.parametrize("name,uninterrupted", [
     ("reshard_tp2_to_tp1", "exact_resume_tp2"),
     ("reshard_tp1_to_tp2", "exact_resume_dp2_zero1"),
+    ("reshard_ep2_to_ep1", "exact_resume_ep2"),
     ("reshard_dp2_to_dp1_zero1", "exact_resume_dp2_zero1"),
     ("reshard_dp2_to_dp1_zero2", "exact_resume_dp2_zero2"),
     ("reshard_dp2_to_dp1_zero3", "exact_resume_dp2_zero3"),
@@ -53,3 +57,15 @@ def test_reshard_keeps_weights_and_moments_and_continues_the_curve(scenario_resu
     assert [r["step"] for r in curve] == [r["step"] for r in reference]
     for ref, got in zip(reference, curve):
         assert abs(got["loss"] - ref["loss"]) <= LOSS_CURVE_TOL, f"step {ref['step']}: {got['loss']} vs {ref['loss']}"
+
+
+def test_the_data_pipeline_reads_every_document_once_across_a_dp_reshard(scenario_results):
+    """The real loader through real checkpoints: 4 steps at DP=2, saved; resumed at DP=1 for 2 steps
+    and read to the end of the epoch. Every token names its document, so a document read twice or
+    skipped changes its count (tests/data/test_reshard.py shows the count catches a re-read)."""
+    before, after = scenario_results("data_dp2_until_saved"), scenario_results("data_dp2_resumed_at_dp1")
+    assert len(before["batches"]) == 4 * 2 and after["trained"] == 2  # steps x DP ranks, one micro-batch each
+    counts = token_counts(before["batches"] + after["batches"], Path(before["tokenizer"]))
+    lengths = {f"d{i}": doc_length(i) for i in range(ID_SHARDS * ID_DOCS_PER_SHARD)}
+    assert {word: counts[word] for word in lengths} == lengths
+    assert counts[EOD] == len(lengths)

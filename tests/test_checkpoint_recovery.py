@@ -20,6 +20,7 @@ import torch
 from launcher.cli import main
 from launcher.errors import REQUEUE_EXIT_CODE, SAVE_FAILED_EXIT_CODE
 from parallel.checkpoint import verify
+from tests.distributed.scenarios_checkpoint import read_full_tensors
 
 STEPS, INTERVAL = 30, 5
 PARALLAX = [sys.executable, "-c", "from launcher.cli import main; main()"]
@@ -198,9 +199,7 @@ def test_consolidate_writes_the_full_fp32_model(reference, tmp_path, capsys):
     main(["checkpoint", "consolidate", str(reference), "--step", "25", "--out", str(out)])
     assert f"wrote {out}" in capsys.readouterr().out
     state = torch.load(out, weights_only=True)
-    saved = {}
-    for shard in sorted((checkpoints(reference) / "step-00000025").glob("shard-*.pt")):
-        saved.update(torch.load(shard, weights_only=True)["tensors"])
+    saved = read_full_tensors(checkpoints(reference) / "step-00000025")
     assert state.keys() == saved.keys()
     assert all(torch.equal(state[name], saved[name]["param"]) and state[name].dtype == torch.float32 for name in state)
     assert state["embedding.weight"].shape == (8192, 64)

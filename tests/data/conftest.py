@@ -3,22 +3,17 @@
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
 
-from data_pipeline import EOD, PAD, prepare_data, prepare_tokenizer
+from data_pipeline import prepare_data, prepare_tokenizer
+
+from .corpora import write_id_tokenizer
 
 ID_VOCAB = 2000
 
 
 @pytest.fixture(scope="session")
 def id_tokenizer(tmp_path_factory) -> Path:
-    """A word-level tokenizer.json in which each document id word is a single token."""
-    vocab = {EOD: 0, PAD: 1, "<unk>": 2} | {f"d{i}": i + 3 for i in range(ID_VOCAB)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    path = tmp_path_factory.mktemp("id_tokenizer") / "tokenizer.json"
-    tokenizer.save(str(path))
-    return path
+    return write_id_tokenizer(tmp_path_factory.mktemp("id_tokenizer") / "tokenizer.json", ID_VOCAB)
 
 
 @pytest.fixture(scope="session")

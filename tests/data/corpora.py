@@ -4,9 +4,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, models, pre_tokenizers
 
-from data_pipeline import DataConfig
+from data_pipeline import EOD, PAD, DataConfig
 
 
 def write_jsonl(path: Path, texts) -> Path:
@@ -31,6 +31,15 @@ def write_id_corpus(directory: Path, num_shards: int, docs_per_shard: int, first
         write_jsonl(directory / f"part-{shard:03d}.jsonl", (" ".join([f"d{i}"] * doc_length(i)) for i in ids))
         lengths.update({f"d{i}": doc_length(i) for i in ids})
     return lengths
+
+
+def write_id_tokenizer(path: Path, num_ids: int) -> Path:
+    """A word-level tokenizer.json in which each document id word `d<i>` (i < num_ids) is a single token."""
+    vocab = {EOD: 0, PAD: 1, "<unk>": 2} | {f"d{i}": i + 3 for i in range(num_ids)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(path))
+    return path
 
 
 def token_counts(batches, tokenizer_path: Path) -> Counter:

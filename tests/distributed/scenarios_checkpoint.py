@@ -4,6 +4,7 @@ Every run trains the parity scenarios' tiny GPT on the same global batches for 2
 run saves at step 10 and 20 under $PARALLAX_SCENARIO_DIR; the other layouts (TP=2, DP=1, DP=4, in
 this world-size launch or a later one) reload its step-10 checkpoint and continue.
 """
+import math
 import os
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed.harness import scenario
-from tests.distributed.scenarios import GLOBAL_BATCH, VOCAB, fixed_batches, tiny_config
+from tests.distributed.scenarios import GLOBAL_BATCH, VOCAB, fixed_batches, gather_tp, tiny_config
+from tests.distributed.scenarios_moe import MOE
 
 STEPS, SAVED_AT = 20, 10
 
@@ -80,14 +82,27 @@ def reloaded_tensors(source: str, *layout_overrides: str) -> dict:
     from parallel.topology import init_topology
 
     cfg = tiny_config(f"train.steps={STEPS}", saved(source), *layout_overrides)
-    topo = init_topology(tp=cfg.parallel.tp)
-    engine = build_engine(GPT(cfg.model, VOCAB), cfg, topo)  # initial weights are overwritten by the load
+    topo = init_topology(tp=cfg.parallel.tp, ep=cfg.parallel.ep)
+    model = GPT(cfg.model, VOCAB, expert_parallel_size=cfg.parallel.ep)  # its initial weights are overwritten by the load
+    engine = build_engine(model, cfg, topo)
     checkpointer = Checkpointer(cfg, topo, engine, ResumableBatches(cfg, topo))
     checkpointer.resume()
-    mine = checkpointer._gather_tensors()
-    everyone = [None] * topo.world_size
-    dist.all_gather_object(everyone, mine)
-    return {name: value for part in everyone for name, value in part.items()}
+    return {name: {key: full_tensor(engine, topo, param, key) for key in ("param", "exp_avg", "exp_avg_sq")}
+            for name, param in engine.module.named_parameters()}
+
+
+def full_tensor(engine, topo, param, key: str) -> torch.Tensor:
+    """What the engine holds of `param` (its fp32 master or an Adam moment), asked of DeepSpeed itself
+    and joined over TP: the independent witness of what a reload restored."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    value = safe_get_full_fp32_param(param) if key == "param" else safe_get_full_optimizer_state(param, key)
+    if value is None:  # ZeRO-0 in fp32: the torch optimizer steps the parameter itself
+        value = param.data if key == "param" else engine.optimizer.state[param][key]
+    value = value.reshape(param.ds_shape if hasattr(param, "ds_id") else param.shape)
+    if getattr(param, "tensor_model_parallel", False) and topo.tp > 1:
+        value = gather_tp(value, param.partition_dim, topo.tp_group)
+    return value.detach().clone()
 
 
 # --- two ranks: exact resume at each layout, and the TP reshards ---------------------------------
@@ -117,6 +132,11 @@ def exact_resume_tp2():
     return straight_and_resumed("tp2-zero1", *layout(2, 1, 1))
 
 
+@scenario(world_size=2)
+def exact_resume_ep2():
+    return straight_and_resumed("ep2-zero1", MOE, "parallel.ep=2", *layout(1, 2, 1))
+
+
 def reshard(source: str, *layout_overrides: str) -> dict:
     """Reload `source`'s step-10 checkpoint at another layout: the tensors it holds, and steps 11-20 from it."""
     return {"checkpoint": str(saved_path(source)), "tensors": reloaded_tensors(source, *layout_overrides),
@@ -131,6 +151,12 @@ def reshard_tp2_to_tp1():
 @scenario(world_size=2)
 def reshard_tp1_to_tp2():
     return reshard("dp2-zero1", *layout(2, 1, 1))
+
+
+@scenario(world_size=2)
+def reshard_ep2_to_ep1():
+    """Each EP rank saved its own experts under their global index; at EP=1 every rank holds them all."""
+    return reshard("ep2-zero1", MOE, "parallel.ep=1", *layout(1, 2, 1))
 
 
 # --- one and four ranks: the DP reshards of the DP=2 checkpoints -----------------------------------
@@ -170,6 +196,95 @@ def reshard_dp2_to_dp4_zero3():
 
 
 def read_full_tensors(path: Path) -> dict:
-    """The pytest side: every parameter's full tensors straight from the checkpoint's files."""
-    return {name: value for shard in sorted(path.glob("shard-*.pt"))
-            for name, value in torch.load(shard, weights_only=True)["tensors"].items()}
+    """The pytest side: every parameter's full tensors straight from the checkpoint's files, put
+    together here from the pieces the ranks wrote (each a flat fragment of one TP slice)."""
+    pieces = {}
+    for shard in sorted(path.glob("shard-*.pt")):
+        for name, piece in torch.load(shard, weights_only=True)["pieces"].items():
+            pieces.setdefault(name, []).append(piece)
+    full = {}
+    for name, parts in pieces.items():
+        full[name] = {}
+        for key in ("param", "exp_avg", "exp_avg_sq"):
+            slices = []
+            for tp_rank in range(parts[0]["tp_size"]):
+                flat = torch.full((math.prod(parts[0]["shape"]),), float("nan"))
+                for p in parts:
+                    if p["tp_rank"] == tp_rank:
+                        flat[p["start"]:p["start"] + p[key].numel()] = p[key]
+                assert not flat.isnan().any(), f"{name} {key}: TP slice {tp_rank} is not fully covered"
+                slices.append(flat.view(parts[0]["shape"]))
+            full[name][key] = torch.cat(slices, dim=parts[0]["dim"])
+    return full
+
+
+# --- the real data pipeline through a checkpoint: every document once across DP=2 -> DP=1 ---------
+
+ID_SHARDS, ID_DOCS_PER_SHARD = 10, 12
+
+
+class RecordingLoader:
+    """The real per-rank data loader, keeping a copy of every batch it hands out for the count."""
+
+    def __init__(self, loader):
+        self.loader, self.batches = loader, []
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.batches.append(batch.clone())
+            yield batch
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        self.loader.load_state_dict(states)
+
+
+def id_data_paths() -> tuple[Path, Path]:
+    root = Path(os.environ["PARALLAX_SCENARIO_DIR"])
+    return root / "id-corpus", root / "id-tokenizer.json"
+
+
+def recorded_run(name: str, *overrides: str) -> RecordingLoader:
+    """Train on the id corpus (one epoch) through the real loader; return this rank's recording."""
+    from data_pipeline import build_dataloader
+    from launcher.train import train
+
+    corpus, tokenizer = id_data_paths()
+    cfg = tiny_config(f"logging.run_dir={run_dir(name)}", f"data.sources=[{{path: {corpus}}}]",
+                      f"data.tokenizer={tokenizer}", "data.epochs=1", *overrides)
+    recording = []
+
+    def source(topo):
+        recording.append(RecordingLoader(build_dataloader(
+            cfg.data, micro_batch_size=cfg.train.micro_batch_size, dp_rank=topo.dp_rank, dp_size=topo.dp,
+            seed=cfg.train.seed)))
+        return recording[0]
+    train(cfg, batches=source)
+    return recording[0]
+
+
+@scenario(world_size=2)
+def data_dp2_until_saved():
+    from tests.data.corpora import write_id_corpus, write_id_tokenizer
+
+    corpus, tokenizer = id_data_paths()
+    if dist.get_rank() == 0:
+        write_id_corpus(corpus, ID_SHARDS, ID_DOCS_PER_SHARD)
+        write_id_tokenizer(tokenizer, ID_SHARDS * ID_DOCS_PER_SHARD)
+    dist.barrier()
+    recording = recorded_run("data-dp2", "train.steps=4", "checkpoint.interval=4", *layout(1, 2, 1))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, recording.batches)
+    return {"batches": [batch for batches in everyone for batch in batches], "tokenizer": str(tokenizer)}
+
+
+@scenario(world_size=1, reads_from=2)
+def data_dp2_resumed_at_dp1():
+    """Resume the DP=2 run's step-4 checkpoint on one rank, train 2 steps, then read the epoch to its end."""
+    recording = recorded_run("data-dp1", f"checkpoint.resume={run_dir('data-dp2') / 'checkpoints' / 'step-00000004'}",
+                             "train.steps=6", *layout(1, 1, 1))
+    trained = len(recording.batches)
+    list(recording)  # the rest of the epoch
+    return {"batches": recording.batches, "trained": trained}
