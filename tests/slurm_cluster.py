@@ -197,9 +197,14 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
         return "\n".join(tails)
 
 
-if __name__ == "__main__":  # bring a cluster up by hand: python -m tests.slurm_cluster DIR
+if __name__ == "__main__":
+    # python -m tests.slurm_cluster --install: install the binaries (CI, before the suite)
+    # python -m tests.slurm_cluster DIR: bring a cluster up by hand until Ctrl-C
     import sys
 
+    if sys.argv[1] == "--install":
+        ensure_installed()
+        sys.exit(0)
     cluster = SlurmCluster(Path(sys.argv[1]))
     try:
         cluster.start()
