@@ -11,9 +11,11 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.slurm_cluster import SlurmCluster, SlurmUnavailable
 
@@ -142,12 +144,16 @@ def test_warning_signal_saves_requeues_and_resumes_to_the_uninterrupted_loss(clu
     cluster.run("scancel", "--signal=USR1", "--batch", job_id)
 
     job = wait_for_job(cluster, job_id, lambda j: j["Restarts"] == "1" and j["JobState"] == "PENDING", "requeued")
-    assert job["JobState"] == "PENDING" and job["Reason"] == "BeginTime", job
+    # SLURM holds a requeued job until a begin time in the future (its Reason turns to BeginTime).
+    assert datetime.fromisoformat(job["EligibleTime"]) > datetime.now(), job
     stopped = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step-"))
     assert INTERVAL <= stopped < STEPS, "the signal came too late to interrupt the run"
     output = job_output(cluster, job_id)
     assert "warning signal: ranks save and stop" in output and f"stopping after step {stopped} (SIGUSR1)" in output
     assert f"requeueing job {job_id}" in output
+    again = parallax("submit", *TINY, *CPU_JOB, f"logging.run_dir={run_dir}", env=cluster.env)
+    assert again.returncode == 2 and f"job {job_id} of run {run_dir} is still PENDING" in again.stderr, again.stderr
+    assert len((run_dir / "slurm-jobs").read_text().splitlines()) == 1
 
     cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")  # else it waits out its begin time
     job = wait_for_job(cluster, job_id, finished, "finished after its requeue")
@@ -160,6 +166,11 @@ def test_warning_signal_saves_requeues_and_resumes_to_the_uninterrupted_loss(clu
     resumed, reference = last_record(run_dir), last_record(reference_dir)
     assert resumed["step"] == reference["step"] == STEPS
     assert resumed["loss"] == reference["loss"]
+    # Both jobs' TensorBoard events in the run directory draw one curve, each step once.
+    tensorboard = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    tensorboard.Reload()
+    losses = tensorboard.Scalars("train/loss")
+    assert [e.step for e in losses] == list(range(1, STEPS + 1)) and losses[-1].value == pytest.approx(reference["loss"])
     print(f"stopped after step {stopped}; final loss {resumed['loss']} (uninterrupted {reference['loss']})")
 
 

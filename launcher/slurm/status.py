@@ -1,18 +1,14 @@
-"""`parallax status RUN_DIR`: the run's SLURM jobs and their states, its last checkpoint, its last logged step.
-
-Job ids come from RUN_DIR/slurm-jobs (appended by `parallax submit`); states from slurmctld
-(`scontrol show job`), or from accounting (`sacct`) once slurmctld has forgotten a finished job.
-"""
+"""`parallax status RUN_DIR`: the run's SLURM jobs and their states (launcher/slurm/jobs.py), its
+last checkpoint, and its last logged step with its throughput."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import yaml
 
 from launcher.config import ConfigError
-from launcher.slurm.submit import JOBS_FILE
+from launcher.slurm.jobs import describe_job, recorded_jobs
 from parallel.checkpoint import LATEST, checkpoint_root
 
 
@@ -33,40 +29,10 @@ def describe(run_dir: Path) -> str:
 
 
 def _jobs(run_dir: Path) -> list[str]:
-    path = run_dir / JOBS_FILE
-    if not path.exists():
+    jobs = recorded_jobs(run_dir)
+    if not jobs:
         return ["jobs        none submitted with `parallax submit`"]
-    lines = []
-    for entry in path.read_text().split("\n"):
-        if entry.strip():
-            job_id, submitted = entry.split()
-            lines.append(f"job {job_id:<8}{job_state(job_id)} (submitted {submitted})")
-    return lines
-
-
-def job_state(job_id: str) -> str:
-    """State, restarts and nodes (or why it waits) of a job, as slurmctld or accounting knows it."""
-    proc = _run_quietly("scontrol", "show", "job", "--oneliner", job_id)
-    if proc and proc.returncode == 0:
-        fields = dict(word.partition("=")[::2] for word in proc.stdout.split() if "=" in word)
-        state = fields.get("JobState", "?")
-        where = f"on {fields['NodeList']}" if state == "RUNNING" else f"reason {fields.get('Reason', '?')}"
-        if state == "PENDING" and fields.get("Restarts", "0") != "0":
-            where += f", begins {fields.get('StartTime', '?')}"
-        return f"{state}, restarts {fields.get('Restarts', '?')}, {where}, exit code {fields.get('ExitCode', '?')}"
-    proc = _run_quietly("sacct", "--jobs", job_id, "--allocations", "--noheader", "--parsable2",
-                        "--format=State,ExitCode,NodeList")
-    if proc and proc.returncode == 0 and proc.stdout.strip():
-        state, exit_code, nodes = proc.stdout.strip().splitlines()[-1].split("|")
-        return f"{state} (from accounting), exit code {exit_code}, on {nodes}"
-    return "unknown to SLURM (neither slurmctld nor accounting knows this job)"
-
-
-def _run_quietly(*cmd: str):
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
+    return [f"job {job_id:<8}{describe_job(job_id)} (submitted {submitted})" for job_id, submitted in jobs]
 
 
 def _checkpoint(run_dir: Path) -> str:

@@ -5,7 +5,9 @@ next to what it produced; `--dry-run` prints it and submits nothing. Before a GP
 layout goes through `parallax plan` (issue 8): a layout that cannot fit is refused with the plan's
 advice. `--gpus-per-node 0` submits a CPU job (gloo, `--tasks-per-node` ranks per node), for which
 there is no GPU memory to plan: the plan is skipped and the world size is only checked against the
-config. Every job id submitted for a run is appended to RUN_DIR/slurm-jobs, which `parallax status` reads.
+config. Every job id submitted for a run is appended to RUN_DIR/slurm-jobs, which `parallax status`
+reads; while one of them is queued or running, another submission for the same run directory is
+refused, since two jobs would write the same checkpoints.
 """
 from __future__ import annotations
 
@@ -14,15 +16,15 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from launcher.config import ConfigError, RunConfig, load_config
 from launcher.errors import REQUEUE_EXIT_CODE
 from launcher.plan.hardware import GPUS, GiB, Cluster
+from launcher.slurm.jobs import active_job, record_job
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "job.sbatch"
-SCRIPT_NAME, JOBS_FILE = "job.sbatch", "slurm-jobs"
+SCRIPT_NAME = "job.sbatch"
 DEFAULT_WARNING_SECONDS = 300
 
 
@@ -62,12 +64,14 @@ def _run(args) -> None:
         print(script, end="")
         return
     run_dir = Path(cfg.logging.run_dir).resolve()
+    if active := active_job(run_dir):
+        raise ConfigError(f"job {active[0]} of run {run_dir} is still {active[1]}; one job at a time writes a run "
+                          f"directory: wait for it, or `scancel {active[0]}` first")
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / SCRIPT_NAME
     path.write_text(script)
     job_id = _sbatch(path)
-    with open(run_dir / JOBS_FILE, "a") as jobs:
-        jobs.write(f"{job_id} {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
+    record_job(run_dir, job_id)
     print(f"parallax: submitted job {job_id}: {path}; output in {run_dir}/slurm-{job_id}.out; "
           f"`parallax status {cfg.logging.run_dir}` follows it")
 
