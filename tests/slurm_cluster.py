@@ -82,6 +82,12 @@ class SlurmCluster:
         self._wait_until_idle(timeout)
 
     def stop(self) -> None:
+        """Cancel whatever jobs a failed test left behind, so no rank outlives the cluster, then stop the daemons."""
+        if self.processes and self.conf.exists():
+            self.run("scancel", "--full", "--partition=debug", check=False)
+            deadline = time.time() + 60
+            while self.run("squeue", "--noheader", check=False).stdout.strip() and time.time() < deadline:
+                time.sleep(0.5)
         for proc in reversed(self.processes):
             if proc.poll() is None:
                 proc.terminate()

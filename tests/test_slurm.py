@@ -67,11 +67,13 @@ def last_record(run_dir: Path) -> dict:
 def cluster(tmp_path_factory):
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
     try:
-        cluster.start()
-    except SlurmUnavailable as e:
-        pytest.fail(f"SLURM tests cannot run: {e}", pytrace=False)
-    yield cluster
-    cluster.stop()
+        try:
+            cluster.start()
+        except SlurmUnavailable as e:
+            pytest.fail(f"SLURM tests cannot run: {e}", pytrace=False)
+        yield cluster
+    finally:  # also after a failed start: no daemon outlives the tests
+        cluster.stop()
 
 
 @pytest.fixture(scope="module")
