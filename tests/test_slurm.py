@@ -40,7 +40,7 @@ def submit(cluster: SlurmCluster, run_dir: Path) -> str:
     return job_id
 
 
-def wait_for_job(cluster: SlurmCluster, job_id: str, until, what: str, timeout: float = 300) -> dict:
+def wait_for_job(cluster: SlurmCluster, job_id: str, until, what: str, timeout: float = 600) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         job = cluster.job(job_id)
@@ -123,6 +123,18 @@ def test_submit_renders_a_gpu_layout_that_fits_with_one_rank_per_gpu(tmp_path):
         assert line in proc.stdout, line
 
 
+def test_a_rank_whose_master_slurm_cannot_resolve_fails_in_one_line(cluster):
+    """Under srun a rank asks slurmctld for the master's address; a node SLURM does not know is a clear error."""
+    env = {**cluster.env, "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
+           "SLURM_STEP_NODELIST": "nosuchnode", "SLURM_JOB_ID": "1"}
+    env.pop("RANK", None)
+    proc = subprocess.run([sys.executable, "-m", "launcher.entry", *TINY], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        "parallax: error (SLURM task 0): scontrol show node --oneliner nosuchnode failed: Node nosuchnode not found"]
+
+
 def test_a_finished_run_completes_on_two_nodes_and_is_not_requeued(cluster, uninterrupted):
     run_dir, job_id = uninterrupted
     job = cluster.job(job_id)
@@ -138,7 +150,7 @@ def test_warning_signal_saves_requeues_and_resumes_to_the_uninterrupted_loss(clu
     run_dir = tmp_path / "run"
     job_id = submit(cluster, run_dir)
     first_checkpoint = run_dir / "checkpoints" / f"step-{INTERVAL:08d}"
-    deadline = time.time() + 300
+    deadline = time.time() + 600  # a job takes ~1 min to start on 2 idle cores, several when they are shared
     while not first_checkpoint.exists():
         assert not finished(cluster.job(job_id)), job_output(cluster, job_id)
         assert time.time() < deadline, f"{first_checkpoint} never appeared:\n{job_output(cluster, job_id)}"

@@ -66,5 +66,6 @@ def _scontrol(*args: str) -> str:
     except (OSError, subprocess.TimeoutExpired) as e:
         raise SlurmError(f"scontrol {' '.join(args)} failed ({e}); is SLURM's client installed on this node?") from None
     if proc.returncode:
-        raise SlurmError(f"scontrol {' '.join(args)} failed: {proc.stderr.strip() or f'exit code {proc.returncode}'}")
+        said = (proc.stderr.strip() or proc.stdout.strip()).splitlines()  # "not found" goes to stdout
+        raise SlurmError(f"scontrol {' '.join(args)} failed: {said[0] if said else f'exit code {proc.returncode}'}")
     return proc.stdout
