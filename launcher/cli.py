@@ -12,6 +12,8 @@ from launcher.config import load_config
 from launcher.errors import (REQUEUE_EXIT_CODE, SAVE_FAILED_EXIT_CODE, USER_ERROR_EXIT_CODE, USER_ERRORS,
                              exit_with)
 from launcher.plan.cli import add_plan_command
+from launcher.slurm.status import add_status_command
+from launcher.slurm.submit import add_submit_command
 
 RANKS_HAVE_SAID_WHY = {USER_ERROR_EXIT_CODE, SAVE_FAILED_EXIT_CODE, REQUEUE_EXIT_CODE}
 
@@ -124,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     consolidate.set_defaults(run=_consolidate)
     _add_data_commands(commands)
     add_plan_command(commands)
+    add_submit_command(commands)
+    add_status_command(commands)
     return parser
 
 

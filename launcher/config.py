@@ -65,6 +65,12 @@ class TrainConfig(_Section):
 class LoggingConfig(_Section):
     run_dir: str = "runs/gpt-tiny"
     interval: PositiveInt = 10
+    tensorboard: Literal["rank0", "every_rank", "off"] = Field(
+        "rank0", description="who writes TensorBoard events under <run_dir>/tensorboard: global rank 0, "
+        "every rank (its own figures in rank-NNNNN/), or nobody")
+    peak_tflops: Optional[float] = Field(
+        None, gt=0, description="peak TFLOP/s per device for MFU; default: the A100/H100/H200 table at "
+        "train.precision, or a matmul probe on CPU")
 
 
 class CheckpointConfig(_Section):

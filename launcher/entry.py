@@ -1,7 +1,7 @@
 """The per-rank entry point: `python -m launcher.entry CONFIG [overrides]`.
 
-Whatever starts the ranks (torchrun locally, srun on SLURM) sets torch's env:// variables; this
-module reads the config and runs the training loop on this rank.
+Whatever starts the ranks sets torch's env:// variables: torchrun locally, or, under srun, this
+module from SLURM's own (launcher/slurm/env.py). It reads the config and runs the training loop on this rank.
 """
 import logging
 import os
@@ -10,6 +10,7 @@ import warnings
 
 from launcher.config import load_config
 from launcher.errors import REQUEUE_EXIT_CODE, SAVE_FAILED_EXIT_CODE, USER_ERROR_EXIT_CODE, USER_ERRORS, exit_with
+from launcher.slurm.env import SlurmError, set_torch_rendezvous
 from parallel.checkpoint import CheckpointError, SaveFailed, StopRequested
 
 
@@ -25,6 +26,10 @@ def _quiet_third_party_logs() -> None:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     _quiet_third_party_logs()
+    try:
+        set_torch_rendezvous()
+    except SlurmError as e:
+        exit_with(e, prefix=f"parallax: error (SLURM task {os.environ.get('SLURM_PROCID')}): ")
     from launcher.train import train
 
     rank = os.environ.get("RANK", "0")

@@ -1,7 +1,8 @@
 """What rank 0 tells the user and the run directory about each step.
 
-A live one-line progress bar on a terminal, plain log lines otherwise (SLURM output files, CI), and
-one JSON line per step in `metrics.jsonl` for tools and tests.
+A live one-line progress bar on a terminal, plain log lines otherwise (SLURM output files, CI),
+one JSON line per step in `metrics.jsonl` for tools and tests, and TensorBoard events
+(launcher/tensorboard_log.py) from whichever ranks write them.
 """
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ from pathlib import Path
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, total_steps: int, interval: int, enabled: bool):
-        self.total_steps, self.interval, self.enabled = total_steps, interval, enabled
+    def __init__(self, run_dir: Path, total_steps: int, interval: int, enabled: bool, tensorboard=None):
+        self.total_steps, self.interval, self.enabled, self.tensorboard = total_steps, interval, enabled, tensorboard
         self.live = enabled and sys.stdout.isatty()
         self.started = time.perf_counter()
         self.metrics = open(run_dir / "metrics.jsonl", "a") if enabled else None
 
     def step(self, record: dict) -> None:
+        if self.tensorboard:
+            self.tensorboard.step(record)
         if not self.enabled:
             return
         self.metrics.write(json.dumps(record) + "\n")
@@ -36,6 +39,8 @@ class RunLog:
             print(line, flush=True)
 
     def close(self, summary: str) -> None:
+        if self.tensorboard:
+            self.tensorboard.close()
         if self.enabled:
             self.metrics.close()
             print(f"{summary} ({time.perf_counter() - self.started:.0f}s)", flush=True)

@@ -13,9 +13,10 @@ import torch.distributed as dist
 from data_pipeline import build_dataloader, load_tokenizer
 from launcher.config import ConfigError, RunConfig
 from launcher.run_log import RunLog
+from launcher.tensorboard_log import TensorBoardLog
 from models.gpt import GPT
 from parallel.checkpoint import Checkpointer, Resumed, StopRequested
-from parallel.engine import build_engine
+from parallel.engine import build_engine, loss_scale
 from parallel.topology import Topology, init_topology
 
 BatchSource = Callable[[Topology], Iterable[torch.Tensor]]
@@ -59,7 +60,8 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None) -> list[dict]:
         total, active = model.parameter_counts()
         print(f"parallax: {topo.describe()} zero={p.zero_stage} precision={cfg.train.precision} "
               f"parameters={total / 1e6:.2f}M active/token={active / 1e6:.2f}M run_dir={run_dir}", flush=True)
-    log = RunLog(run_dir, cfg.train.steps, cfg.logging.interval, enabled=topo.is_logging_rank)
+    log = RunLog(run_dir, cfg.train.steps, cfg.logging.interval, enabled=topo.is_logging_rank,
+                 tensorboard=TensorBoardLog.open(cfg, topo, vocab_size, first_step=resumed.step + 1))
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * topo.dp * cfg.data.seq_len
 
     history, tokens_seen = [], resumed.tokens
@@ -81,16 +83,19 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None) -> list[dict]:
             "loss": loss_sum.item() / (cfg.train.grad_accum * topo.dp),
             "lr": lr,
             "grad_norm": _as_float(engine.get_global_grad_norm()),
+            "loss_scale": loss_scale(engine),
             "tokens_per_s": tokens_per_step / step_seconds,
             "step_seconds": step_seconds,
             "data_wait_seconds": _data_wait(loader) - waited_before,
             "moe": model.moe_metrics(),
         }
-        history.append(record)
-        log.step(record)
         tokens_seen += tokens_per_step
         if checkpoints and checkpoints.should_save(step):  # interval, last step, or a stop request
+            save_started = time.perf_counter()
             checkpoints.save(step, tokens_seen)
+            record["checkpoint_save_seconds"] = time.perf_counter() - save_started
+        history.append(record)
+        log.step(record)
         if checkpoints and checkpoints.stopping and step < cfg.train.steps:
             raise StopRequested(step, history)
     losses = f"loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}" if history else "nothing left to train"

@@ -93,3 +93,8 @@ def _adapt_plain_fp32_path(engine, dp: int) -> None:
     engine.clip_fp32_gradients = clip_and_keep_norm
     if dp == 1:
         engine.enable_backward_allreduce = False
+
+
+def loss_scale(engine) -> float | None:
+    """fp16's current dynamic loss scale, as DeepSpeed reports it to its own monitors; None in fp32/bf16."""
+    return float(engine._get_optimizer_loss_scale()) if engine.fp16_enabled() else None

@@ -1,0 +1,62 @@
+"""`parallax status RUN_DIR`: the run's SLURM jobs and their states (launcher/slurm/jobs.py), its
+last checkpoint, and its last logged step with its throughput."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from launcher.config import ConfigError
+from launcher.slurm.jobs import describe_job, recorded_jobs
+from parallel.checkpoint import LATEST, checkpoint_root
+
+
+def add_status_command(commands) -> None:
+    parser = commands.add_parser("status", help="a run's SLURM jobs, last checkpoint and last logged throughput")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (logging.run_dir)")
+    parser.set_defaults(run=_run)
+
+
+def _run(args) -> None:
+    print(describe(Path(args.run_dir)))
+
+
+def describe(run_dir: Path) -> str:
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist; pass a run's logging.run_dir")
+    return "\n".join([f"run         {run_dir}", *_jobs(run_dir), _checkpoint(run_dir), _progress(run_dir)])
+
+
+def _jobs(run_dir: Path) -> list[str]:
+    jobs = recorded_jobs(run_dir)
+    if not jobs:
+        return ["jobs        none submitted with `parallax submit`"]
+    return [f"job {job_id:<8}{describe_job(job_id)} (submitted {submitted})" for job_id, submitted in jobs]
+
+
+def _checkpoint(run_dir: Path) -> str:
+    root = checkpoint_root(_saved_config(run_dir)) if (run_dir / "config.yaml").exists() else run_dir / "checkpoints"
+    latest = root / LATEST
+    if not latest.exists():
+        return "checkpoint  none yet"
+    name = latest.read_text().strip()
+    return f"checkpoint  step {int(name.removeprefix('step-'))} ({root / name})"
+
+
+def _progress(run_dir: Path) -> str:
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    if not lines:
+        return "progress    no step logged yet"
+    last = json.loads(lines[-1])
+    total = _saved_config(run_dir).train.steps if (run_dir / "config.yaml").exists() else "?"
+    return (f"progress    step {last['step']}/{total}, loss {last['loss']:.4f}, "
+            f"{last['tokens_per_s']:,.0f} tokens/s, {last['step_seconds']:.3f} s/step (last logged step)")
+
+
+def _saved_config(run_dir: Path):
+    """The resolved config rank 0 wrote at start (checkpoint.dir may point outside the run directory)."""
+    from launcher.config import RunConfig
+
+    return RunConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))

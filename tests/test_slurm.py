@@ -1,0 +1,206 @@
+"""Issue 7 points 1-4 and issue 8 point 7: `parallax submit` and `parallax status` against a real SLURM.
+
+tests/slurm_cluster.py starts munged, slurmctld and two slurmd (nodes n1, n2 of this machine).
+Each job trains the tiny config on 2 nodes x 1 rank over gloo, the ranks finding each other from
+srun's environment. One job runs uninterrupted; another gets the time-limit warning signal
+mid-run (`scancel --signal=USR1 --batch`, as `--signal=B:USR1@T` delivers it), saves, requeues
+itself, and once released resumes from its run directory to the uninterrupted run's final loss.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.slurm_cluster import SlurmCluster, SlurmUnavailable
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, INTERVAL = 30, 5
+PARALLAX = [sys.executable, "-c", "from launcher.cli import main; main()"]
+TINY = ["configs/gpt-tiny.yaml", "model.num_layers=2", f"train.steps={STEPS}", f"checkpoint.interval={INTERVAL}",
+        "logging.interval=5"]
+CPU_JOB = ["--nodes", "2", "--gpus-per-node", "0"]
+
+
+def parallax(*args: str, env=None) -> subprocess.CompletedProcess:
+    env = {**(env or os.environ), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*PARALLAX, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def submit(cluster: SlurmCluster, run_dir: Path) -> str:
+    proc = parallax("submit", *TINY, *CPU_JOB, f"logging.run_dir={run_dir}", env=cluster.env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job_id = proc.stdout.split("submitted job ")[1].split(":")[0]
+    assert (run_dir / "slurm-jobs").read_text().split()[0] == job_id
+    return job_id
+
+
+def wait_for_job(cluster: SlurmCluster, job_id: str, until, what: str, timeout: float = 600) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = cluster.job(job_id)
+        if until(job):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} never {what}: {job}\n{job_output(cluster, job_id)}")
+
+
+def job_output(cluster: SlurmCluster, job_id: str) -> str:
+    path = Path(cluster.job(job_id)["StdOut"])
+    return path.read_text() if path.exists() else f"({path} missing)\n{cluster.logs()}"
+
+
+def finished(job: dict) -> bool:
+    return job["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+def last_record(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        try:
+            cluster.start()
+        except SlurmUnavailable as e:
+            pytest.fail(f"SLURM tests cannot run: {e}", pytrace=False)
+        yield cluster
+    finally:  # also after a failed start: no daemon outlives the tests
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, tmp_path_factory) -> tuple[Path, str]:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    job_id = submit(cluster, run_dir)
+    job = wait_for_job(cluster, job_id, finished, "finished")
+    assert job["JobState"] == "COMPLETED", job_output(cluster, job_id)
+    return run_dir, job_id
+
+
+def test_dry_run_prints_the_script_and_submits_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = parallax("submit", *TINY, *CPU_JOB, "--time", "01:00:00", "--partition", "gpu", f"logging.run_dir={run_dir}",
+                    "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    script = proc.stdout
+    for line in ("#!/bin/bash", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --time=01:00:00",
+                 "#SBATCH --partition=gpu", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300",
+                 f"#SBATCH --output={run_dir}/slurm-%j.out", "export DS_ACCELERATOR=cpu",
+                 f"srun {sys.executable} -m launcher.entry {REPO / 'configs/gpt-tiny.yaml'} model.num_layers=2",
+                 'scontrol requeue "$SLURM_JOB_ID"'):
+        assert line in script, line
+    assert "gpus-per-node=" not in script and "{{" not in script
+    assert not run_dir.exists(), "a dry run writes nothing"
+
+
+def test_submit_refuses_a_gpu_layout_that_cannot_fit_with_the_plans_advice(tmp_path):
+    """T-NLG 17B without tensor parallelism needs ~75 GiB per 32 GB V100: refused before sbatch."""
+    run_dir = tmp_path / "run"
+    proc = parallax("submit", "configs/tnlg-17b.yaml", "--nodes", "16", "--gpus-per-node", "16", "--gpu", "v100",
+                    "parallel.tp=1", f"logging.run_dir={run_dir}", "--dry-run")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "refused: the layout does not fit 16 x 16 V100-32GB" in proc.stdout
+    assert "does NOT fit" in proc.stdout and "to fit, change one of:" in proc.stdout
+    assert "parallel.zero_stage=3" in proc.stdout
+    assert "#SBATCH" not in proc.stdout and not run_dir.exists()
+
+
+def test_submit_renders_a_gpu_layout_that_fits_with_one_rank_per_gpu(tmp_path):
+    proc = parallax("submit", "configs/tnlg-17b.yaml", "--nodes", "16", "--gpus-per-node", "16", "--gpu", "v100",
+                    f"logging.run_dir={tmp_path / 'run'}", "--dry-run")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "fits" in proc.stderr
+    for line in ("#SBATCH --nodes=16", "#SBATCH --ntasks-per-node=16", "#SBATCH --gpus-per-node=16",
+                 "export DS_ACCELERATOR=cuda"):
+        assert line in proc.stdout, line
+
+
+def test_a_rank_whose_master_slurm_cannot_resolve_fails_in_one_line(cluster):
+    """Under srun a rank asks slurmctld for the master's address; a node SLURM does not know is a clear error."""
+    env = {**cluster.env, "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
+           "SLURM_STEP_NODELIST": "nosuchnode", "SLURM_JOB_ID": "1"}
+    env.pop("RANK", None)
+    proc = subprocess.run([sys.executable, "-m", "launcher.entry", *TINY], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        "parallax: error (SLURM task 0): scontrol show node --oneliner nosuchnode failed: Node nosuchnode not found"]
+
+
+def test_a_finished_run_completes_on_two_nodes_and_is_not_requeued(cluster, uninterrupted):
+    run_dir, job_id = uninterrupted
+    job = cluster.job(job_id)
+    assert job["Restarts"] == "0" and job["ExitCode"] == "0:0" and job["NodeList"] == "n[1-2]"
+    output = job_output(cluster, job_id)
+    assert "world=2 tp=1 ep=1 pp=1 dp=2" in output and f"done: {STEPS} steps" in output
+    assert "requeueing" not in output
+    assert last_record(run_dir)["step"] == STEPS
+    assert (run_dir / "job.sbatch").read_text().startswith("#!/bin/bash")
+
+
+def test_warning_signal_saves_requeues_and_resumes_to_the_uninterrupted_loss(cluster, uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    job_id = submit(cluster, run_dir)
+    first_checkpoint = run_dir / "checkpoints" / f"step-{INTERVAL:08d}"
+    deadline = time.time() + 600  # a job takes ~1 min to start on 2 idle cores, several when they are shared
+    while not first_checkpoint.exists():
+        assert not finished(cluster.job(job_id)), job_output(cluster, job_id)
+        assert time.time() < deadline, f"{first_checkpoint} never appeared:\n{job_output(cluster, job_id)}"
+        time.sleep(0.02)
+    cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+
+    job = wait_for_job(cluster, job_id, lambda j: j["Restarts"] == "1" and j["JobState"] == "PENDING", "requeued")
+    # SLURM holds a requeued job until a begin time in the future (its Reason turns to BeginTime).
+    assert datetime.fromisoformat(job["EligibleTime"]) > datetime.now(), job
+    stopped = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step-"))
+    assert INTERVAL <= stopped < STEPS, "the signal came too late to interrupt the run"
+    output = job_output(cluster, job_id)
+    assert "warning signal: ranks save and stop" in output and f"stopping after step {stopped} (SIGUSR1)" in output
+    assert f"requeueing job {job_id}" in output
+    again = parallax("submit", *TINY, *CPU_JOB, f"logging.run_dir={run_dir}", env=cluster.env)
+    assert again.returncode == 2 and f"job {job_id} of run {run_dir} is still PENDING" in again.stderr, again.stderr
+    assert len((run_dir / "slurm-jobs").read_text().splitlines()) == 1
+
+    cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")  # else it waits out its begin time
+    job = wait_for_job(cluster, job_id, finished, "finished after its requeue")
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", job_output(cluster, job_id)
+    output = job_output(cluster, job_id)
+    assert f"resumed from {run_dir / 'checkpoints' / f'step-{stopped:08d}'}" in output
+    assert output.count("requeueing") == 1
+
+    reference_dir, _ = uninterrupted
+    resumed, reference = last_record(run_dir), last_record(reference_dir)
+    assert resumed["step"] == reference["step"] == STEPS
+    assert resumed["loss"] == reference["loss"]
+    # Both jobs' TensorBoard events in the run directory draw one curve, each step once.
+    tensorboard = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    tensorboard.Reload()
+    losses = tensorboard.Scalars("train/loss")
+    assert [e.step for e in losses] == list(range(1, STEPS + 1)) and losses[-1].value == pytest.approx(reference["loss"])
+    print(f"stopped after step {stopped}; final loss {resumed['loss']} (uninterrupted {reference['loss']})")
+
+
+def test_status_shows_job_state_last_checkpoint_and_throughput(cluster, uninterrupted, tmp_path):
+    run_dir, job_id = uninterrupted
+    proc = parallax("status", str(run_dir), env=cluster.env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    job_line = next(line for line in lines if line.startswith(f"job {job_id}"))
+    assert "COMPLETED, restarts 0" in job_line
+    assert f"checkpoint  step {STEPS} ({run_dir / 'checkpoints' / f'step-{STEPS:08d}'})" in lines
+    tokens_per_s = last_record(run_dir)["tokens_per_s"]
+    assert any(line.startswith(f"progress    step {STEPS}/{STEPS}") and f"{tokens_per_s:,.0f} tokens/s" in line
+               for line in lines), proc.stdout
+
+    with open(run_dir / "slurm-jobs", "a") as jobs:  # a job neither slurmctld nor accounting knows
+        jobs.write("987654 2026-01-01T00:00:00Z\n")
+    proc = parallax("status", str(run_dir), env=cluster.env)
+    assert "job 987654  unknown to SLURM" in proc.stdout, proc.stdout
