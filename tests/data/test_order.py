@@ -3,7 +3,6 @@
 import json
 import time
 
-import pytest
 import torch
 from tokenizers import Tokenizer
 

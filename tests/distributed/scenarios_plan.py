@@ -31,8 +31,6 @@ def _live_tensor_bytes(model=None) -> int:
 
 
 def _model_state_bytes(*overrides: str) -> int:
-    import torch
-
     from models.gpt import GPT
     from parallel.engine import build_engine
     from parallel.topology import init_topology
