@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
 from data_pipeline import DataConfig
+from data_pipeline.config import SpanCorruptionConfig
 from models.config import ModelConfig
 
 
@@ -96,7 +97,11 @@ class RunConfig(_Section):
             raise ValueError(f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tp={tp}")
         if m.vocab_multiple % tp:
             raise ValueError(f"model.vocab_multiple={m.vocab_multiple} is not divisible by parallel.tp={tp}")
-        if self.data.seq_len > m.max_seq_len:
+        if m.arch == "t5":
+            self._fit_t5()
+        elif self.data.span_corruption is not None:
+            raise ValueError("data.span_corruption is T5's objective; remove it or set model.arch=t5")
+        elif self.data.seq_len > m.max_seq_len:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
                 "raise model.max_seq_len or shorten data.seq_len"
@@ -116,6 +121,14 @@ class RunConfig(_Section):
                 f"parallel.sequence_parallel needs data.seq_len={self.data.seq_len} divisible by parallel.tp={tp}"
             )
         return self
+
+    def _fit_t5(self) -> None:
+        """T5 trains by span corruption (its defaults unless the data section sets them) and has no
+        absolute positions, so model.max_seq_len does not bound data.seq_len."""
+        if self.data.span_corruption is None:
+            self.data.span_corruption = SpanCorruptionConfig()
+        if self.parallel.sequence_parallel:
+            raise ValueError("parallel.sequence_parallel is not supported for model.arch=t5; set it to false")
 
     def check_world_size(self, world_size: int) -> int:
         """The data-parallel size this config gets on `world_size` ranks."""
