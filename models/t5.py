@@ -240,9 +240,11 @@ class T5(nn.Module):
         )
         self.encoder = Stack(cfg, tp_config, False, cfg.num_layers, expert_parallel_size, activation_checkpointing)
         self.decoder = Stack(cfg, tp_config, True, cfg.decoder_layers, expert_parallel_size, activation_checkpointing)
+        # Untied (T5.1.1): std d_model**-0.5 gives the logits the scale the tied layer gets from its
+        # rescaled input (Hugging Face draws std 1.0, which starts training at a loss near 25).
         self.lm_head = None if cfg.tied else tensor_parallel.ColumnParallelLinear(
-            cfg.hidden_size, self.vocab_size, config=tp_config, init_method=_normal_init(1.0), bias=False,
-            gather_output=False,
+            cfg.hidden_size, self.vocab_size, config=tp_config, init_method=_normal_init(cfg.hidden_size ** -0.5),
+            bias=False, gather_output=False,
         )
         self.moe_layers = [m for m in self.modules() if isinstance(m, MoEFeedForward)]
 
