@@ -69,7 +69,7 @@ class SpanCorruption:
         noise, spans = _noise_tokens_and_spans(raw, self.noise_density, self.mean_noise_span_length)
         if raw < 2 or inputs != self.inputs_length or raw - noise < spans:
             raise DataError(f"data.seq_len={self.inputs_length} is too short for span corruption "
-                            f"at noise density {self.noise_density}; use at least 16")
+                            f"at noise density {self.noise_density}; use a longer data.seq_len")
         if spans > len(self.sentinels):
             raise DataError(
                 f"data.seq_len={self.inputs_length} makes {spans} noise spans but the tokenizer has "

@@ -12,8 +12,10 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
-from data_pipeline import DataConfig
+from data_pipeline import DataConfig, DataError
 from data_pipeline.config import SpanCorruptionConfig
+from data_pipeline.span_corruption import SpanCorruption
+from data_pipeline.tokenizer import NUM_SENTINELS
 from models.config import ModelConfig
 
 
@@ -127,6 +129,13 @@ class RunConfig(_Section):
         absolute positions, so model.max_seq_len does not bound data.seq_len."""
         if self.data.span_corruption is None:
             self.data.span_corruption = SpanCorruptionConfig()
+        noise = self.data.span_corruption
+        try:  # the lengths depend on the config alone: refuse them before any rank starts
+            SpanCorruption(inputs_length=self.data.seq_len, noise_density=noise.noise_density,
+                           mean_noise_span_length=noise.mean_noise_span_length, sentinels=tuple(range(NUM_SENTINELS)),
+                           eod=0, pad=0, seed=0).check()
+        except DataError as error:
+            raise ValueError(str(error)) from None
         if self.parallel.sequence_parallel:
             raise ValueError("parallel.sequence_parallel is not supported for model.arch=t5; set it to false")
 

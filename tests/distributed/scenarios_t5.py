@@ -188,6 +188,19 @@ def t5_reference_training():
     return run_t5_training(*T5_V1_1, "parallel.zero_stage=0")
 
 
+@scenario(world_size=1)
+def t5_tiny_training():
+    """configs/t5-tiny.yaml as shipped, on the built-in corpus through the real data pipeline, for 30 steps."""
+    import os
+
+    from launcher.config import load_config
+    from launcher.train import train
+
+    run_dir = os.path.join(os.environ["PARALLAX_SCENARIO_DIR"], "t5-tiny")
+    return train(load_config("configs/t5-tiny.yaml", ["train.steps=30", "optim.warmup_steps=10",
+                                                      f"logging.run_dir={run_dir}", "checkpoint.resume=none"]))
+
+
 # --- two ranks -----------------------------------------------------------------------------------
 
 @scenario(world_size=2)
