@@ -129,15 +129,23 @@ class RunConfig(_Section):
         absolute positions, so model.max_seq_len does not bound data.seq_len."""
         if self.data.span_corruption is None:
             self.data.span_corruption = SpanCorruptionConfig()
-        noise = self.data.span_corruption
         try:  # the lengths depend on the config alone: refuse them before any rank starts
-            SpanCorruption(inputs_length=self.data.seq_len, noise_density=noise.noise_density,
-                           mean_noise_span_length=noise.mean_noise_span_length, sentinels=tuple(range(NUM_SENTINELS)),
-                           eod=0, pad=0, seed=0).check()
+            self._span_corruption().check()
         except DataError as error:
             raise ValueError(str(error)) from None
         if self.parallel.sequence_parallel:
             raise ValueError("parallel.sequence_parallel is not supported for model.arch=t5; set it to false")
+
+    def t5_lengths(self) -> tuple[int, int]:
+        """(encoder, decoder) tokens per T5 sequence: data.seq_len, and span corruption's target length."""
+        return self.data.seq_len, self._span_corruption().targets_length
+
+    def _span_corruption(self) -> SpanCorruption:
+        """The objective's lengths (the token ids come from the tokenizer when the loader builds it)."""
+        noise = self.data.span_corruption
+        return SpanCorruption(inputs_length=self.data.seq_len, noise_density=noise.noise_density,
+                              mean_noise_span_length=noise.mean_noise_span_length,
+                              sentinels=tuple(range(NUM_SENTINELS)), eod=0, pad=0, seed=0)
 
     def check_world_size(self, world_size: int) -> int:
         """The data-parallel size this config gets on `world_size` ranks."""

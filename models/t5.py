@@ -256,12 +256,16 @@ class T5(nn.Module):
     def parameter_counts(self) -> tuple[int, int]:
         return parameter_counts(self, self.cfg, self.expert_parallel_size)
 
+    @property
+    def blocks(self) -> list[Block]:
+        """The encoder's layers, then the decoder's."""
+        return [*self.encoder.blocks, *self.decoder.blocks]
+
     def moe_metrics(self) -> list[dict]:
-        """Per MoE layer, from the last forward, numbered through the encoder's layers, then the decoder's."""
-        blocks = [*self.encoder.blocks, *self.decoder.blocks]
+        """Per MoE layer, from the last forward, numbered through self.blocks."""
         return [
             {"layer": layer, **{name: value.tolist() for name, value in block.ff.metrics.items()}}
-            for layer, block in enumerate(blocks) if isinstance(block.ff, MoEFeedForward)
+            for layer, block in enumerate(self.blocks) if isinstance(block.ff, MoEFeedForward)
         ]
 
     def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor, labels: torch.Tensor | None = None):
