@@ -10,6 +10,7 @@ from data_pipeline.span_corruption import IGNORE_INDEX, SpanCorruption
 from launcher.cli import main
 from tests.data.corpora import write_id_corpus
 from tests.data.test_resume import through_a_checkpoint_file
+from tests.distributed.scenarios_t5 import GLOBAL_BATCH
 from tests.test_parity import assert_model_matches, assert_training_matches
 
 HF_TOL = 1e-4
@@ -40,6 +41,16 @@ def test_three_steps_match_one_process(scenario_results, layout):
     reference = scenario_results("t5_reference_training")
     assert len(reference) == 3 and reference[-1]["loss"] < reference[0]["loss"], "the reference itself must learn"
     assert_training_matches(reference, scenario_results(layout))
+
+
+def test_switch_t5_trains_and_reports_each_expert_layer(scenario_results):
+    """Every other feed-forward is a layer of experts: encoder layer 1 and decoder layer 1, numbered 1 and 3
+    through the encoder's 2 layers, then the decoder's."""
+    history = scenario_results("switch_t5_training")
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert [layer["layer"] for layer in history[0]["moe"]] == [1, 3]
+    routed = sum(history[0]["moe"][0]["tokens_per_expert"])
+    assert routed == GLOBAL_BATCH * 40, "top-1: every encoder token goes to one expert"
 
 
 def test_t5_tiny_config_trains_on_cpu_and_its_loss_falls(scenario_results):

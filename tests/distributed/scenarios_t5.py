@@ -189,6 +189,13 @@ def t5_reference_training():
 
 
 @scenario(world_size=1)
+def switch_t5_training():
+    """Switch-T5: every other feed-forward of both stacks is a top-1 layer of 4 experts."""
+    return run_t5_training(*T5_V1_1, "parallel.zero_stage=1", "model.moe.num_experts=4", "model.moe.top_k=1",
+                           "model.moe.every=2")
+
+
+@scenario(world_size=1)
 def t5_tiny_training():
     """configs/t5-tiny.yaml as shipped, on the built-in corpus through the real data pipeline, for 30 steps."""
     import os
