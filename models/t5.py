@@ -16,6 +16,9 @@ Other T5 details, all checked against Hugging Face's T5ForConditionalGeneration 
 - one embedding shared by the encoder and decoder inputs; the output layer is that embedding with
   the decoder output scaled by d_model**-0.5 (T5), or a separate matrix, unscaled (T5.1.1).
 
+There is no padding mask: span corruption packs every input and target to its exact length (only
+a finite run's last batch has pad rows, and their labels are ignored).
+
 Tensor parallelism is GPT's (models/gpt.py): activations are [s, b, h]; queries, keys/values and
 the feed-forward input are column-parallel (each TP rank owns whole heads and a slice of d_ff),
 attention output and feed-forward output are row-parallel, so each sub-layer costs one all-reduce
@@ -206,7 +209,7 @@ class Stack(nn.Module):
         s = x.shape[0]
         bias = self.relative_bias(s, s)  # once per stack, shared by every layer
         if self.is_decoder:
-            bias = bias + torch.full((s, s), float("-inf"), device=x.device).triu(1)
+            bias = bias + torch.full((s, s), float("-inf"), dtype=bias.dtype, device=x.device).triu(1)
         x = self.dropout(x)
         for block in self.blocks:
             if self.activation_checkpointing:

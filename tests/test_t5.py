@@ -36,7 +36,7 @@ def test_tensor_parallel_logits_loss_and_gradients_match_one_process(scenario_re
     assert_model_matches(reference, scenario_results(layout))
 
 
-@pytest.mark.parametrize("layout", ["t5_tp2_training", "t5_dp2_zero3_training"])
+@pytest.mark.parametrize("layout", ["t5_tp2_activation_checkpointing_training", "t5_dp2_zero3_training"])
 def test_three_steps_match_one_process(scenario_results, layout):
     reference = scenario_results("t5_reference_training")
     assert len(reference) == 3 and reference[-1]["loss"] < reference[0]["loss"], "the reference itself must learn"

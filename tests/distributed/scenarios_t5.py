@@ -221,8 +221,8 @@ def t5_1_1_tp2_model():
 
 
 @scenario(world_size=2)
-def t5_tp2_training():
-    return run_t5_training(*T5_V1_1, "parallel.tp=2", "parallel.zero_stage=1")
+def t5_tp2_activation_checkpointing_training():
+    return run_t5_training(*T5_V1_1, "parallel.tp=2", "parallel.zero_stage=1", "parallel.activation_checkpointing=true")
 
 
 @scenario(world_size=2)
