@@ -60,6 +60,12 @@ def test_t5_tiny_config_trains_on_cpu_and_its_loss_falls(scenario_results):
     assert numpy.mean(losses[-5:]) < 0.75 * losses[0], losses
 
 
+def test_t5_resumes_exactly_from_its_checkpoint(scenario_results):
+    straight, resumed = scenario_results("t5_exact_resume")
+    assert len(straight) == 4 and len(resumed) == 2, "the resumed run trains steps 3 and 4 only"
+    assert resumed == straight[2:]
+
+
 # --- span corruption ------------------------------------------------------------------------------
 
 SENTINELS = tuple(range(32099, 31999, -1))  # T5's vocabulary: <extra_id_0> is id 32099

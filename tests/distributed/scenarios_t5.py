@@ -208,6 +208,31 @@ def t5_tiny_training():
                                                       f"logging.run_dir={run_dir}", "checkpoint.resume=none"]))
 
 
+@scenario(world_size=1)
+def t5_exact_resume():
+    """A T5 run stopped after step 2 and resumed from its checkpoint (engine, ZeRO-1 states and the
+    span-corrupting loader's state), against the same run uninterrupted: (straight, resumed) losses."""
+    import os
+
+    from launcher.config import load_config
+    from launcher.train import train
+    from parallel.checkpoint import StopRequested
+
+    small = ["model.num_layers=1", "model.num_decoder_layers=1", "train.micro_batch_size=2", "train.steps=4",
+             "checkpoint.interval=2"]
+
+    def run(name: str, *overrides: str) -> list[dict]:
+        run_dir = os.path.join(os.environ["PARALLAX_SCENARIO_DIR"], name)
+        return train(load_config("configs/t5-tiny.yaml", [*small, f"logging.run_dir={run_dir}", *overrides]))
+
+    straight = run("t5-straight")
+    try:
+        run("t5-resumed", "train.stop_at_step=2")
+    except StopRequested:
+        pass
+    return [r["loss"] for r in straight], [r["loss"] for r in run("t5-resumed")]
+
+
 # --- two ranks -----------------------------------------------------------------------------------
 
 @scenario(world_size=2)
