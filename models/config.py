@@ -90,9 +90,12 @@ class ModelConfig(BaseModel):
                              "position bias; remove it")
         elif self.norm != "rmsnorm":
             raise ValueError("model.norm=layernorm: T5 normalises with RMSNorm (no mean, no bias); set model.norm=rmsnorm")
-        if self.relative_attention_num_buckets is not None and self.relative_attention_num_buckets < 4:
-            raise ValueError("model.relative_attention_num_buckets must be at least 4 "
-                             "(half per direction, half of those exact offsets)")
+        if self.num_buckets < 4:
+            raise ValueError(f"model.relative_attention_num_buckets={self.num_buckets} is below 4 "
+                             "(half per direction, half of those exact offsets); use 32 as T5 does")
+        if self.max_distance <= self.num_buckets // 2:
+            raise ValueError(f"model.relative_attention_max_distance={self.max_distance} must exceed the exact "
+                             f"offsets, half of model.relative_attention_num_buckets={self.num_buckets}; raise it")
         return self
 
     @model_validator(mode="after")

@@ -176,6 +176,7 @@ def test_loader_packs_span_corrupted_batches_per_dp_rank_and_resumes_exactly(tmp
     (["model.feed_forward=swiglu"], "model.feed_forward: input should be 'relu' or 'gated-gelu'"),
     (["model.position_embedding=rotary"], "model.position_embedding applies to model.arch=gpt only"),
     (["parallel.tp=2", "parallel.sequence_parallel=true"], "parallel.sequence_parallel is not supported for model.arch=t5"),
+    (["model.relative_attention_max_distance=16"], "model.relative_attention_max_distance=16 must exceed the exact offsets"),
     (["data.span_corruption.noise_density=1.5"], "data.span_corruption.noise_density: input should be less than 1"),
     (["data.seq_len=2"], "data.seq_len=2 is too short for span corruption"),
     (["data.seq_len=4096"], "data.seq_len=4096 makes 227 noise spans but the tokenizer has 100 sentinel tokens"),
