@@ -33,6 +33,15 @@ class SourceConfig(BaseModel):
         return weight
 
 
+class SpanCorruptionConfig(BaseModel):
+    """T5's pretraining objective (data_pipeline/span_corruption.py); data.seq_len is then the encoder's input length."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    noise_density: float = Field(0.15, gt=0, lt=1, description="fraction of the tokens masked")
+    mean_noise_span_length: float = Field(3.0, ge=1, description="average tokens per masked span")
+
+
 class DataConfig(BaseModel):
     """Everything the pipeline needs; the run YAML's `data:` section validates into this."""
 
@@ -52,6 +61,9 @@ class DataConfig(BaseModel):
         default=None, description="None loops forever (training); N stops each rank after N passes (evaluation)."
     )
     cache_dir: Path = Field(default_factory=default_cache_dir)
+    span_corruption: SpanCorruptionConfig | None = Field(
+        default=None, description="T5's objective; model.arch=t5 sets the defaults when absent. None: next-token windows."
+    )
 
     @field_validator("seq_len", "vocab_size", "shuffle_buffer", "epochs")
     @classmethod

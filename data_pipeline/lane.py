@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 
 from .errors import DataError
 from .sources import Source, read_documents
+from .span_corruption import SpanCorruption
 from .work import TOKEN_TYPE, advance, merge, next_claim, shard_of_visit, shuffle_draw
 
 
@@ -27,13 +28,19 @@ class Plan:
     shuffle_buffer: int
     epochs: int | None
     seed: int
+    span_corruption: SpanCorruption | None = None  # T5: corrupt each window into inputs and targets
+
+    @property
+    def window(self) -> int:
+        """Tokens per packed window: seq_len + 1 for next-token prediction, or what span corruption needs."""
+        return self.span_corruption.raw_length if self.span_corruption else self.seq_len + 1
 
     def visit_limit(self, source_index: int) -> int | None:
         return None if self.epochs is None else self.epochs * len(self.sources[source_index].shards)
 
 
 class SourceStream:
-    """One source on one lane: yields packed windows of `seq_len + 1` tokens."""
+    """One source on one lane: yields packed windows of `plan.window` tokens."""
 
     def __init__(self, plan: Plan, source_index: int, cursor: dict, tokenizer: Tokenizer):
         self.plan, self.source_index, self.tokenizer = plan, source_index, tokenizer
@@ -140,7 +147,7 @@ class SourceStream:
 
         Only the very last window of a finite run is padded, so no token is ever dropped.
         """
-        size = self.plan.seq_len + 1
+        size = self.plan.window
         while len(self.carry) - self.carry_start < size and (text := self.next_document()) is not None:
             document = numpy.array(self.tokenizer.encode(text).ids + [self.plan.eod], dtype=TOKEN_TYPE)
             self.carry, self.carry_start = numpy.concatenate([self.carry[self.carry_start:], document]), 0
@@ -185,13 +192,18 @@ class Lane:
             self.active[choice] = False
         return None
 
-    def batches(self, micro_batch_size: int) -> Iterator[tuple[numpy.ndarray, dict]]:
+    def batches(self, micro_batch_size: int) -> Iterator[tuple[numpy.ndarray | dict[str, numpy.ndarray], dict]]:
         """Each batch comes with the lane state right after it; a finite run's last batch is padded with pad rows.
 
-        Batches are numpy arrays: they cross the worker boundary as one plain copy,
-        where a torch tensor would each time be moved into a new shared-memory segment.
+        Batches are numpy arrays (a dict of them under span corruption): they cross the worker
+        boundary as one plain copy, where a torch tensor would each time be moved into a new
+        shared-memory segment. Span corruption runs here, in the workers, off the training loop's path.
         """
-        pad_row = numpy.full(self.plan.seq_len + 1, self.plan.pad, dtype=TOKEN_TYPE)
+        pad_row = numpy.full(self.plan.window, self.plan.pad, dtype=TOKEN_TYPE)
         while rows := [w for w in (self.next_window() for _ in range(micro_batch_size)) if w is not None]:
-            rows += [pad_row] * (micro_batch_size - len(rows))
-            yield numpy.stack(rows).astype(numpy.int64), self.state()
+            real = len(rows)
+            rows += [pad_row] * (micro_batch_size - real)
+            if self.plan.span_corruption:
+                yield self.plan.span_corruption.batch(rows, real), self.state()
+            else:
+                yield numpy.stack(rows).astype(numpy.int64), self.state()

@@ -27,7 +27,8 @@ from .corpus import builtin_corpus
 from .errors import DataError
 from .lane import Lane, Plan
 from .sources import discover
-from .tokenizer import EOD, PAD, load_tokenizer
+from .span_corruption import SpanCorruption
+from .tokenizer import EOD, NUM_SENTINELS, PAD, load_tokenizer
 from .work import new_cursor, reshard, tokens_from_bytes, tokens_to_bytes
 
 STATE_VERSION = 1
@@ -51,12 +52,31 @@ def build_dataloader(cfg: DataConfig, *, micro_batch_size: int, dp_rank: int, dp
         shuffle_buffer=cfg.shuffle_buffer,
         epochs=cfg.epochs,
         seed=seed,
+        span_corruption=span_corruption(cfg, tokenizer, seed),
     )
     return PipelineLoader(plan, micro_batch_size, dp_rank, dp_size, cfg.num_workers)
 
 
+def span_corruption(cfg: DataConfig, tokenizer, seed: int) -> SpanCorruption | None:
+    """T5's objective when data.span_corruption is set; its sentinels are the tokenizer's <extra_id_k> tokens."""
+    if cfg.span_corruption is None:
+        return None
+    sentinels = [tokenizer.token_to_id(f"<extra_id_{k}>") for k in range(NUM_SENTINELS)]
+    if None in sentinels:
+        raise DataError(f"the tokenizer lacks the sentinel <extra_id_{sentinels.index(None)}> that span corruption "
+                        "masks with; train one with `parallax prepare-tokenizer`")
+    objective = SpanCorruption(
+        inputs_length=cfg.seq_len, noise_density=cfg.span_corruption.noise_density,
+        mean_noise_span_length=cfg.span_corruption.mean_noise_span_length, sentinels=tuple(sentinels),
+        eod=tokenizer.token_to_id(EOD), pad=tokenizer.token_to_id(PAD), seed=seed,
+    )
+    objective.check()
+    return objective
+
+
 class PipelineLoader:
-    """Iterator of LongTensor[micro_batch_size, seq_len + 1]; endless unless data.epochs is set."""
+    """Iterator of LongTensor[micro_batch_size, seq_len + 1], or under span corruption of dicts of
+    input_ids [micro_batch_size, seq_len], decoder_input_ids and labels; endless unless data.epochs is set."""
 
     def __init__(self, plan: Plan, micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int):
         self.plan, self.micro_batch_size = plan, micro_batch_size
@@ -81,7 +101,7 @@ class PipelineLoader:
     def __iter__(self):
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> torch.Tensor | dict[str, torch.Tensor]:
         if not self.ready:
             start = time.perf_counter()
             if self.chunks is None:
@@ -95,6 +115,8 @@ class PipelineLoader:
         lane, batch, state = self.ready.popleft()
         self.lane_states[lane] = state
         self.next_lane, self.chunk_left = (lane, len(self.ready)) if self.ready else ((lane + 1) % self.lanes_per_rank, 0)
+        if isinstance(batch, dict):
+            return {name: torch.from_numpy(array) for name, array in batch.items()}
         return torch.from_numpy(batch)
 
     def torch_loader(self) -> DataLoader:

@@ -12,7 +12,10 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
-from data_pipeline import DataConfig
+from data_pipeline import DataConfig, DataError
+from data_pipeline.config import SpanCorruptionConfig
+from data_pipeline.span_corruption import SpanCorruption
+from data_pipeline.tokenizer import NUM_SENTINELS
 from models.config import ModelConfig
 
 
@@ -102,7 +105,11 @@ class RunConfig(_Section):
             raise ValueError(f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tp={tp}")
         if m.vocab_multiple % tp:
             raise ValueError(f"model.vocab_multiple={m.vocab_multiple} is not divisible by parallel.tp={tp}")
-        if self.data.seq_len > m.max_seq_len:
+        if m.arch == "t5":
+            self._fit_t5()
+        elif self.data.span_corruption is not None:
+            raise ValueError("data.span_corruption is T5's objective; remove it or set model.arch=t5")
+        elif self.data.seq_len > m.max_seq_len:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
                 "raise model.max_seq_len or shorten data.seq_len"
@@ -122,6 +129,29 @@ class RunConfig(_Section):
                 f"parallel.sequence_parallel needs data.seq_len={self.data.seq_len} divisible by parallel.tp={tp}"
             )
         return self
+
+    def _fit_t5(self) -> None:
+        """T5 trains by span corruption (its defaults unless the data section sets them) and has no
+        absolute positions, so model.max_seq_len does not bound data.seq_len."""
+        if self.data.span_corruption is None:
+            self.data.span_corruption = SpanCorruptionConfig()
+        try:  # the lengths depend on the config alone: refuse them before any rank starts
+            self._span_corruption().check()
+        except DataError as error:
+            raise ValueError(str(error)) from None
+        if self.parallel.sequence_parallel:
+            raise ValueError("parallel.sequence_parallel is not supported for model.arch=t5; set it to false")
+
+    def t5_lengths(self) -> tuple[int, int]:
+        """(encoder, decoder) tokens per T5 sequence: data.seq_len, and span corruption's target length."""
+        return self.data.seq_len, self._span_corruption().targets_length
+
+    def _span_corruption(self) -> SpanCorruption:
+        """The objective's lengths (the token ids come from the tokenizer when the loader builds it)."""
+        noise = self.data.span_corruption
+        return SpanCorruption(inputs_length=self.data.seq_len, noise_density=noise.noise_density,
+                              mean_noise_span_length=noise.mean_noise_span_length,
+                              sentinels=tuple(range(NUM_SENTINELS)), eod=0, pad=0, seed=0)
 
     def check_world_size(self, world_size: int) -> int:
         """The data-parallel size this config gets on `world_size` ranks."""

@@ -14,19 +14,21 @@ from data_pipeline import build_dataloader, load_tokenizer
 from launcher.config import ConfigError, RunConfig
 from launcher.run_log import RunLog
 from launcher.tensorboard_log import TensorBoardLog
-from models.gpt import GPT
+from models import build_model
 from parallel.checkpoint import Checkpointer, Resumed, StopRequested
 from parallel.engine import build_engine, loss_scale
 from parallel.topology import Topology, init_topology
 
-BatchSource = Callable[[Topology], Iterable[torch.Tensor]]
+BatchSource = Callable[[Topology], Iterable[torch.Tensor | dict[str, torch.Tensor]]]
 
 
 def train(cfg: RunConfig, batches: Optional[BatchSource] = None) -> list[dict]:
     """Pretrain for cfg.train.steps optimizer steps and return one metrics record per step.
 
-    `batches` gives each rank its [micro_batch, seq_len + 1] token windows; by default the data
-    pipeline's loader for this rank's data-parallel shard. Every TP peer gets the same batches.
+    `batches` gives each rank its batches: for GPT [micro_batch, seq_len + 1] token windows, for T5
+    dicts of input_ids, decoder_input_ids and labels; by default the data pipeline's loader for this
+    rank's data-parallel shard. The model turns a batch into its forward's keyword arguments
+    (`batch_inputs`), so this loop is the same for both. Every TP peer gets the same batches.
     Checkpoints need a source with the loader's `state_dict()`/`load_state_dict(states)`; a plain
     iterable trains without saving or resuming. A run that stops early (signal, train.stop_at_step)
     raises StopRequested after its checkpoint; a resumed run returns only the steps it ran.
@@ -37,7 +39,7 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None) -> list[dict]:
         raise ConfigError("train.precision=fp16 needs CUDA (DeepSpeed's loss scaler); use bf16 or fp32 on CPU")
     _seed_everything(cfg.train.seed)
     vocab_size = cfg.model.vocab_size or load_tokenizer(cfg.data).get_vocab_size()
-    model = GPT(
+    model = build_model(
         cfg.model, vocab_size, sequence_parallel=p.sequence_parallel, activation_checkpointing=p.activation_checkpointing,
         expert_parallel_size=p.ep,
     )
@@ -70,8 +72,8 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None) -> list[dict]:
         lr = engine.get_lr()[0]
         loss_sum = torch.zeros((), device=topo.device)
         for _ in range(cfg.train.grad_accum):
-            tokens = next(stream).to(topo.device)
-            loss = engine(tokens[:, :-1], tokens[:, 1:])
+            inputs = model.batch_inputs(next(stream))
+            loss = engine(**{name: tensor.to(topo.device) for name, tensor in inputs.items()})
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float()

@@ -31,10 +31,21 @@ class MoEConfig(BaseModel):
         return self
 
 
+# Fields that only the T5 encoder-decoder reads; a GPT config must leave them unset (None).
+T5_ONLY = ("num_decoder_layers", "kv_channels", "relative_attention_num_buckets", "relative_attention_max_distance",
+           "feed_forward", "tie_embeddings")
+
+
 class ModelConfig(BaseModel):
+    """One schema for both architectures: `arch` picks GPT (decoder-only) or T5 (encoder-decoder).
+
+    Shared fields mean the same in both (num_layers is T5's encoder depth); T5-only fields default
+    to None, read through the properties below, which give T5's defaults.
+    """
+
     model_config = ConfigDict(extra="forbid")
 
-    arch: Literal["gpt"] = "gpt"
+    arch: Literal["gpt", "t5"] = "gpt"
     num_layers: PositiveInt = 4
     hidden_size: PositiveInt = 256
     num_heads: PositiveInt = 4
@@ -53,10 +64,43 @@ class ModelConfig(BaseModel):
     dropout: float = Field(0.0, ge=0, lt=1)
     init_std: float = Field(0.02, gt=0)
     moe: Optional[MoEConfig] = Field(None, description="mixture-of-experts layers; none for a dense model")
+    # T5 only (arch: t5); see T5_ONLY.
+    num_decoder_layers: Optional[PositiveInt] = Field(None, description="t5: decoder depth; default num_layers")
+    kv_channels: Optional[PositiveInt] = Field(
+        None, description="t5: width of each attention head (T5's d_kv); default hidden_size / num_heads"
+    )
+    relative_attention_num_buckets: Optional[PositiveInt] = Field(None, description="t5: default 32")
+    relative_attention_max_distance: Optional[PositiveInt] = Field(None, description="t5: default 128")
+    feed_forward: Optional[Literal["relu", "gated-gelu"]] = Field(
+        None, description="t5: relu (T5) or gated-gelu (T5.1.1); default relu"
+    )
+    tie_embeddings: Optional[bool] = Field(
+        None, description="t5: output layer tied to the embedding and fed d_model**-0.5 x the decoder output "
+        "(T5), or untied and unscaled (T5.1.1); default true",
+    )
+
+    @model_validator(mode="after")
+    def _fields_fit_the_architecture(self):
+        if self.arch == "gpt":
+            for name in T5_ONLY:
+                if getattr(self, name) is not None:
+                    raise ValueError(f"model.{name} applies to model.arch=t5 only; remove it or set model.arch=t5")
+        elif self.position_embedding != "learned":
+            raise ValueError("model.position_embedding applies to model.arch=gpt only: T5 uses its relative "
+                             "position bias; remove it")
+        elif self.norm != "rmsnorm":
+            raise ValueError("model.norm=layernorm: T5 normalises with RMSNorm (no mean, no bias); set model.norm=rmsnorm")
+        if self.num_buckets < 4:
+            raise ValueError(f"model.relative_attention_num_buckets={self.num_buckets} is below 4 "
+                             "(half per direction, half of those exact offsets); use 32 as T5 does")
+        if self.max_distance <= self.num_buckets // 2:
+            raise ValueError(f"model.relative_attention_max_distance={self.max_distance} must exceed the exact "
+                             f"offsets, half of model.relative_attention_num_buckets={self.num_buckets}; raise it")
+        return self
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self):
-        if self.hidden_size % self.num_heads:
+        if self.hidden_size % self.num_heads and not (self.arch == "t5" and self.kv_channels):
             raise ValueError(
                 f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}; "
                 "pick a head count that divides the hidden size"
@@ -69,6 +113,30 @@ class ModelConfig(BaseModel):
     @property
     def ffn_size(self) -> int:
         return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.num_decoder_layers or self.num_layers
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_heads
+
+    @property
+    def num_buckets(self) -> int:
+        return self.relative_attention_num_buckets or 32
+
+    @property
+    def max_distance(self) -> int:
+        return self.relative_attention_max_distance or 128
+
+    @property
+    def gated(self) -> bool:
+        return self.feed_forward == "gated-gelu"
+
+    @property
+    def tied(self) -> bool:
+        return self.tie_embeddings is not False
 
     def padded_vocab_size(self, vocab_size: int) -> int:
         return -(-vocab_size // self.vocab_multiple) * self.vocab_multiple

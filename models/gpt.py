@@ -159,6 +159,23 @@ class Block(nn.Module):
         return x
 
 
+def parameter_counts(model: nn.Module, cfg: ModelConfig, expert_parallel_size: int) -> tuple[int, int]:
+    """(total, active per token) over the whole model, not just this rank's shard: a token meets
+    every dense parameter but only top_k of each MoE layer's experts."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    total = active = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves an empty tensor in p
+        if getattr(p, "tensor_model_parallel", False):
+            n *= tp
+        if is_expert_parameter(p):  # each rank holds num_experts / ep of them, replicated over TP
+            n *= expert_parallel_size
+            total, active = total + n, active + n * cfg.moe.top_k / cfg.moe.num_experts
+        else:
+            total, active = total + n, active + n
+    return total, int(active)
+
+
 class GPT(nn.Module):
     def __init__(
         self,
@@ -200,21 +217,13 @@ class GPT(nn.Module):
         self.moe_layers = [block.mlp for block in self.blocks if isinstance(block.mlp, MoEFeedForward)]
         self.final_norm = Norm(cfg, sequence_parallel)
 
+    @staticmethod
+    def batch_inputs(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A GPT batch is token windows [b, s + 1]: every position is trained to predict the next token."""
+        return {"input_ids": batch[:, :-1], "labels": batch[:, 1:]}
+
     def parameter_counts(self) -> tuple[int, int]:
-        """(total, active per token) over the whole model, not just this rank's shard: a token meets
-        every dense parameter but only top_k of each MoE layer's experts."""
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        total = active = 0
-        for p in self.parameters():
-            n = getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves an empty tensor in p
-            if getattr(p, "tensor_model_parallel", False):
-                n *= tp
-            if is_expert_parameter(p):  # each rank holds num_experts / ep of them, replicated over TP
-                n *= self.expert_parallel_size
-                total, active = total + n, active + n * self.cfg.moe.top_k / self.cfg.moe.num_experts
-            else:
-                total, active = total + n, active + n
-        return total, int(active)
+        return parameter_counts(self, self.cfg, self.expert_parallel_size)
 
     def moe_metrics(self) -> list[dict]:
         """Per MoE layer, from the last forward: tokens routed to each expert, dropped fraction, router losses."""

@@ -39,6 +39,46 @@ def test_meta_build_matches_the_closed_form(tp, arch):
     assert (built.per_rank < built.total) == (tp > 1)
 
 
+T5_SMALL = ("model.arch=t5", "model.norm=rmsnorm", "model.num_layers=3", "model.num_decoder_layers=2",
+            "model.hidden_size=128", "model.num_heads=8", "model.kv_channels=24", "model.ffn_hidden_size=320",
+            "model.vocab_size=1000")
+
+
+@pytest.mark.parametrize("tp", [1, 2, 8])
+@pytest.mark.parametrize("variant", [(), ("model.feed_forward=gated-gelu", "model.tie_embeddings=false"),
+                                     ("model.moe.num_experts=4", "model.moe.top_k=1")])
+def test_meta_t5_build_matches_the_closed_form(tp, variant):
+    m = load_config(None, [*T5_SMALL, *variant]).model
+    ep = 2 if m.moe and tp < 8 else 1
+    built = built_count(m, 1000, tp, ep)
+    assert built == closed_form_count(m, 1000, tp, ep)
+    assert built.total == closed_form_count(m, 1000, 1, 1).per_rank
+
+
+@pytest.mark.parametrize("name,published", [("t5-base", 223e6), ("t5-large", 738e6), ("t5-11b", 11.3e9)])
+def test_published_t5_sizes_counted_on_the_meta_device(name, published):
+    """T5 v1 as published (and as Hugging Face counts t5-base 222.9M, t5-large 737.7M, t5-11b
+    11.31B): ReLU, output layer tied to the 32128-row embedding, counted once."""
+    cfg = load_config(f"configs/{name}.yaml")
+    count = built_count(cfg.model, cfg.model.vocab_size, cfg.parallel.tp)
+    assert abs(count.total / published - 1) < 0.005, count
+
+
+def test_t5_flops_are_six_per_parameter_per_token_plus_attention():
+    """Per input token, 6N counted over the parameters each token meets: the encoder's at s_in
+    tokens, the decoder's and the output layer's at s_out, plus the attention scores."""
+    cfg = load_config("configs/t5-base.yaml")
+    p = closed_form_plan(cfg, Cluster.of(1, 8, "h100"))
+    m, (s_in, s_out) = cfg.model, cfg.t5_lengths()
+    h, f, v = m.hidden_size, m.ffn_size, m.padded_vocab_size(m.vocab_size)
+    encoder_layer, decoder_layer = 4 * h * h + 2 * h * f, 8 * h * h + 2 * h * f
+    matmul_parameters_times_tokens = (12 * encoder_layer * s_in + 12 * decoder_layer * s_out + v * h * s_out
+                                      - 12 * 2 * h * h * (s_out - s_in))  # cross-attention's k, v read s_in tokens
+    scores = 12 * 4 * h * (s_in * s_in + s_out * s_out + s_out * s_in)
+    per_sequence = 3 * (2 * matmul_parameters_times_tokens + scores)
+    assert p.step.model_flops / (p.step.tokens / s_in) == pytest.approx(per_sequence, rel=1e-9)
+
+
 def test_published_sizes_counted_on_the_meta_device():
     tnlg, gpt3 = load_config(TNLG), load_config("configs/gpt3-175b.yaml")
     tnlg_count = built_count(tnlg.model, 50257, tnlg.parallel.tp)

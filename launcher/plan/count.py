@@ -1,6 +1,6 @@
 """How many parameters one rank holds: the model built on the meta device, and the closed form.
 
-The meta build is the real `models.gpt.GPT` for rank 0 of the layout's tensor-parallel group, so it
+The meta build is the real model (`models.gpt.GPT` or `models.t5.T5`) for rank 0 of the layout's tensor-parallel group, so it
 counts exactly what a training rank allocates, without allocating it. Megatron's layers ask
 `parallel_state` for the TP group, so the build runs inside a world of fake ranks (torch's "fake"
 backend: groups of any size in one process, no communication). Only the model-parallel ranks are
@@ -37,6 +37,12 @@ class ParameterCount:
 
 
 def closed_form_count(m: ModelConfig, vocab_size: int, tp: int, ep: int = 1) -> ParameterCount:
+    if m.arch == "t5":
+        return _t5_closed_form_count(m, vocab_size, tp, ep)
+    return _gpt_closed_form_count(m, vocab_size, tp, ep)
+
+
+def _gpt_closed_form_count(m: ModelConfig, vocab_size: int, tp: int, ep: int) -> ParameterCount:
     """Parameters of models.gpt.GPT: which tensors are split over TP, which every rank replicates, and
     which are experts (num_experts / ep of them per MoE layer on each rank, replicated over TP)."""
     h, f, L = m.hidden_size, m.ffn_size, m.num_layers
@@ -76,16 +82,49 @@ def closed_form_count(m: ModelConfig, vocab_size: int, tp: int, ep: int = 1) -> 
     )
 
 
+def _t5_closed_form_count(m: ModelConfig, vocab_size: int, tp: int, ep: int) -> ParameterCount:
+    """Parameters of models.t5.T5, which has no biases: per encoder layer one attention and per
+    decoder layer two (self and cross), each q, kv and o split over TP; a feed-forward of two (ReLU)
+    or three (gated-GeLU) split matrices; an RMSNorm gain per sub-layer, replicated. Each stack adds
+    its relative-bias table (split by heads) and a final norm; the embedding, and the output layer
+    when untied, are vocabulary-parallel. An MoE layer swaps the feed-forward for a replicated
+    router and whole experts, as in GPT."""
+    h, f = m.hidden_size, m.ffn_size
+    attention = 4 * h * m.num_heads * m.head_dim
+    feed_forward = (3 if m.gated else 2) * h * f
+    e, k = (m.moe.num_experts, m.moe.top_k) if m.moe else (0, 0)
+    expert = 2 * h * f + f + h  # models.moe.Expert: the GPT MLP, with biases
+
+    def layer(attentions: int, moe: bool) -> tuple[int, int, int]:
+        """(split, replicated, experts in the whole model) of one block."""
+        split = attentions * attention + (0 if moe else feed_forward)
+        return split, (attentions + 1) * h + (h * e if moe else 0), e * expert if moe else 0
+
+    layers = [layer(1, m.is_moe_layer(i)) for i in range(m.num_layers)]
+    layers += [layer(2, m.is_moe_layer(i)) for i in range(m.decoder_layers)]
+    split = m.padded_vocab_size(vocab_size) * h * (1 if m.tied else 2) + 2 * m.num_buckets * m.num_heads
+    per_rank_blocks = [s // tp + r + x // ep for s, r, x in layers]
+    experts_total = sum(x for _, _, x in layers)
+    dense_total = sum(s + r for s, r, _ in layers) + split + 2 * h
+    return ParameterCount(
+        per_rank=sum(per_rank_blocks) + split // tp + 2 * h,
+        total=dense_total + experts_total,
+        per_layer_per_rank=max(per_rank_blocks),
+        experts_per_rank=experts_total // ep,
+        active=dense_total + experts_total // e * k if m.moe else None,
+    )
+
+
 def built_count(m: ModelConfig, vocab_size: int, tp: int, ep: int = 1) -> ParameterCount:
     """Build rank 0 of a TP=`tp`, EP=`ep` layout on the meta device and count what it holds; the
     model's own parameter_counts() gives the total and active figures a training run prints."""
     import torch
 
-    from models.gpt import GPT
+    from models import build_model
     from models.moe import is_expert_parameter
 
     with _fake_model_parallel_world(tp, ep if m.moe else None), torch.device("meta"):
-        model = GPT(m, vocab_size, expert_parallel_size=ep)
+        model = build_model(m, vocab_size, expert_parallel_size=ep)
         total, active = model.parameter_counts()
     parameters = list(model.parameters())
     experts = sum(p.numel() for p in parameters if is_expert_parameter(p))

@@ -83,6 +83,8 @@ def memory_per_gpu(cfg: RunConfig, count: ParameterCount, dp: int, vocab_size: i
 def activation_bytes(cfg: RunConfig, vocab_size: int) -> float:
     """Activations one micro-batch keeps for backward (Korthikanti et al. 2022, section 4)."""
     m, p = cfg.model, cfg.parallel
+    if m.arch == "t5":
+        return _t5_activation_bytes(cfg, vocab_size)
     s, b, h, a, L, t = cfg.data.seq_len, cfg.train.micro_batch_size, m.hidden_size, m.num_heads, m.num_layers, p.tp
     v = m.padded_vocab_size(vocab_size)
     if p.sequence_parallel:  # every tensor of the block is split over TP, norms and dropout included
@@ -98,6 +100,38 @@ def activation_bytes(cfg: RunConfig, vocab_size: int) -> float:
         kept = (L - moe_layers) * one_layer + moe_layers * moe_layer
     # Embedding dropout and final norm (4sbh/t) and the fp32 logits for the cross-entropy (4sbv/t).
     head = 4 * s * b * h / t * (1 + v / h)
+    return (kept + head) * BYTES[cfg.train.precision] / 2
+
+
+def _t5_activation_bytes(cfg: RunConfig, vocab_size: int) -> float:
+    """Korthikanti's accounting, sub-layer by sub-layer, for T5's shapes, in the same 16-bit units.
+
+    An attention sub-layer over s_q queries and s_kv keys keeps, replicated over TP, its norm input,
+    the projections' input and the residual dropout mask (5 s_q b h), and split over TP the
+    queries, keys, values and output projection input (2 s_q + 4 s_kv + 2 s_q) b x heads x kv_channels,
+    plus scores, softmax and dropout mask (5 heads s_q s_kv b). A feed-forward keeps 5 s b h
+    replicated and its inner activations split: 4 s b f (ReLU: wi output, ReLU output) or 8 s b f
+    (gated: both inputs, GeLU output, product). For GPT's shapes this is exactly the formula above.
+    The decoder's cross-attention reads the encoder output, kept once. MoE layers are counted as dense.
+    """
+    m, p = cfg.model, cfg.parallel
+    (s_in, s_out), b, h, t = cfg.t5_lengths(), cfg.train.micro_batch_size, m.hidden_size, p.tp
+    inner = m.num_heads * m.head_dim
+
+    def attention(s_q: int, s_kv: int) -> float:
+        return 5 * s_q * b * h + ((4 * s_q + 4 * s_kv) * b * inner + 5 * m.num_heads * s_q * s_kv * b) / t
+
+    def feed_forward(s: int) -> float:
+        return 5 * s * b * h + (8 if m.gated else 4) * s * b * m.ffn_size / t
+
+    encoder_layer = attention(s_in, s_in) + feed_forward(s_in)
+    decoder_layer = attention(s_out, s_out) + attention(s_out, s_in) + feed_forward(s_out)
+    if p.activation_checkpointing:  # each block's 16-bit input, and one block rebuilt at a time
+        kept = 2 * b * h * (m.num_layers * s_in + m.decoder_layers * s_out) + max(encoder_layer, decoder_layer)
+    else:
+        kept = m.num_layers * encoder_layer + m.decoder_layers * decoder_layer
+    # The encoder output, read by every cross-attention; final norms and embedding dropouts; fp32 logits.
+    head = 2 * s_in * b * h + 4 * (s_in + s_out) * b * h / t + 4 * s_out * b * m.padded_vocab_size(vocab_size) / t
     return (kept + head) * BYTES[cfg.train.precision] / 2
 
 

@@ -57,6 +57,8 @@ def forward_flops_per_sequence(cfg: RunConfig, vocab_size: int, *, padded: bool 
     plus top_k experts per token, or with `padded`, top_k x capacity factor: what the GPUs compute."""
     m, s = cfg.model, cfg.data.seq_len
     h, f, L = m.hidden_size, m.ffn_size, m.num_layers
+    if m.arch == "t5":
+        return _t5_forward_flops(cfg, vocab_size, padded)
     attention = 2 * s * 4 * h * h + 4 * s * s * h  # QKV, proj; QK^T and attention x V
     mlp = 2 * s * 2 * h * f
     moe_layers = _moe_layers(cfg)
@@ -65,6 +67,29 @@ def forward_flops_per_sequence(cfg: RunConfig, vocab_size: int, *, padded: bool 
         experts_per_token = m.moe.top_k * (m.moe.capacity_factor if padded else 1)
         blocks += moe_layers * (experts_per_token * mlp + 2 * s * h * m.moe.num_experts)
     return blocks, 2 * s * h * m.padded_vocab_size(vocab_size)
+
+
+def _t5_forward_flops(cfg: RunConfig, vocab_size: int, padded: bool) -> tuple[float, float]:
+    """The same count for T5: q, kv and o projections of width heads x kv_channels; scores over the
+    encoder (bidirectional), the decoder (causal, counted in full as Megatron does) and, in the
+    decoder, over the encoder output; a 2- or 3-matrix feed-forward (or an MoE layer's experts)."""
+    m = cfg.model
+    s_in, s_out = cfg.t5_lengths()
+    h, f, inner = m.hidden_size, m.ffn_size, m.num_heads * m.head_dim
+
+    def attention(s_q: int, s_kv: int) -> float:
+        return 2 * s_q * 2 * h * inner + 2 * s_kv * 2 * h * inner + 4 * s_q * s_kv * inner
+
+    def feed_forward(s: int, layer: int) -> float:
+        if not m.is_moe_layer(layer):
+            return 2 * s * (3 if m.gated else 2) * h * f
+        experts_per_token = m.moe.top_k * (m.moe.capacity_factor if padded else 1)
+        return experts_per_token * 2 * s * 2 * h * f + 2 * s * h * m.moe.num_experts
+
+    encoder = sum(attention(s_in, s_in) + feed_forward(s_in, i) for i in range(m.num_layers))
+    decoder = sum(attention(s_out, s_out) + attention(s_out, s_in) + feed_forward(s_out, i)
+                  for i in range(m.decoder_layers))
+    return encoder + decoder, 2 * s_out * h * m.padded_vocab_size(vocab_size)
 
 
 def tp_bytes_per_step(cfg: RunConfig) -> float:
@@ -77,6 +102,11 @@ def tp_bytes_per_step(cfg: RunConfig) -> float:
     if t == 1:
         return 0.0
     per_sublayer = 3 if p.activation_checkpointing else 2
+    if cfg.model.arch == "t5":  # 2 sub-layers per encoder layer on s_in tokens, 3 per decoder layer on s_out
+        s_in, s_out = cfg.t5_lengths()
+        m = cfg.model
+        messages = (2 * m.num_layers * per_sublayer + 1) * s_in + (3 * m.decoder_layers * per_sublayer + 2) * s_out
+        return cfg.train.grad_accum * messages * 2 * (t - 1) / t * _message_bytes(cfg) / cfg.data.seq_len
     moe_layers = _moe_layers(cfg)
     all_reduces = (2 * cfg.model.num_layers - moe_layers) * per_sublayer + 2
     all_gathers = moe_layers * per_sublayer * _capacity_per_token(cfg)  # in messages

@@ -1,0 +1,255 @@
+"""Issue 6's scenarios: T5 against Hugging Face's implementation, and T5 under TP and ZeRO-3 against
+one process (see harness.py; the world-size-2 ones run in the same launch as the GPT scenarios).
+
+The tiny T5 has heads narrower than hidden / heads (kv_channels), a decoder deeper than its encoder,
+and sequences longer than the relative bias's max_distance, so every T5-specific path is exercised.
+"""
+import torch
+
+from tests.distributed.harness import scenario
+from tests.distributed.scenarios import gather_tp
+
+VOCAB = 512
+GLOBAL_BATCH = 4
+SENTINELS = tuple(range(VOCAB - 1, VOCAB - 101, -1))  # T5's convention: <extra_id_k> is the k-th id from the top
+EOD, PAD = 1, 0  # T5's ids: the decoder starts from pad = 0
+T5_V1 = ("model.feed_forward=relu", "model.tie_embeddings=true")
+T5_V1_1 = ("model.feed_forward=gated-gelu", "model.tie_embeddings=false")
+
+
+def t5_config(*overrides: str):
+    from launcher.config import load_config
+
+    return load_config(None, [
+        "model.arch=t5", "model.norm=rmsnorm", "model.norm_eps=1e-6", "model.num_layers=2",
+        "model.num_decoder_layers=3", "model.hidden_size=64", "model.num_heads=4", "model.kv_channels=8",
+        "model.ffn_hidden_size=96", "model.relative_attention_num_buckets=8",
+        "model.relative_attention_max_distance=16", f"model.vocab_size={VOCAB}", "data.seq_len=40",
+        "train.steps=3", f"train.micro_batch_size={GLOBAL_BATCH}", "optim.lr=3e-3", "optim.warmup_steps=1",
+        "optim.min_lr=3e-4", "logging.run_dir=/tmp/parallax-test-runs/t5", *overrides,
+    ])
+
+
+def span_corrupted_batches(cfg):
+    """The same global batches at every layout: span-corrupted counting sequences (each row counts up
+    by its own stride, so the masked spans are predictable and the loss falls within 3 steps)."""
+    from data_pipeline.span_corruption import SpanCorruption
+
+    objective = SpanCorruption(inputs_length=cfg.data.seq_len, noise_density=0.15, mean_noise_span_length=3.0,
+                               sentinels=SENTINELS, eod=EOD, pad=PAD, seed=0)
+    g = torch.Generator().manual_seed(0)
+    shape = (cfg.train.steps, GLOBAL_BATCH, 1)
+    start, stride = torch.randint(0, VOCAB, shape, generator=g), torch.randint(1, 4, shape, generator=g)
+    words = VOCAB - len(SENTINELS) - 2  # ids 2 .. below the sentinels
+    windows = ((start + stride * torch.arange(objective.raw_length)) % words + 2).int().numpy()
+
+    def source(topo):
+        m, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
+        assert m * accum * topo.dp == GLOBAL_BATCH, "a parity scenario must keep the global batch"
+        for step_windows in windows:
+            batch = {name: torch.from_numpy(a) for name, a in objective.batch(list(step_windows), GLOBAL_BATCH).items()}
+            for j in range(accum):
+                first = (j * topo.dp + topo.dp_rank) * m
+                yield {name: t[first:first + m] for name, t in batch.items()}
+    return source
+
+
+def t5_outputs(*overrides: str) -> dict:
+    """Logits, loss and gradients of one forward/backward, gathered to full (TP=1) shapes."""
+    from models.t5 import T5
+    from parallel.topology import init_topology
+
+    cfg = t5_config(*overrides)
+    topo = init_topology(tp=cfg.parallel.tp)
+    torch.manual_seed(cfg.train.seed)
+    model = T5(cfg.model, VOCAB)
+    batch = next(iter(span_corrupted_batches(cfg)(topo)))
+    with torch.no_grad():
+        logits = gather_tp(model(batch["input_ids"], batch["decoder_input_ids"]), -1, topo.tp_group)
+    loss = model(**batch)
+    loss.backward()
+    grads = {
+        name: gather_tp(p.grad, p.partition_dim, topo.tp_group) if getattr(p, "tensor_model_parallel", False)
+        else p.grad
+        for name, p in model.named_parameters()
+    }
+    return {"logits": logits, "loss": loss.item(), "grads": grads}
+
+
+def run_t5_training(*overrides: str) -> list[dict]:
+    from launcher.train import train
+
+    cfg = t5_config(*overrides)
+    return train(cfg, batches=span_corrupted_batches(cfg))
+
+
+def hugging_face_state_dict(model, cfg) -> dict:
+    """Our weights under Hugging Face's names. Our keys and values are one matrix with rows head by
+    head ([k_i, v_i]); Hugging Face keeps k and v apart."""
+    ours = model.state_dict()
+    hf = {"shared.weight": ours["embedding.weight"]}
+    if not cfg.tied:
+        hf["lm_head.weight"] = ours["lm_head.weight"]
+
+    def attention(prefix, hf_prefix):
+        kv = ours[f"{prefix}.kv.weight"].view(cfg.num_heads, 2, cfg.head_dim, cfg.hidden_size)
+        return {f"{hf_prefix}.q.weight": ours[f"{prefix}.q.weight"], f"{hf_prefix}.o.weight": ours[f"{prefix}.o.weight"],
+                f"{hf_prefix}.k.weight": kv[:, 0].reshape(-1, cfg.hidden_size),
+                f"{hf_prefix}.v.weight": kv[:, 1].reshape(-1, cfg.hidden_size)}
+
+    for stack, layers in (("encoder", cfg.num_layers), ("decoder", cfg.decoder_layers)):
+        hf[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = ours[f"{stack}.relative_bias.weight"]
+        hf[f"{stack}.final_layer_norm.weight"] = ours[f"{stack}.final_norm.weight"]
+        for i in range(layers):
+            ours_block, hf_block = f"{stack}.blocks.{i}", f"{stack}.block.{i}.layer"
+            hf.update(attention(f"{ours_block}.self_attn", f"{hf_block}.0.SelfAttention"))
+            hf[f"{hf_block}.0.layer_norm.weight"] = ours[f"{ours_block}.self_attn_norm.weight"]
+            ff = 1
+            if stack == "decoder":
+                hf.update(attention(f"{ours_block}.cross_attn", f"{hf_block}.1.EncDecAttention"))
+                hf[f"{hf_block}.1.layer_norm.weight"] = ours[f"{ours_block}.cross_attn_norm.weight"]
+                ff = 2
+            hf[f"{hf_block}.{ff}.layer_norm.weight"] = ours[f"{ours_block}.ff_norm.weight"]
+            dense = f"{hf_block}.{ff}.DenseReluDense"
+            if cfg.gated:
+                hf[f"{dense}.wi_0.weight"] = ours[f"{ours_block}.ff.wi.weight"]
+                hf[f"{dense}.wi_1.weight"] = ours[f"{ours_block}.ff.wi_gate.weight"]
+            else:
+                hf[f"{dense}.wi.weight"] = ours[f"{ours_block}.ff.wi.weight"]
+            hf[f"{dense}.wo.weight"] = ours[f"{ours_block}.ff.wo.weight"]
+    return hf
+
+
+def hugging_face_parity(*variant: str) -> dict:
+    """Our T5 and transformers' T5ForConditionalGeneration with the same random weights, on the same
+    inputs: both logits and both losses."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from models.t5 import T5
+    from parallel.topology import init_topology
+
+    cfg = t5_config(*variant).model
+    init_topology(tp=1)
+    torch.manual_seed(0)
+    model = T5(cfg, VOCAB).eval()
+    hf = T5ForConditionalGeneration(T5Config(
+        vocab_size=model.vocab_size, d_model=cfg.hidden_size, d_kv=cfg.head_dim, d_ff=cfg.ffn_size,
+        num_layers=cfg.num_layers, num_decoder_layers=cfg.decoder_layers, num_heads=cfg.num_heads,
+        relative_attention_num_buckets=cfg.num_buckets, relative_attention_max_distance=cfg.max_distance,
+        dropout_rate=0.0, layer_norm_epsilon=cfg.norm_eps, feed_forward_proj=cfg.feed_forward,
+        tie_word_embeddings=cfg.tied, decoder_start_token_id=PAD, pad_token_id=PAD, eos_token_id=EOD,
+        attn_implementation="eager",
+    )).eval()
+    if not cfg.tied:  # T5.1.1 has its own output matrix; transformers 5 ties lm_head to the embedding regardless
+        hf.lm_head.weight = torch.nn.Parameter(torch.empty_like(hf.lm_head.weight))
+    weights = hugging_face_state_dict(model, cfg)
+    hf_parameters = dict(hf.named_parameters())
+    assert weights.keys() == hf_parameters.keys(), weights.keys() ^ hf_parameters.keys()
+    with torch.no_grad():
+        for name, value in weights.items():
+            hf_parameters[name].copy_(value)
+
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(2, VOCAB, (3, 48), generator=g)  # longer than max_distance: log-scale buckets
+    labels = torch.randint(2, VOCAB, (3, 20), generator=g)
+    labels[0, -5:] = -100  # ignored positions
+    decoder_input_ids = hf._shift_right(labels)
+    with torch.no_grad():
+        ours_logits = model(input_ids, decoder_input_ids).transpose(0, 1)
+        ours_loss = model(input_ids, decoder_input_ids, labels)
+        out = hf(input_ids=input_ids, labels=labels)
+    return {"ours_logits": ours_logits, "hf_logits": out.logits, "ours_loss": ours_loss.item(), "hf_loss": out.loss.item()}
+
+
+# --- one process --------------------------------------------------------------------------------
+
+@scenario(world_size=1)
+def t5_hugging_face_parity():
+    return hugging_face_parity(*T5_V1)
+
+
+@scenario(world_size=1)
+def t5_1_1_hugging_face_parity():
+    return hugging_face_parity(*T5_V1_1)
+
+
+@scenario(world_size=1)
+def t5_reference_model():
+    return t5_outputs(*T5_V1)
+
+
+@scenario(world_size=1)
+def t5_1_1_reference_model():
+    return t5_outputs(*T5_V1_1)
+
+
+@scenario(world_size=1)
+def t5_reference_training():
+    return run_t5_training(*T5_V1_1, "parallel.zero_stage=0")
+
+
+@scenario(world_size=1)
+def switch_t5_training():
+    """Switch-T5: every other feed-forward of both stacks is a top-1 layer of 4 experts."""
+    return run_t5_training(*T5_V1_1, "parallel.zero_stage=1", "model.moe.num_experts=4", "model.moe.top_k=1",
+                           "model.moe.every=2")
+
+
+@scenario(world_size=1)
+def t5_tiny_training():
+    """configs/t5-tiny.yaml as shipped, on the built-in corpus through the real data pipeline, for 30 steps."""
+    import os
+
+    from launcher.config import load_config
+    from launcher.train import train
+
+    run_dir = os.path.join(os.environ["PARALLAX_SCENARIO_DIR"], "t5-tiny")
+    return train(load_config("configs/t5-tiny.yaml", ["train.steps=30", "optim.warmup_steps=10",
+                                                      f"logging.run_dir={run_dir}", "checkpoint.resume=none"]))
+
+
+@scenario(world_size=1)
+def t5_exact_resume():
+    """A T5 run stopped after step 2 and resumed from its checkpoint (engine, ZeRO-1 states and the
+    span-corrupting loader's state), against the same run uninterrupted: (straight, resumed) losses."""
+    import os
+
+    from launcher.config import load_config
+    from launcher.train import train
+    from parallel.checkpoint import StopRequested
+
+    small = ["model.num_layers=1", "model.num_decoder_layers=1", "train.micro_batch_size=2", "train.steps=4",
+             "checkpoint.interval=2"]
+
+    def run(name: str, *overrides: str) -> list[dict]:
+        run_dir = os.path.join(os.environ["PARALLAX_SCENARIO_DIR"], name)
+        return train(load_config("configs/t5-tiny.yaml", [*small, f"logging.run_dir={run_dir}", *overrides]))
+
+    straight = run("t5-straight")
+    try:
+        run("t5-resumed", "train.stop_at_step=2")
+    except StopRequested:
+        pass
+    return [r["loss"] for r in straight], [r["loss"] for r in run("t5-resumed")]
+
+
+# --- two ranks -----------------------------------------------------------------------------------
+
+@scenario(world_size=2)
+def t5_tp2_model():
+    return t5_outputs(*T5_V1, "parallel.tp=2")
+
+
+@scenario(world_size=2)
+def t5_1_1_tp2_model():
+    return t5_outputs(*T5_V1_1, "parallel.tp=2")
+
+
+@scenario(world_size=2)
+def t5_tp2_activation_checkpointing_training():
+    return run_t5_training(*T5_V1_1, "parallel.tp=2", "parallel.zero_stage=1", "parallel.activation_checkpointing=true")
+
+
+@scenario(world_size=2)
+def t5_dp2_zero3_training():
+    return run_t5_training(*T5_V1_1, f"train.micro_batch_size={GLOBAL_BATCH // 2}", "parallel.zero_stage=3")
