@@ -29,6 +29,7 @@ import random
 import re
 import shutil
 import signal
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -416,7 +417,7 @@ class Checkpointer:
         entries = {}
 
         def fresh_directory():
-            for abandoned in self.root.glob(".step-*.tmp"):  # left by a crash during an earlier save
+            for abandoned in self.root.glob(".step-*.tmp"):  # left by a crash during an earlier save or prune
                 shutil.rmtree(abandoned, ignore_errors=True)
             tmp.mkdir(parents=True)
 
@@ -534,8 +535,14 @@ class Checkpointer:
         error = _os_error(publish)
         if error:
             return f"rank 0: {error}"
+        # Pruning is a rename, then deletion off the training loop's path (deleting hundreds of MB
+        # blocked a save longer than writing it). Renamed to a name resume never reads, a half-deleted
+        # directory is harmless and the next save clears what is left; the thread is not a daemon,
+        # so a rank that ends normally finishes the deletion first.
         for old in checkpoint_steps(self.root)[self.cfg.checkpoint.keep:]:
-            shutil.rmtree(self.root / step_dir_name(old), ignore_errors=True)
+            doomed = self.root / f".{step_dir_name(old)}.pruned.tmp"
+            if _os_error(lambda: os.rename(self.root / step_dir_name(old), doomed)) is None:
+                threading.Thread(target=shutil.rmtree, args=(doomed, True)).start()
         return None
 
     # --- resume ---
