@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from parallel.topology import DeepSpeedMPU, Topology
+from parallel.topology import Topology
 
 if TYPE_CHECKING:
     from launcher.config import OptimConfig, RunConfig
@@ -64,7 +64,7 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology):
         model=model,
         model_parameters=_param_groups(model, optim.weight_decay),
         config=deepspeed_config(cfg, topo),
-        mpu=DeepSpeedMPU(),
+        mpu=topo.mpu,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: warmup_cosine(step, optim, cfg.train.steps) / optim.lr
         ),

@@ -55,6 +55,12 @@ class Topology:
         return groups._get_expert_data_parallel_group(expert_group_name(self.ep))
 
     @property
+    def mpu(self) -> "DeepSpeedMPU":
+        """The adapter create_expert_groups installed for DeepSpeed; its engine takes the same one."""
+        from deepspeed.utils import groups
+        return groups.mpu
+
+    @property
     def is_logging_rank(self) -> bool:
         return self.rank == 0
 
