@@ -50,6 +50,11 @@ def run_training(*overrides: str) -> list[dict]:
     return train(cfg, batches=fixed_batches(cfg))
 
 
+def full_shape(param, tensor: torch.Tensor, tp_group) -> torch.Tensor:
+    """`tensor` (the gradient or a state of `param`) joined over TP to full size if megatron split `param`."""
+    return gather_tp(tensor, param.partition_dim, tp_group) if getattr(param, "tensor_model_parallel", False) else tensor
+
+
 def gather_tp(tensor: torch.Tensor, dim: int, tp_group) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(tp_group))]
     dist.all_gather(parts, tensor.contiguous(), group=tp_group)
@@ -70,11 +75,7 @@ def model_outputs(*overrides: str) -> dict:
         logits = gather_tp(model(tokens[:, :-1]), -1, topo.tp_group)
     loss = model(tokens[:, :-1], tokens[:, 1:])
     loss.backward()
-    grads = {
-        name: gather_tp(p.grad, p.partition_dim, topo.tp_group) if getattr(p, "tensor_model_parallel", False)
-        else p.grad
-        for name, p in model.named_parameters()
-    }
+    grads = {name: full_shape(p, p.grad, topo.tp_group) for name, p in model.named_parameters()}
     return {"logits": logits, "loss": loss.item(), "grads": grads}
 
 

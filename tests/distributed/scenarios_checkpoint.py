@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed.harness import scenario
-from tests.distributed.scenarios import GLOBAL_BATCH, VOCAB, fixed_batches, gather_tp, tiny_config
+from tests.distributed.scenarios import GLOBAL_BATCH, VOCAB, fixed_batches, full_shape, tiny_config
 from tests.distributed.scenarios_moe import MOE
 
 STEPS, SAVED_AT = 20, 10
@@ -100,9 +100,7 @@ def full_tensor(engine, topo, param, key: str) -> torch.Tensor:
     if value is None:  # ZeRO-0 in fp32: the torch optimizer steps the parameter itself
         value = param.data if key == "param" else engine.optimizer.state[param][key]
     value = value.reshape(param.ds_shape if hasattr(param, "ds_id") else param.shape)
-    if getattr(param, "tensor_model_parallel", False) and topo.tp > 1:
-        value = gather_tp(value, param.partition_dim, topo.tp_group)
-    return value.detach().clone()
+    return full_shape(param, value, topo.tp_group).detach().clone()
 
 
 # --- two ranks: exact resume at each layout, and the TP reshards ---------------------------------

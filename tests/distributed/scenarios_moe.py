@@ -3,7 +3,7 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed.harness import scenario
-from tests.distributed.scenarios import GLOBAL_BATCH, gather_tp, fixed_batches, run_training, tiny_config
+from tests.distributed.scenarios import GLOBAL_BATCH, fixed_batches, full_shape, run_training, tiny_config
 
 NUM_EXPERTS = 4
 # Capacity for every token at every layout (capacity factor >= experts / top_k): nothing drops, so
@@ -35,8 +35,7 @@ def moe_gradients(*overrides: str) -> dict:
     experts, dense = {}, {}
     for name, p in model.named_parameters():
         if not is_expert_parameter(p):
-            dense[name] = (gather_tp(p.grad, p.partition_dim, topo.tp_group)
-                           if getattr(p, "tensor_model_parallel", False) else p.grad.clone())
+            dense[name] = full_shape(p, p.grad.clone(), topo.tp_group)
             continue
         # ...deepspeed_experts.<local index>.<weight name>: file under the global expert id
         prefix, local, rest = name.split(".deepspeed_experts.")[0], *name.split(".deepspeed_experts.")[1].split(".", 1)

@@ -7,7 +7,7 @@ and sequences longer than the relative bias's max_distance, so every T5-specific
 import torch
 
 from tests.distributed.harness import scenario
-from tests.distributed.scenarios import gather_tp
+from tests.distributed.scenarios import full_shape, gather_tp
 
 VOCAB = 512
 GLOBAL_BATCH = 4
@@ -68,11 +68,7 @@ def t5_outputs(*overrides: str) -> dict:
         logits = gather_tp(model(batch["input_ids"], batch["decoder_input_ids"]), -1, topo.tp_group)
     loss = model(**batch)
     loss.backward()
-    grads = {
-        name: gather_tp(p.grad, p.partition_dim, topo.tp_group) if getattr(p, "tensor_model_parallel", False)
-        else p.grad
-        for name, p in model.named_parameters()
-    }
+    grads = {name: full_shape(p, p.grad, topo.tp_group) for name, p in model.named_parameters()}
     return {"logits": logits, "loss": loss.item(), "grads": grads}
 
 
