@@ -179,11 +179,6 @@ def _owners(sizes: list[int], world_size: int) -> list[int]:
     return owner
 
 
-def _is_expert(param) -> bool:
-    """DeepSpeed marks expert parameters: their gradients are reduced over the expert-DP group only."""
-    return getattr(param, "allreduce", True) is False
-
-
 def _replicated_over_dp(param) -> bool:
     """At ZeRO-0 (fp32) every DP rank holds and steps the whole parameter; ZeRO partitions it."""
     return not hasattr(param, "ds_id") and not hasattr(param, "_hp_mapping")
@@ -458,6 +453,8 @@ class Checkpointer:
         """What this rank writes: the fragment its optimizer holds of each parameter, unless a peer
         holds the very same numbers and writes them instead (the TP peers of a replicated parameter,
         the DP replicas at ZeRO-0). Every number is written once, and no rank waits for another."""
+        from deepspeed.moe.utils import is_moe_param
+
         topo = self.topo
         _link_optimizer_state(self.engine)
         named = list(self.engine.module.named_parameters())
@@ -468,7 +465,7 @@ class Checkpointer:
             if dim is None and topo.tp_rank != 0:
                 continue
             if _replicated_over_dp(param):
-                group = topo.expert_dp_group if _is_expert(param) else topo.dp_group
+                group = topo.expert_dp_group if is_moe_param(param) else topo.dp_group
                 if writer % dist.get_world_size(group) != dist.get_rank(group):
                     continue
             held = {key: _held_fragment(self.engine, param, key) for key in (MASTER, *ADAM_MOMENTS)}
@@ -488,7 +485,9 @@ class Checkpointer:
     def _saved_name(self, name: str, param) -> str:
         """Experts are saved under their global index, so a checkpoint loads at any EP size: local
         expert i of EP rank r is expert r x (experts per rank) + i."""
-        if not _is_expert(param):
+        from deepspeed.moe.utils import is_moe_param
+
+        if not is_moe_param(param):
             return name
         per_rank = self.cfg.model.moe.num_experts // self.topo.ep
         return re.sub(r"(deepspeed_experts\.)(\d+)\.",
