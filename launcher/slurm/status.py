@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
-import yaml
-
-from launcher.config import ConfigError
+from launcher.config import ConfigError, RunConfig, load_config
 from launcher.slurm.jobs import describe_job, recorded_jobs
 from parallel.checkpoint import LATEST, checkpoint_root
 
@@ -25,7 +24,9 @@ def _run(args) -> None:
 def describe(run_dir: Path) -> str:
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} does not exist; pass a run's logging.run_dir")
-    return "\n".join([f"run         {run_dir}", *_jobs(run_dir), _checkpoint(run_dir), _progress(run_dir)])
+    # The resolved config rank 0 wrote at start (checkpoint.dir may point outside the run directory).
+    cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else None
+    return "\n".join([f"run         {run_dir}", *_jobs(run_dir), _checkpoint(run_dir, cfg), _progress(run_dir, cfg)])
 
 
 def _jobs(run_dir: Path) -> list[str]:
@@ -35,8 +36,8 @@ def _jobs(run_dir: Path) -> list[str]:
     return [f"job {job_id:<8}{describe_job(job_id)} (submitted {submitted})" for job_id, submitted in jobs]
 
 
-def _checkpoint(run_dir: Path) -> str:
-    root = checkpoint_root(_saved_config(run_dir)) if (run_dir / "config.yaml").exists() else run_dir / "checkpoints"
+def _checkpoint(run_dir: Path, cfg: Optional[RunConfig]) -> str:
+    root = checkpoint_root(cfg) if cfg else run_dir / "checkpoints"
     latest = root / LATEST
     if not latest.exists():
         return "checkpoint  none yet"
@@ -44,19 +45,13 @@ def _checkpoint(run_dir: Path) -> str:
     return f"checkpoint  step {int(name.removeprefix('step-'))} ({root / name})"
 
 
-def _progress(run_dir: Path) -> str:
+def _progress(run_dir: Path, cfg: Optional[RunConfig]) -> str:
     metrics = run_dir / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.exists() else []
     if not lines:
         return "progress    no step logged yet"
     last = json.loads(lines[-1])
-    total = _saved_config(run_dir).train.steps if (run_dir / "config.yaml").exists() else "?"
+    total = cfg.train.steps if cfg else "?"
     return (f"progress    step {last['step']}/{total}, loss {last['loss']:.4f}, "
             f"{last['tokens_per_s']:,.0f} tokens/s, {last['step_seconds']:.3f} s/step (last logged step)")
 
-
-def _saved_config(run_dir: Path):
-    """The resolved config rank 0 wrote at start (checkpoint.dir may point outside the run directory)."""
-    from launcher.config import RunConfig
-
-    return RunConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
