@@ -204,3 +204,19 @@ def test_status_shows_job_state_last_checkpoint_and_throughput(cluster, uninterr
         jobs.write("987654 2026-01-01T00:00:00Z\n")
     proc = parallax("status", str(run_dir), env=cluster.env)
     assert "job 987654  unknown to SLURM" in proc.stdout, proc.stdout
+
+
+def test_status_finds_the_checkpoints_of_a_run_launched_with_a_relative_run_dir(tmp_path):
+    """logging.run_dir is often relative to where the run was launched; status is given the real path."""
+    from launcher.config import load_config
+
+    run_dir = tmp_path / "elsewhere" / "tiny"
+    (run_dir / "checkpoints" / "step-00000010").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("step-00000010")
+    (run_dir / "config.yaml").write_text(load_config(REPO / TINY[0], ["logging.run_dir=runs/tiny"]).to_yaml())
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 7.5, "tokens_per_s": 1234.0,
+                                                       "step_seconds": 0.5}) + "\n")
+    proc = parallax("status", str(run_dir))  # from the repository, where runs/tiny is not this run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"checkpoint  step 10 ({run_dir / 'checkpoints' / 'step-00000010'})" in proc.stdout.splitlines(), proc.stdout
+    assert "progress    step 10/300, loss 7.5000, 1,234 tokens/s" in proc.stdout, proc.stdout

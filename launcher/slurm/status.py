@@ -8,7 +8,7 @@ from typing import Optional
 
 from launcher.config import ConfigError, RunConfig, load_config
 from launcher.slurm.jobs import describe_job, recorded_jobs
-from parallel.checkpoint import LATEST, checkpoint_root
+from parallel.checkpoint import LATEST
 
 
 def add_status_command(commands) -> None:
@@ -37,7 +37,9 @@ def _jobs(run_dir: Path) -> list[str]:
 
 
 def _checkpoint(run_dir: Path, cfg: Optional[RunConfig]) -> str:
-    root = checkpoint_root(cfg) if cfg else run_dir / "checkpoints"
+    # The default checkpoint directory is inside the run directory; its logging.run_dir may be
+    # relative to wherever the run was launched, so find it from the RUN_DIR given here.
+    root = Path(cfg.checkpoint.dir) if cfg and cfg.checkpoint.dir else run_dir / "checkpoints"
     latest = root / LATEST
     if not latest.exists():
         return "checkpoint  none yet"
