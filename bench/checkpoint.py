@@ -4,11 +4,12 @@
 
 Starts `--nproc` gloo ranks (ZeRO-1), takes two optimizer steps so Adam has state, then runs
 alternating rounds of: one sharded save (the time the training loop is blocked, since saving is
-synchronous; it includes pruning the previous checkpoint, keep=1), rank 0's torch.save of the very
-same tensors (fp32 masters and both Adam moments, every parameter), torch.save followed by fsync
-(a Parallax save is durable; torch.save alone leaves the data in the page cache), one resume into
-the same engine (manifest verification included) and one torch.load. Medians are printed. Files go
-to --dir (default: a temporary directory); the page cache is warm for reads, and dirty pages are
+synchronous; keep=1, so it also renames the previous checkpoint away, and the background deletion
+of that one finishes before the next measurement starts), rank 0's torch.save of the very same
+tensors (fp32 masters and both Adam moments, every parameter), torch.save followed by fsync (a
+Parallax save is durable; torch.save alone leaves the data in the page cache), one resume into the
+same engine (manifest verification included) and one torch.load. Medians are printed. Files go to
+--dir (default: a temporary directory); the page cache is warm for reads, and dirty pages are
 written back before each measurement so none pays for another's write-back.
 """
 from __future__ import annotations
@@ -71,6 +72,8 @@ def _rank_main(args) -> None:
     baseline = Path(args.dir) / "torch-save.pt"
 
     def timed(action) -> float:
+        while any(checkpointer.root.glob(".step-*.pruned.tmp")):  # a save's pruning thread deletes the old one
+            time.sleep(0.01)
         os.sync()  # each measurement starts with no dirty pages of another one waiting to be written back
         dist.barrier()
         started = time.perf_counter()

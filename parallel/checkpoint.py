@@ -248,9 +248,14 @@ class _ChecksummedFile:
 
 
 def _save_file(obj, path: Path) -> dict:
+    from torch.utils.serialization import config
+
     out = _ChecksummedFile(path)
     try:
-        torch.save(obj, out)
+        # The manifest's crc32 covers every byte of the file, so the zip format's own crc32 of each
+        # record would checksum the same bytes twice; skipping it makes a save ~1.5x faster.
+        with config.patch({"save.compute_crc32": False}):
+            torch.save(obj, out)
     except RuntimeError:
         if out.failure is None:
             raise
