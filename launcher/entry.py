@@ -11,7 +11,7 @@ import warnings
 from launcher.config import load_config
 from launcher.errors import REQUEUE_EXIT_CODE, SAVE_FAILED_EXIT_CODE, USER_ERROR_EXIT_CODE, USER_ERRORS, exit_with
 from launcher.slurm.env import SlurmError, set_torch_rendezvous
-from parallel.checkpoint import CheckpointError, SaveFailed, StopRequested
+from parallel.checkpoint import CheckpointError, SaveFailed, StopRequested, listen_for_stop_signals
 
 
 def _quiet_third_party_logs() -> None:
@@ -24,6 +24,7 @@ def _quiet_third_party_logs() -> None:
 
 
 def main(argv=None) -> None:
+    listen_for_stop_signals()  # before the seconds to minutes of start-up: imports, model, resume
     argv = sys.argv[1:] if argv is None else argv
     _quiet_third_party_logs()
     try:

@@ -384,10 +384,14 @@ def _set_rng_state(state: dict) -> None:
 _stop_signal: list[Optional[int]] = [None]  # set by the handler, read at the end of each step
 
 
-def _listen_for_stop_signals() -> None:
+def listen_for_stop_signals() -> None:
     """SIGTERM (preemption, scancel, torchrun's shutdown) and SIGUSR1 (SLURM's --signal warning) only
-    raise a flag: the step in flight finishes, the loop saves, and the run exits "requeue me"."""
-    _stop_signal[0] = None
+    raise a flag: the step in flight finishes, the loop saves, and the run exits "requeue me".
+
+    A rank listens from its first moments (launcher/entry.py), and a signal received before the
+    training loop starts is kept: a warning that lands while a rank imports, builds its model or
+    loads a large checkpoint stops the run after its first step instead of killing it.
+    """
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, lambda received, frame: _stop_signal.__setitem__(0, received))
 
@@ -408,7 +412,7 @@ class Checkpointer:
         self.cfg, self.topo, self.engine, self.loader = cfg, topo, engine, loader
         self.root = checkpoint_root(cfg)
         self.stopping = False
-        _listen_for_stop_signals()
+        listen_for_stop_signals()
 
 
     def _say(self, line: str) -> None:

@@ -5,9 +5,11 @@ Every run trains the same 30 steps; one uninterrupted run is the reference, and 
 must end on exactly its final loss (CPU fp32 resume is bitwise).
 """
 import json
+import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -156,6 +158,55 @@ def test_sigterm_and_sigusr1_save_and_exit_requeue_then_resume(reference, tmp_pa
     proc = parallax_train(run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from {checkpoints(run_dir) / f'step-{stopped:08d}'}" in proc.stdout
+    assert final_loss(run_dir) == final_loss(reference)
+
+
+def start_rank(run_dir: Path, rank: int, port: int) -> subprocess.Popen:
+    """One rank started as srun starts it: the entry point alone, with torch's env:// variables."""
+    config, _, _, *overrides = TINY  # without --nproc 2, which is the launcher's
+    env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    return subprocess.Popen([sys.executable, "-m", "launcher.entry", config, *overrides, f"logging.run_dir={run_dir}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_until_it_catches(rank: subprocess.Popen, signum: int, timeout: float = 120) -> None:
+    """Until the process has a handler for `signum` (the kernel's SigCgt mask in /proc)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert rank.poll() is None, f"the rank ended:\n{rank.stdout.read()[-3000:]}"
+        status = Path(f"/proc/{rank.pid}/status").read_text()
+        caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.M)[1], 16)
+        if caught >> (signum - 1) & 1:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the rank never caught {signal.Signals(signum).name} while it waited for its peer")
+
+
+def test_a_warning_signal_during_start_up_is_kept_and_stops_after_the_first_step(reference, tmp_path):
+    """SLURM's warning may land while a rank is still starting: importing, waiting for its peers,
+    building the model, loading the checkpoint. Rank 0 gets it while its peer has not even started;
+    it must not die but stop after its first step with a checkpoint, and the run then finishes."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    shutil.rmtree(checkpoints(run_dir) / "step-00000030")
+    (checkpoints(run_dir) / "latest").write_text("step-00000025")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    first = start_rank(run_dir, 0, port)
+    wait_until_it_catches(first, signal.SIGUSR1)
+    first.send_signal(signal.SIGUSR1)
+    time.sleep(0.5)
+    assert first.poll() is None, f"the warning killed the rank:\n{first.stdout.read()[-3000:]}"
+    second = start_rank(run_dir, 1, port)
+    outputs = [rank.communicate(timeout=600)[0] for rank in (first, second)]
+    assert [first.returncode, second.returncode] == [REQUEUE_EXIT_CODE] * 2, outputs[0][-3000:] + outputs[1][-3000:]
+    assert "resumed from" in outputs[0] and "stopping after step 26 (SIGUSR1)" in outputs[0], outputs[0][-3000:]
+    assert (checkpoints(run_dir) / "latest").read_text() == "step-00000026"
+
+    proc = parallax_train(run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert final_loss(run_dir) == final_loss(reference)
 
 
