@@ -11,6 +11,7 @@ from launcher.cli import main
 from tests.data.corpora import write_id_corpus
 from tests.data.test_resume import through_a_checkpoint_file
 from tests.distributed.scenarios_t5 import GLOBAL_BATCH
+from tests.test_moe import MOE_TOL
 from tests.test_parity import assert_model_matches, assert_training_matches
 
 HF_TOL = 1e-4
@@ -51,6 +52,13 @@ def test_switch_t5_trains_and_reports_each_expert_layer(scenario_results):
     assert [layer["layer"] for layer in history[0]["moe"]] == [1, 3]
     routed = sum(history[0]["moe"][0]["tokens_per_expert"])
     assert routed == GLOBAL_BATCH * 40, "top-1: every encoder token goes to one expert"
+
+
+def test_switch_t5_at_ep2_matches_one_process_over_three_steps(scenario_results):
+    """The two EP ranks hold two experts each and exchange tokens all-to-all in both stacks."""
+    reference = scenario_results("switch_t5_reference_training")
+    assert reference[-1]["loss"] < reference[0]["loss"], "the reference itself must learn"
+    assert_training_matches(reference, scenario_results("switch_t5_ep2_training"), tol=MOE_TOL)
 
 
 def test_t5_tiny_config_trains_on_cpu_and_its_loss_falls(scenario_results):

@@ -191,6 +191,16 @@ def switch_t5_training():
                            "model.moe.every=2")
 
 
+# Switch-T5 at any EP size computes what one process computes when no token is dropped (capacity
+# for every token: factor = experts / top_k) and the load-balancing loss, a per-DP-rank quantity, is off.
+SWITCH_PARITY = ("model.moe={num_experts: 4, every: 2, top_k: 1, capacity_factor: 4.0, aux_loss_coef: 0.0}",)
+
+
+@scenario(world_size=1)
+def switch_t5_reference_training():
+    return run_t5_training(*T5_V1_1, *SWITCH_PARITY, "parallel.zero_stage=0")
+
+
 @scenario(world_size=1)
 def t5_tiny_training():
     """configs/t5-tiny.yaml as shipped, on the built-in corpus through the real data pipeline, for 30 steps."""
@@ -249,3 +259,9 @@ def t5_tp2_activation_checkpointing_training():
 @scenario(world_size=2)
 def t5_dp2_zero3_training():
     return run_t5_training(*T5_V1_1, f"train.micro_batch_size={GLOBAL_BATCH // 2}", "parallel.zero_stage=3")
+
+
+@scenario(world_size=2)
+def switch_t5_ep2_training():
+    return run_t5_training(*T5_V1_1, *SWITCH_PARITY, "parallel.ep=2", "parallel.zero_stage=1",
+                           f"train.micro_batch_size={GLOBAL_BATCH // 2}")
