@@ -101,6 +101,19 @@ def test_dry_run_prints_the_script_and_submits_nothing(tmp_path):
     assert not run_dir.exists(), "a dry run writes nothing"
 
 
+def test_submit_from_a_non_editable_install_says_in_one_line_that_it_needs_the_source_checkout(tmp_path):
+    """`pip install .` ships the Python packages but not slurm/job.sbatch."""
+    site = tmp_path / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(REPO)],
+                         capture_output=True, text=True, timeout=600)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    proc = subprocess.run([*PARALLAX, "submit", str(REPO / TINY[0]), *TINY[1:], *CPU_JOB, "--dry-run",
+                           f"logging.run_dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(site), "DS_ACCELERATOR": "cpu"}, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert f"{site / 'slurm' / 'job.sbatch'} is missing" in proc.stderr and "pip install -e ." in proc.stderr
+
+
 def test_submit_refuses_a_gpu_layout_that_cannot_fit_with_the_plans_advice(tmp_path):
     """T-NLG 17B without tensor parallelism needs ~75 GiB per 32 GB V100: refused before sbatch."""
     run_dir = tmp_path / "run"

@@ -103,6 +103,9 @@ def render_script(cfg: RunConfig, args, tasks_per_node: int) -> str:
                  f"--partition={args.partition}" if args.partition else None,
                  f"--time={args.time}" if args.time else None,
                  f"--account={args.account}" if args.account else None]
+    if not TEMPLATE.is_file():
+        raise ConfigError(f"the sbatch template {TEMPLATE} is missing; `parallax submit` runs from a source checkout "
+                          "installed with `pip install -e .` (as `make demo` does)")
     return render(TEMPLATE.read_text(), {
         "run_dir": str(run_dir),
         "job_name": run_dir.name,
