@@ -95,8 +95,17 @@ def _held_fragment(engine, param, key: str) -> Optional[tuple[int, torch.Tensor]
         if mapping is None:
             return None
         return mapping.lp_fragment_address.start, mapping.get_hp_fragment(None if key == MASTER else key)
-    # ZeRO-0 in fp32: the torch optimizer steps the model's own parameters
-    return 0, (param.data if key == MASTER else engine.optimizer.state[param][key]).flatten()
+    return 0, _zero0_fp32(engine, param, key)
+
+
+def _zero0_fp32(engine, param, key: str) -> torch.Tensor:
+    """At ZeRO-0, `param`'s whole fp32 master or Adam moment, flat. In fp32 the torch optimizer steps
+    the model's own parameters; in bf16 and fp16 DeepSpeed's FP16_UnfusedOptimizer (the wrapper it
+    puts around torch's AdamW) steps an fp32 copy of each."""
+    opt, master = engine.optimizer, param
+    for params, copies in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", [])):
+        master = next((copy for p, copy in zip(params, copies) if p is param), master)
+    return (master.data if key == MASTER else _base_optimizer(engine).state[master][key]).flatten()
 
 
 def _write_local(engine, param, key: str, value: torch.Tensor, dp_rank: int, dp: int) -> None:
@@ -111,9 +120,17 @@ def _write_local(engine, param, key: str, value: torch.Tensor, dp_rank: int, dp:
         mine = flat.narrow(0, n * dp_rank, n)
         safe_set_local_fp32_param(param, mine) if key == MASTER else safe_set_local_optimizer_state(param, mine, key)
     elif hasattr(param, "_hp_mapping"):  # ZeRO-1/2 and the bf16 optimizer
-        safe_set_full_fp32_param(param, value) if key == MASTER else safe_set_full_optimizer_state(param, value, key)
-    else:
-        (param.data if key == MASTER else engine.optimizer.state[param][key]).copy_(value)
+        if key == MASTER:
+            safe_set_full_fp32_param(param, value)
+            # Each rank keeps the whole low-precision weight and has the whole value here, so it writes
+            # it itself: the engine's own refresh would all-gather the weights over DP (half of a load).
+            param.data.copy_(value)
+        else:
+            safe_set_full_optimizer_state(param, value, key)
+    else:  # ZeRO-0: every DP rank holds the whole tensor
+        _zero0_fp32(engine, param, key).copy_(value.flatten())
+        if key == MASTER:
+            param.data.copy_(value)  # the bf16/fp16 weight the forward pass reads (in fp32, the master itself)
 
 
 def _base_optimizer(engine) -> torch.optim.Optimizer:
@@ -153,14 +170,12 @@ def _link_optimizer_state(engine) -> None:
 
 
 def _refresh_model_weights(engine) -> None:
-    """Copy the restored fp32 masters into the weights the forward pass reads."""
+    """ZeRO-3: copy the restored fp32 master partitions into the partitions the forward pass gathers.
+    (ZeRO-0, 1 and 2 keep whole weights on every rank, which _write_local writes.)"""
     opt = engine.optimizer
-    if hasattr(opt, "update_lp_params"):  # ZeRO-1/2 and the bf16 optimizer
-        opt.update_lp_params()
-    elif hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+    if hasattr(opt, "fp32_partitioned_groups_flat"):
         for sub_group in range(len(opt.fp32_partitioned_groups_flat)):
             opt._reassign_or_swap_out_partitioned_parameters(sub_group)
-    # ZeRO-0 in fp32: the master is the model's own parameter, already written.
 
 
 def _tp_partition(param) -> Optional[int]:
@@ -181,7 +196,7 @@ def _owners(sizes: list[int], world_size: int) -> list[int]:
 
 
 def _replicated_over_dp(param) -> bool:
-    """At ZeRO-0 (fp32) every DP rank holds and steps the whole parameter; ZeRO partitions it."""
+    """At ZeRO-0 every DP rank holds and steps the whole parameter; ZeRO partitions it."""
     return not hasattr(param, "ds_id") and not hasattr(param, "_hp_mapping")
 
 

@@ -18,7 +18,7 @@ LOSS_CURVE_TOL = 1e-4
 
 @pytest.mark.parametrize("name", [
     "exact_resume_dp2_zero0", "exact_resume_dp2_zero1", "exact_resume_dp2_zero2", "exact_resume_dp2_zero3",
-    "exact_resume_tp2", "exact_resume_ep2",
+    "exact_resume_dp2_zero0_bf16", "exact_resume_dp2_zero1_bf16", "exact_resume_tp2", "exact_resume_ep2",
 ])
 def test_resumed_losses_are_bitwise_equal(scenario_results, name):
     runs = scenario_results(name)

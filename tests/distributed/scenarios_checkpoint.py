@@ -126,6 +126,17 @@ def exact_resume_dp2_zero3():
 
 
 @scenario(world_size=2)
+def exact_resume_dp2_zero0_bf16():
+    """DeepSpeed's bf16 optimizer: fp32 masters and moments partitioned over DP, bf16 weights."""
+    return straight_and_resumed("dp2-zero0-bf16", "train.precision=bf16", *layout(1, 2, 0))
+
+
+@scenario(world_size=2)
+def exact_resume_dp2_zero1_bf16():
+    return straight_and_resumed("dp2-zero1-bf16", "train.precision=bf16", *layout(1, 2, 1))
+
+
+@scenario(world_size=2)
 def exact_resume_tp2():
     return straight_and_resumed("tp2-zero1", *layout(2, 1, 1))
 
