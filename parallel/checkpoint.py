@@ -129,8 +129,8 @@ def _write_local(engine, param, key: str, value: torch.Tensor, dp_rank: int, dp:
             safe_set_full_optimizer_state(param, value, key)
     else:  # ZeRO-0: every DP rank holds the whole tensor
         _zero0_fp32(engine, param, key).copy_(value.flatten())
-        if key == MASTER:
-            param.data.copy_(value)  # the bf16/fp16 weight the forward pass reads (in fp32, the master itself)
+        if key == MASTER and param.dtype != torch.float32:
+            param.data.copy_(value)  # the bf16/fp16 weight the forward pass reads; in fp32 it is the master itself
 
 
 def _base_optimizer(engine) -> torch.optim.Optimizer:
@@ -428,7 +428,6 @@ class Checkpointer:
         self.root = checkpoint_root(cfg)
         self.stopping = False
         listen_for_stop_signals()
-
 
     def _say(self, line: str) -> None:
         if self.topo.is_logging_rank:

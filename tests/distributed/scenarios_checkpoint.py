@@ -127,12 +127,13 @@ def exact_resume_dp2_zero3():
 
 @scenario(world_size=2)
 def exact_resume_dp2_zero0_bf16():
-    """DeepSpeed's bf16 optimizer: fp32 masters and moments partitioned over DP, bf16 weights."""
+    """DeepSpeed's FP16_UnfusedOptimizer: every rank steps whole fp32 copies of the bf16 weights."""
     return straight_and_resumed("dp2-zero0-bf16", "train.precision=bf16", *layout(1, 2, 0))
 
 
 @scenario(world_size=2)
 def exact_resume_dp2_zero1_bf16():
+    """ZeRO-1 with bf16 weights: fp32 masters and moments partitioned over DP, whole bf16 weights on each rank."""
     return straight_and_resumed("dp2-zero1-bf16", "train.precision=bf16", *layout(1, 2, 1))
 
 
