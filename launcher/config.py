@@ -34,6 +34,9 @@ class ParallelConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 1
     sequence_parallel: bool = False
     activation_checkpointing: bool = False
+    timeout_minutes: float = Field(
+        30, gt=0, description="a collective that waits this long (a dead or hung peer) fails the run instead of "
+        "holding every GPU of the job until the time limit")
 
 
 class OptimConfig(_Section):

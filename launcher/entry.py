@@ -9,9 +9,11 @@ import sys
 import warnings
 
 from launcher.config import load_config
-from launcher.errors import REQUEUE_EXIT_CODE, SAVE_FAILED_EXIT_CODE, USER_ERROR_EXIT_CODE, USER_ERRORS, exit_with
+from launcher.errors import (REQUEUE_EXIT_CODE, SAVE_FAILED_EXIT_CODE, USER_ERROR_EXIT_CODE, USER_ERRORS, SaveFailed,
+                             exit_with)
 from launcher.slurm.env import SlurmError, set_torch_rendezvous
-from parallel.checkpoint import CheckpointError, SaveFailed, StopRequested, listen_for_stop_signals
+from launcher.stopping import StopRequested, listen_for_stop_signals
+from parallel.checkpoint import CheckpointError
 
 
 def _quiet_third_party_logs() -> None:
@@ -37,6 +39,9 @@ def main(argv=None) -> None:
     try:
         cfg = load_config(argv[0], argv[1:])
         cfg.check_world_size(int(os.environ.get("WORLD_SIZE", "1")))
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+            # torchrun restarted the ranks after a crash: the newest checkpoint is at least as new as the one named
+            cfg.checkpoint.resume = "auto"
         train(cfg)
     except (CheckpointError, SaveFailed) as e:  # every rank reached the same verdict together: rank 0 says it
         if rank == "0":

@@ -1,8 +1,9 @@
-"""What rank 0 tells the user and the run directory about each step.
+"""What rank 0 tells the user and the run directory about the steps.
 
 A live one-line progress bar on a terminal, plain log lines otherwise (SLURM output files, CI),
 one JSON line per step in `metrics.jsonl` for tools and tests, and TensorBoard events
-(launcher/tensorboard_log.py) from whichever ranks write them.
+(launcher/tensorboard_log.py) from whichever ranks write them. The loop hands over the records of
+every step since the last logging step at once; the last of them carries the throughput.
 """
 from __future__ import annotations
 
@@ -13,19 +14,24 @@ from pathlib import Path
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, total_steps: int, interval: int, enabled: bool, tensorboard=None):
-        self.total_steps, self.interval, self.enabled, self.tensorboard = total_steps, interval, enabled, tensorboard
+    def __init__(self, run_dir: Path, total_steps: int, enabled: bool, tensorboard=None):
+        self.total_steps, self.enabled, self.tensorboard = total_steps, enabled, tensorboard
         self.live = enabled and sys.stdout.isatty()
         self.started = time.perf_counter()
         self.metrics = open(run_dir / "metrics.jsonl", "a") if enabled else None
 
-    def step(self, record: dict) -> None:
+    def say(self, line: str) -> None:
+        if self.enabled:
+            print(f"parallax: {line}", flush=True)
+
+    def write(self, records: list[dict]) -> None:
         if self.tensorboard:
-            self.tensorboard.step(record)
+            self.tensorboard.write(records)
         if not self.enabled:
             return
-        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.write("".join(json.dumps(record) + "\n" for record in records))
         self.metrics.flush()
+        record = records[-1]
         step = record["step"]
         line = (
             f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}  loss {record['loss']:.4f}  "
@@ -35,7 +41,7 @@ class RunLog:
             done = int(30 * step / self.total_steps)
             end = "\n" if step == self.total_steps else ""
             print(f"\r[{'#' * done}{'.' * (30 - done)}] {line}", end=end, flush=True)
-        elif step % self.interval == 0 or step in (1, self.total_steps):
+        else:
             print(line, flush=True)
 
     def close(self, summary: str) -> None:

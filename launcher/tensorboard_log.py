@@ -3,7 +3,8 @@
 Global rank 0 writes `<run_dir>/tensorboard/`; with `logging.tensorboard=every_rank` every other
 rank also writes its own figures (time, throughput, memory as that rank saw them) to
 `<run_dir>/tensorboard/rank-NNNNN/`. At start the resolved config and the parallel layout are
-written as text. Tags, per optimizer step:
+written as text. Tags: train/* and the checkpoint time at every optimizer step; at logging steps,
+time and throughput averaged over the steps since the previous one, memory and MoE as of that step:
 
     train/loss  train/lr  train/grad_norm  train/loss_scale (fp16 only)
     throughput/tokens_per_s  throughput/tokens_per_s_per_device  throughput/samples_per_s
@@ -67,14 +68,31 @@ class TensorBoardLog:
             events_dir = events_dir / f"rank-{topo.rank:05d}"
         return cls(events_dir, cfg, topo, vocab_size, first_step)
 
-    def step(self, record: dict) -> None:
-        step, seconds = record["step"], record["step_seconds"]
+    def write(self, records: list[dict]) -> None:
+        """Every step's training figures; the timing, throughput, memory and MoE figures of the
+        records that carry them (the logging steps')."""
+        for record in records:
+            step = record["step"]
+            scalars = {
+                "train/loss": record["loss"],
+                "train/lr": record["lr"],
+                "train/grad_norm": record["grad_norm"],
+                "train/loss_scale": record.get("loss_scale"),
+                "time/checkpoint_save_seconds": record.get("checkpoint_save_seconds"),
+            }
+            if "step_seconds" in record:
+                scalars.update(self._interval_scalars(record))
+            if step == self.first_step and self.peak_flops:
+                scalars["throughput/peak_tflops_per_device"] = self.peak_flops / TERA
+            for tag, value in scalars.items():
+                if value is not None:
+                    self.writer.add_scalar(tag, value, step)
+        self.writer.flush()  # a run that stops on a signal exits without close(); keep the file current
+
+    def _interval_scalars(self, record: dict) -> dict:
+        seconds = record["step_seconds"]
         tflops_per_device = self.flops_per_step / seconds / self.topo.world_size / TERA
-        scalars = {
-            "train/loss": record["loss"],
-            "train/lr": record["lr"],
-            "train/grad_norm": record["grad_norm"],
-            "train/loss_scale": record.get("loss_scale"),
+        return {
             "throughput/tokens_per_s": record["tokens_per_s"],
             "throughput/tokens_per_s_per_device": record["tokens_per_s"] / self.topo.world_size,
             "throughput/samples_per_s": self.sequences_per_step / seconds,
@@ -82,16 +100,9 @@ class TensorBoardLog:
             "throughput/mfu": tflops_per_device * TERA / self.peak_flops if self.peak_flops else None,
             "time/step_seconds": seconds,
             "time/data_wait_fraction": record["data_wait_seconds"] / seconds,
-            "time/checkpoint_save_seconds": record.get("checkpoint_save_seconds"),
             **_memory(self.topo.device),
             **_moe(record["moe"]),
         }
-        if step == self.first_step and self.peak_flops:
-            scalars["throughput/peak_tflops_per_device"] = self.peak_flops / TERA
-        for tag, value in scalars.items():
-            if value is not None:
-                self.writer.add_scalar(tag, value, step)
-        self.writer.flush()  # a run that stops on a signal exits without close(); keep the file current
 
     def close(self) -> None:
         self.writer.close()

@@ -1,4 +1,8 @@
-"""The training loop: build the groups, the model, the engine and the data, then step."""
+"""The training loop: build the groups, the model, the engine and the data, then step.
+
+The loop owns every decision: when to read the step figures, when to save, when to stop, and
+what a failed save means. The components it calls only do their job.
+"""
 from __future__ import annotations
 
 import random
@@ -8,33 +12,38 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from data_pipeline import build_dataloader, load_tokenizer
 from launcher.config import ConfigError, RunConfig
+from launcher.errors import SaveFailed
 from launcher.run_log import RunLog
+from launcher.step_metrics import StepMetrics
+from launcher.stopping import StopRequested, StopVote
 from launcher.tensorboard_log import TensorBoardLog
 from models import build_model
-from parallel.checkpoint import Checkpointer, Resumed, StopRequested
+from parallel.checkpoint import Checkpointer, Resumed
 from parallel.engine import build_engine, loss_scale
 from parallel.topology import Topology, init_topology
 
 BatchSource = Callable[[Topology], Iterable[torch.Tensor | dict[str, torch.Tensor]]]
 
 
-def train(cfg: RunConfig, batches: Optional[BatchSource] = None) -> list[dict]:
-    """Pretrain for cfg.train.steps optimizer steps and return one metrics record per step.
+def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Optional[list] = None) -> None:
+    """Pretrain for cfg.train.steps optimizer steps.
 
     `batches` gives each rank its batches: for GPT [micro_batch, seq_len + 1] token windows, for T5
     dicts of input_ids, decoder_input_ids and labels; by default the data pipeline's loader for this
     rank's data-parallel shard. The model turns a batch into its forward's keyword arguments
     (`batch_inputs`), so this loop is the same for both. Every TP peer gets the same batches.
     Checkpoints need a source with the loader's `state_dict()`/`load_state_dict(states)`; a plain
-    iterable trains without saving or resuming. A run that stops early (signal, train.stop_at_step)
-    raises StopRequested after its checkpoint; a resumed run returns only the steps it ran.
+    iterable trains without saving, resuming or stopping early. A run that stops early (signal,
+    train.stop_at_step) raises StopRequested after its checkpoint.
+
+    Every step's record goes to RUN_DIR/metrics.jsonl (rank 0) and, when `records` is given, is
+    appended to it: the loop itself keeps none.
     """
     p = cfg.parallel
-    topo = init_topology(tp=p.tp, ep=p.ep, pp=p.pp)
+    topo = init_topology(tp=p.tp, ep=p.ep, pp=p.pp, timeout_minutes=p.timeout_minutes)
     if cfg.train.precision == "fp16" and topo.device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs CUDA (DeepSpeed's loss scaler); use bf16 or fp32 on CPU")
     _seed_everything(cfg.train.seed)
@@ -62,13 +71,15 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None) -> list[dict]:
         total, active = model.parameter_counts()
         print(f"parallax: {topo.describe()} zero={p.zero_stage} precision={cfg.train.precision} "
               f"parameters={total / 1e6:.2f}M active/token={active / 1e6:.2f}M run_dir={run_dir}", flush=True)
-    log = RunLog(run_dir, cfg.train.steps, cfg.logging.interval, enabled=topo.is_logging_rank,
+    log = RunLog(run_dir, cfg.train.steps, enabled=topo.is_logging_rank,
                  tensorboard=TensorBoardLog.open(cfg, topo, vocab_size, first_step=resumed.step + 1))
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * topo.dp * cfg.data.seq_len
+    metrics = StepMetrics(topo, tokens_per_step, micro_batches_per_step=cfg.train.grad_accum, data_wait=_data_wait(loader))
 
-    history, tokens_seen = [], resumed.tokens
-    for step in range(resumed.step + 1, cfg.train.steps + 1):
-        started, waited_before = time.perf_counter(), _data_wait(loader)
+    first_step, tokens_seen = resumed.step + 1, resumed.tokens
+    first_loss = last_loss = None
+    for step in range(first_step, cfg.train.steps + 1):
+        stop_vote = StopVote(topo.control_group) if checkpoints else None  # travels while the step computes
         lr = engine.get_lr()[0]
         loss_sum = torch.zeros((), device=topo.device)
         for _ in range(cfg.train.grad_accum):
@@ -77,32 +88,38 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None) -> list[dict]:
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float()
-        # Every rank of a DP group holds its own shard's loss; the run's loss is their mean.
-        dist.all_reduce(loss_sum, group=topo.dp_group)
-        step_seconds = time.perf_counter() - started
-        record = {
-            "step": step,
-            "loss": loss_sum.item() / (cfg.train.grad_accum * topo.dp),
-            "lr": lr,
-            "grad_norm": _as_float(engine.get_global_grad_norm()),
-            "loss_scale": loss_scale(engine),
-            "tokens_per_s": tokens_per_step / step_seconds,
-            "step_seconds": step_seconds,
-            "data_wait_seconds": _data_wait(loader) - waited_before,
-            "moe": model.moe_metrics(),
-        }
+        metrics.add(step, loss_sum, lr, engine.get_global_grad_norm(), loss_scale(engine))
         tokens_seen += tokens_per_step
-        if checkpoints and checkpoints.should_save(step):  # interval, last step, or a stop request
+
+        stop_signal = stop_vote.received() if stop_vote else None
+        stopping = checkpoints is not None and (stop_signal is not None or step == cfg.train.stop_at_step)
+        last = step == cfg.train.steps
+        save = checkpoints is not None and (
+            stopping or last or (cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0))
+        if not (save or last or step == first_step or step % cfg.logging.interval == 0):
+            continue
+        step_records = metrics.read(_data_wait(loader), model.moe_metrics())
+        if stopping and not last:
+            log.say(f"stopping after step {step} ({stop_signal.name if stop_signal else 'train.stop_at_step'}): "
+                    "saving a checkpoint")
+        if save:
             save_started = time.perf_counter()
-            checkpoints.save(step, tokens_seen)
-            record["checkpoint_save_seconds"] = time.perf_counter() - save_started
-        history.append(record)
-        log.step(record)
-        if checkpoints and checkpoints.stopping and step < cfg.train.steps:
-            raise StopRequested(step, history)
-    losses = f"loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}" if history else "nothing left to train"
-    log.close(f"parallax: done: {cfg.train.steps} steps, {losses}, run dir {run_dir}")
-    return history
+            error = checkpoints.save(step, tokens_seen)
+            step_records[-1]["checkpoint_save_seconds"] = time.perf_counter() - save_started
+            metrics.restart_clock(_data_wait(loader))
+            if error and (stopping or last):
+                raise SaveFailed(f"{error}; free space or fix permissions on {checkpoints.root} and launch again")
+            if error:
+                log.say(f"warning: {error}; training continues and saves again at the next interval")
+        log.write(step_records)
+        if records is not None:
+            records.extend(step_records)
+        first_loss = step_records[0]["loss"] if first_loss is None else first_loss
+        last_loss = step_records[-1]["loss"]
+        if stopping and not last:
+            raise StopRequested(step)
+    summary = f"loss {first_loss:.3f} -> {last_loss:.3f}" if first_loss is not None else "nothing left to train"
+    log.close(f"parallax: done: {cfg.train.steps} steps, {summary}, run dir {run_dir}")
 
 
 def _seed_everything(seed: int) -> None:
@@ -118,5 +135,3 @@ def _data_wait(loader) -> float:
     return getattr(loader, "data_wait_seconds", 0.0)
 
 
-def _as_float(value) -> Optional[float]:
-    return None if value is None else float(value)

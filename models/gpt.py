@@ -10,10 +10,12 @@ MLP is column-parallel -> GeLU -> row-parallel. So each block costs one all-redu
 backward per sub-layer, the f/g scheme of the Megatron paper.
 
 With sequence parallelism, the norms, dropout and residual stream hold only this rank's 1/tp of
-the sequence; the sequence is gathered on entry to each parallel sub-layer and split again on exit.
-The norm weights then see only part of the batch, so their gradients are summed over the TP group
-in the graph itself (megatron's copy-to-tensor-parallel-region), which keeps them correct under any
-engine or ZeRO stage.
+the sequence, as in Megatron: the sequence is all-gathered on entry to each parallel sub-layer, and
+the row-parallel layer's partial sums are reduce-scattered on exit instead of all-reduced, so TP
+moves no more bytes than without it (parallel/sequence_parallel.py). The embedding's partial
+lookups are reduce-scattered the same way. Parameters every rank holds whole but applies to its
+own slice (norms, row-parallel biases, position embeddings) have their gradients summed over the
+TP group in the graph itself, which keeps them correct under any engine or ZeRO stage.
 
 Weights are created the same way at every TP size: megatron draws each full matrix from the torch
 generator and keeps this rank's slice (`use_cpu_initialization`), so one seed gives one model.
@@ -29,7 +31,8 @@ from torch.utils.checkpoint import checkpoint
 
 from models.config import ModelConfig
 from models.moe import MoEFeedForward, is_expert_parameter
-from parallel.sequence_parallel import gather_sequence, split_sequence
+from parallel.sequence_parallel import (gather_sequence, reduce_scatter_sequence, replicated_parameter,
+                                       row_parallel_reduce_scatter, split_sequence, vocab_parallel_embedding_partial)
 
 
 def _normal_init(std: float):
@@ -47,7 +50,7 @@ class Norm(nn.Module):
 
     def _replicated(self, p):
         # Under sequence parallelism each TP rank normalises different tokens: sum the gradient.
-        return tensor_parallel.copy_to_tensor_model_parallel_region(p) if self.sequence_parallel else p
+        return replicated_parameter(p) if self.sequence_parallel else p
 
     def forward(self, x):
         shape = (x.shape[-1],)
@@ -83,6 +86,7 @@ class Attention(nn.Module):
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.local_heads = cfg.num_heads // tp
         self.dropout = cfg.dropout
+        self.sequence_parallel = sequence_parallel
         # The QKV rows are laid out head by head ([q_i, k_i, v_i] for each head i), so splitting
         # the output features contiguously over TP ranks hands each rank whole heads.
         self.qkv = tensor_parallel.ColumnParallelLinear(
@@ -97,7 +101,7 @@ class Attention(nn.Module):
             Rotary(self.head_dim, cfg.max_seq_len, cfg.rotary_base) if cfg.position_embedding == "rotary" else None
         )
 
-    def forward(self, x):  # x: [s, b, h]
+    def forward(self, x):  # x: [s, b, h], the whole sequence; returns this rank's slice under sequence parallelism
         s, b, _ = x.shape
         qkv, _ = self.qkv(x)
         qkv = qkv.view(s, b, self.local_heads, 3 * self.head_dim).permute(1, 2, 0, 3)
@@ -108,13 +112,13 @@ class Attention(nn.Module):
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )
         y = y.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * self.head_dim)
-        out, _ = self.proj(y)
-        return out
+        return _row_parallel(self.proj, y, self.sequence_parallel)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_config: ModelParallelConfig, output_init, sequence_parallel: bool):
         super().__init__()
+        self.sequence_parallel = sequence_parallel
         self.fc_in = tensor_parallel.ColumnParallelLinear(
             cfg.hidden_size, cfg.ffn_size, config=tp_config, init_method=_normal_init(cfg.init_std),
             bias=True, gather_output=False, disable_grad_reduce=sequence_parallel,
@@ -126,8 +130,16 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h, _ = self.fc_in(x)
-        out, _ = self.fc_out(F.gelu(h, approximate="tanh"))
-        return out
+        return _row_parallel(self.fc_out, F.gelu(h, approximate="tanh"), self.sequence_parallel)
+
+
+def _row_parallel(layer, x, sequence_parallel: bool):
+    """A row-parallel layer's output summed over TP: all-reduced (megatron's layer), or under sequence
+    parallelism reduce-scattered, this rank keeping its slice of the sequence."""
+    if sequence_parallel:
+        return row_parallel_reduce_scatter(layer, x, parallel_state.get_tensor_model_parallel_group())
+    out, _ = layer(x)
+    return out
 
 
 class Block(nn.Module):
@@ -147,16 +159,19 @@ class Block(nn.Module):
             self.mlp = MoEFeedForward(cfg, moe_expert_parallel_size, output_std)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def _in_tensor_parallel_region(self, sublayer, x):
-        if not self.sequence_parallel:
-            return sublayer(x)
-        tp_group = parallel_state.get_tensor_model_parallel_group()
-        return split_sequence(sublayer(gather_sequence(x, tp_group)), tp_group)
-
     def forward(self, x):
-        x = x + self.dropout(self._in_tensor_parallel_region(self.attn, self.attn_norm(x)))
-        x = x + self.dropout(self._in_tensor_parallel_region(self.mlp, self.mlp_norm(x)))
-        return x
+        x = x + self.dropout(self.attn(self._whole_sequence(self.attn_norm(x))))
+        return x + self.dropout(self._mlp(self._whole_sequence(self.mlp_norm(x))))
+
+    def _whole_sequence(self, x):
+        return gather_sequence(x, parallel_state.get_tensor_model_parallel_group()) if self.sequence_parallel else x
+
+    def _mlp(self, x):
+        out = self.mlp(x)
+        # The dense MLP's row-parallel layer leaves this rank's slice; the experts' output is whole.
+        if self.sequence_parallel and isinstance(self.mlp, MoEFeedForward):
+            return split_sequence(out, parallel_state.get_tensor_model_parallel_group())
+        return out
 
 
 def parameter_counts(model: nn.Module, cfg: ModelConfig, expert_parallel_size: int) -> tuple[int, int]:
@@ -192,8 +207,10 @@ class GPT(nn.Module):
         self.activation_checkpointing = activation_checkpointing
         self.expert_parallel_size = expert_parallel_size
         self.vocab_size = cfg.padded_vocab_size(vocab_size)
+        self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         tp_config = ModelParallelConfig(
-            tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+            tensor_model_parallel_size=self.tp,
             use_cpu_initialization=True,
         )
         # GPT-2's scaled init: each residual branch's output projection is shrunk by
@@ -232,17 +249,26 @@ class GPT(nn.Module):
             for layer, block in enumerate(self.blocks) if isinstance(block.mlp, MoEFeedForward)
         ]
 
+    def _embed(self, input_ids: torch.Tensor, tp_group) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings [s, b, h], identical on every TP rank, and their positions; under sequence
+        parallelism the partial lookups are reduce-scattered instead of all-reduced, and this rank
+        gets its slice of the sequence and of the positions."""
+        s = input_ids.shape[1]
+        positions = torch.arange(s, device=input_ids.device)
+        if not self.sequence_parallel:
+            return self.embedding(input_ids).transpose(0, 1), positions
+        partial = vocab_parallel_embedding_partial(self.embedding, input_ids).transpose(0, 1)
+        return reduce_scatter_sequence(partial, tp_group), positions.chunk(self.tp, dim=0)[self.tp_rank]
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
         """input_ids, labels: [b, s]. Returns the mean next-token loss (plus the MoE router losses)
         when labels are given, else this TP rank's vocabulary slice of the logits, [s, b, padded_vocab / tp]."""
         tp_group = parallel_state.get_tensor_model_parallel_group()
-        x = self.embedding(input_ids).transpose(0, 1)  # [s, b, h], identical on every TP rank
+        x, positions = self._embed(input_ids, tp_group)  # [s, b, h], or this rank's [s/tp, b, h] under SP
         if self.position_embedding is not None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-            x = x + self.position_embedding(positions)[:, None, :]
+            weight = self.position_embedding.weight
+            x = x + (replicated_parameter(weight) if self.sequence_parallel else weight)[positions][:, None, :]
         x = self.embedding_dropout(x)
-        if self.sequence_parallel:
-            x = split_sequence(x, tp_group)
 
         for block in self.blocks:
             x = checkpoint(block, x, use_reentrant=False) if self.activation_checkpointing else block(x)

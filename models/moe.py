@@ -29,7 +29,7 @@ from models.config import ModelConfig
 _GATE_NOISE = {"none": None, "jitter": "Jitter", "rsample": "RSample"}
 
 
-def _gather_tokens(tokens: torch.Tensor, dim: int = 0) -> torch.Tensor:
+def _gather_tokens_for_gloo(tokens: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """All-gather over the TP group along `dim`, as deepspeed.moe.mappings._gather_tokens does, but
     into per-rank tensors of the input's shape: DeepSpeed gathers into a flat buffer, which NCCL
     accepts and gloo refuses ("invalid tensor size"), so TP x EP could not run on CPU."""
@@ -41,8 +41,13 @@ def _gather_tokens(tokens: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-# Both the forward of DeepSpeed's token gather and the backward of its token drop call this name.
-deepspeed_mappings._gather_tokens = _gather_tokens
+_DEEPSPEED_GATHER_TOKENS = deepspeed_mappings._gather_tokens
+
+
+def use_token_gather_for(tp_backend: str) -> None:
+    """The token gather DeepSpeed's MoE layer calls (the forward of its gather and the backward of its
+    drop): ours on gloo; on NCCL DeepSpeed's own, one all-gather into a flat buffer."""
+    deepspeed_mappings._gather_tokens = _gather_tokens_for_gloo if tp_backend == "gloo" else _DEEPSPEED_GATHER_TOKENS
 
 
 def is_expert_parameter(p: torch.nn.Parameter) -> bool:
@@ -66,6 +71,7 @@ class MoEFeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig, expert_parallel_size: int, output_std: float):
         super().__init__()
         self.moe_cfg = m = cfg.moe
+        use_token_gather_for(dist.get_backend(parallel_state.get_tensor_model_parallel_group()))
         self.layer = MoE(
             hidden_size=cfg.hidden_size,
             expert=Expert(cfg.hidden_size, cfg.ffn_size),

@@ -1,4 +1,4 @@
-"""Sharded checkpoints that resume at any layout, committed atomically, and the stop signals that trigger them.
+"""Sharded checkpoints that resume at any layout, committed atomically.
 
 Why not DeepSpeed's own files: `engine.save_checkpoint` writes ZeRO's flat, padded partitions of one
 layout, and reading them at another TP or DP size needs DeepSpeed's offline `ds_to_universal` step.
@@ -19,6 +19,10 @@ A save is written to `.step-00000020.tmp/`; every file is fsynced and listed wit
 crc32 in `manifest.json`, written last by rank 0 once every rank reported success; then the
 directory is renamed into place and only then is `latest` rewritten. A crash at any moment leaves
 the previous checkpoint complete, and resume uses only a directory whose files match its manifest.
+
+Reports, agreements and loader states travel on the topology's gloo control group, never on the
+NCCL data plane (parallel/topology.py). When to save, and what a failed save means, is the training
+loop's decision (launcher/train.py): this module only saves and loads.
 """
 from __future__ import annotations
 
@@ -29,7 +33,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import threading
 import zlib
 from dataclasses import dataclass
@@ -48,18 +51,6 @@ FORMAT_VERSION = 2
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message is the one line the user sees."""
-
-
-class SaveFailed(Exception):
-    """The last save that had to succeed (at the end of the run, or before stopping) did not."""
-
-
-class StopRequested(Exception):
-    """The run stopped early with a checkpoint of `step`, on a signal or train.stop_at_step; launch again to continue."""
-
-    def __init__(self, step: int, history: list[dict]):
-        super().__init__(f"stopped after step {step} with a checkpoint; launch the same command again to continue")
-        self.step, self.history = step, history
 
 
 @dataclass(frozen=True)
@@ -376,10 +367,12 @@ def checkpoint_steps(root: Path) -> list[int]:
 # --- RNG -----------------------------------------------------------------------------------------
 
 def _rng_state() -> dict:
+    """This process's generators. On a GPU, only its own device's: a rank draws on no other, and
+    a checkpoint must resume where fewer GPUs are visible, or none."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
         "python": random.getstate(),
     }
@@ -387,29 +380,14 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if isinstance(state["cuda"], torch.Tensor) and torch.cuda.is_available():  # saved on a GPU, resumed on one
+        torch.cuda.set_rng_state(state["cuda"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
 
 
 # --- the object the training loop talks to ---------------------------------------------------------
-
-_stop_signal: list[Optional[int]] = [None]  # set by the handler, read at the end of each step
-
-
-def listen_for_stop_signals() -> None:
-    """SIGTERM (preemption, scancel, torchrun's shutdown) and SIGUSR1 (SLURM's --signal warning) only
-    raise a flag: the step in flight finishes, the loop saves, and the run exits "requeue me".
-
-    A rank listens from its first moments (launcher/entry.py), and a signal received before the
-    training loop starts is kept: a warning that lands while a rank imports, builds its model or
-    loads a large checkpoint stops the run after its first step instead of killing it.
-    """
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(signum, lambda received, frame: _stop_signal.__setitem__(0, received))
-
 
 def checkpoint_root(cfg) -> Path:
     return Path(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
@@ -426,37 +404,17 @@ class Checkpointer:
     def __init__(self, cfg, topo, engine, loader):
         self.cfg, self.topo, self.engine, self.loader = cfg, topo, engine, loader
         self.root = checkpoint_root(cfg)
-        self.stopping = False
-        listen_for_stop_signals()
 
     def _say(self, line: str) -> None:
         if self.topo.is_logging_rank:
             print(f"parallax: {line}", flush=True)
 
-    # --- when ---
-
-    def should_save(self, step: int) -> bool:
-        """Every checkpoint.interval steps, at the last step, and when the run has to stop.
-
-        Ranks receive a signal at slightly different times, so they agree (one tiny all-reduce) to
-        stop after the same step; `self.stopping` then tells the loop to leave.
-        """
-        flag = torch.tensor([_stop_signal[0] is not None], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.stopping = bool(flag.item()) or step == self.cfg.train.stop_at_step
-        if self.stopping and step < self.cfg.train.steps:
-            why = signal.Signals(_stop_signal[0]).name if _stop_signal[0] else "train.stop_at_step"
-            self._say(f"stopping after step {step} ({why}): saving a checkpoint")
-        interval = self.cfg.checkpoint.interval
-        return self.stopping or step == self.cfg.train.steps or (interval > 0 and step % interval == 0)
-
     # --- save ---
 
-    def save(self, step: int, tokens: int) -> bool:
-        """Write and commit the checkpoint of `step`; on a disk failure report it in one line and
-        return False with the previous checkpoint untouched. Raises SaveFailed when this save was
-        the last chance (end of run or stopping), since training cannot continue past it."""
-        topo, name = self.topo, step_dir_name(step)
+    def save(self, step: int, tokens: int) -> Optional[str]:
+        """Write and commit the checkpoint of `step`. On a disk failure, the same one line on every
+        rank saying what failed and what is left; the previous checkpoint is untouched."""
+        topo, name, control = self.topo, step_dir_name(step), self.topo.control_group
         tmp, final = self.root / f".{name}.tmp", self.root / name
         pieces = self._my_pieces()
         data_states = self._gather_data_states()  # a collective: every rank must reach it, whatever its disk does
@@ -475,30 +433,26 @@ class Checkpointer:
                 entries["config.yaml"] = _save_text(self.cfg.to_yaml(), tmp / "config.yaml")
 
         error = _os_error(fresh_directory) if topo.rank == 0 else None
-        dist.barrier()
+        dist.barrier(group=control)
         error = error or _os_error(write_files)
         if error:
             error = f"rank {topo.rank}: {error}"
         reports = [None] * topo.world_size
-        dist.all_gather_object(reports, (entries, error))
+        dist.all_gather_object(reports, (entries, error), group=control)
         error = next((err for _, err in reports if err), None)
         if topo.rank == 0 and error is None:
             error = self._commit(tmp, final, step, tokens, {k: v for files, _ in reports for k, v in files.items()})
         if topo.rank == 0 and error is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         outcome = [error]
-        dist.broadcast_object_list(outcome, src=0)
+        dist.broadcast_object_list(outcome, src=0, group=control)
         error = outcome[0]
         if error is None:
             self._say(f"checkpoint saved: {final}")
-            return True
+            return None
         previous = checkpoint_steps(self.root)
         kept = f"{self.root / step_dir_name(previous[0])} is intact" if previous else "there is no earlier checkpoint"
-        message = f"checkpoint of step {step} failed ({error}); {kept}"
-        if self.stopping or step == self.cfg.train.steps:
-            raise SaveFailed(f"{message}; free space or fix permissions on {self.root} and launch again")
-        self._say(f"warning: {message}; training continues and saves again at the next interval")
-        return False
+        return f"checkpoint of step {step} failed ({error}); {kept}"
 
     def _my_pieces(self) -> dict:
         """What this rank writes: the fragment its optimizer holds of each parameter, unless a peer
@@ -544,11 +498,14 @@ class Checkpointer:
         return re.sub(r"(deepspeed_experts\.)(\d+)\.",
                       lambda m: f"{m[1]}{self.topo.ep_rank * per_rank + int(m[2])}.", name, count=1)
 
-    def _gather_data_states(self) -> list:
-        """Every DP rank's data state, in DP order (TP peers share theirs)."""
-        states = [None] * self.topo.dp
-        dist.all_gather_object(states, self.loader.state_dict(), group=self.topo.dp_group)
-        return states
+    def _gather_data_states(self) -> Optional[list]:
+        """Every DP rank's data state, in DP order, on rank 0 (which writes them); None elsewhere.
+        TP peers share their DP rank's state, so only TP rank 0 sends it."""
+        topo = self.topo
+        mine = (topo.dp_rank, self.loader.state_dict()) if topo.tp_rank == 0 else None
+        gathered = [None] * topo.world_size if topo.rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0, group=topo.control_group)
+        return [state for _, state in sorted((s for s in gathered if s is not None), key=lambda s: s[0])] if gathered else None
 
     def _client_state(self, step: int, tokens: int, data_states: list) -> dict:
         scheduler = self.engine.lr_scheduler
@@ -620,8 +577,6 @@ class Checkpointer:
 
     def _choose(self) -> Optional[Path]:
         choice = self.cfg.checkpoint.resume
-        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-            choice = "auto"  # after a crash restart the newest checkpoint is at least as new as the one named
         if choice == "none":
             return None
         if choice != "auto":
@@ -648,7 +603,7 @@ class Checkpointer:
             names = None
         problem = verify(path, names[self.topo.rank::self.topo.world_size] if names is not None else None)
         problems = [None] * self.topo.world_size
-        dist.all_gather_object(problems, problem)
+        dist.all_gather_object(problems, problem, group=self.topo.control_group)
         return next((p for p in problems if p), None)
 
     def _check_same_model(self, path: Path, saved_config: dict) -> None:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 def deepspeed_config(cfg: RunConfig, topo: Topology) -> dict:
     precision, o = cfg.train.precision, cfg.optim
     return {
+        **_bf16_gradients_in_fp32(precision, cfg.parallel.zero_stage),
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * topo.dp,
@@ -33,6 +34,16 @@ def deepspeed_config(cfg: RunConfig, topo: Topology) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def _bf16_gradients_in_fp32(precision: str, zero_stage: int) -> dict:
+    """In bf16 at ZeRO 1/2, gradients accumulate over micro-batches and are reduced over DP in fp32,
+    as Megatron does (its main_grad): bf16 keeps 8 bits of mantissa, so summing many micro-batches
+    or ranks in it loses the small contributions. (ZeRO-0 in bf16 has no fp32 gradient path in
+    DeepSpeed 0.19, and ZeRO-3 partitions its gradients in its own buffers.)"""
+    if precision != "bf16" or zero_stage not in (1, 2):
+        return {}
+    return {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
 
 
 def warmup_cosine(step: int, optim: OptimConfig, total_steps: int) -> float:
@@ -95,6 +106,7 @@ def _adapt_plain_fp32_path(engine, dp: int) -> None:
         engine.enable_backward_allreduce = False
 
 
-def loss_scale(engine) -> float | None:
-    """fp16's current dynamic loss scale, as DeepSpeed reports it to its own monitors; None in fp32/bf16."""
-    return float(engine._get_optimizer_loss_scale()) if engine.fp16_enabled() else None
+def loss_scale(engine):
+    """fp16's current dynamic loss scale, as DeepSpeed reports it to its own monitors (a number or a
+    device tensor: read it on the host only at a logging step); None in fp32/bf16."""
+    return engine._get_optimizer_loss_scale() if engine.fp16_enabled() else None

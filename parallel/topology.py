@@ -11,11 +11,19 @@ group, over which expert gradients are reduced, is the DP ranks at the same EP p
 are replicated over TP peers and compute identical gradients there, so no reduction crosses TP
 and DeepSpeed's TP-aware gradient norm counts them once. With tp=2, ep=2 on 4 ranks:
 TP {0,1} {2,3}; DP {0,2} {1,3}; EP {0,2} {1,3}; expert-DP {0} {1} {2} {3}.
+
+Two planes. The groups above are the data plane: on GPUs they are NCCL, which moves device tensors
+and refuses CPU tensors and pickled objects. Everything else (the stop vote, barriers, gathers of
+Python objects such as checkpoint reports and loader states) goes over `control_group`, one gloo
+group of the whole world, on CPU tensors. The rule: no CPU tensor and no pickle ever goes to a
+data-plane group, and every collective on model tensors uses tensors on `Topology.device`.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -33,6 +41,7 @@ class Topology:
     dp_rank: int
     ep_rank: int
     device: torch.device
+    control_group: dist.ProcessGroup  # gloo, the whole world: see the module docstring
 
     @property
     def tp_group(self):
@@ -82,26 +91,52 @@ def create_expert_groups(ep: int) -> None:
     deepspeed_groups._create_expert_data_and_model_parallel(ep, mpu=deepspeed_groups.mpu)
 
 
+class TopologyError(Exception):
+    """This process cannot take its place in the job; the message is the one line the user sees."""
+
+
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_topology(tp: int, ep: int = 1, pp: int = 1) -> Topology:
+def cuda_device(local_rank: int, visible_gpus: int) -> torch.device:
+    """The GPU of the rank with `local_rank` on its node: one rank per visible GPU."""
+    if local_rank >= visible_gpus:
+        raise TopologyError(
+            f"LOCAL_RANK={local_rank} but this process sees {visible_gpus} GPU(s) "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most one rank per "
+            "visible GPU on each node, and let every rank see all of its node's GPUs (srun --gpu-bind=none)")
+    return torch.device("cuda", local_rank)
+
+
+_control_group: list[dist.ProcessGroup] = []  # made once per process: the world does not change within it
+
+
+def init_topology(tp: int, ep: int = 1, pp: int = 1, timeout_minutes: float = 30) -> Topology:
     """Join the job's process group (once per process) and (re)build the model-parallel groups.
 
     Rendezvous is torch's env:// contract (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), which torchrun
-    sets; a lone process with none of them set is a world of one.
+    sets; a lone process with none of them set is a world of one. A collective that waits longer than
+    `timeout_minutes` (a dead or hung peer) fails instead of holding every GPU of the job.
     """
     import deepspeed
     from megatron.core import parallel_state
 
+    if torch.cuda.is_available():
+        device = cuda_device(int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    timeout = timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-        deepspeed.init_distributed(dist_backend=default_backend(), verbose=False)
+        deepspeed.init_distributed(dist_backend=default_backend(), verbose=False, timeout=timeout)
+    if not _control_group:
+        _control_group.append(dist.new_group(backend="gloo", timeout=timeout))
     from deepspeed.utils import groups as deepspeed_groups
 
     if parallel_state.model_parallel_is_initialized():
@@ -112,14 +147,10 @@ def init_topology(tp: int, ep: int = 1, pp: int = 1) -> Topology:
     if world_size % (tp * ep * pp):  # the config validates this with friendlier words before launch
         raise ValueError(f"world size {world_size} does not fit tp={tp} x ep={ep} (carved out of DP) x pp={pp}")
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, create_gloo_process_groups=False
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, create_gloo_process_groups=False,
+        distributed_timeout_minutes=int(math.ceil(timeout_minutes)),
     )
     create_expert_groups(ep)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     return Topology(
         world_size=world_size,
         rank=dist.get_rank(),
@@ -131,6 +162,7 @@ def init_topology(tp: int, ep: int = 1, pp: int = 1) -> Topology:
         dp_rank=parallel_state.get_data_parallel_rank(),
         ep_rank=deepspeed_groups._get_expert_parallel_rank(expert_group_name(ep)),
         device=device,
+        control_group=_control_group[0],
     )
 
 

@@ -69,3 +69,20 @@ def test_the_data_pipeline_reads_every_document_once_across_a_dp_reshard(scenari
     lengths = {f"d{i}": doc_length(i) for i in range(ID_SHARDS * ID_DOCS_PER_SHARD)}
     assert {word: counts[word] for word in lengths} == lengths
     assert counts[EOD] == len(lengths)
+
+
+def test_control_traffic_never_touches_the_data_plane(scenario_results):
+    """Issue 14: on GPUs the data-plane groups are NCCL, which refuses CPU tensors and pickles, so the
+    stop vote, barriers and object gathers go over the gloo control group. Counted from the groups'
+    own sequence numbers on a real DP=2 run: saving every step, stopping and resuming add
+    collectives to the control group only; the default group carries none at ZeRO-1, and the TP and
+    DP groups carry exactly what a run that saves once carries (the model's own traffic)."""
+    runs = scenario_results("control_plane")
+    end, stopped, resumed = runs["saved_at_end"], runs["stopped"], runs["resumed"]
+    assert {end["backend"], stopped["backend"], resumed["backend"]} == {"gloo"}
+    for run in (end, stopped, resumed):
+        assert run["collectives"]["default"] == 0, run
+        assert run["collectives"]["control"] > 0, run
+    for group in ("tp", "dp"):
+        assert stopped["collectives"][group] + resumed["collectives"][group] == end["collectives"][group], runs
+    assert stopped["collectives"]["control"] + resumed["collectives"]["control"] > end["collectives"]["control"]

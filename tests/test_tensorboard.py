@@ -12,9 +12,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 PARALLAX = [sys.executable, "-c", "from launcher.cli import main; main()"]
 STEPS, INTERVAL = 8, 4
 SEQUENCES, SEQ_LEN, LAYERS, HIDDEN, VOCAB = 8, 128, 2, 256, 8192  # micro-batch 4 x DP 2; gpt-tiny's widths
-PER_STEP = {"train/loss", "train/lr", "train/grad_norm", "throughput/tokens_per_s", "throughput/tokens_per_s_per_device",
-            "throughput/samples_per_s", "throughput/tflops_per_device", "throughput/mfu", "time/step_seconds",
-            "time/data_wait_fraction", "memory/rss_gib"}
+EVERY_STEP = {"train/loss", "train/lr", "train/grad_norm"}
+PER_LOGGING_STEP = {"throughput/tokens_per_s", "throughput/tokens_per_s_per_device", "throughput/samples_per_s",
+                    "throughput/tflops_per_device", "throughput/mfu", "time/step_seconds", "time/data_wait_fraction",
+                    "memory/rss_gib"}
 
 
 def parallax_train(run_dir: Path, config: str, *overrides: str) -> None:
@@ -46,13 +47,17 @@ def dense(tmp_path_factory) -> Path:
     return run_dir
 
 
-def test_only_rank_0_writes_every_tag_at_every_step(dense):
+def test_only_rank_0_writes_every_tag(dense):
+    """Training figures at every step; time, throughput and memory at the logging steps, which here
+    (logging.interval 1000) are the first step and the steps that save."""
     assert [p.name for p in (dense / "tensorboard").iterdir() if p.is_dir()] == [], "no per-rank writers by default"
     tb = events(dense / "tensorboard")
     tags = set(tb.Tags()["scalars"])
-    assert tags == PER_STEP | {"throughput/peak_tflops_per_device", "time/checkpoint_save_seconds"}
-    for tag in PER_STEP:
+    assert tags == EVERY_STEP | PER_LOGGING_STEP | {"throughput/peak_tflops_per_device", "time/checkpoint_save_seconds"}
+    for tag in EVERY_STEP:
         assert sorted(scalars(tb, tag)) == list(range(1, STEPS + 1)), tag
+    for tag in PER_LOGGING_STEP:
+        assert sorted(scalars(tb, tag)) == [1, INTERVAL, STEPS], tag
     assert "num_layers: 2" in text(tb, "config") and "world=2 tp=1 ep=1 pp=1 dp=2" in text(tb, "layout")
 
 
@@ -89,7 +94,7 @@ def test_logged_figures_are_consistent_with_each_other_and_the_run(dense):
 
 def test_every_rank_writes_its_own_events_with_moe_expert_load(tmp_path):
     parallax_train(tmp_path, "configs/gpt-moe-tiny.yaml", "train.steps=3", "checkpoint.interval=0",
-                   "logging.tensorboard=every_rank")
+                   "logging.tensorboard=every_rank", "logging.interval=1")
     root = tmp_path / "tensorboard"
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["rank-00001"]
     for tb in (events(root), events(root / "rank-00001")):

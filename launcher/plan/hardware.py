@@ -27,8 +27,10 @@ class GPU:
     inter_node_gbs: float  # GB/s one GPU sends over the network
 
 
-_HOPPER_PEAK = {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0}  # fp32 runs on TF32 tensor cores
-_AMPERE_PEAK = {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}
+# fp32 is IEEE fp32 on the CUDA cores: Parallax leaves TF32 off (torch's default for matmuls), so an
+# fp32 run computes what the same run computes on a CPU, and its MFU is against this peak.
+_HOPPER_PEAK = {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}
+_AMPERE_PEAK = {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}
 
 GPUS = {
     # DGX-2: 16 GPUs on NVSwitch, 8 x 100 Gb/s EDR per node.

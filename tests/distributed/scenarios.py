@@ -43,11 +43,18 @@ def fixed_batches(cfg):
     return source
 
 
-def run_training(*overrides: str) -> list[dict]:
+def train_records(cfg, batches=None) -> list[dict]:
+    """Every step's record of a run, asked for explicitly: the training loop itself keeps none."""
     from launcher.train import train
 
+    records = []
+    train(cfg, batches=batches, records=records)
+    return records
+
+
+def run_training(*overrides: str) -> list[dict]:
     cfg = tiny_config(*overrides)
-    return train(cfg, batches=fixed_batches(cfg))
+    return train_records(cfg, batches=fixed_batches(cfg))
 
 
 def full_shape(param, tensor: torch.Tensor, tp_group) -> torch.Tensor:
@@ -116,6 +123,41 @@ def tp2_sequence_parallel_model():
 
 
 @scenario(world_size=2)
+def tp2_sequence_parallel_model_rotary_rmsnorm():
+    return model_outputs("parallel.tp=2", "parallel.sequence_parallel=true", *ROTARY_RMSNORM)
+
+
+def tensor_parallel_traffic(*overrides: str) -> dict:
+    """Bytes this rank sends in one forward and backward of the tiny GPT at TP=2 (see traffic.py),
+    and the bytes of gradients of parameters every TP rank holds whole (norms, row-parallel biases,
+    position embeddings): sequence parallelism all-reduces those, as megatron does."""
+    from models.gpt import GPT
+    from parallel.topology import init_topology
+    from tests.distributed.traffic import CollectiveBytes, ring_all_reduce_bytes
+
+    cfg = tiny_config("parallel.tp=2", *overrides)
+    topo = init_topology(tp=cfg.parallel.tp)
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model, VOCAB, sequence_parallel=cfg.parallel.sequence_parallel)
+    tokens = next(iter(fixed_batches(cfg)(topo)))
+    with CollectiveBytes(group_size=topo.tp) as sent:
+        model(tokens[:, :-1], tokens[:, 1:]).backward()
+    whole = [p for p in model.parameters() if not getattr(p, "tensor_model_parallel", False)]
+    return {"bytes": sent.bytes, "ops": sent.ops, "replicated_gradient_bytes": sum(
+        ring_all_reduce_bytes(p.numel() * p.element_size(), topo.tp) for p in whole)}
+
+
+@scenario(world_size=2)
+def tp2_traffic():
+    return tensor_parallel_traffic()
+
+
+@scenario(world_size=2)
+def tp2_sequence_parallel_traffic():
+    return tensor_parallel_traffic("parallel.sequence_parallel=true")
+
+
+@scenario(world_size=2)
 def tp2_training():
     return run_training("parallel.tp=2", "parallel.zero_stage=1")
 
@@ -162,6 +204,24 @@ def dp2_zero1_grad_accum_training():
 @scenario(world_size=2)
 def dp2_zero1_bf16_training():
     return run_training(f"train.micro_batch_size={GLOBAL_BATCH // 2}", "parallel.zero_stage=1", "train.precision=bf16")
+
+
+@scenario(world_size=2)
+def bf16_gradient_dtypes():
+    """What DeepSpeed builds for bf16 at DP=2, ZeRO 1 and 2: its optimizer, and the dtypes in which it
+    accumulates and reduces gradients."""
+    from models.gpt import GPT
+    from parallel.engine import build_engine
+    from parallel.topology import init_topology
+
+    built = {}
+    for stage in (1, 2):
+        cfg = tiny_config("train.precision=bf16", f"parallel.zero_stage={stage}", f"train.micro_batch_size={GLOBAL_BATCH // 2}")
+        topo = init_topology(tp=1)
+        engine = build_engine(GPT(cfg.model, VOCAB), cfg, topo)
+        built[stage] = {"optimizer": type(engine.optimizer).__name__, "accumulate": engine.get_data_types()[1],
+                        "reduce": engine.communication_data_type}
+    return built
 
 
 # --- four ranks --------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed.harness import scenario
-from tests.distributed.scenarios import GLOBAL_BATCH, VOCAB, fixed_batches, full_shape, tiny_config
+from tests.distributed.scenarios import GLOBAL_BATCH, VOCAB, fixed_batches, full_shape, tiny_config, train_records
 from tests.distributed.scenarios_moe import MOE
 
 STEPS, SAVED_AT = 20, 10
@@ -52,11 +52,9 @@ def layout(tp: int, dp: int, zero: int) -> tuple[str, ...]:
 
 
 def train_run(name: str, *overrides: str) -> list[dict]:
-    from launcher.train import train
-
     cfg = tiny_config(f"train.steps={STEPS}", f"checkpoint.interval={SAVED_AT}", f"logging.run_dir={run_dir(name)}",
                       *overrides)
-    return train(cfg, batches=lambda topo: ResumableBatches(cfg, topo))
+    return train_records(cfg, batches=lambda topo: ResumableBatches(cfg, topo))
 
 
 def saved_path(name: str) -> Path:
@@ -145,6 +143,46 @@ def exact_resume_tp2():
 @scenario(world_size=2)
 def exact_resume_ep2():
     return straight_and_resumed("ep2-zero1", MOE, "parallel.ep=2", *layout(1, 2, 1))
+
+
+def collectives_per_group(name: str, *overrides: str) -> dict:
+    """How many collectives each process group carried while a DP=2 ZeRO-1 run resumed, trained,
+    voted on stopping, saved and maybe stopped: the difference of its sequence numbers from just
+    before the loop's resume to its end. Also the control group's backend."""
+    from launcher.stopping import StopRequested
+    from launcher.train import train
+
+    cfg = tiny_config("train.steps=4", "logging.interval=1", f"logging.run_dir={run_dir(name)}", *layout(1, 2, 1),
+                      *overrides)
+    seen = {}
+
+    def sequence_numbers() -> dict:
+        topo = seen["topo"]
+        groups = {"default": dist.distributed_c10d._get_default_group(), "tp": topo.tp_group, "dp": topo.dp_group,
+                  "control": topo.control_group}
+        return {group: g._get_sequence_number_for_group() for group, g in groups.items()}
+
+    def batches(topo):
+        seen["topo"] = topo
+        seen["before"] = sequence_numbers()
+        return ResumableBatches(cfg, topo)
+
+    try:
+        train(cfg, batches=batches)
+    except StopRequested:
+        pass
+    after = sequence_numbers()
+    return {"backend": dist.get_backend(seen["topo"].control_group),
+            "collectives": {group: after[group] - seen["before"][group] for group in after}}
+
+
+@scenario(world_size=2)
+def control_plane():
+    """The same 4 steps three ways: saving only at the end; saving every step and stopping after
+    step 2; then resuming that run to the end."""
+    return {"saved_at_end": collectives_per_group("control-end", "checkpoint.interval=0"),
+            "stopped": collectives_per_group("control-every", "checkpoint.interval=1", "train.stop_at_step=2"),
+            "resumed": collectives_per_group("control-every", "checkpoint.interval=1")}
 
 
 def reshard(source: str, *layout_overrides: str) -> dict:

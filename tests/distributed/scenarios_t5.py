@@ -7,7 +7,7 @@ and sequences longer than the relative bias's max_distance, so every T5-specific
 import torch
 
 from tests.distributed.harness import scenario
-from tests.distributed.scenarios import full_shape, gather_tp
+from tests.distributed.scenarios import full_shape, gather_tp, train_records
 
 VOCAB = 512
 GLOBAL_BATCH = 4
@@ -73,10 +73,9 @@ def t5_outputs(*overrides: str) -> dict:
 
 
 def run_t5_training(*overrides: str) -> list[dict]:
-    from launcher.train import train
 
     cfg = t5_config(*overrides)
-    return train(cfg, batches=span_corrupted_batches(cfg))
+    return train_records(cfg, batches=span_corrupted_batches(cfg))
 
 
 def hugging_face_state_dict(model, cfg) -> dict:
@@ -207,10 +206,9 @@ def t5_tiny_training():
     import os
 
     from launcher.config import load_config
-    from launcher.train import train
 
     run_dir = os.path.join(os.environ["PARALLAX_SCENARIO_DIR"], "t5-tiny")
-    return train(load_config("configs/t5-tiny.yaml", ["train.steps=30", "optim.warmup_steps=10",
+    return train_records(load_config("configs/t5-tiny.yaml", ["train.steps=30", "optim.warmup_steps=10",
                                                       f"logging.run_dir={run_dir}", "checkpoint.resume=none"]))
 
 
@@ -221,15 +219,14 @@ def t5_exact_resume():
     import os
 
     from launcher.config import load_config
-    from launcher.train import train
-    from parallel.checkpoint import StopRequested
+    from launcher.stopping import StopRequested
 
     small = ["model.num_layers=1", "model.num_decoder_layers=1", "train.micro_batch_size=2", "train.steps=4",
              "checkpoint.interval=2"]
 
     def run(name: str, *overrides: str) -> list[dict]:
         run_dir = os.path.join(os.environ["PARALLAX_SCENARIO_DIR"], name)
-        return train(load_config("configs/t5-tiny.yaml", [*small, f"logging.run_dir={run_dir}", *overrides]))
+        return train_records(load_config("configs/t5-tiny.yaml", [*small, f"logging.run_dir={run_dir}", *overrides]))
 
     straight = run("t5-straight")
     try:

@@ -1,0 +1,64 @@
+"""Each step's figures, kept on the device until a logging step reads them all at once.
+
+Reading a device tensor on the host (`.item()`, `.tolist()`, `float()`) waits for the device to
+finish everything queued before it, so reading the loss every step would stall the GPU's queue
+once per step. Instead each step leaves its loss (and DeepSpeed's gradient norm) where they are,
+and a logging step synchronises once, reduces every pending loss over DP in one all-reduce and
+brings them to the host in one transfer. The clock is read after that synchronisation, so
+tokens/s and MFU include the device's trailing work. Nothing is kept past the read.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from parallel.topology import Topology
+
+
+class StepMetrics:
+    def __init__(self, topo: Topology, tokens_per_step: int, micro_batches_per_step: int, data_wait: float):
+        self.topo, self.tokens_per_step = topo, tokens_per_step
+        self.loss_divisor = micro_batches_per_step * topo.dp  # the loss sums of every micro-batch of every DP rank
+        self.pending: list[dict] = []
+        self.restart_clock(data_wait)
+
+    def restart_clock(self, data_wait: float) -> None:
+        """Start timing the next interval here (after a read, and after a checkpoint save)."""
+        self.started, self.data_wait_at_start = time.perf_counter(), data_wait
+
+    def add(self, step: int, loss_sum: torch.Tensor, lr: float, grad_norm, loss_scale) -> None:
+        """One step's figures as the engine left them: `loss_sum` and `grad_norm` may be device tensors."""
+        if isinstance(grad_norm, torch.Tensor):
+            grad_norm = grad_norm.detach().clone()  # the engine may reuse its tensor next step
+        self.pending.append({"step": step, "loss_sum": loss_sum, "lr": lr, "grad_norm": grad_norm,
+                             "loss_scale": loss_scale})
+
+    def read(self, data_wait: float, moe: list[dict]) -> list[dict]:
+        """Every pending step's record; the last one also carries the interval's throughput, the
+        time it waited for data, and `moe` (the MoE layers' figures of its last forward pass)."""
+        if self.topo.device.type == "cuda":
+            torch.cuda.synchronize(self.topo.device)
+        seconds = time.perf_counter() - self.started
+        losses = torch.stack([p["loss_sum"] for p in self.pending])
+        # Every rank of a DP group holds its own shard's loss; the run's loss is their mean.
+        dist.all_reduce(losses, group=self.topo.dp_group)
+        losses = (losses / self.loss_divisor).tolist()
+        records = [{"step": p["step"], "loss": loss, "lr": p["lr"], "grad_norm": _as_float(p["grad_norm"]),
+                    "loss_scale": _as_float(p["loss_scale"])} for p, loss in zip(self.pending, losses)]
+        steps = len(records)
+        records[-1].update({
+            "tokens_per_s": self.tokens_per_step * steps / seconds,
+            "step_seconds": seconds / steps,
+            "data_wait_seconds": (data_wait - self.data_wait_at_start) / steps,
+            "moe": moe,
+        })
+        self.pending = []
+        self.restart_clock(data_wait)
+        return records
+
+
+def _as_float(value) -> Optional[float]:
+    return None if value is None else float(value)

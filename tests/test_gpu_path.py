@@ -1,0 +1,57 @@
+"""Issue 14: the parts of the CUDA/NCCL path that a CPU can check without a GPU.
+
+What needs a GPU (NCCL itself, flash attention, CUDA generators, throughput) is checked by the
+one-GPU smoke check in bench/gpu/.
+"""
+import pytest
+
+from launcher.config import load_config
+from launcher.plan.hardware import GPUS
+from parallel.engine import deepspeed_config
+from parallel.topology import Topology, TopologyError, cuda_device
+
+
+def test_a_rank_without_its_own_gpu_stops_in_one_line():
+    assert str(cuda_device(1, visible_gpus=2)) == "cuda:1"
+    with pytest.raises(TopologyError) as error:
+        cuda_device(2, visible_gpus=2)
+    assert "LOCAL_RANK=2 but this process sees 2 GPU(s)" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("precision,zero_stage,fp32_gradients", [
+    ("bf16", 1, True), ("bf16", 2, True), ("bf16", 0, False), ("bf16", 3, False), ("fp32", 1, False),
+])
+def test_bf16_accumulates_and_reduces_gradients_in_fp32_at_zero_1_and_2(precision, zero_stage, fp32_gradients):
+    cfg = load_config(None, [f"train.precision={precision}", f"parallel.zero_stage={zero_stage}"])
+    topo = Topology(world_size=1, rank=0, tp=1, ep=1, pp=1, dp=1, tp_rank=0, dp_rank=0, ep_rank=0, device=None,
+                    control_group=None)
+    ds = deepspeed_config(cfg, topo)
+    assert (ds.get("data_types") == {"grad_accum_dtype": "fp32"}) == fp32_gradients
+    assert (ds.get("communication_data_type") == "fp32") == fp32_gradients
+
+
+def test_deepspeed_builds_fp32_gradients_for_bf16(scenario_results):
+    import torch
+
+    built = scenario_results("bf16_gradient_dtypes")
+    assert built[1]["optimizer"] == "BF16_Optimizer"  # DeepSpeed's fp32-gradient path at ZeRO-1
+    for stage in (1, 2):
+        assert built[stage]["accumulate"] == torch.float32 and built[stage]["reduce"] == torch.float32, built
+
+
+def test_the_fp32_peak_is_ieee_fp32_not_tf32():
+    """Parallax leaves TF32 off, so MFU in fp32 is against the CUDA cores' fp32 peak."""
+    assert GPUS["h100"].peak_tflops["fp32"] == 67.0
+    assert GPUS["a100"].peak_tflops["fp32"] == 19.5
+
+
+def test_deepspeed_token_gather_is_replaced_on_gloo_only():
+    from deepspeed.moe import mappings
+
+    from models import moe
+
+    moe.use_token_gather_for("nccl")
+    assert mappings._gather_tokens is moe._DEEPSPEED_GATHER_TOKENS
+    moe.use_token_gather_for("gloo")
+    assert mappings._gather_tokens is moe._gather_tokens_for_gloo
