@@ -64,6 +64,14 @@ class DataConfig(BaseModel):
     span_corruption: SpanCorruptionConfig | None = Field(
         default=None, description="T5's objective; model.arch=t5 sets the defaults when absent. None: next-token windows."
     )
+    validation: list[SourceConfig] | None = Field(
+        default=None, description="Held-out sources for evaluation; None holds out validation_fraction of the "
+        "training sources' documents instead (the built-in corpus included)."
+    )
+    validation_fraction: float = Field(
+        0.03, ge=0, lt=1, description="With no data.validation: the share of documents, chosen by a hash of each "
+        "document's file name and record index, that training never reads and evaluation reads. 0 holds none out."
+    )
 
     @field_validator("seq_len", "vocab_size", "shuffle_buffer", "epochs")
     @classmethod

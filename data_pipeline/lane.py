@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 from .errors import DataError
 from .sources import Source, read_documents
 from .span_corruption import SpanCorruption
-from .work import TOKEN_TYPE, advance, merge, next_claim, shard_of_visit, shuffle_draw
+from .work import TOKEN_TYPE, advance, held_out, merge, next_claim, shard_of_visit, shuffle_draw
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,11 @@ class Plan:
     epochs: int | None
     seed: int
     span_corruption: SpanCorruption | None = None  # T5: corrupt each window into inputs and targets
+    holdout: float = 0.0  # the fraction of documents held out for validation (data_pipeline/work.py's held_out)
+    validation: bool = False  # read only the held-out documents (else only the others)
+
+    def reads(self, shard_name: str, index: int) -> bool:
+        return not self.holdout or held_out(shard_name, index, self.holdout) == self.validation
 
     @property
     def window(self) -> int:
@@ -118,7 +123,8 @@ class SourceStream:
             index, text = item
             self.found = True
             self.reading[1] = advance(self.reading[1], index + 1)
-            return (self.reading[0], index), text
+            if self.plan.reads(self.shard(self.reading[0]).path.name, index):
+                return (self.reading[0], index), text
 
     def check_not_all_empty(self) -> None:
         """Without this, a source whose records all have empty text would be read forever: a hang."""

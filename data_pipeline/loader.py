@@ -42,8 +42,14 @@ def build_dataloader(cfg: DataConfig, *, micro_batch_size: int, dp_rank: int, dp
         raise DataError(f"micro_batch_size must be a positive integer, got {micro_batch_size}")
     if not 0 <= dp_rank < dp_size:
         raise DataError(f"dp_rank {dp_rank} is outside 0..{dp_size - 1} for dp_size {dp_size}")
+    plan = training_plan(cfg, seed)
+    return PipelineLoader(plan, micro_batch_size, dp_rank, dp_size, cfg.num_workers)
+
+
+def training_plan(cfg: DataConfig, seed: int) -> Plan:
+    """The training sources (the built-in corpus by default), less the documents held out for validation."""
     tokenizer = load_tokenizer(cfg)
-    plan = Plan(
+    return Plan(
         sources=tuple(discover(source) for source in cfg.sources or [builtin_corpus(cfg.cache_dir)]),
         tokenizer_json=tokenizer.to_str(),
         eod=tokenizer.token_to_id(EOD),
@@ -53,8 +59,8 @@ def build_dataloader(cfg: DataConfig, *, micro_batch_size: int, dp_rank: int, dp
         epochs=cfg.epochs,
         seed=seed,
         span_corruption=span_corruption(cfg, tokenizer, seed),
+        holdout=cfg.validation_fraction if cfg.validation is None else 0.0,
     )
-    return PipelineLoader(plan, micro_batch_size, dp_rank, dp_size, cfg.num_workers)
 
 
 def span_corruption(cfg: DataConfig, tokenizer, seed: int) -> SpanCorruption | None:
@@ -134,6 +140,7 @@ class PipelineLoader:
             "seed": self.plan.seed,
             "shards": shard_names(self.plan),
             "tokenizer": tokenizer_fingerprint(self.plan),
+            "holdout": self.plan.holdout,
             "next_lane": self.next_lane,
             "chunk_left": self.chunk_left,
             "lanes": with_carries_as(tokens_from_bytes, self.lane_states),
@@ -172,6 +179,10 @@ class PipelineLoader:
             raise DataError("data.sources lists different files than when the checkpoint was saved; resume with the same files")
         if states[0]["tokenizer"] != tokenizer_fingerprint(self.plan):
             raise DataError("data.tokenizer differs from the checkpoint's (its carried-over tokens would be wrong); resume with the same tokenizer")
+        if states[0].get("holdout", 0.0) != self.plan.holdout:
+            raise DataError(f"the checkpoint held out {states[0].get('holdout', 0.0)} of the documents for validation "
+                            f"but this run holds out {self.plan.holdout}; resume with the same data.validation_fraction "
+                            "and data.validation")
         if states[0]["seed"] != self.plan.seed:
             raise DataError(f"the checkpoint's data seed is {states[0]['seed']} but this run uses {self.plan.seed}; use the same seed to resume")
 

@@ -56,7 +56,7 @@ def infer_format(path: Path) -> str:
     return "text"
 
 
-def discover(cfg: SourceConfig) -> Source:
+def discover(cfg: SourceConfig, field: str = "data.sources") -> Source:
     """Lists and checks a source's files up front, so bad paths fail at startup and not hours into a run.
 
     Policy: empty (0-byte) files are skipped and counted, and dot-files and
@@ -67,7 +67,7 @@ def discover(cfg: SourceConfig) -> Source:
     """
     root = cfg.path.expanduser()
     if not root.exists():
-        raise DataError(f"{root}: data source path does not exist; fix data.sources[].path")
+        raise DataError(f"{root}: data source path does not exist; fix {field}[].path")
     if root.is_file():
         files = [root]
     else:
@@ -75,7 +75,7 @@ def discover(cfg: SourceConfig) -> Source:
     empty = tuple(f for f in files if f.stat().st_size == 0)
     shards = tuple(Shard(f, cfg.format or infer_format(f), cfg.text_field) for f in files if f.stat().st_size > 0)
     if not shards:
-        raise DataError(f"{root}: no non-empty data files found; point data.sources[].path at text, .jsonl or .parquet files")
+        raise DataError(f"{root}: no non-empty data files found; point {field}[].path at text, .jsonl or .parquet files")
     if empty:
         log.warning("%s: skipped %d empty file(s), e.g. %s", root, len(empty), empty[0])
     for shard in shards:

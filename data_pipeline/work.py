@@ -45,6 +45,15 @@ def shard_of_visit(seed: int, source_index: int, num_shards: int, visit: int) ->
     return shard_order(seed, source_index, visit // num_shards, num_shards)[visit % num_shards]
 
 
+def held_out(shard_name: str, index: int, fraction: float) -> bool:
+    """Whether document `index` of the shard file named `shard_name` is held out for validation.
+
+    A hash of the document's identity, not of its position in any stream: the same documents are
+    held out at every layout, worker count, seed and epoch, so none is ever trained on."""
+    digest = hashlib.blake2b(f"holdout/{shard_name}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < fraction * 2**64
+
+
 def shuffle_key(seed: int, source_index: int, base: int, lane: int) -> str:
     """Includes the claim base, so lanes created by a reshard get fresh, still deterministic, shuffles."""
     return f"shuffle/{seed}/{source_index}/{base}/{lane}"

@@ -66,6 +66,11 @@ class TrainConfig(_Section):
         None, description="end this launch after this step with a checkpoint, as a preemption would; "
         "for splitting a run into jobs shorter than a queue's time limit",
     )
+    eval_interval: NonNegativeInt = Field(
+        0, description="evaluate on the validation set before the first step, every this many steps and after "
+        "the last; 0: never")
+    eval_batches: PositiveInt = Field(
+        10, description="global batches of the validation set each evaluation reads (the same ones every time)")
 
 
 class LoggingConfig(_Section):

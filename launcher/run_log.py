@@ -3,7 +3,9 @@
 A live one-line progress bar on a terminal, plain log lines otherwise (SLURM output files, CI),
 one JSON line per step in `metrics.jsonl` for tools and tests, and TensorBoard events
 (launcher/tensorboard_log.py) from whichever ranks write them. The loop hands over the records of
-every step since the last logging step at once; the last of them carries the throughput.
+every step since the last logging step at once; the last of them carries the throughput. An
+evaluation is one more line, `{"step", "eval_loss", "eval_ppl", "eval_tokens", "eval_seconds"}`,
+after the records of the step it follows (step 0: before the first).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ class RunLog:
         self.live = enabled and sys.stdout.isatty()
         self.started = time.perf_counter()
         self.metrics = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self.eval_seconds = 0.0
 
     def say(self, line: str) -> None:
         if self.enabled:
@@ -43,6 +46,19 @@ class RunLog:
             print(f"\r[{'#' * done}{'.' * (30 - done)}] {line}", end=end, flush=True)
         else:
             print(line, flush=True)
+
+    def evaluation(self, record: dict) -> None:
+        self.eval_seconds += record["eval_seconds"]
+        if self.tensorboard:
+            self.tensorboard.evaluation(record)
+        if not self.enabled:
+            return
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        share = self.eval_seconds / (time.perf_counter() - self.started)
+        print(f"{chr(10) if self.live else ''}eval after step {record['step']}: loss {record['eval_loss']:.4f}  "
+              f"ppl {record['eval_ppl']:.2f}  ({record['eval_tokens']:,} tokens in {record['eval_seconds']:.1f}s; "
+              f"evaluation is {share:.1%} of the run so far)", flush=True)
 
     def close(self, summary: str) -> None:
         if self.tensorboard:

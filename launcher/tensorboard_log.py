@@ -12,6 +12,7 @@ time and throughput averaged over the steps since the previous one, memory and M
     time/step_seconds  time/data_wait_fraction  time/checkpoint_save_seconds (steps that saved)
     memory/cuda_max_allocated_gib (GPU) or memory/rss_gib (CPU)
     moe/layer_L/expert_E_load  moe/layer_L/dropped_fraction  moe/layer_L/aux_loss  moe/layer_L/z_loss
+    eval/loss  eval/ppl (at each evaluation, on the training step axis; step 0 is before the first step)
 
 Model FLOPs per step are Megatron's count (launcher/plan/throughput.py, README): every matrix
 multiply of the forward pass, attention scores included, times 3 for forward and backward;
@@ -88,6 +89,11 @@ class TensorBoardLog:
                 if value is not None:
                     self.writer.add_scalar(tag, value, step)
         self.writer.flush()  # a run that stops on a signal exits without close(); keep the file current
+
+    def evaluation(self, record: dict) -> None:
+        self.writer.add_scalar("eval/loss", record["eval_loss"], record["step"])
+        self.writer.add_scalar("eval/ppl", record["eval_ppl"], record["step"])
+        self.writer.flush()
 
     def _interval_scalars(self, record: dict) -> dict:
         seconds = record["step_seconds"]

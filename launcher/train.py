@@ -16,6 +16,7 @@ import torch
 from data_pipeline import build_dataloader, load_tokenizer
 from launcher.config import ConfigError, RunConfig
 from launcher.errors import SaveFailed
+from launcher.evaluate import Evaluator
 from launcher.run_log import RunLog
 from launcher.step_metrics import StepMetrics
 from launcher.stopping import StopRequested, StopVote
@@ -46,6 +47,7 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
     topo = init_topology(tp=p.tp, ep=p.ep, pp=p.pp, timeout_minutes=p.timeout_minutes)
     if cfg.train.precision == "fp16" and topo.device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs CUDA (DeepSpeed's loss scaler); use bf16 or fp32 on CPU")
+    evaluate = Evaluator.for_run(cfg, topo) if cfg.train.eval_interval else None
     _seed_everything(cfg.train.seed)
     vocab_size = cfg.model.vocab_size or load_tokenizer(cfg.data).get_vocab_size()
     model = build_model(
@@ -78,6 +80,9 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
 
     first_step, tokens_seen = resumed.step + 1, resumed.tokens
     first_loss = last_loss = None
+    if evaluate and first_step == 1:
+        _log_evaluation(evaluate(engine, step=0), log, records)
+        metrics.restart_clock(_data_wait(loader))
     for step in range(first_step, cfg.train.steps + 1):
         stop_vote = StopVote(topo.control_group) if checkpoints else None  # travels while the step computes
         lr = engine.get_lr()[0]
@@ -96,9 +101,11 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
         last = step == cfg.train.steps
         save = checkpoints is not None and (
             stopping or last or (cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0))
-        if not (save or last or step == first_step or step % cfg.logging.interval == 0):
+        evaluating = evaluate is not None and (last or step % cfg.train.eval_interval == 0)
+        if not (save or evaluating or last or step == first_step or step % cfg.logging.interval == 0):
             continue
         step_records = metrics.read(_data_wait(loader), model.moe_metrics())
+        evaluation = evaluate(engine, step) if evaluating else None
         if stopping and not last:
             log.say(f"stopping after step {step} ({stop_signal.name if stop_signal else 'train.stop_at_step'}): "
                     "saving a checkpoint")
@@ -106,7 +113,6 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
             save_started = time.perf_counter()
             error = checkpoints.save(step, tokens_seen)
             step_records[-1]["checkpoint_save_seconds"] = time.perf_counter() - save_started
-            metrics.restart_clock(_data_wait(loader))
             if error and (stopping or last):
                 raise SaveFailed(f"{error}; free space or fix permissions on {checkpoints.root} and launch again")
             if error:
@@ -114,12 +120,21 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
         log.write(step_records)
         if records is not None:
             records.extend(step_records)
+        if evaluation:
+            _log_evaluation(evaluation, log, records)
+        metrics.restart_clock(_data_wait(loader))  # throughput counts training: not evaluating, saving or logging
         first_loss = step_records[0]["loss"] if first_loss is None else first_loss
         last_loss = step_records[-1]["loss"]
         if stopping and not last:
             raise StopRequested(step)
     summary = f"loss {first_loss:.3f} -> {last_loss:.3f}" if first_loss is not None else "nothing left to train"
     log.close(f"parallax: done: {cfg.train.steps} steps, {summary}, run dir {run_dir}")
+
+
+def _log_evaluation(record: dict, log: RunLog, records: Optional[list]) -> None:
+    log.evaluation(record)
+    if records is not None:
+        records.append(record)
 
 
 def _seed_everything(seed: int) -> None:

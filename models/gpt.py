@@ -260,9 +260,11 @@ class GPT(nn.Module):
         partial = vocab_parallel_embedding_partial(self.embedding, input_ids).transpose(0, 1)
         return reduce_scatter_sequence(partial, tp_group), positions.chunk(self.tp, dim=0)[self.tp_rank]
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
-        """input_ids, labels: [b, s]. Returns the mean next-token loss (plus the MoE router losses)
-        when labels are given, else this TP rank's vocabulary slice of the logits, [s, b, padded_vocab / tp]."""
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean"):
+        """input_ids, labels: [b, s]. With labels, the mean next-token loss plus the MoE router losses
+        (the training objective), or with reduction="sum" (evaluation) the summed next-token loss and
+        the number of tokens scored, so that a mean over any split of the data is exact. Without
+        labels, this TP rank's vocabulary slice of the logits, [s, b, padded_vocab / tp]."""
         tp_group = parallel_state.get_tensor_model_parallel_group()
         x, positions = self._embed(input_ids, tp_group)  # [s, b, h], or this rank's [s/tp, b, h] under SP
         if self.position_embedding is not None:
@@ -284,4 +286,6 @@ class GPT(nn.Module):
         if labels is None:
             return logits
         losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
+        if reduction == "sum":
+            return losses.sum(), torch.tensor(losses.numel(), device=losses.device)
         return losses.mean() + sum(moe.router_loss for moe in self.moe_layers)

@@ -271,10 +271,12 @@ class T5(nn.Module):
             for layer, block in enumerate(self.blocks) if isinstance(block.ff, MoEFeedForward)
         ]
 
-    def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor, labels: torch.Tensor | None = None):
-        """input_ids: [b, s_in]; decoder_input_ids, labels: [b, s_out]. Returns the mean loss over the
-        labels that are not IGNORE_INDEX (plus the MoE router losses) when labels are given, else this
-        TP rank's vocabulary slice of the logits, [s_out, b, padded_vocab / tp]."""
+    def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                reduction: str = "mean"):
+        """input_ids: [b, s_in]; decoder_input_ids, labels: [b, s_out]. With labels, the mean loss over
+        the labels that are not IGNORE_INDEX plus the MoE router losses (the training objective), or
+        with reduction="sum" (evaluation) their summed loss and how many they are. Without labels,
+        this TP rank's vocabulary slice of the logits, [s_out, b, padded_vocab / tp]."""
         memory = self.encoder(self.embedding(input_ids).transpose(0, 1))
         x = self.decoder(self.embedding(decoder_input_ids).transpose(0, 1), memory)
         if self.lm_head is None:
@@ -289,5 +291,7 @@ class T5(nn.Module):
         labels = labels.transpose(0, 1)
         scored = labels != IGNORE_INDEX
         losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.clamp(min=0).contiguous())
+        if reduction == "sum":
+            return (losses * scored).sum(), scored.sum()
         loss = (losses * scored).sum() / scored.sum().clamp(min=1)
         return loss + sum(moe.router_loss for moe in self.moe_layers)

@@ -398,7 +398,7 @@ class Checkpointer:
 
     `loader` is the batch source: its `state_dict()` per DP rank is saved, and its
     `load_state_dict(states)` receives the states of every DP rank of the saved run, so it can
-    reshard them onto a different DP size.
+    reshard them onto a different DP size. Without one (evaluation), resume restores the model only.
     """
 
     def __init__(self, cfg, topo, engine, loader):
@@ -569,7 +569,8 @@ class Checkpointer:
                 group["lr"] = lr
         self.engine.global_steps = client["step"]
         self.engine.global_samples = client["step"] * self.engine.train_batch_size()
-        self.loader.load_state_dict(client["data"])
+        if self.loader is not None:  # None: weights only, to evaluate them
+            self.loader.load_state_dict(client["data"])
         old = client["layout"]
         self._say(f"resumed from {path} at step {client['step']} (saved at tp={old['tp']} dp={old['dp']} "
                   f"zero={old['zero_stage']})")
@@ -639,7 +640,13 @@ class Checkpointer:
 # --- offline -------------------------------------------------------------------------------------
 
 def find_checkpoint(run_dir: Path, step: Optional[int] = None) -> Path:
-    """The checkpoint of `step` (default: the newest complete one) of a run directory or a checkpoint root."""
+    """The checkpoint of `step` (default: the newest complete one) of a run directory or a checkpoint
+    root, or `run_dir` itself if it is a checkpoint."""
+    if (run_dir / MANIFEST).exists() and step is None:
+        problem = verify(run_dir)
+        if problem:
+            raise CheckpointError(f"cannot use checkpoint {run_dir}: {problem}")
+        return run_dir
     root = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
     steps = checkpoint_steps(root) if step is None else [step]
     for s in steps:

@@ -53,7 +53,8 @@ def test_only_rank_0_writes_every_tag(dense):
     assert [p.name for p in (dense / "tensorboard").iterdir() if p.is_dir()] == [], "no per-rank writers by default"
     tb = events(dense / "tensorboard")
     tags = set(tb.Tags()["scalars"])
-    assert tags == EVERY_STEP | PER_LOGGING_STEP | {"throughput/peak_tflops_per_device", "time/checkpoint_save_seconds"}
+    assert tags == EVERY_STEP | PER_LOGGING_STEP | {"throughput/peak_tflops_per_device", "time/checkpoint_save_seconds",
+                                                    "eval/loss", "eval/ppl"}
     for tag in EVERY_STEP:
         assert sorted(scalars(tb, tag)) == list(range(1, STEPS + 1)), tag
     for tag in PER_LOGGING_STEP:
@@ -64,7 +65,7 @@ def test_only_rank_0_writes_every_tag(dense):
 def test_logged_figures_are_consistent_with_each_other_and_the_run(dense):
     tb = events(dense / "tensorboard")
     seconds = scalars(tb, "time/step_seconds")
-    records = {r["step"]: r for r in map(json.loads, (dense / "metrics.jsonl").read_text().splitlines())}
+    records = {r["step"]: r for r in map(json.loads, (dense / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
     # Megatron's model FLOPs for a GPT with a 4h MLP, forward and backward (README):
     flops = 72 * SEQUENCES * SEQ_LEN * LAYERS * HIDDEN**2 * (
         1 + SEQ_LEN / (6 * HIDDEN) + VOCAB / (12 * LAYERS * HIDDEN))
@@ -90,6 +91,17 @@ def test_logged_figures_are_consistent_with_each_other_and_the_run(dense):
     print(f"tokens/s x step time = {scalars(tb, 'throughput/tokens_per_s')[STEPS] * seconds[STEPS]:.3f} "
           f"(tokens per step {SEQUENCES * SEQ_LEN}); model FLOPs per step {flops:.4g}; CPU peak {peak * 1e3:.1f} GFLOP/s; "
           f"MFU at the last step {scalars(tb, 'throughput/mfu')[STEPS]:.1%}")
+
+
+def test_evaluations_are_on_the_training_step_axis(dense):
+    """configs/gpt-tiny.yaml evaluates before the first step and after the last (every 100 steps too)."""
+    tb = events(dense / "tensorboard")
+    evaluations = [r for r in map(json.loads, (dense / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+    assert [r["step"] for r in evaluations] == [0, STEPS]
+    for record in evaluations:
+        assert scalars(tb, "eval/loss")[record["step"]] == pytest.approx(record["eval_loss"], rel=1e-6)
+        assert scalars(tb, "eval/ppl")[record["step"]] == pytest.approx(record["eval_ppl"], rel=1e-6)
+    assert evaluations[-1]["eval_loss"] < evaluations[0]["eval_loss"]
 
 
 def test_every_rank_writes_its_own_events_with_moe_expert_load(tmp_path):

@@ -1,5 +1,5 @@
 """`parallax status RUN_DIR`: the run's SLURM jobs and their states (launcher/slurm/jobs.py), its
-last checkpoint, and its last logged step with its throughput."""
+last checkpoint, its last logged step with its throughput, and its last and best validation loss."""
 from __future__ import annotations
 
 import json
@@ -26,7 +26,14 @@ def describe(run_dir: Path) -> str:
         raise ConfigError(f"run directory {run_dir} does not exist; pass a run's logging.run_dir")
     # The resolved config rank 0 wrote at start (checkpoint.dir may point outside the run directory).
     cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else None
-    return "\n".join([f"run         {run_dir}", *_jobs(run_dir), _checkpoint(run_dir, cfg), _progress(run_dir, cfg)])
+    records = _records(run_dir)
+    return "\n".join([f"run         {run_dir}", *_jobs(run_dir), _checkpoint(run_dir, cfg), _progress(records, cfg),
+                      _evaluation(records)])
+
+
+def _records(run_dir: Path) -> list[dict]:
+    metrics = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
 
 
 def _jobs(run_dir: Path) -> list[str]:
@@ -47,13 +54,21 @@ def _checkpoint(run_dir: Path, cfg: Optional[RunConfig]) -> str:
     return f"checkpoint  step {int(name.removeprefix('step-'))} ({root / name})"
 
 
-def _progress(run_dir: Path, cfg: Optional[RunConfig]) -> str:
-    metrics = run_dir / "metrics.jsonl"
-    lines = metrics.read_text().splitlines() if metrics.exists() else []
-    if not lines:
+def _progress(records: list[dict], cfg: Optional[RunConfig]) -> str:
+    logged = [r for r in records if "tokens_per_s" in r]
+    if not logged:
         return "progress    no step logged yet"
-    last = json.loads(lines[-1])
+    last = logged[-1]
     total = cfg.train.steps if cfg else "?"
     return (f"progress    step {last['step']}/{total}, loss {last['loss']:.4f}, "
             f"{last['tokens_per_s']:,.0f} tokens/s, {last['step_seconds']:.3f} s/step (last logged step)")
 
+
+
+def _evaluation(records: list[dict]) -> str:
+    evaluations = [r for r in records if "eval_loss" in r]
+    if not evaluations:
+        return "eval        none yet (train.eval_interval)"
+    last, best = evaluations[-1], min(evaluations, key=lambda r: r["eval_loss"])
+    return (f"eval        last: step {last['step']}, loss {last['eval_loss']:.4f} (ppl {last['eval_ppl']:.2f}); "
+            f"best: step {best['step']}, loss {best['eval_loss']:.4f}")

@@ -48,5 +48,7 @@ def token_counts(batches, tokenizer_path: Path) -> Counter:
 
 
 def id_config(corpus: Path, tokenizer: Path, **overrides) -> DataConfig:
-    fields = dict(sources=[{"path": corpus}], tokenizer=tokenizer, seq_len=16, shuffle_buffer=8, num_workers=1)
+    """Every document is training data (no validation hold-out), so each one's tokens can be counted."""
+    fields = dict(sources=[{"path": corpus}], tokenizer=tokenizer, seq_len=16, shuffle_buffer=8, num_workers=1,
+                  validation_fraction=0.0)
     return DataConfig(**(fields | overrides))

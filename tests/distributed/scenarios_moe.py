@@ -6,9 +6,10 @@ from tests.distributed.harness import scenario
 from tests.distributed.scenarios import GLOBAL_BATCH, fixed_batches, full_shape, run_training, tiny_config
 
 NUM_EXPERTS = 4
-# Capacity for every token at every layout (capacity factor >= experts / top_k): nothing drops, so
-# the split of tokens over ranks cannot change which tokens an expert sees.
-MOE = f"model.moe={{num_experts: {NUM_EXPERTS}, every: 1, top_k: 2, capacity_factor: {NUM_EXPERTS}.0, z_loss_coef: 1.0e-3}}"
+# Capacity for every token at every layout (capacity factor >= experts / top_k), in training and in
+# evaluation: nothing drops, so the split of tokens over ranks cannot change which tokens an expert sees.
+MOE = (f"model.moe={{num_experts: {NUM_EXPERTS}, every: 1, top_k: 2, capacity_factor: {NUM_EXPERTS}.0, "
+       f"eval_capacity_factor: {NUM_EXPERTS}.0, z_loss_coef: 1.0e-3}}")
 # The load-balancing loss is computed over each DP rank's own tokens (GShard's groups), so it is a
 # per-layout quantity; comparing with one process needs it off.
 NO_AUX = "model.moe.aux_loss_coef=0.0"

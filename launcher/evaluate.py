@@ -1,0 +1,86 @@
+"""Evaluation: the model's exact token-weighted loss on the validation set, without disturbing training.
+
+Each rank evaluates its share of the fixed validation windows (data_pipeline/validation.py) and
+the summed losses and token counts are all-reduced over DP, so the loss is the mean over every
+evaluated token of every rank, whatever the layout. The model runs in eval mode (no dropout, MoE's
+evaluation capacity factor), without gradients and outside the optimizer, and the random
+generators are forked around it: training after an evaluation is bitwise what it would have been.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline import load_tokenizer
+from data_pipeline.validation import validation_batches
+from launcher.config import RunConfig
+from parallel.topology import Topology
+
+
+class Evaluator:
+    """Evaluates on `batches`, this rank's share of the validation set, the same ones every time."""
+
+    def __init__(self, topo: Topology, batches: list):
+        self.topo, self.batches = topo, batches
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, topo: Topology) -> Evaluator:
+        """Reads this rank's validation batches now, so that bad validation data stops the run before
+        its first step."""
+        batches = validation_batches(
+            cfg.data, batches=cfg.train.eval_batches, micro_batch_size=cfg.train.micro_batch_size,
+            grad_accum=cfg.train.grad_accum, dp_rank=topo.dp_rank, dp_size=topo.dp, seed=cfg.train.seed)
+        available = len(batches) // cfg.train.grad_accum
+        if available < cfg.train.eval_batches and topo.is_logging_rank:
+            print(f"parallax: the validation set holds {available} global batches; each evaluation reads them all "
+                  f"(train.eval_batches={cfg.train.eval_batches})", flush=True)
+        return cls(topo, batches)
+
+    def __call__(self, engine, step: int) -> dict:
+        """The record of an evaluation after optimizer step `step` (0: before the first)."""
+        device, started = self.topo.device, time.perf_counter()
+        totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, tokens
+        engine.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
+            for batch in self.batches:
+                inputs = engine.module.batch_inputs(batch)
+                loss_sum, tokens = engine(**{name: t.to(device) for name, t in inputs.items()}, reduction="sum")
+                totals += torch.stack([loss_sum.double(), tokens.double()])
+        engine.train()
+        dist.all_reduce(totals, group=self.topo.dp_group)
+        loss_sum, tokens = totals.tolist()  # waits for the device, so the clock below includes its work
+        loss = loss_sum / tokens
+        return {"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": int(tokens),
+                "eval_seconds": time.perf_counter() - started}
+
+
+def evaluate_checkpoint(cfg: RunConfig, out: Path) -> dict:
+    """`parallax eval` on this rank: the weights of the checkpoint cfg.checkpoint.resume names, at
+    cfg's layout (any: checkpoints do not depend on it), evaluated on cfg's validation set. Rank 0
+    prints the result and writes it to `out` as JSON."""
+    from models import build_model
+    from parallel.checkpoint import Checkpointer
+    from parallel.engine import build_engine
+    from parallel.topology import init_topology
+
+    p = cfg.parallel
+    topo = init_topology(tp=p.tp, ep=p.ep, pp=p.pp, timeout_minutes=p.timeout_minutes)
+    evaluate = Evaluator.for_run(cfg, topo)
+    torch.manual_seed(cfg.train.seed)
+    vocab_size = cfg.model.vocab_size or load_tokenizer(cfg.data).get_vocab_size()
+    model = build_model(cfg.model, vocab_size, sequence_parallel=p.sequence_parallel, expert_parallel_size=p.ep)
+    engine = build_engine(model, cfg, topo)
+    resumed = Checkpointer(cfg, topo, engine, loader=None).resume()
+    record = evaluate(engine, step=resumed.step)
+    result = {"checkpoint": cfg.checkpoint.resume, **record, "layout": topo.describe()}
+    if topo.is_logging_rank:
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"parallax: eval of {cfg.checkpoint.resume} (step {record['step']}, {topo.describe()}): "
+              f"loss {record['eval_loss']:.4f}  ppl {record['eval_ppl']:.2f}  {record['eval_tokens']:,} tokens  "
+              f"{record['eval_seconds']:.1f}s; written to {out}", flush=True)
+    return result
