@@ -1,4 +1,9 @@
-"""The `parallax` command line."""
+"""The `parallax` command line.
+
+Building the parser imports only what the arguments' help needs; each command imports its own
+machinery (the config, torch, DeepSpeed, megatron-core, datasets) when it runs, so `parallax --help`
+and a mistyped argument answer at once instead of after seconds of imports.
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,14 +13,12 @@ import signal
 import sys
 from pathlib import Path
 
-from launcher.config import load_config
-from launcher.errors import (REQUEUE_EXIT_CODE, SAVE_FAILED_EXIT_CODE, USER_ERROR_EXIT_CODE, USER_ERRORS,
-                             exit_with)
 from launcher.plan.cli import add_plan_command
 from launcher.slurm.status import add_status_command
 from launcher.slurm.submit import add_submit_command
 
-RANKS_HAVE_SAID_WHY = {USER_ERROR_EXIT_CODE, SAVE_FAILED_EXIT_CODE, REQUEUE_EXIT_CODE}
+DESCRIPTION = ("Parallax: distributed GPT and T5 pretraining with Megatron tensor parallelism under DeepSpeed "
+               "ZeRO 0-3, on local ranks or SLURM, on GPUs or CPUs, proven equal to one process.")
 
 
 def _train(args) -> None:
@@ -26,6 +29,9 @@ def _train(args) -> None:
     the ranks, which save and exit "requeue me". SIGUSR1 (SLURM's early warning) would end torchrun
     itself, so it is passed on the same way.
     """
+    from launcher.config import load_config
+    from launcher.errors import REQUEUE_EXIT_CODE, SAVE_FAILED_EXIT_CODE, USER_ERROR_EXIT_CODE
+
     if args.resume is not None:
         args.overrides = [*args.overrides, f"checkpoint.resume={args.resume}"]
     cfg = load_config(args.config, args.overrides)
@@ -35,6 +41,8 @@ def _train(args) -> None:
     from torch.distributed.run import get_args_parser, run
 
     import torch
+
+    ranks_have_said_why = {USER_ERROR_EXIT_CODE, SAVE_FAILED_EXIT_CODE, REQUEUE_EXIT_CODE}
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     # A restarted round must not share the rendezvous store with the round that died: its keys
@@ -58,7 +66,7 @@ def _train(args) -> None:
         sys.exit(REQUEUE_EXIT_CODE)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        if failure.exitcode not in RANKS_HAVE_SAID_WHY:
+        if failure.exitcode not in ranks_have_said_why:
             print(f"parallax: error: rank {rank} exited with code {failure.exitcode}; its output is above",
                   file=sys.stderr)
         sys.exit(failure.exitcode if failure.exitcode > 0 else 1)
@@ -102,7 +110,7 @@ def _add_data_commands(commands) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="parallax", description="Distributed GPT pretraining.")
+    parser = argparse.ArgumentParser(prog="parallax", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="pretrain on local ranks started by torchrun")
@@ -140,6 +148,8 @@ def main(argv=None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    from launcher.errors import USER_ERRORS, exit_with
+
     try:
         args.run(args)
     except USER_ERRORS as e:

@@ -20,11 +20,15 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from launcher.config import ConfigError, RunConfig, load_config
-from launcher.errors import REQUEUE_EXIT_CODE
 from launcher.plan.hardware import GPUS, GiB, Cluster
 from launcher.slurm.jobs import active_job, record_job
+
+# The config and the errors (which import torch) are imported by the functions that use them, so
+# that `parallax --help` and `parallax submit --help` are instant.
+if TYPE_CHECKING:
+    from launcher.config import RunConfig
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "job.sbatch"
 SCRIPT_NAME = "job.sbatch"
@@ -67,6 +71,8 @@ def add_submit_command(commands) -> None:
 
 
 def _run(args) -> None:
+    from launcher.config import ConfigError, load_config
+
     cfg = load_config(args.config, args.overrides)
     if args.nodes < 1 or args.gpus_per_node < 0:
         raise ConfigError(f"--nodes={args.nodes} --gpus-per-node={args.gpus_per_node}: need 1+ nodes and 0+ GPUs")
@@ -116,6 +122,9 @@ def _refuse_unless_it_fits(cfg: RunConfig, args) -> None:
 
 def render_script(cfg: RunConfig, args, tasks_per_node: int) -> str:
     """The sbatch script for this run: the template with every field filled in, shell-quoted."""
+    from launcher.config import ConfigError
+    from launcher.errors import REQUEUE_EXIT_CODE
+
     run_dir = Path(cfg.logging.run_dir).resolve()
     for what, path in (("logging.run_dir", run_dir), ("the working directory", Path.cwd())):
         if any(c.isspace() for c in str(path)):
@@ -157,6 +166,8 @@ def render(template: str, fields: dict[str, str]) -> str:
 
 
 def _sbatch(script: Path) -> str:
+    from launcher.config import ConfigError
+
     if shutil.which("sbatch") is None:
         raise ConfigError("sbatch is not on PATH; run `parallax submit` on a SLURM login node, "
                           f"or submit {script} from one")
