@@ -13,6 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
+from launcher.console import quiet_third_party
 from launcher.plan.cli import add_plan_command
 from launcher.slurm.status import add_status_command
 from launcher.slurm.submit import add_submit_command
@@ -150,6 +151,7 @@ def main(argv=None) -> None:
         args.overrides = [*args.overrides, *extra]
     from launcher.errors import USER_ERRORS, exit_with
 
+    quiet_third_party()
     try:
         args.run(args)
     except USER_ERRORS as e:

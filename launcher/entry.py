@@ -3,34 +3,25 @@
 Whatever starts the ranks sets torch's env:// variables: torchrun locally, or, under srun, this
 module from SLURM's own (launcher/slurm/env.py). It reads the config and runs the training loop on this rank.
 """
-import logging
 import os
 import sys
-import warnings
 
 from launcher.config import load_config
+from launcher.console import failed_after_a_peer, load_deepspeed_comm_op_quietly, quiet_third_party, report_error_once
 from launcher.errors import REQUEUE_EXIT_CODE, SAVE_FAILED_EXIT_CODE, USER_ERROR_EXIT_CODE, USER_ERRORS, exit_with
 from launcher.slurm.env import SlurmError, set_torch_rendezvous
 from parallel.checkpoint import CheckpointError, SaveFailed, StopRequested, listen_for_stop_signals
 
 
-def _quiet_third_party_logs() -> None:
-    """Megatron and DeepSpeed announce optional kernels they did not find, and torch 2.13 warns on
-    every call DeepSpeed makes to the collective it renamed; none of it is the user's to act on."""
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor` is deprecated.*", category=FutureWarning)
-    for name in ("DeepSpeed", "deepspeed"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def main(argv=None) -> None:
     listen_for_stop_signals()  # before the seconds to minutes of start-up: imports, model, resume
     argv = sys.argv[1:] if argv is None else argv
-    _quiet_third_party_logs()
+    quiet_third_party()
     try:
         set_torch_rendezvous()
     except SlurmError as e:
         exit_with(e, prefix=f"parallax: error (SLURM task {os.environ.get('SLURM_PROCID')}): ")
+    load_deepspeed_comm_op_quietly()
     from launcher.train import train
 
     rank = os.environ.get("RANK", "0")
@@ -42,12 +33,17 @@ def main(argv=None) -> None:
         if rank == "0":
             print(f"parallax: error: {e}", file=sys.stderr, flush=True)
         sys.exit(SAVE_FAILED_EXIT_CODE if isinstance(e, SaveFailed) else USER_ERROR_EXIT_CODE)
-    except USER_ERRORS as e:
-        exit_with(e, prefix=f"parallax: error (rank {rank}): ")
+    except USER_ERRORS as e:  # one rank's problem, or every rank's (a file they all read): said once
+        report_error_once(f"parallax: error (rank {rank}): {e}", e)
+        sys.exit(USER_ERROR_EXIT_CODE)
     except StopRequested as e:
         if rank == "0":
             print(f"parallax: {e} (exit code {REQUEUE_EXIT_CODE}: requeue me)", flush=True)
         sys.exit(REQUEUE_EXIT_CODE)
+    except Exception:
+        if failed_after_a_peer():  # which said why; this rank's traceback would only say it lost that peer
+            sys.exit(1)
+        raise
 
 
 if __name__ == "__main__":
