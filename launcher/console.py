@@ -45,11 +45,14 @@ def quiet_third_party() -> None:
                             "is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"(Transformer Engine and Apex are|Apex is) not installed",
                             module=r"megatron\.")
-    logging.getLogger("DeepSpeed").addFilter(
-        lambda record: not record.getMessage().startswith("Setting accelerator to CPU."))
+    logging.getLogger("DeepSpeed").addFilter(_not_the_accelerator_guess)  # once, however often this is called
 
 
-def load_deepspeed_comm_op_quietly() -> None:
+def _not_the_accelerator_guess(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Setting accelerator to CPU.")
+
+
+def quiet_deepspeed_op_loading() -> None:
     """Send DeepSpeed's "... shm_comm_op built successfully" print nowhere (see the module docstring).
 
     A rank's own setup, not part of `quiet_third_party`: it imports DeepSpeed, which the CLI's commands

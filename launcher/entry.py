@@ -7,7 +7,7 @@ import os
 import sys
 
 from launcher.config import load_config
-from launcher.console import failed_after_a_peer, load_deepspeed_comm_op_quietly, quiet_third_party, report_error_once
+from launcher.console import failed_after_a_peer, quiet_deepspeed_op_loading, quiet_third_party, report_error_once
 from launcher.errors import REQUEUE_EXIT_CODE, SAVE_FAILED_EXIT_CODE, USER_ERROR_EXIT_CODE, USER_ERRORS, exit_with
 from launcher.slurm.env import SlurmError, set_torch_rendezvous
 from parallel.checkpoint import CheckpointError, SaveFailed, StopRequested, listen_for_stop_signals
@@ -21,7 +21,7 @@ def main(argv=None) -> None:
         set_torch_rendezvous()
     except SlurmError as e:
         exit_with(e, prefix=f"parallax: error (SLURM task {os.environ.get('SLURM_PROCID')}): ")
-    load_deepspeed_comm_op_quietly()
+    quiet_deepspeed_op_loading()
     from launcher.train import train
 
     rank = os.environ.get("RANK", "0")
