@@ -4,6 +4,7 @@ Whatever starts the ranks sets torch's env:// variables: torchrun locally, or, u
 module from SLURM's own (launcher/slurm/env.py). It reads the config and runs the training loop on this rank.
 """
 import os
+import signal
 import sys
 
 from launcher.config import load_config
@@ -37,6 +38,10 @@ def main(argv=None) -> None:
         report_error_once(f"parallax: error (rank {rank}): {e}", e)
         sys.exit(USER_ERROR_EXIT_CODE)
     except StopRequested as e:
+        # Saved: leave with "requeue me" even when SIGTERM comes now. srun --kill-on-bad-exit sends it to
+        # the ranks still exiting once one has exited 75, and Python's own handler is gone while the
+        # interpreter shuts down: a rank it killed would turn the job's 75 into 143, which is not requeued.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if rank == "0":
             print(f"parallax: {e} (exit code {REQUEUE_EXIT_CODE}: requeue me)", flush=True)
         sys.exit(REQUEUE_EXIT_CODE)
