@@ -8,8 +8,8 @@ and lets everything else through:
   per call on every rank, most of what a short ZeRO-3 run printed;
 - megatron-core announces at import that Transformer Engine and Apex are absent and it falls back to
   its own kernels, which Parallax does not use (DeepSpeed owns the optimizer);
-- DeepSpeed warns that it chose its CPU accelerator when DS_ACCELERATOR is unset, which only
-  `parallax plan` leaves unset, and the plan builds its model on the meta device;
+- DeepSpeed warns that it chose its CPU accelerator when DS_ACCELERATOR is unset, as only a plan
+  (`parallax plan`, or `submit` planning a GPU job) leaves it, building its model on the meta device;
 - DeepSpeed prints (it does not log) "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built
   successfully" on every rank each time its communication backend starts, compiled or cached.
 They are dropped, not logged to a file: each is fully known and listed here, and none says anything
@@ -87,8 +87,9 @@ def failed_after_a_peer() -> bool:
     """Whether another rank of this launch failed before this one, counting this rank's failure.
 
     Then this rank's error is the consequence (its peers stopped answering) and the first rank has
-    said why. A rank that has not joined its peers cannot have lost one. A store that is gone means
-    its host, rank 0, has exited: it failed first (and said why, or the launcher reports its exit code).
+    said why. A rank that has not joined its peers cannot have lost one. A store that does not answer
+    means its host, rank 0, has exited (or is cut off): it failed first, and said why or the launcher
+    reports its exit code.
     """
     try:
         return _add_one(FAILED_KEY) > 1
