@@ -1,12 +1,22 @@
-"""Sharded, streaming, exactly-resumable data pipeline for pretraining (issue 3)."""
+"""Sharded, streaming, exactly-resumable data pipeline for pretraining (issue 3).
 
-from .config import DataConfig, SourceConfig
-from .corpus import prepare_data
-from .errors import DataError
-from .loader import PipelineLoader, build_dataloader
-from .tokenizer import EOD, PAD, SPECIAL_TOKENS, load_tokenizer, prepare_tokenizer
+The names below are imported from their modules on first use (PEP 562): importing one light module
+of the package, as the CLI does for the data commands' defaults, must not import torch and datasets
+with the loader.
+"""
+import importlib
 
-__all__ = [
-    "DataConfig", "SourceConfig", "DataError", "PipelineLoader", "build_dataloader",
-    "load_tokenizer", "prepare_data", "prepare_tokenizer", "EOD", "PAD", "SPECIAL_TOKENS",
-]
+_MODULE_OF = {
+    "DataConfig": "config", "SourceConfig": "config", "DataError": "errors", "PipelineLoader": "loader",
+    "build_dataloader": "loader", "load_tokenizer": "tokenizer", "prepare_data": "corpus",
+    "prepare_tokenizer": "tokenizer", "EOD": "tokenizer", "PAD": "tokenizer", "SPECIAL_TOKENS": "tokenizer",
+}
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value

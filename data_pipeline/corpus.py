@@ -4,14 +4,18 @@ It lets the demo and the tests train on something meaningful with no download
 and no data setup, and it is the same on every node of a cluster that runs the
 same Python.
 """
+from __future__ import annotations
 
 import json
 import sys
 import sysconfig
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .cache import build_once
-from .config import SourceConfig
+
+if TYPE_CHECKING:  # imported where it is built: the CLI reads this module's defaults, without pydantic
+    from .config import SourceConfig
 
 DEFAULT_MAX_BYTES = 8_000_000  # ~2M tokens: more than the demo consumes, BPE-trainable in seconds
 DEFAULT_NUM_SHARDS = 16
@@ -77,5 +81,7 @@ def top_level_units(text: str) -> list[tuple[int, str]]:
 
 def builtin_corpus(cache_dir: Path) -> SourceConfig:
     """The cached default corpus, built on first use; named by Python version since its text differs."""
+    from .config import SourceConfig
+
     name = f"stdlib-corpus-py{sys.version_info.major}.{sys.version_info.minor}-v2"
     return SourceConfig(path=build_once(Path(cache_dir) / name, prepare_data), format="jsonl")

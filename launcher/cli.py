@@ -1,4 +1,9 @@
-"""The `parallax` command line."""
+"""The `parallax` command line.
+
+Building the parser imports only what the arguments' help needs; each command imports its own
+machinery (the config, torch, DeepSpeed, megatron-core, datasets) when it runs, so `parallax --help`
+and a mistyped argument answer at once instead of after seconds of imports.
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,44 +13,76 @@ import signal
 import sys
 from pathlib import Path
 
-from launcher.config import load_config
-from launcher.errors import (REQUEUE_EXIT_CODE, SAVE_FAILED_EXIT_CODE, USER_ERROR_EXIT_CODE, USER_ERRORS,
-                             exit_with)
+from launcher.console import quiet_third_party
 from launcher.plan.cli import add_plan_command
 from launcher.slurm.status import add_status_command
 from launcher.slurm.submit import add_submit_command
 
-RANKS_HAVE_SAID_WHY = {USER_ERROR_EXIT_CODE, SAVE_FAILED_EXIT_CODE, REQUEUE_EXIT_CODE}
+DESCRIPTION = ("Parallax: distributed GPT and T5 pretraining with Megatron tensor parallelism under DeepSpeed "
+               "ZeRO 0-3, on local ranks or SLURM, on GPUs or CPUs, proven equal to one process.")
 
 
 def _train(args) -> None:
-    """Validate here, before any rank starts, then launch the ranks through torch's elastic launcher.
+    """Validate here, before any rank starts, then launch the ranks."""
+    from launcher.config import load_config
 
-    With --max-restarts, torchrun restarts every rank when one dies, and they resume from the newest
-    complete checkpoint (checkpoint.resume=auto). On SIGTERM/SIGINT torchrun passes the signal on to
-    the ranks, which save and exit "requeue me". SIGUSR1 (SLURM's early warning) would end torchrun
-    itself, so it is passed on the same way.
-    """
     if args.resume is not None:
         args.overrides = [*args.overrides, f"checkpoint.resume={args.resume}"]
     cfg = load_config(args.config, args.overrides)
     cfg.check_world_size(args.nproc)
+    _launch([args.config, *args.overrides], args.nproc, args.max_restarts)
+
+
+def _eval(args) -> None:
+    """`parallax eval`: the checkpoint's own config, at the layout and on the data the overrides give."""
+    import json
+
+    from launcher.config import load_config
+    from parallel.checkpoint import find_checkpoint
+
+    path = find_checkpoint(Path(args.path), args.step)
+    overrides = [*args.overrides, f"checkpoint.resume={path.resolve()}"]
+    if args.batches is not None:
+        overrides.append(f"train.eval_batches={args.batches}")
+    if args.data:
+        overrides.append(f"data.validation={json.dumps([{'path': str(Path(p).resolve())} for p in args.data])}")
+    config = path / "config.yaml"
+    load_config(config, overrides).check_world_size(args.nproc)
+    out = Path(args.out) if args.out else path / "eval.json"
+    _launch(["--evaluate", str(out.resolve()), str(config), *overrides], args.nproc, max_restarts=0)
+
+
+def _launch(entry_args: list[str], nproc: int, max_restarts: int) -> None:
+    """Start `nproc` local ranks of `python -m launcher.entry ENTRY_ARGS` through torch's elastic launcher.
+
+    With max_restarts, torchrun restarts every rank when one dies, and they resume from the newest
+    complete checkpoint (checkpoint.resume=auto). On SIGTERM/SIGINT torchrun passes the signal on to
+    the ranks, which save and exit "requeue me". SIGUSR1 (SLURM's early warning) would end torchrun
+    itself, so it is passed on the same way.
+    """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     import torch
 
+    from launcher.errors import REQUEUE_EXIT_CODE, SAVE_FAILED_EXIT_CODE, USER_ERROR_EXIT_CODE
+
+    ranks_have_said_why = {USER_ERROR_EXIT_CODE, SAVE_FAILED_EXIT_CODE, REQUEUE_EXIT_CODE}
+
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     # A restarted round must not share the rendezvous store with the round that died: its keys
     # (each gloo/NCCL group's peer addresses) would send the new ranks to dead peers (pytorch#135712).
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    # Megatron's tensor-parallel layers overlap their collectives with compute only when CUDA keeps one
+    # queue of work per device (they warn otherwise); harmless on CPUs.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     # One BLAS thread per core: more ranks than cores would only thrash.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     torchrun_args = get_args_parser().parse_args([
-        "--standalone", f"--nproc-per-node={args.nproc}", f"--max-restarts={args.max_restarts}",
-        "--module", "launcher.entry", args.config, *args.overrides,
+        "--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+        "--module", "launcher.entry", *entry_args,
     ])
 
     def pass_on(signum, frame):
@@ -58,7 +95,7 @@ def _train(args) -> None:
         sys.exit(REQUEUE_EXIT_CODE)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        if failure.exitcode not in RANKS_HAVE_SAID_WHY:
+        if failure.exitcode not in ranks_have_said_why:
             print(f"parallax: error: rank {rank} exited with code {failure.exitcode}; its output is above",
                   file=sys.stderr)
         sys.exit(failure.exitcode if failure.exitcode > 0 else 1)
@@ -102,7 +139,7 @@ def _add_data_commands(commands) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="parallax", description="Distributed GPT pretraining.")
+    parser = argparse.ArgumentParser(prog="parallax", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="pretrain on local ranks started by torchrun")
@@ -115,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-restarts", type=int, default=0, metavar="K",
                        help="when a rank dies, restart all ranks from the newest checkpoint, up to K times")
     train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("eval", help="the validation loss of a checkpoint, at any layout")
+    evaluate.add_argument("path", metavar="RUN|CHECKPOINT", help="a run directory (its newest checkpoint), its "
+                          "checkpoints directory, or one checkpoint")
+    evaluate.add_argument("overrides", nargs="*", help="dotted overrides of the checkpoint's config, e.g. parallel.tp=2")
+    evaluate.add_argument("--data", nargs="+", metavar="PATH", help="validation data (data.validation); default: "
+                          "the run's validation set")
+    evaluate.add_argument("--batches", type=int, metavar="N", help="global batches to read (train.eval_batches)")
+    evaluate.add_argument("--nproc", type=int, default=1, help="ranks to start on this machine (default 1)")
+    evaluate.add_argument("--step", type=int, default=None, help="that step's checkpoint of the run")
+    evaluate.add_argument("--out", default=None, help="the JSON result (default: CHECKPOINT/eval.json)")
+    evaluate.set_defaults(run=_eval)
 
     checkpoint = commands.add_parser("checkpoint", help="inspect and export checkpoints")
     checkpoint_commands = checkpoint.add_subparsers(dest="checkpoint_command", required=True)
@@ -140,6 +189,9 @@ def main(argv=None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    from launcher.errors import USER_ERRORS, exit_with
+
+    quiet_third_party()
     try:
         args.run(args)
     except USER_ERRORS as e:

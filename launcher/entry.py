@@ -1,14 +1,17 @@
-"""The per-rank entry point: `python -m launcher.entry CONFIG [overrides]`.
+"""The per-rank entry point: `python -m launcher.entry [--evaluate OUT_JSON] CONFIG [overrides]`.
 
 Whatever starts the ranks sets torch's env:// variables: torchrun locally, or, under srun, this
-module from SLURM's own (launcher/slurm/env.py). It reads the config and runs the training loop on this rank.
+module from SLURM's own (launcher/slurm/env.py). It reads the config and runs the training loop on
+this rank, or with --evaluate (`parallax eval`) evaluates the checkpoint checkpoint.resume names.
 """
-import logging
 import os
+import signal
 import sys
-import warnings
+from functools import partial
+from pathlib import Path
 
 from launcher.config import load_config
+from launcher.console import failed_after_a_peer, quiet_deepspeed_op_loading, quiet_third_party, report_error_once
 from launcher.errors import (REQUEUE_EXIT_CODE, SAVE_FAILED_EXIT_CODE, USER_ERROR_EXIT_CODE, USER_ERRORS, SaveFailed,
                              exit_with)
 from launcher.slurm.env import SlurmError, set_torch_rendezvous
@@ -16,25 +19,21 @@ from launcher.stopping import StopRequested, listen_for_stop_signals
 from parallel.checkpoint import CheckpointError
 
 
-def _quiet_third_party_logs() -> None:
-    """Megatron and DeepSpeed announce optional kernels they did not find, and torch 2.13 warns on
-    every call DeepSpeed makes to the collective it renamed; none of it is the user's to act on."""
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor` is deprecated.*", category=FutureWarning)
-    for name in ("DeepSpeed", "deepspeed"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def main(argv=None) -> None:
     listen_for_stop_signals()  # before the seconds to minutes of start-up: imports, model, resume
     argv = sys.argv[1:] if argv is None else argv
-    _quiet_third_party_logs()
+    quiet_third_party()
     try:
         set_torch_rendezvous()
     except SlurmError as e:
         exit_with(e, prefix=f"parallax: error (SLURM task {os.environ.get('SLURM_PROCID')}): ")
+    quiet_deepspeed_op_loading()
+    from launcher.evaluate import evaluate_checkpoint
     from launcher.train import train
 
+    job = train
+    if argv[:1] == ["--evaluate"]:
+        job, argv = partial(evaluate_checkpoint, out=Path(argv[1])), argv[2:]
     rank = os.environ.get("RANK", "0")
     try:
         cfg = load_config(argv[0], argv[1:])
@@ -42,17 +41,26 @@ def main(argv=None) -> None:
         if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
             # torchrun restarted the ranks after a crash: the newest checkpoint is at least as new as the one named
             cfg.checkpoint.resume = "auto"
-        train(cfg)
+        job(cfg)
     except (CheckpointError, SaveFailed) as e:  # every rank reached the same verdict together: rank 0 says it
         if rank == "0":
             print(f"parallax: error: {e}", file=sys.stderr, flush=True)
         sys.exit(SAVE_FAILED_EXIT_CODE if isinstance(e, SaveFailed) else USER_ERROR_EXIT_CODE)
-    except USER_ERRORS as e:
-        exit_with(e, prefix=f"parallax: error (rank {rank}): ")
+    except USER_ERRORS as e:  # one rank's problem, or every rank's (a file they all read): said once
+        report_error_once(f"parallax: error (rank {rank}): {e}", e)
+        sys.exit(USER_ERROR_EXIT_CODE)
     except StopRequested as e:
+        # Saved: leave with "requeue me" even when SIGTERM comes now. srun --kill-on-bad-exit sends it to
+        # the ranks still exiting once one has exited 75, and Python's own handler is gone while the
+        # interpreter shuts down: a rank it killed would turn the job's 75 into 143, which is not requeued.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if rank == "0":
             print(f"parallax: {e} (exit code {REQUEUE_EXIT_CODE}: requeue me)", flush=True)
         sys.exit(REQUEUE_EXIT_CODE)
+    except Exception:
+        if failed_after_a_peer():  # which said why; this rank's traceback would only say it lost that peer
+            sys.exit(1)
+        raise
 
 
 if __name__ == "__main__":

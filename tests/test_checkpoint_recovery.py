@@ -114,6 +114,23 @@ def test_the_loop_logs_how_long_it_waited_for_data(reference):
     assert all(r["data_wait_seconds"] < r["step_seconds"] for r in timed)
 
 
+def test_parallax_eval_of_a_checkpoint_at_another_layout_equals_the_runs_own_evaluation(reference, tmp_path):
+    """Issue 15 point 5: the run evaluated its step-30 weights at DP=2 ZeRO-1; `parallax eval` loads its
+    step-30 checkpoint at TP=2 (the same global batch of 8 windows) and must find the same loss."""
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([*PARALLAX, "eval", str(reference), "--nproc", "2", "parallel.tp=2",
+                           "train.micro_batch_size=8", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    in_training = [r for r in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines())
+                   if "eval_loss" in r]
+    assert [r["step"] for r in in_training] == [0, STEPS]
+    result = json.loads(out.read_text())
+    assert result["step"] == STEPS and result["layout"] == "world=2 tp=2 ep=1 pp=1 dp=1"
+    assert result["eval_tokens"] == in_training[-1]["eval_tokens"]
+    assert abs(result["eval_loss"] - in_training[-1]["eval_loss"]) <= 1e-5
+    assert f"loss {result['eval_loss']:.4f}" in proc.stdout
+
+
 @pytest.mark.parametrize("damage", ["truncate", "alter", "delete"])
 def test_verify_names_the_damaged_file(reference, tmp_path, damage):
     step_dir = tmp_path / "step"

@@ -85,20 +85,44 @@ def uninterrupted(cluster, tmp_path_factory) -> tuple[Path, str]:
     return run_dir, job_id
 
 
-def test_dry_run_prints_the_script_and_submits_nothing(tmp_path):
+def run_script(script: str, tmp_path: Path, srun_exit_code: int, **slurm_env: str) -> tuple[int, list[str]]:
+    """Run a rendered script as a job's batch shell would, with stand-ins for srun and scontrol that record
+    their arguments and the environment the ranks would get. Returns the script's exit status and the calls."""
+    stubs, calls = tmp_path / "bin", tmp_path / "calls"
+    stubs.mkdir()
+    for tool, code in (("srun", srun_exit_code), ("scontrol", 0)):
+        (stubs / tool).write_text(f'#!/bin/bash\necho "{tool} $* | OMP_NUM_THREADS=$OMP_NUM_THREADS '
+                                  f'CUDA_DEVICE_MAX_CONNECTIONS=$CUDA_DEVICE_MAX_CONNECTIONS" >> {calls}\nexit {code}\n')
+        (stubs / tool).chmod(0o755)
+    proc = subprocess.run(["bash", "-c", script], env={"PATH": f"{stubs}:/usr/bin:/bin", "SLURM_JOB_ID": "7", **slurm_env},
+                          capture_output=True, text=True, timeout=60)
+    assert not proc.stderr, proc.stderr
+    return proc.returncode, calls.read_text().splitlines()
+
+
+def test_dry_run_prints_the_script_of_a_cpu_job_and_submits_nothing(tmp_path):
     run_dir = tmp_path / "run"
-    proc = parallax("submit", *TINY, *CPU_JOB, "--time", "01:00:00", "--partition", "gpu", f"logging.run_dir={run_dir}",
-                    "--dry-run")
+    proc = parallax("submit", *TINY, *CPU_JOB, "--cpus-per-task", "2", "--time", "01:00:00", "--partition", "gpu",
+                    f"logging.run_dir={run_dir}", "--dry-run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     script = proc.stdout
-    for line in ("#!/bin/bash", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --time=01:00:00",
-                 "#SBATCH --partition=gpu", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300",
-                 f"#SBATCH --output={run_dir}/slurm-%j.out", "export DS_ACCELERATOR=cpu",
-                 f"srun {sys.executable} -m launcher.entry {REPO / 'configs/gpt-tiny.yaml'} model.num_layers=2",
+    for line in ("#!/bin/bash", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --cpus-per-task=2",
+                 "#SBATCH --time=01:00:00", "#SBATCH --partition=gpu", "#SBATCH --requeue",
+                 "#SBATCH --signal=B:USR1@300", f"#SBATCH --output={run_dir}/slurm-%j.out", "export DS_ACCELERATOR=cpu",
+                 "export OMP_NUM_THREADS=$cpus_per_task", "parallel.timeout_minutes",
+                 f'srun --kill-on-bad-exit=1 --cpus-per-task="$cpus_per_task" {sys.executable} -m launcher.entry '
+                 f"{REPO / 'configs/gpt-tiny.yaml'} model.num_layers=2",
                  'scontrol requeue "$SLURM_JOB_ID"'):
         assert line in script, line
-    assert "gpus-per-node=" not in script and "{{" not in script
+    # A CPU job shares its nodes, and the test cluster's srun has no GPUs to bind.
+    for gpu_only in ("gpus-per-node=", "--exclusive", "--mem=0", "--gpu-bind", "CUDA_DEVICE_MAX_CONNECTIONS", "{{"):
+        assert gpu_only not in script, gpu_only
     assert not run_dir.exists(), "a dry run writes nothing"
+
+    status, calls = run_script(script, tmp_path, srun_exit_code=0, SLURM_CPUS_PER_TASK="2", SLURM_CPUS_ON_NODE="2")
+    assert status == 0 and len(calls) == 1, calls  # finished: not requeued
+    assert calls[0].startswith('srun --kill-on-bad-exit=1 --cpus-per-task=2 ') and calls[0].endswith(
+        "| OMP_NUM_THREADS=2 CUDA_DEVICE_MAX_CONNECTIONS="), calls
 
 
 def test_submit_from_a_non_editable_install_says_in_one_line_that_it_needs_the_source_checkout(tmp_path):
@@ -126,14 +150,25 @@ def test_submit_refuses_a_gpu_layout_that_cannot_fit_with_the_plans_advice(tmp_p
     assert "#SBATCH" not in proc.stdout and not run_dir.exists()
 
 
-def test_submit_renders_a_gpu_layout_that_fits_with_one_rank_per_gpu(tmp_path):
+def test_submit_renders_a_gpu_layout_that_fits_with_one_rank_per_gpu_on_whole_nodes(tmp_path):
     proc = parallax("submit", "configs/tnlg-17b.yaml", "--nodes", "16", "--gpus-per-node", "16", "--gpu", "v100",
                     f"logging.run_dir={tmp_path / 'run'}", "--dry-run")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "fits" in proc.stderr
+    script = proc.stdout
     for line in ("#SBATCH --nodes=16", "#SBATCH --ntasks-per-node=16", "#SBATCH --gpus-per-node=16",
-                 "export DS_ACCELERATOR=cuda"):
-        assert line in proc.stdout, line
+                 "#SBATCH --exclusive", "#SBATCH --mem=0", "export DS_ACCELERATOR=cuda",
+                 "export CUDA_DEVICE_MAX_CONNECTIONS=1", "export OMP_NUM_THREADS=$cpus_per_task",
+                 'srun --kill-on-bad-exit=1 --cpus-per-task="$cpus_per_task" --gpu-bind=none '):
+        assert line in script, line
+    assert "--cpus-per-task=" not in script.replace('--cpus-per-task="$cpus_per_task"', "")
+
+    # A node of 96 cores gives each of its 16 ranks 6; ranks that stop with a checkpoint requeue the job.
+    status, calls = run_script(script, tmp_path, srun_exit_code=75, SLURM_CPUS_ON_NODE="96")
+    assert status == 75 and len(calls) == 2, calls
+    assert calls[0].startswith("srun --kill-on-bad-exit=1 --cpus-per-task=6 --gpu-bind=none ") and calls[0].endswith(
+        "| OMP_NUM_THREADS=6 CUDA_DEVICE_MAX_CONNECTIONS=1"), calls
+    assert calls[1].startswith("scontrol requeue 7 "), calls
 
 
 def test_a_rank_whose_master_slurm_cannot_resolve_fails_in_one_line(cluster):

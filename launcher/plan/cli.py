@@ -6,11 +6,13 @@ script (and `parallax submit`, issue 7) can refuse a job before it queues; 2 for
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
-from launcher.config import load_config
 from launcher.plan.hardware import GPUS, GiB, USABLE_FRACTION, Cluster
-from launcher.plan.layout import Plan, advice, plan, search
 from launcher.plan.throughput import DEFAULT_EFFICIENCY, DP_COLLECTIVES, ep_within_node
+
+if TYPE_CHECKING:  # the model, hence torch, is imported when a plan is made, not for `parallax --help`
+    from launcher.plan.layout import Plan
 
 
 def add_plan_command(commands) -> None:
@@ -28,6 +30,9 @@ def add_plan_command(commands) -> None:
 
 
 def _run(args) -> None:
+    from launcher.config import load_config
+    from launcher.plan.layout import advice, plan, search
+
     cfg = load_config(args.config, args.overrides)
     cluster = Cluster.of(args.nodes, args.gpus_per_node, args.gpu)
     current = plan(cfg, cluster, efficiency=args.efficiency)

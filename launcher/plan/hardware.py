@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launcher.config import ConfigError
+# launcher.config (ConfigError) is imported where a figure is refused, not here: the CLI's --help
+# lists GPUS, and importing the config imports torch.
 
 GiB = 2**30
 TERA = 1e12
@@ -52,6 +53,8 @@ class Cluster:
 
     @classmethod
     def of(cls, nodes: int, gpus_per_node: int, gpu: str) -> Cluster:
+        from launcher.config import ConfigError
+
         if nodes < 1 or gpus_per_node < 1:
             raise ConfigError(f"--nodes={nodes} --gpus-per-node={gpus_per_node}: both must be 1 or more")
         if gpu not in GPUS:
@@ -68,6 +71,8 @@ class Cluster:
 
     def peak_flops(self, precision: str) -> float:
         if precision not in self.gpu.peak_tflops:
+            from launcher.config import ConfigError
+
             usable = " or ".join(self.gpu.peak_tflops)
             raise ConfigError(f"train.precision={precision} is not supported on {self.gpu.name}; use {usable}")
         return self.gpu.peak_tflops[precision] * TERA

@@ -19,9 +19,11 @@ peers, which each send a share through the all-to-all), plus DeepSpeed's einsum 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from launcher.config import RunConfig
-from launcher.plan.count import ParameterCount
+if TYPE_CHECKING:  # annotations only: imported at run time, they would make `parallax --help` import torch
+    from launcher.config import RunConfig
+    from launcher.plan.count import ParameterCount
 
 # DeepSpeed's default reduce_bucket_size (parallel/engine.py keeps it): from stage 1 the gradients
 # are reduced through a contiguous bucket of this many elements, alive during backward.

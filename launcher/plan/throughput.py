@@ -15,11 +15,14 @@ catch hopeless ones, not a promise.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from launcher.config import RunConfig
-from launcher.plan.count import ParameterCount
-from launcher.plan.hardware import Cluster
 from launcher.plan.memory import BYTES
+
+if TYPE_CHECKING:  # annotations only: imported at run time, they would make `parallax --help` import torch
+    from launcher.config import RunConfig
+    from launcher.plan.count import ParameterCount
+    from launcher.plan.hardware import Cluster
 
 DEFAULT_EFFICIENCY = 0.5  # Megatron-LM reports 44-52% of A100 peak for GPT-3-scale runs
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from launcher.config import ConfigError, RunConfig, load_config
 from launcher.slurm.jobs import describe_job, recorded_jobs
-from parallel.checkpoint import LATEST
+
+# The config and the checkpoints (which import torch) are imported by the functions that use them,
+# so that `parallax --help` and `parallax status --help` are instant.
+if TYPE_CHECKING:
+    from launcher.config import RunConfig
 
 
 def add_status_command(commands) -> None:
@@ -22,6 +25,8 @@ def _run(args) -> None:
 
 
 def describe(run_dir: Path) -> str:
+    from launcher.config import ConfigError, load_config
+
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} does not exist; pass a run's logging.run_dir")
     # The resolved config rank 0 wrote at start (checkpoint.dir may point outside the run directory).
@@ -44,6 +49,8 @@ def _jobs(run_dir: Path) -> list[str]:
 
 
 def _checkpoint(run_dir: Path, cfg: Optional[RunConfig]) -> str:
+    from parallel.checkpoint import LATEST
+
     # The default checkpoint directory is inside the run directory; its logging.run_dir may be
     # relative to wherever the run was launched, so find it from the RUN_DIR given here.
     root = Path(cfg.checkpoint.dir) if cfg and cfg.checkpoint.dir else run_dir / "checkpoints"

@@ -5,9 +5,12 @@ next to what it produced; `--dry-run` prints it and submits nothing. Before a GP
 layout goes through `parallax plan` (issue 8): a layout that cannot fit is refused with the plan's
 advice. `--gpus-per-node 0` submits a CPU job (gloo, `--tasks-per-node` ranks per node), for which
 there is no GPU memory to plan: the plan is skipped and the world size is only checked against the
-config. Every job id submitted for a run is appended to RUN_DIR/slurm-jobs, which `parallax status`
-reads; while one of them is queued or running, another submission for the same run directory is
-refused, since two jobs would write the same checkpoints.
+config. A GPU job takes whole nodes and shows every GPU of a node to each of its ranks; a node's
+cores are split evenly between its ranks unless --cpus-per-task says otherwise; srun ends every rank
+when one fails (the rendered script says why, in its comments). Every job id submitted for a run is
+appended to RUN_DIR/slurm-jobs, which `parallax status` reads; while one of them is queued or
+running, another submission for the same run directory is refused, since two jobs would write the
+same checkpoints.
 """
 from __future__ import annotations
 
@@ -17,15 +20,31 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from launcher.config import ConfigError, RunConfig, load_config
-from launcher.errors import REQUEUE_EXIT_CODE
 from launcher.plan.hardware import GPUS, GiB, Cluster
 from launcher.slurm.jobs import active_job, record_job
+
+# The config and the errors (which import torch) are imported by the functions that use them, so
+# that `parallax --help` and `parallax submit --help` are instant.
+if TYPE_CHECKING:
+    from launcher.config import RunConfig
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "job.sbatch"
 SCRIPT_NAME = "job.sbatch"
 DEFAULT_WARNING_SECONDS = 300
+CPU_ENVIRONMENT = "export DS_ACCELERATOR=cpu"
+GPU_ENVIRONMENT = """\
+export DS_ACCELERATOR=cuda
+# One hardware queue per GPU, so kernels start in the order they were issued: Megatron's tensor-parallel
+# communication must start before the GEMM it overlaps. srun's --gpu-bind=none shows every GPU of the
+# node to each rank (it takes cuda:LOCAL_RANK), so NCCL can copy between them directly.
+export CUDA_DEVICE_MAX_CONNECTIONS=1"""
+GPU_SRUN_OPTIONS = " --gpu-bind=none"
+EXCLUSIVE_NODES = """\
+# Whole nodes, with all their memory: no other job shares these GPUs, their cores, NICs or PCIe.
+#SBATCH --exclusive
+#SBATCH --mem=0"""
 
 
 def add_submit_command(commands) -> None:
@@ -37,6 +56,9 @@ def add_submit_command(commands) -> None:
                         help="GPUs per node, one rank each; 0 submits a CPU job (gloo) and skips the GPU plan")
     parser.add_argument("--tasks-per-node", type=int, default=None,
                         help="ranks per node (default: --gpus-per-node, or 1 for a CPU job)")
+    parser.add_argument("--cpus-per-task", type=int, default=None,
+                        help="cores per rank, for its data workers and threads (default: each node's cores split "
+                        "evenly between its ranks; a GPU job takes whole nodes)")
     parser.add_argument("--gpu", default="h100", help=f"GPU type for the plan, one of {', '.join(GPUS)} (default h100)")
     parser.add_argument("--partition", help="sbatch --partition")
     parser.add_argument("--time", help="sbatch --time, e.g. 04:00:00")
@@ -49,9 +71,14 @@ def add_submit_command(commands) -> None:
 
 
 def _run(args) -> None:
+    from launcher.config import ConfigError, load_config
+
     cfg = load_config(args.config, args.overrides)
     if args.nodes < 1 or args.gpus_per_node < 0:
         raise ConfigError(f"--nodes={args.nodes} --gpus-per-node={args.gpus_per_node}: need 1+ nodes and 0+ GPUs")
+    if args.cpus_per_task is not None and args.cpus_per_task < 1:
+        raise ConfigError(f"--cpus-per-task={args.cpus_per_task}: give 1 or more, or leave it out to split each "
+                          "node's cores between its ranks")
     tasks_per_node = args.tasks_per_node or args.gpus_per_node or 1
     if args.gpus_per_node and tasks_per_node != args.gpus_per_node:
         raise ConfigError(f"--tasks-per-node={tasks_per_node} must equal --gpus-per-node={args.gpus_per_node}: "
@@ -95,14 +122,20 @@ def _refuse_unless_it_fits(cfg: RunConfig, args) -> None:
 
 def render_script(cfg: RunConfig, args, tasks_per_node: int) -> str:
     """The sbatch script for this run: the template with every field filled in, shell-quoted."""
+    from launcher.config import ConfigError
+    from launcher.errors import REQUEUE_EXIT_CODE
+
     run_dir = Path(cfg.logging.run_dir).resolve()
     for what, path in (("logging.run_dir", run_dir), ("the working directory", Path.cwd())):
         if any(c.isspace() for c in str(path)):
             raise ConfigError(f"{what} {str(path)!r} contains whitespace, which #SBATCH lines cannot hold; use a path without")
-    resources = [f"--gpus-per-node={args.gpus_per_node}" if args.gpus_per_node else None,
+    gpu_job = args.gpus_per_node > 0
+    resources = [f"--gpus-per-node={args.gpus_per_node}" if gpu_job else None,
+                 f"--cpus-per-task={args.cpus_per_task}" if args.cpus_per_task else None,
                  f"--partition={args.partition}" if args.partition else None,
                  f"--time={args.time}" if args.time else None,
                  f"--account={args.account}" if args.account else None]
+    resource_lines = [f"#SBATCH {r}" for r in resources if r] + ([EXCLUSIVE_NODES] if gpu_job else [])
     if not TEMPLATE.is_file():
         raise ConfigError(f"the sbatch template {TEMPLATE} is missing; `parallax submit` runs from a source checkout "
                           "installed with `pip install -e .` (as `make demo` does)")
@@ -111,10 +144,11 @@ def render_script(cfg: RunConfig, args, tasks_per_node: int) -> str:
         "job_name": run_dir.name,
         "nodes": str(args.nodes),
         "tasks_per_node": str(tasks_per_node),
-        "resource_lines": "\n".join(f"#SBATCH {r}" for r in resources if r) or "# (no partition, time or account given)",
+        "resource_lines": "\n".join(resource_lines) or "# (no partition, time or account given)",
         "workdir": str(Path.cwd()),
         "warning_seconds": str(args.warning_seconds),
-        "accelerator": "cuda" if args.gpus_per_node else "cpu",
+        "environment": GPU_ENVIRONMENT if gpu_job else CPU_ENVIRONMENT,
+        "srun_options": GPU_SRUN_OPTIONS if gpu_job else "",
         "python": shlex.quote(sys.executable),
         "config": shlex.quote(str(Path(args.config).resolve())),
         "overrides": "".join(f" {shlex.quote(o)}" for o in args.overrides),
@@ -132,6 +166,8 @@ def render(template: str, fields: dict[str, str]) -> str:
 
 
 def _sbatch(script: Path) -> str:
+    from launcher.config import ConfigError
+
     if shutil.which("sbatch") is None:
         raise ConfigError("sbatch is not on PATH; run `parallax submit` on a SLURM login node, "
                           f"or submit {script} from one")
