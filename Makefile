@@ -20,9 +20,10 @@ bench: $(STAMP)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(VENV)/bin/python bench/overhead.py
 
-# What bench/gpu/smoke.sh needs on a bare one-GPU machine, in .gpu/carry (docs/gpu-smoke.md).
-# Order-only: an existing venv is used as it is, never rebuilt.
-gpu-wheels: | $(STAMP)
+# What bench/gpu/smoke.sh needs on a bare one-GPU machine, in .gpu/carry (docs/gpu-smoke.md). The
+# wheels are pinned to the venv's versions; an existing venv is used as it is, never reinstalled.
+gpu-wheels:
+	test -x $(VENV)/bin/python || $(MAKE) $(STAMP)
 	PYTHONPATH=$(CURDIR) $(VENV)/bin/python bench/gpu/prepare.py
 
 clean:
