@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench gpu-wheels clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,5 +20,11 @@ bench: $(STAMP)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(VENV)/bin/python bench/overhead.py
 
+# What bench/gpu/smoke.sh needs on a bare one-GPU machine, in .gpu/carry (docs/gpu-smoke.md). The
+# wheels are pinned to the venv's versions; an existing venv is used as it is, never reinstalled.
+gpu-wheels:
+	test -x $(VENV)/bin/python || $(MAKE) $(STAMP)
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/python bench/gpu/prepare.py
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs .gpu

@@ -66,15 +66,16 @@ class BareGPT(nn.Module):
         self.final_norm = nn.LayerNorm(hidden)
 
     def forward(self, x, y):
-        h = self.embedding(x) + self.position_embedding(torch.arange(x.shape[1]))
+        h = self.embedding(x) + self.position_embedding(torch.arange(x.shape[1], device=x.device))
         for block in self.blocks:
             h = block(h)
         logits = F.linear(self.final_norm(h), self.embedding.weight)  # tied output embedding
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
 
 
-def adamw_like_parallax(model: nn.Module, cfg):
-    """AdamW, decay on matrices only, warmup+cosine: the optimizer and schedule Parallax's engine builds."""
+def adamw_like_parallax(model: nn.Module, cfg, fused: bool | None = None):
+    """AdamW, decay on matrices only, warmup+cosine: the optimizer and schedule Parallax's engine builds.
+    `fused` is torch's: one kernel for the whole step on a GPU (None lets torch choose)."""
     from parallel.engine import warmup_cosine
 
     o = cfg.optim
@@ -83,7 +84,7 @@ def adamw_like_parallax(model: nn.Module, cfg):
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, o, cfg.train.steps) / o.lr)
     return opt, schedule
 
@@ -101,56 +102,84 @@ def plain_step(model, opt, schedule, loss_fn, grad_clip: float):
     return step
 
 
-def build_parallax(cfg):
-    from models.gpt import GPT
-    from parallel.engine import build_engine
+def init_one_process():
+    """The Topology of a world of one, for engines built in this process. It still rendezvouses
+    over TCP; a free port keeps it clear of any run or test alongside."""
     from parallel.topology import init_topology
 
-    # A world of one still rendezvouses over TCP; a free port keeps it clear of any run or test alongside.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
-    topo = init_topology(tp=1)
-    engine = build_engine(GPT(cfg.model, VOCAB), cfg, topo)
+    return init_topology(tp=1)
 
+
+def engine_step(engine):
+    """A training step through Parallax's engine (parallel/engine.py)."""
     def step(x, y):
         loss = engine(x, y)
         engine.backward(loss)
         engine.step()
         return loss
-    return engine.module, step
+    return step
+
+
+def build_parallax(cfg):
+    from models.gpt import GPT
+    from parallel.engine import build_engine
+
+    topo = init_one_process()  # before the model: its layers are built in megatron's groups
+    engine = build_engine(GPT(cfg.model, VOCAB), cfg, topo)
+    return engine.module, engine_step(engine)
+
+
+def bare_copy(cfg, parallax_model: nn.Module, vocab_size: int) -> BareGPT:
+    """A BareGPT holding `parallax_model`'s weights, on the same device."""
+    m = cfg.model
+    with torch.device(next(parallax_model.parameters()).device):
+        model = BareGPT(m.num_layers, m.hidden_size, m.num_heads, m.max_seq_len, m.padded_vocab_size(vocab_size))
+    model.load_state_dict(dict(parallax_model.named_parameters()))
+    return model
+
+
+def same_weights_losses(parallax_model: nn.Module, bare: BareGPT, x, y) -> tuple[float, float]:
+    """Both models' losses on (x, y): equal, they prove the bare model does Parallax's math, not a cheaper one."""
+    with torch.no_grad():
+        return parallax_model(x, y).item(), bare(x, y).item()
 
 
 def build_bare(cfg, parallax_model, x, y):
-    m = cfg.model
-    model = BareGPT(m.num_layers, m.hidden_size, m.num_heads, m.max_seq_len, m.padded_vocab_size(VOCAB))
-    model.load_state_dict(dict(parallax_model.named_parameters()))
-    with torch.no_grad():
-        ours, bare = parallax_model(x, y).item(), model(x, y).item()
+    model = bare_copy(cfg, parallax_model, VOCAB)
+    ours, bare = same_weights_losses(parallax_model, model, x, y)
     if abs(ours - bare) > 1e-5:
         sys.exit(f"bench/overhead.py: the bare model is not Parallax's math: loss {bare} vs {ours}")
     opt, schedule = adamw_like_parallax(model, cfg)
     return plain_step(model, opt, schedule, lambda mdl, x, y: mdl(x, y), cfg.optim.grad_clip)
 
 
-def build_transformers(cfg):
+def gpt2_like(cfg, vocab_size: int):
+    """transformers' GPT2LMHeadModel with SDPA attention and the dimensions of `cfg`, on torch's default device."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     m = cfg.model
     config = GPT2Config(
-        vocab_size=m.padded_vocab_size(VOCAB), n_positions=m.max_seq_len, n_embd=m.hidden_size,
+        vocab_size=m.padded_vocab_size(vocab_size), n_positions=m.max_seq_len, n_embd=m.hidden_size,
         n_layer=m.num_layers, n_head=m.num_heads, activation_function="gelu_new", layer_norm_epsilon=m.norm_eps,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, tie_word_embeddings=True,
         bos_token_id=None, eos_token_id=None, attn_implementation="sdpa",
     )
-    model = GPT2LMHeadModel(config)
-    opt, schedule = adamw_like_parallax(model, cfg)
+    return GPT2LMHeadModel(config)
 
-    def loss_fn(mdl, x, y):
-        # Our own loss on (x, y): passing labels= would make transformers shift them by one.
-        logits = mdl(input_ids=x).logits
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
-    return plain_step(model, opt, schedule, loss_fn, cfg.optim.grad_clip)
+
+def transformers_loss(mdl, x, y):
+    # Our own loss on (x, y): passing labels= would make transformers shift them by one.
+    logits = mdl(input_ids=x).logits
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def build_transformers(cfg):
+    model = gpt2_like(cfg, VOCAB)
+    opt, schedule = adamw_like_parallax(model, cfg)
+    return plain_step(model, opt, schedule, transformers_loss, cfg.optim.grad_clip)
 
 
 def main() -> None:
