@@ -99,9 +99,10 @@ class Run:
               file=sys.stderr, flush=True)
 
     def records(self, out: Path) -> list[dict]:
-        """metrics.jsonl: one record per optimizer step, in the order logged."""
+        """metrics.jsonl's step records, one per optimizer step, in the order logged (not its evaluations')."""
         path = out / self.name / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [record for record in map(json.loads, filter(str.strip, lines)) if "loss" in record]
 
     def losses(self, out: Path) -> dict[int, float]:
         """step -> loss; a step logged twice (redone after a resume) keeps its last record."""
