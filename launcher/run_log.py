@@ -55,10 +55,11 @@ class RunLog:
             return
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
-        share = self.eval_seconds / (time.perf_counter() - self.started)
+        share = "" if record["step"] == 0 else \
+            f"; evaluation is {self.eval_seconds / (time.perf_counter() - self.started):.1%} of the run so far"
         print(f"{chr(10) if self.live else ''}eval after step {record['step']}: loss {record['eval_loss']:.4f}  "
-              f"ppl {record['eval_ppl']:.2f}  ({record['eval_tokens']:,} tokens in {record['eval_seconds']:.1f}s; "
-              f"evaluation is {share:.1%} of the run so far)", flush=True)
+              f"ppl {record['eval_ppl']:.2f}  ({record['eval_tokens']:,} tokens in {record['eval_seconds']:.1f}s{share})",
+              flush=True)
 
     def close(self, summary: str) -> None:
         if self.tensorboard:

@@ -61,7 +61,7 @@ def test_a_zero3_run_prints_only_its_own_lines_each_once(tmp_path):
     proc = parallax("train", *TINY, "parallel.zero_stage=3", "train.steps=5", f"logging.run_dir={tmp_path / 'run'}")
     lines = console_lines(proc)
     assert proc.returncode == 0, "\n".join(lines[-50:])
-    assert all(line.startswith(("parallax: ", "step ")) for line in lines), "\n".join(lines)
+    assert all(line.startswith(("parallax: ", "step ", "eval after step ")) for line in lines), "\n".join(lines)
     assert len(lines) == len(set(lines)) and lines[-1].startswith("parallax: done: 5 steps"), "\n".join(lines)
 
 

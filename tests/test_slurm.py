@@ -248,6 +248,11 @@ def test_status_shows_job_state_last_checkpoint_and_throughput(cluster, uninterr
     tokens_per_s = last_record(run_dir)["tokens_per_s"]
     assert any(line.startswith(f"progress    step {STEPS}/{STEPS}") and f"{tokens_per_s:,.0f} tokens/s" in line
                for line in lines), proc.stdout
+    evaluations = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+    best = min(evaluations, key=lambda r: r["eval_loss"])
+    assert [r["step"] for r in evaluations] == [0, STEPS]  # configs/gpt-tiny.yaml: every 100 steps, and the last
+    assert (f"eval        last: step {STEPS}, loss {evaluations[-1]['eval_loss']:.4f} "
+            f"(ppl {evaluations[-1]['eval_ppl']:.2f}); best: step {best['step']}, loss {best['eval_loss']:.4f}") in lines
 
     with open(run_dir / "slurm-jobs", "a") as jobs:  # a job neither slurmctld nor accounting knows
         jobs.write("987654 2026-01-01T00:00:00Z\n")
@@ -263,9 +268,11 @@ def test_status_finds_the_checkpoints_of_a_run_launched_with_a_relative_run_dir(
     (run_dir / "checkpoints" / "step-00000010").mkdir(parents=True)
     (run_dir / "checkpoints" / "latest").write_text("step-00000010")
     (run_dir / "config.yaml").write_text(load_config(REPO / TINY[0], ["logging.run_dir=runs/tiny"]).to_yaml())
-    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 7.5, "tokens_per_s": 1234.0,
-                                                       "step_seconds": 0.5}) + "\n")
+    records = [{"step": 0, "eval_loss": 9.0, "eval_ppl": 8103.08}, {"step": 10, "loss": 7.5, "tokens_per_s": 1234.0,
+               "step_seconds": 0.5}, {"step": 10, "eval_loss": 7.25, "eval_ppl": 1408.1}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     proc = parallax("status", str(run_dir))  # from the repository, where runs/tiny is not this run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"checkpoint  step 10 ({run_dir / 'checkpoints' / 'step-00000010'})" in proc.stdout.splitlines(), proc.stdout
     assert "progress    step 10/300, loss 7.5000, 1,234 tokens/s" in proc.stdout, proc.stdout
+    assert "eval        last: step 10, loss 7.2500 (ppl 1408.10); best: step 10, loss 7.2500" in proc.stdout, proc.stdout

@@ -63,7 +63,7 @@ def test_switch_t5_at_ep2_matches_one_process_over_three_steps(scenario_results)
 
 def test_t5_tiny_config_trains_on_cpu_and_its_loss_falls(scenario_results):
     history = scenario_results("t5_tiny_training")
-    losses = [record["loss"] for record in history]
+    losses = [record["loss"] for record in history if "loss" in record]  # not its evaluations
     assert len(losses) == 30
     assert numpy.mean(losses[-5:]) < 0.75 * losses[0], losses
 

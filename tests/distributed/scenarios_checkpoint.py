@@ -301,7 +301,7 @@ def recorded_run(name: str, *overrides: str) -> RecordingLoader:
 
     corpus, tokenizer = id_data_paths()
     cfg = tiny_config(f"logging.run_dir={run_dir(name)}", f"data.sources=[{{path: {corpus}}}]",
-                      f"data.tokenizer={tokenizer}", "data.epochs=1", *overrides)
+                      f"data.tokenizer={tokenizer}", "data.epochs=1", "data.validation_fraction=0", *overrides)
     recording = []
 
     def source(topo):
