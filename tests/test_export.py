@@ -20,6 +20,8 @@ def test_exported_gpt2_logits_equal_parallax_logits(scenario_results, name):
     assert result["hf_class"] == "GPT2LMHeadModel"
     assert result["ours"].shape == result["hf"].shape == (3, 32, 512)
     torch.testing.assert_close(result["hf"], result["ours"], atol=EXPORT_TOL, rtol=0)
+    # The training objective too: Parallax's loss of a window is GPT-2's next-token loss, not the current token's.
+    assert result["ours_loss"] == pytest.approx(result["hf_loss"], abs=EXPORT_TOL)
 
 
 def _c_attn_variants(weight: torch.Tensor, bias: torch.Tensor, num_heads: int):

@@ -18,8 +18,9 @@ def export_batch() -> torch.Tensor:
     return torch.randint(0, VOCAB, BATCH_SHAPE, generator=torch.Generator().manual_seed(16))
 
 
-def parallax_logits(state: dict, tokens: torch.Tensor) -> torch.Tensor:
-    """Parallax's own GPT, at TP=1, holding the checkpoint's weights: logits [b, s, padded vocab]."""
+def parallax_outputs(state: dict, tokens: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Parallax's own GPT, at TP=1, holding the checkpoint's weights: logits [b, s, padded vocab] of
+    `tokens`, and the training loss of `tokens` as a training window (GPT.batch_inputs)."""
     from models.gpt import GPT
     from parallel.topology import init_topology
 
@@ -29,7 +30,7 @@ def parallax_logits(state: dict, tokens: torch.Tensor) -> torch.Tensor:
     model.load_state_dict(state, strict=True)
     model.eval()
     with torch.no_grad():
-        return model(tokens).transpose(0, 1).contiguous()
+        return model(tokens).transpose(0, 1).contiguous(), model(**GPT.batch_inputs(tokens)).item()
 
 
 def exported_and_ours(source: str) -> dict:
@@ -52,9 +53,10 @@ def exported_and_ours(source: str) -> dict:
     hf.eval()
     tokens = export_batch()
     with torch.no_grad():
-        theirs = hf(tokens).logits
-    return {"ours": parallax_logits(state, tokens), "hf": theirs, "hf_class": type(hf).__name__,
-            "dir": str(out), "tokens": tokens}
+        theirs = hf(tokens, labels=tokens)  # transformers shifts the labels itself: position t predicts t + 1
+    ours, our_loss = parallax_outputs(state, tokens)
+    return {"ours": ours, "hf": theirs.logits, "ours_loss": our_loss, "hf_loss": theirs.loss.item(),
+            "hf_class": type(hf).__name__, "dir": str(out), "tokens": tokens}
 
 
 @scenario(world_size=1, reads_from=2)
