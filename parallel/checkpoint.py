@@ -666,9 +666,14 @@ def read_tensors(path: Path) -> dict[str, dict[str, torch.Tensor]]:
             for name, parts in sorted(pieces.items())}
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 model state dict of checkpoint `path` (no optimizer state), at any saved layout."""
+    pieces = _pieces_by_name(_load_shards(path))
+    return {name: _assemble(path, name, parts, MASTER) for name, parts in sorted(pieces.items())}
+
+
 def consolidate(path: Path, out: Path) -> int:
     """Write the full fp32 model state dict of checkpoint `path` to `out` as one file; returns its parameter count."""
-    pieces = _pieces_by_name(_load_shards(path))
-    state = {name: _assemble(path, name, parts, MASTER) for name, parts in sorted(pieces.items())}
+    state = read_weights(path)
     torch.save(state, out)
     return sum(t.numel() for t in state.values())

@@ -1,0 +1,178 @@
+"""Parallax's GPT as Hugging Face's GPT-2 (GPT2LMHeadModel), and back: the mapping of config, weights and tokenizer.
+
+Only one Parallax GPT is GPT-2: learned positions, LayerNorm, the dense MLP with GeLU's tanh
+approximation (GPT-2's `gelu_new`, which Parallax always uses), biases everywhere and the output
+layer tied to the embedding. `gpt2_mismatch` names what else a config has; nothing is approximated.
+
+The weights differ in layout only:
+- Parallax's QKV rows are grouped head by head, [q_0, k_0, v_0, q_1, k_1, v_1, ...] (so contiguous TP
+  slices are whole heads); GPT-2's c_attn is [all q | all k | all v].
+- GPT-2's linear layers are Conv1D, which stores the weight as [in, out]: torch's Linear transposed.
+- Parallax pads the embedding to a multiple of model.vocab_multiple; the exported model keeps the
+  tokenizer's true vocabulary (the first rows), as Megatron's own GPT-2 converter does, so its logits
+  are Parallax's first `vocab_size` logits.
+
+Transformers is imported only by the functions that write files.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from models.config import ModelConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def gpt2_mismatch(cfg: ModelConfig) -> Optional[str]:
+    """What makes this model something other than GPT-2, in a few words; None if it maps exactly."""
+    if cfg.arch != "gpt":
+        return f"model.arch={cfg.arch}: only a GPT maps to GPT-2"
+    if cfg.position_embedding != "learned":
+        return f"model.position_embedding={cfg.position_embedding}: GPT-2 has learned positions"
+    if cfg.norm != "layernorm":
+        return f"model.norm={cfg.norm}: GPT-2 normalises with LayerNorm"
+    if cfg.moe is not None:
+        return "model.moe is set: GPT-2 has a dense MLP in every block"
+    return None
+
+
+def vocab_mismatch(cfg: ModelConfig, vocab_size: int, tokenizer_size: int) -> Optional[str]:
+    """Whether the tokenizer's ids all have rows in the model's (true) vocabulary."""
+    if tokenizer_size > vocab_size:
+        return (f"the tokenizer has {tokenizer_size} tokens but the model's vocabulary is {vocab_size}: "
+                "GPT-2 could not score the tokenizer's last ids")
+    return None
+
+
+def gpt2_config(cfg: ModelConfig, vocab_size: int, eos_token_id: Optional[int] = None):
+    """transformers.GPT2Config of the same model; dropout is the run's (it is off in eval mode anyway)."""
+    from transformers import GPT2Config
+
+    assert gpt2_mismatch(cfg) is None, gpt2_mismatch(cfg)
+    return GPT2Config(
+        vocab_size=vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.hidden_size, n_layer=cfg.num_layers,
+        n_head=cfg.num_heads, n_inner=cfg.ffn_size, activation_function="gelu_new",
+        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, layer_norm_epsilon=cfg.norm_eps,
+        initializer_range=cfg.init_std, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+        reorder_and_upcast_attn=False, tie_word_embeddings=True,
+        bos_token_id=eos_token_id, eos_token_id=eos_token_id,
+    )
+
+
+def _heads_to_blocks(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """QKV rows [q_0, k_0, v_0, q_1, ...] -> [q_0, q_1, ... | k_0, ... | v_0, ...] (weight or bias)."""
+    return t.reshape(num_heads, 3, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+def _blocks_to_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return t.reshape(3, num_heads, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+def to_gpt2_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int) -> dict[str, torch.Tensor]:
+    """Parallax GPT state dict (full tensors, TP=1 names) -> GPT2LMHeadModel state dict (lm_head tied to wte)."""
+    assert gpt2_mismatch(cfg) is None, gpt2_mismatch(cfg)
+    n = cfg.num_heads
+    out = {
+        "transformer.wte.weight": state["embedding.weight"][:vocab_size],
+        "transformer.wpe.weight": state["position_embedding.weight"],
+        "transformer.ln_f.weight": state["final_norm.weight"],
+        "transformer.ln_f.bias": state["final_norm.bias"],
+    }
+    for i in range(cfg.num_layers):
+        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
+        out |= {
+            theirs + "ln_1.weight": state[ours + "attn_norm.weight"],
+            theirs + "ln_1.bias": state[ours + "attn_norm.bias"],
+            theirs + "attn.c_attn.weight": _heads_to_blocks(state[ours + "attn.qkv.weight"], n).t(),
+            theirs + "attn.c_attn.bias": _heads_to_blocks(state[ours + "attn.qkv.bias"], n),
+            theirs + "attn.c_proj.weight": state[ours + "attn.proj.weight"].t(),
+            theirs + "attn.c_proj.bias": state[ours + "attn.proj.bias"],
+            theirs + "ln_2.weight": state[ours + "mlp_norm.weight"],
+            theirs + "ln_2.bias": state[ours + "mlp_norm.bias"],
+            theirs + "mlp.c_fc.weight": state[ours + "mlp.fc_in.weight"].t(),
+            theirs + "mlp.c_fc.bias": state[ours + "mlp.fc_in.bias"],
+            theirs + "mlp.c_proj.weight": state[ours + "mlp.fc_out.weight"].t(),
+            theirs + "mlp.c_proj.bias": state[ours + "mlp.fc_out.bias"],
+        }
+    missing = set(state) - {"embedding.weight", "position_embedding.weight", "final_norm.weight", "final_norm.bias"} - {
+        f"blocks.{i}.{name}" for i in range(cfg.num_layers) for name in (
+            "attn_norm.weight", "attn_norm.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+            "attn.proj.bias", "mlp_norm.weight", "mlp_norm.bias", "mlp.fc_in.weight", "mlp.fc_in.bias",
+            "mlp.fc_out.weight", "mlp.fc_out.bias")}
+    assert not missing, f"Parallax tensors with no GPT-2 place: {sorted(missing)}"
+    return {name: t.contiguous() for name, t in out.items()}
+
+
+def from_gpt2_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab_size: int) -> dict[str, torch.Tensor]:
+    """The inverse: GPT-2 weights -> a Parallax GPT state dict, the embedding padded with zero rows."""
+    n = cfg.num_heads
+    wte = hf["transformer.wte.weight"]
+    embedding = torch.zeros(padded_vocab_size, wte.shape[1], dtype=wte.dtype)
+    embedding[:wte.shape[0]] = wte
+    out = {
+        "embedding.weight": embedding,
+        "position_embedding.weight": hf["transformer.wpe.weight"],
+        "final_norm.weight": hf["transformer.ln_f.weight"],
+        "final_norm.bias": hf["transformer.ln_f.bias"],
+    }
+    for i in range(cfg.num_layers):
+        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
+        out |= {
+            ours + "attn_norm.weight": hf[theirs + "ln_1.weight"],
+            ours + "attn_norm.bias": hf[theirs + "ln_1.bias"],
+            ours + "attn.qkv.weight": _blocks_to_heads(hf[theirs + "attn.c_attn.weight"].t(), n),
+            ours + "attn.qkv.bias": _blocks_to_heads(hf[theirs + "attn.c_attn.bias"], n),
+            ours + "attn.proj.weight": hf[theirs + "attn.c_proj.weight"].t(),
+            ours + "attn.proj.bias": hf[theirs + "attn.c_proj.bias"],
+            ours + "mlp_norm.weight": hf[theirs + "ln_2.weight"],
+            ours + "mlp_norm.bias": hf[theirs + "ln_2.bias"],
+            ours + "mlp.fc_in.weight": hf[theirs + "mlp.c_fc.weight"].t(),
+            ours + "mlp.fc_in.bias": hf[theirs + "mlp.c_fc.bias"],
+            ours + "mlp.fc_out.weight": hf[theirs + "mlp.c_proj.weight"].t(),
+            ours + "mlp.fc_out.bias": hf[theirs + "mlp.c_proj.bias"],
+        }
+    return {name: t.contiguous() for name, t in out.items()}
+
+
+def write_tokenizer(tokenizer, out: Path) -> None:
+    """Parallax's tokenizers.Tokenizer as a PreTrainedTokenizerFast (tokenizer.json + tokenizer_config.json),
+    with its end-of-document token as eos (and bos, as GPT-2's), its padding token as pad, and the T5
+    sentinels it has as additional special tokens. Nothing is added around encoded text."""
+    from transformers import PreTrainedTokenizerFast
+
+    from data_pipeline.tokenizer import EOD, PAD, SPECIAL_TOKENS
+
+    present = lambda token: tokenizer.token_to_id(token) is not None  # noqa: E731
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=EOD if present(EOD) else None, bos_token=EOD if present(EOD) else None,
+        pad_token=PAD if present(PAD) else None,
+        additional_special_tokens=[t for t in SPECIAL_TOKENS[2:] if present(t)],
+        clean_up_tokenization_spaces=False, model_max_length=None,
+    )
+    fast.save_pretrained(str(out))
+
+
+def export_gpt2(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int, tokenizer, out: Path,
+                dtype: str = "fp32") -> Path:
+    """Write a Hugging Face GPT-2 directory (config.json, model.safetensors, tokenizer files) that
+    `AutoModelForCausalLM.from_pretrained(out)` loads with no custom code. `state`: full fp32 tensors."""
+    from transformers import GPT2LMHeadModel
+
+    out = Path(out)
+    eos = tokenizer.token_to_id("<|endoftext|>") if tokenizer is not None else None
+    config = gpt2_config(cfg, vocab_size, eos)
+    config.dtype = DTYPES[dtype]
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(config)
+    model.load_state_dict(to_gpt2_state_dict(state, cfg, vocab_size), strict=False, assign=True)
+    model.tie_weights()
+    leftover = [name for name, p in model.state_dict().items() if p.is_meta]
+    assert not leftover, f"GPT-2 tensors the mapping left unset: {leftover}"
+    model.to(DTYPES[dtype]).save_pretrained(str(out))
+    if tokenizer is not None:
+        write_tokenizer(tokenizer, out)
+    return out

@@ -1,0 +1,69 @@
+"""Issue 16: the GPT checked from outside. A checkpoint saved at TP=2 and one saved at ZeRO-3 DP=2
+(by scenarios_checkpoint.py's two-rank launch) are loaded into a one-process Parallax GPT and
+exported with models/huggingface.py; transformers' own GPT2LMHeadModel then scores the same batch.
+"""
+import os
+from pathlib import Path
+
+import torch
+
+from tests.distributed.harness import scenario
+from tests.distributed.scenarios import VOCAB, tiny_config
+from tests.distributed.scenarios_checkpoint import saved_path
+
+BATCH_SHAPE = (3, 32)  # the tiny GPT's whole context, so every learned position is used
+
+
+def export_batch() -> torch.Tensor:
+    return torch.randint(0, VOCAB, BATCH_SHAPE, generator=torch.Generator().manual_seed(16))
+
+
+def parallax_outputs(state: dict, tokens: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Parallax's own GPT, at TP=1, holding the checkpoint's weights: logits [b, s, padded vocab] of
+    `tokens`, and the training loss of `tokens` as a training window (GPT.batch_inputs)."""
+    from models.gpt import GPT
+    from parallel.topology import init_topology
+
+    cfg = tiny_config()
+    init_topology(tp=1)
+    model = GPT(cfg.model, VOCAB)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    with torch.no_grad():
+        return model(tokens).transpose(0, 1).contiguous(), model(**GPT.batch_inputs(tokens)).item()
+
+
+def exported_and_ours(source: str) -> dict:
+    """Export checkpoint `source` through models/huggingface.py, reload it with transformers, score the batch both ways."""
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from models.huggingface import export_gpt2
+    from parallel.checkpoint import read_weights
+    from tests.data.corpora import write_id_tokenizer
+
+    path = saved_path(source)
+    state = read_weights(path)
+    cfg = tiny_config()
+    out = Path(os.environ["PARALLAX_SCENARIO_DIR"]) / "exported" / source
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer.from_file(str(write_id_tokenizer(out.parent / "id-tokenizer.json", VOCAB - 3)))
+    export_gpt2(state, cfg.model, VOCAB, tokenizer, out)
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    hf.eval()
+    tokens = export_batch()
+    with torch.no_grad():
+        theirs = hf(tokens, labels=tokens)  # transformers shifts the labels itself: position t predicts t + 1
+    ours, our_loss = parallax_outputs(state, tokens)
+    return {"ours": ours, "hf": theirs.logits, "ours_loss": our_loss, "hf_loss": theirs.loss.item(),
+            "hf_class": type(hf).__name__, "dir": str(out), "tokens": tokens}
+
+
+@scenario(world_size=1, reads_from=2)
+def export_tp2_checkpoint():
+    return exported_and_ours("tp2-zero1")
+
+
+@scenario(world_size=1, reads_from=2)
+def export_dp2_zero3_checkpoint():
+    return exported_and_ours("dp2-zero3")
