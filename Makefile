@@ -10,8 +10,9 @@ $(STAMP): setup.cfg pyproject.toml
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
+# 400 steps of 2 x 8 sequences: enough for the held-out loss to fall below 60% of where it starts.
 demo: $(STAMP)
-	$(VENV)/bin/parallax train configs/gpt-tiny.yaml --nproc 2
+	$(VENV)/bin/parallax train configs/gpt-tiny.yaml --nproc 2 train.micro_batch_size=8 train.steps=400
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
