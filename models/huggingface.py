@@ -71,69 +71,50 @@ def _blocks_to_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
     return t.reshape(3, num_heads, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
 
+# How each Parallax tensor becomes a GPT-2 one: as it is, transposed (Conv1D), or with its QKV rows regrouped.
+SAME, TRANSPOSED, QKV_WEIGHT, QKV_BIAS = "same", "transposed", "qkv weight", "qkv bias"
+
+
+def _names(cfg: ModelConfig) -> list[tuple[str, str, str]]:
+    """(Parallax name, GPT-2 name, how) of every tensor but the embedding, which the vocabulary sizes set."""
+    names = [("position_embedding.weight", "transformer.wpe.weight", SAME),
+             ("final_norm.weight", "transformer.ln_f.weight", SAME),
+             ("final_norm.bias", "transformer.ln_f.bias", SAME)]
+    for i in range(cfg.num_layers):
+        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
+        names += [(ours + a, theirs + b, how) for a, b, how in (
+            ("attn_norm.weight", "ln_1.weight", SAME), ("attn_norm.bias", "ln_1.bias", SAME),
+            ("attn.qkv.weight", "attn.c_attn.weight", QKV_WEIGHT), ("attn.qkv.bias", "attn.c_attn.bias", QKV_BIAS),
+            ("attn.proj.weight", "attn.c_proj.weight", TRANSPOSED), ("attn.proj.bias", "attn.c_proj.bias", SAME),
+            ("mlp_norm.weight", "ln_2.weight", SAME), ("mlp_norm.bias", "ln_2.bias", SAME),
+            ("mlp.fc_in.weight", "mlp.c_fc.weight", TRANSPOSED), ("mlp.fc_in.bias", "mlp.c_fc.bias", SAME),
+            ("mlp.fc_out.weight", "mlp.c_proj.weight", TRANSPOSED), ("mlp.fc_out.bias", "mlp.c_proj.bias", SAME))]
+    return names
+
+
 def to_gpt2_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int) -> dict[str, torch.Tensor]:
     """Parallax GPT state dict (full tensors, TP=1 names) -> GPT2LMHeadModel state dict (lm_head tied to wte)."""
     assert gpt2_mismatch(cfg) is None, gpt2_mismatch(cfg)
-    n = cfg.num_heads
-    out = {
-        "transformer.wte.weight": state["embedding.weight"][:vocab_size],
-        "transformer.wpe.weight": state["position_embedding.weight"],
-        "transformer.ln_f.weight": state["final_norm.weight"],
-        "transformer.ln_f.bias": state["final_norm.bias"],
-    }
-    for i in range(cfg.num_layers):
-        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
-        out |= {
-            theirs + "ln_1.weight": state[ours + "attn_norm.weight"],
-            theirs + "ln_1.bias": state[ours + "attn_norm.bias"],
-            theirs + "attn.c_attn.weight": _heads_to_blocks(state[ours + "attn.qkv.weight"], n).t(),
-            theirs + "attn.c_attn.bias": _heads_to_blocks(state[ours + "attn.qkv.bias"], n),
-            theirs + "attn.c_proj.weight": state[ours + "attn.proj.weight"].t(),
-            theirs + "attn.c_proj.bias": state[ours + "attn.proj.bias"],
-            theirs + "ln_2.weight": state[ours + "mlp_norm.weight"],
-            theirs + "ln_2.bias": state[ours + "mlp_norm.bias"],
-            theirs + "mlp.c_fc.weight": state[ours + "mlp.fc_in.weight"].t(),
-            theirs + "mlp.c_fc.bias": state[ours + "mlp.fc_in.bias"],
-            theirs + "mlp.c_proj.weight": state[ours + "mlp.fc_out.weight"].t(),
-            theirs + "mlp.c_proj.bias": state[ours + "mlp.fc_out.bias"],
-        }
-    missing = set(state) - {"embedding.weight", "position_embedding.weight", "final_norm.weight", "final_norm.bias"} - {
-        f"blocks.{i}.{name}" for i in range(cfg.num_layers) for name in (
-            "attn_norm.weight", "attn_norm.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
-            "attn.proj.bias", "mlp_norm.weight", "mlp_norm.bias", "mlp.fc_in.weight", "mlp.fc_in.bias",
-            "mlp.fc_out.weight", "mlp.fc_out.bias")}
-    assert not missing, f"Parallax tensors with no GPT-2 place: {sorted(missing)}"
+    convert = {SAME: lambda t: t, TRANSPOSED: lambda t: t.t(),
+               QKV_WEIGHT: lambda t: _heads_to_blocks(t, cfg.num_heads).t(),
+               QKV_BIAS: lambda t: _heads_to_blocks(t, cfg.num_heads)}
+    names = _names(cfg)
+    unplaced = set(state) - {"embedding.weight"} - {ours for ours, _, _ in names}
+    assert not unplaced, f"Parallax tensors with no GPT-2 place: {sorted(unplaced)}"
+    out = {theirs: convert[how](state[ours]) for ours, theirs, how in names}
+    out["transformer.wte.weight"] = state["embedding.weight"][:vocab_size]
     return {name: t.contiguous() for name, t in out.items()}
 
 
 def from_gpt2_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab_size: int) -> dict[str, torch.Tensor]:
     """The inverse: GPT-2 weights -> a Parallax GPT state dict, the embedding padded with zero rows."""
-    n = cfg.num_heads
+    convert = {SAME: lambda t: t, TRANSPOSED: lambda t: t.t(),
+               QKV_WEIGHT: lambda t: _blocks_to_heads(t.t(), cfg.num_heads),
+               QKV_BIAS: lambda t: _blocks_to_heads(t, cfg.num_heads)}
+    out = {ours: convert[how](hf[theirs]) for ours, theirs, how in _names(cfg)}
     wte = hf["transformer.wte.weight"]
-    embedding = torch.zeros(padded_vocab_size, wte.shape[1], dtype=wte.dtype)
-    embedding[:wte.shape[0]] = wte
-    out = {
-        "embedding.weight": embedding,
-        "position_embedding.weight": hf["transformer.wpe.weight"],
-        "final_norm.weight": hf["transformer.ln_f.weight"],
-        "final_norm.bias": hf["transformer.ln_f.bias"],
-    }
-    for i in range(cfg.num_layers):
-        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
-        out |= {
-            ours + "attn_norm.weight": hf[theirs + "ln_1.weight"],
-            ours + "attn_norm.bias": hf[theirs + "ln_1.bias"],
-            ours + "attn.qkv.weight": _blocks_to_heads(hf[theirs + "attn.c_attn.weight"].t(), n),
-            ours + "attn.qkv.bias": _blocks_to_heads(hf[theirs + "attn.c_attn.bias"], n),
-            ours + "attn.proj.weight": hf[theirs + "attn.c_proj.weight"].t(),
-            ours + "attn.proj.bias": hf[theirs + "attn.c_proj.bias"],
-            ours + "mlp_norm.weight": hf[theirs + "ln_2.weight"],
-            ours + "mlp_norm.bias": hf[theirs + "ln_2.bias"],
-            ours + "mlp.fc_in.weight": hf[theirs + "mlp.c_fc.weight"].t(),
-            ours + "mlp.fc_in.bias": hf[theirs + "mlp.c_fc.bias"],
-            ours + "mlp.fc_out.weight": hf[theirs + "mlp.c_proj.weight"].t(),
-            ours + "mlp.fc_out.bias": hf[theirs + "mlp.c_proj.bias"],
-        }
+    out["embedding.weight"] = torch.zeros(padded_vocab_size, wte.shape[1], dtype=wte.dtype)
+    out["embedding.weight"][:wte.shape[0]] = wte
     return {name: t.contiguous() for name, t in out.items()}
 
 
