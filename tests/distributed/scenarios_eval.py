@@ -141,8 +141,9 @@ def id_data() -> tuple[str, ...]:
         write_id_corpus(root / "corpus", 10, 12)
         write_id_tokenizer(root / "tokenizer.json", 120)
     dist.barrier()
+    # A shuffle buffer smaller than the corpus: a resumed loader re-reads its buffer's documents, shard by shard.
     return (f"data.sources=[{{path: {root / 'corpus'}}}]", f"data.tokenizer={root / 'tokenizer.json'}",
-            "data.validation_fraction=0.25", "train.eval_batches=2")
+            "data.validation_fraction=0.25", "data.shuffle_buffer=16", "train.eval_batches=2")
 
 
 def run_with_data(name: str, *overrides: str) -> list[dict]:
