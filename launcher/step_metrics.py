@@ -26,7 +26,7 @@ class StepMetrics:
         self.restart_clock(data_wait)
 
     def restart_clock(self, data_wait: float) -> None:
-        """Start timing the next interval here (after a read, and after a checkpoint save)."""
+        """Start timing the next interval here: the loop calls it once it has logged, evaluated and saved."""
         self.started, self.data_wait_at_start = time.perf_counter(), data_wait
 
     def add(self, step: int, loss_sum: torch.Tensor, lr: float, grad_norm, loss_scale) -> None:
@@ -56,7 +56,6 @@ class StepMetrics:
             "moe": moe,
         })
         self.pending = []
-        self.restart_clock(data_wait)
         return records
 
 
