@@ -111,29 +111,28 @@ def _consolidate(args) -> None:
 
 
 def _export(args) -> None:
-    """`parallax export`: a checkpoint as a Hugging Face GPT-2 directory, refused unless it maps exactly."""
+    """`parallax export`: a checkpoint as the Hugging Face model it is exactly (GPT-2, Llama, T5), or one line why not."""
     from launcher.config import ConfigError, load_config
 
     if args.dtype not in ("fp32", "bf16"):
         raise ConfigError(f"--dtype {args.dtype} is not supported; choose fp32 or bf16")
     from data_pipeline import load_tokenizer
-    from models.huggingface import export_gpt2, gpt2_mismatch, vocab_mismatch
+    from models.huggingface import HuggingFaceError, check_vocabulary, export, twin_for
     from parallel.checkpoint import CheckpointError, find_checkpoint, read_weights
 
     path = find_checkpoint(Path(args.path), args.step)
     if not (path / "config.yaml").is_file():
         raise CheckpointError(f"checkpoint {path} has no config.yaml; it was not written by parallax train")
     cfg = load_config(path / "config.yaml")
-    problem = gpt2_mismatch(cfg.model)
-    if problem:
-        raise ConfigError(f"cannot export {path} as GPT-2: {problem}")
-    tokenizer = load_tokenizer(cfg.data)
-    vocab_size = cfg.model.vocab_size or tokenizer.get_vocab_size()
-    problem = vocab_mismatch(cfg.model, vocab_size, tokenizer.get_vocab_size())
-    if problem:
-        raise ConfigError(f"cannot export {path} as GPT-2: {problem}")
-    out = export_gpt2(read_weights(path), cfg.model, vocab_size, tokenizer, Path(args.out), args.dtype)
-    print(f"parallax: wrote {out}: GPT-2 ({args.dtype}, vocabulary {vocab_size}) from {path}")
+    try:
+        twin_for(cfg.model)
+        tokenizer = load_tokenizer(cfg.data)
+        vocab_size = cfg.model.vocab_size or tokenizer.get_vocab_size()
+        check_vocabulary(vocab_size, tokenizer)
+    except HuggingFaceError as e:
+        raise HuggingFaceError(f"cannot export {path}: {e}") from None
+    twin = export(read_weights(path), cfg.model, vocab_size, tokenizer, Path(args.out), args.dtype)
+    print(f"parallax: wrote {args.out}: {twin.NAME} ({args.dtype}, vocabulary {vocab_size}) from {path}")
 
 
 def _add_data_commands(commands) -> None:
@@ -199,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     consolidate.add_argument("--step", type=int, default=None, help="default: the newest complete checkpoint")
     consolidate.add_argument("--out", default=None, help="default: RUN/consolidated-step-NNNNNNNN.pt")
     consolidate.set_defaults(run=_consolidate)
-    export = commands.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 model directory")
+    export = commands.add_parser("export", help="write a checkpoint as a Hugging Face model directory (GPT-2, Llama, T5)")
     export.add_argument("path", metavar="RUN|CHECKPOINT", help="a run directory (its newest checkpoint), its "
                         "checkpoints directory, or one checkpoint")
     export.add_argument("--out", required=True, help="the directory to write (config.json, model.safetensors, tokenizer)")

@@ -109,6 +109,11 @@ class RunConfig(_Section):
                 f"model.num_heads={m.num_heads} is not divisible by parallel.tp={tp}; "
                 f"choose parallel.tp from {_divisors(m.num_heads)}"
             )
+        if m.kv_heads % tp:
+            raise ValueError(
+                f"model.num_kv_heads={m.kv_heads} is not divisible by parallel.tp={tp}: each TP rank holds whole "
+                f"key/value heads; choose parallel.tp from {_divisors(m.kv_heads)}"
+            )
         if m.ffn_size % tp:
             raise ValueError(f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tp={tp}")
         if m.vocab_multiple % tp:

@@ -3,10 +3,11 @@ import sys
 
 from data_pipeline import DataError
 from launcher.config import ConfigError
+from models.huggingface import HuggingFaceError
 from parallel.checkpoint import CheckpointError
 from parallel.topology import TopologyError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TopologyError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TopologyError, HuggingFaceError)
 USER_ERROR_EXIT_CODE = 2
 SAVE_FAILED_EXIT_CODE = 74  # sysexits EX_IOERR: the last checkpoint could not be written; fix the disk
 REQUEUE_EXIT_CODE = 75  # sysexits EX_TEMPFAIL: stopped early with a checkpoint; run the same command again

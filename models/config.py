@@ -33,14 +33,18 @@ class MoEConfig(BaseModel):
 
 # Fields that only the T5 encoder-decoder reads; a GPT config must leave them unset (None).
 T5_ONLY = ("num_decoder_layers", "kv_channels", "relative_attention_num_buckets", "relative_attention_max_distance",
-           "feed_forward", "tie_embeddings")
+           "feed_forward")
+# Fields that only the GPT family reads; a T5 config must leave them unset (None).
+GPT_ONLY = ("mlp", "num_kv_heads", "linear_bias")
 
 
 class ModelConfig(BaseModel):
     """One schema for both architectures: `arch` picks GPT (decoder-only) or T5 (encoder-decoder).
 
-    Shared fields mean the same in both (num_layers is T5's encoder depth); T5-only fields default
-    to None, read through the properties below, which give T5's defaults.
+    Shared fields mean the same in both (num_layers is T5's encoder depth). Fields only one
+    architecture reads default to None and are read through the properties below, which give that
+    architecture's defaults. A Llama-style decoder is a GPT with rotary positions, RMSNorm, SwiGLU,
+    grouped-query attention, no linear biases and an untied output layer (configs/llama-*.yaml).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -58,12 +62,27 @@ class ModelConfig(BaseModel):
         "so every layout builds the same model and checkpoints move between layouts",
     )
     position_embedding: Literal["learned", "rotary"] = "learned"
-    rotary_base: float = Field(10000.0, gt=0)
+    rotary_base: float = Field(10000.0, gt=0, description="Hugging Face's rope_theta: 10000 (Llama 2), 500000 (Llama 3)")
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = Field(1e-5, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     init_std: float = Field(0.02, gt=0)
     moe: Optional[MoEConfig] = Field(None, description="mixture-of-experts layers; none for a dense model")
+    tie_embeddings: Optional[bool] = Field(
+        None, description="output layer tied to the embedding (GPT-2; T5, which feeds it d_model**-0.5 x the decoder "
+        "output) or a matrix of its own (Llama; T5.1.1, unscaled); default true",
+    )
+    # GPT only (arch: gpt); see GPT_ONLY.
+    mlp: Optional[Literal["gelu", "swiglu"]] = Field(
+        None, description="gpt: fc_out(gelu(fc_in x)) (GPT) or fc_out(silu(fc_gate x) * fc_in x) (SwiGLU, Llama); "
+        "default gelu",
+    )
+    num_kv_heads: Optional[PositiveInt] = Field(
+        None, description="gpt: key/value heads, each shared by num_heads / num_kv_heads query heads (grouped-query "
+        "attention, Ainslie et al. 2023); default num_heads",
+    )
+    linear_bias: Optional[bool] = Field(None, description="gpt: linear layers with biases (GPT) or without (Llama); "
+                                        "default true")
     # T5 only (arch: t5); see T5_ONLY.
     num_decoder_layers: Optional[PositiveInt] = Field(None, description="t5: decoder depth; default num_layers")
     kv_channels: Optional[PositiveInt] = Field(
@@ -74,21 +93,17 @@ class ModelConfig(BaseModel):
     feed_forward: Optional[Literal["relu", "gated-gelu"]] = Field(
         None, description="t5: relu (T5) or gated-gelu (T5.1.1); default relu"
     )
-    tie_embeddings: Optional[bool] = Field(
-        None, description="t5: output layer tied to the embedding and fed d_model**-0.5 x the decoder output "
-        "(T5), or untied and unscaled (T5.1.1); default true",
-    )
 
     @model_validator(mode="after")
     def _fields_fit_the_architecture(self):
-        if self.arch == "gpt":
-            for name in T5_ONLY:
-                if getattr(self, name) is not None:
-                    raise ValueError(f"model.{name} applies to model.arch=t5 only; remove it or set model.arch=t5")
-        elif self.position_embedding != "learned":
+        other_arch = {"gpt": ("t5", T5_ONLY), "t5": ("gpt", GPT_ONLY)}[self.arch]
+        for name in other_arch[1]:
+            if getattr(self, name) is not None:
+                raise ValueError(f"model.{name} applies to model.arch={other_arch[0]} only; remove it")
+        if self.arch == "t5" and self.position_embedding != "learned":
             raise ValueError("model.position_embedding applies to model.arch=gpt only: T5 uses its relative "
                              "position bias; remove it")
-        elif self.norm != "rmsnorm":
+        if self.arch == "t5" and self.norm != "rmsnorm":
             raise ValueError("model.norm=layernorm: T5 normalises with RMSNorm (no mean, no bias); set model.norm=rmsnorm")
         if self.num_buckets < 4:
             raise ValueError(f"model.relative_attention_num_buckets={self.num_buckets} is below 4 "
@@ -105,6 +120,9 @@ class ModelConfig(BaseModel):
                 f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}; "
                 "pick a head count that divides the hidden size"
             )
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"model.num_kv_heads={self.kv_heads} does not divide model.num_heads={self.num_heads}: "
+                             "each key/value head serves a whole group of query heads")
         return self
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -121,6 +139,19 @@ class ModelConfig(BaseModel):
     @property
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def swiglu(self) -> bool:
+        return self.mlp == "swiglu"
+
+    @property
+    def biased(self) -> bool:
+        """Linear layers with biases: a GPT's unless linear_bias is false; T5's never."""
+        return self.arch == "gpt" and self.linear_bias is not False
 
     @property
     def num_buckets(self) -> int:

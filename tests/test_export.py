@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from launcher.cli import main
-from models.huggingface import from_gpt2_state_dict, write_tokenizer
+from models.huggingface import gpt2
+from models.huggingface.tokenizer import write_tokenizer
 
 EXPORT_TOL = 1e-5
 
@@ -108,7 +109,7 @@ def test_export_command_writes_the_true_vocabulary_and_every_weight(tmp_path, ca
     assert type(model).__name__ == "GPT2LMHeadModel" and model.config.vocab_size == 400
     assert model.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr(), "the output layer stays tied"
-    back = from_gpt2_state_dict({k: v.float() for k, v in model.state_dict().items()}, model_cfg(), 512)
+    back = gpt2.from_hf({k: v.float() for k, v in model.state_dict().items()}, model_cfg(), 512)
     state["embedding.weight"][400:] = 0  # the padding rows are not exported
     tol = 0 if dtype == "fp32" else 1e-2
     for name, tensor in state.items():
@@ -134,7 +135,7 @@ def test_unmappable_models_are_refused_in_one_line(tmp_path, capsys, overrides, 
         main(["export", str(checkpoint), "--out", str(tmp_path / "hf")])
     err = capsys.readouterr().err
     assert exit.value.code == 2 and err.count("\n") == 1, err
-    assert err == f"parallax: error: cannot export {checkpoint} as GPT-2: {expected}\n"
+    assert err == f"parallax: error: cannot export {checkpoint}: no exact Hugging Face twin (closest: GPT-2): {expected}\n"
     assert not (tmp_path / "hf").exists()
 
 

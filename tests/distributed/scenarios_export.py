@@ -1,6 +1,6 @@
 """Issue 16: the GPT checked from outside. A checkpoint saved at TP=2 and one saved at ZeRO-3 DP=2
 (by scenarios_checkpoint.py's two-rank launch) are loaded into a one-process Parallax GPT and
-exported with models/huggingface.py; transformers' own GPT2LMHeadModel then scores the same batch.
+exported with models/huggingface/; transformers' own GPT2LMHeadModel then scores the same batch.
 """
 import os
 from pathlib import Path
@@ -34,11 +34,11 @@ def parallax_outputs(state: dict, tokens: torch.Tensor) -> tuple[torch.Tensor, f
 
 
 def exported_and_ours(source: str) -> dict:
-    """Export checkpoint `source` through models/huggingface.py, reload it with transformers, score the batch both ways."""
+    """Export checkpoint `source` through models/huggingface/, reload it with transformers, score the batch both ways."""
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
 
-    from models.huggingface import export_gpt2
+    from models.huggingface import export
     from parallel.checkpoint import read_weights
     from tests.data.corpora import write_id_tokenizer
 
@@ -48,7 +48,7 @@ def exported_and_ours(source: str) -> dict:
     out = Path(os.environ["PARALLAX_SCENARIO_DIR"]) / "exported" / source
     out.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer.from_file(str(write_id_tokenizer(out.parent / "id-tokenizer.json", VOCAB - 3)))
-    export_gpt2(state, cfg.model, VOCAB, tokenizer, out)
+    export(state, cfg.model, VOCAB, tokenizer, out)
     hf = AutoModelForCausalLM.from_pretrained(out)
     hf.eval()
     tokens = export_batch()

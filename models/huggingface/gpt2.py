@@ -1,4 +1,4 @@
-"""Parallax's GPT as Hugging Face's GPT-2 (GPT2LMHeadModel), and back: the mapping of config, weights and tokenizer.
+"""Parallax's GPT as Hugging Face's GPT-2 (GPT2LMHeadModel), and back: a `Twin` (models/huggingface/__init__.py).
 
 Only one Parallax GPT is GPT-2: learned positions, LayerNorm, the dense MLP with GeLU's tanh
 approximation (GPT-2's `gelu_new`, which Parallax always uses), biases everywhere and the output
@@ -8,26 +8,19 @@ The weights differ in layout only:
 - Parallax's QKV rows are grouped head by head, [q_0, k_0, v_0, q_1, k_1, v_1, ...] (so contiguous TP
   slices are whole heads); GPT-2's c_attn is [all q | all k | all v].
 - GPT-2's linear layers are Conv1D, which stores the weight as [in, out]: torch's Linear transposed.
-- Parallax pads the embedding to a multiple of model.vocab_multiple; the exported model keeps the
-  tokenizer's true vocabulary (the first rows), as Megatron's own GPT-2 converter does, so its logits
-  are Parallax's first `vocab_size` logits.
-
-Transformers is imported only by the functions that write files.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import torch
 
 from models.config import ModelConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+NAME, MODEL_TYPE, AUTO_CLASS = "GPT-2", "gpt2", "AutoModelForCausalLM"
 
 
-def gpt2_mismatch(cfg: ModelConfig) -> Optional[str]:
-    """What makes this model something other than GPT-2, in a few words; None if it maps exactly."""
+def mismatch(cfg: ModelConfig) -> Optional[str]:
     if cfg.arch != "gpt":
         return f"model.arch={cfg.arch}: only a GPT maps to GPT-2"
     if cfg.position_embedding != "learned":
@@ -36,29 +29,49 @@ def gpt2_mismatch(cfg: ModelConfig) -> Optional[str]:
         return f"model.norm={cfg.norm}: GPT-2 normalises with LayerNorm"
     if cfg.moe is not None:
         return "model.moe is set: GPT-2 has a dense MLP in every block"
+    if cfg.swiglu:
+        return "model.mlp=swiglu: GPT-2's MLP is GeLU"
+    if cfg.kv_heads != cfg.num_heads:
+        return f"model.num_kv_heads={cfg.kv_heads}: GPT-2 has one key/value head per query head"
+    if not cfg.biased:
+        return "model.linear_bias=false: GPT-2's linear layers have biases"
+    if not cfg.tied:
+        return "model.tie_embeddings=false: GPT-2's output layer is the embedding"
     return None
 
 
-def vocab_mismatch(cfg: ModelConfig, vocab_size: int, tokenizer_size: int) -> Optional[str]:
-    """Whether the tokenizer's ids all have rows in the model's (true) vocabulary."""
-    if tokenizer_size > vocab_size:
-        return (f"the tokenizer has {tokenizer_size} tokens but the model's vocabulary is {vocab_size}: "
-                "GPT-2 could not score the tokenizer's last ids")
-    return None
-
-
-def gpt2_config(cfg: ModelConfig, vocab_size: int, eos_token_id: Optional[int] = None):
+def hf_config(cfg: ModelConfig, vocab_size: int, special: dict[str, Optional[int]]):
     """transformers.GPT2Config of the same model; dropout is the run's (it is off in eval mode anyway)."""
     from transformers import GPT2Config
 
-    assert gpt2_mismatch(cfg) is None, gpt2_mismatch(cfg)
+    assert mismatch(cfg) is None, mismatch(cfg)
     return GPT2Config(
         vocab_size=vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.hidden_size, n_layer=cfg.num_layers,
         n_head=cfg.num_heads, n_inner=cfg.ffn_size, activation_function="gelu_new",
         resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, layer_norm_epsilon=cfg.norm_eps,
         initializer_range=cfg.init_std, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
         reorder_and_upcast_attn=False, tie_word_embeddings=True,
-        bos_token_id=eos_token_id, eos_token_id=eos_token_id,
+        bos_token_id=special["bos"], eos_token_id=special["eos"], pad_token_id=special["pad"],
+    )
+
+
+def model_config(hf) -> ModelConfig:
+    """The Parallax GPT of a GPT2Config; only what Parallax computes exactly is accepted."""
+    from models.huggingface import HuggingFaceError
+
+    differs = {"activation_function": (hf.activation_function, "gelu_new"),
+               "scale_attn_weights": (hf.scale_attn_weights, True),
+               "scale_attn_by_inverse_layer_idx": (hf.scale_attn_by_inverse_layer_idx, False),
+               "reorder_and_upcast_attn": (hf.reorder_and_upcast_attn, False),
+               "tie_word_embeddings": (hf.tie_word_embeddings, True)}
+    for field, (value, needed) in differs.items():
+        if value != needed:
+            raise HuggingFaceError(f"config.json: {field}={value!r}; Parallax's GPT-2 has {needed!r}")
+    return ModelConfig(
+        arch="gpt", num_layers=hf.n_layer, hidden_size=hf.n_embd, num_heads=hf.n_head,
+        ffn_hidden_size=hf.n_inner or 4 * hf.n_embd, max_seq_len=hf.n_positions, vocab_size=hf.vocab_size,
+        position_embedding="learned", norm="layernorm", norm_eps=hf.layer_norm_epsilon, dropout=hf.resid_pdrop,
+        init_std=hf.initializer_range,
     )
 
 
@@ -92,9 +105,9 @@ def _names(cfg: ModelConfig) -> list[tuple[str, str, str]]:
     return names
 
 
-def to_gpt2_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int) -> dict[str, torch.Tensor]:
+def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int) -> dict[str, torch.Tensor]:
     """Parallax GPT state dict (full tensors, TP=1 names) -> GPT2LMHeadModel state dict (lm_head tied to wte)."""
-    assert gpt2_mismatch(cfg) is None, gpt2_mismatch(cfg)
+    assert mismatch(cfg) is None, mismatch(cfg)
     convert = {SAME: lambda t: t, TRANSPOSED: lambda t: t.t(),
                QKV_WEIGHT: lambda t: _heads_to_blocks(t, cfg.num_heads).t(),
                QKV_BIAS: lambda t: _heads_to_blocks(t, cfg.num_heads)}
@@ -106,7 +119,7 @@ def to_gpt2_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_s
     return {name: t.contiguous() for name, t in out.items()}
 
 
-def from_gpt2_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab_size: int) -> dict[str, torch.Tensor]:
+def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab_size: int) -> dict[str, torch.Tensor]:
     """The inverse: GPT-2 weights -> a Parallax GPT state dict, the embedding padded with zero rows."""
     convert = {SAME: lambda t: t, TRANSPOSED: lambda t: t.t(),
                QKV_WEIGHT: lambda t: _blocks_to_heads(t.t(), cfg.num_heads),
@@ -116,44 +129,3 @@ def from_gpt2_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig, padded_v
     out["embedding.weight"] = torch.zeros(padded_vocab_size, wte.shape[1], dtype=wte.dtype)
     out["embedding.weight"][:wte.shape[0]] = wte
     return {name: t.contiguous() for name, t in out.items()}
-
-
-def write_tokenizer(tokenizer, out: Path) -> None:
-    """Parallax's tokenizers.Tokenizer as a PreTrainedTokenizerFast (tokenizer.json + tokenizer_config.json),
-    with its end-of-document token as eos (and bos, as GPT-2's), its padding token as pad, and the T5
-    sentinels it has as additional special tokens. Nothing is added around encoded text."""
-    from transformers import PreTrainedTokenizerFast
-
-    from data_pipeline.tokenizer import EOD, PAD, SPECIAL_TOKENS
-
-    present = lambda token: tokenizer.token_to_id(token) is not None  # noqa: E731
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        eos_token=EOD if present(EOD) else None, bos_token=EOD if present(EOD) else None,
-        pad_token=PAD if present(PAD) else None,
-        additional_special_tokens=[t for t in SPECIAL_TOKENS[2:] if present(t)],
-        clean_up_tokenization_spaces=False, model_max_length=None,
-    )
-    fast.save_pretrained(str(out))
-
-
-def export_gpt2(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int, tokenizer, out: Path,
-                dtype: str = "fp32") -> Path:
-    """Write a Hugging Face GPT-2 directory (config.json, model.safetensors, tokenizer files) that
-    `AutoModelForCausalLM.from_pretrained(out)` loads with no custom code. `state`: full fp32 tensors."""
-    from transformers import GPT2LMHeadModel
-
-    out = Path(out)
-    eos = tokenizer.token_to_id("<|endoftext|>") if tokenizer is not None else None
-    config = gpt2_config(cfg, vocab_size, eos)
-    config.dtype = DTYPES[dtype]
-    with torch.device("meta"):
-        model = GPT2LMHeadModel(config)
-    model.load_state_dict(to_gpt2_state_dict(state, cfg, vocab_size), strict=False, assign=True)
-    model.tie_weights()
-    leftover = [name for name, p in model.state_dict().items() if p.is_meta]
-    assert not leftover, f"GPT-2 tensors the mapping left unset: {leftover}"
-    model.to(DTYPES[dtype]).save_pretrained(str(out))
-    if tokenizer is not None:
-        write_tokenizer(tokenizer, out)
-    return out

@@ -1,0 +1,201 @@
+"""Parallax models as Hugging Face `transformers` models, and back: exact, in both directions.
+
+Each architecture that has an exact Hugging Face twin has a module here that implements `Twin`:
+GPT-2 (`gpt2`), Llama (`llama`) and T5 (`t5`). A twin maps the config and every tensor; nothing is
+approximated, and a model with no exact twin is refused in one line naming what differs.
+
+Parallax pads its vocabulary to a multiple of model.vocab_multiple; a Hugging Face model keeps the
+tokenizer's true vocabulary (the first rows), as Megatron's converters do, so its logits are
+Parallax's first `vocab_size` logits. Importing pads with zero rows.
+
+transformers is imported only when a function here is called, so training does not pay for it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Protocol
+
+import torch
+
+from models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from transformers import PretrainedConfig, PreTrainedModel
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class HuggingFaceError(ValueError):
+    """A model or directory that cannot make the trip exactly; the message names the field or file."""
+
+
+class Twin(Protocol):
+    """One architecture's exact mapping to its transformers class (a module implements it)."""
+
+    NAME: str  # how messages name it: "GPT-2"
+    MODEL_TYPE: str  # config.json's model_type: "gpt2"
+    AUTO_CLASS: str  # the transformers Auto class that loads it: "AutoModelForCausalLM"
+
+    def mismatch(self, cfg: ModelConfig) -> Optional[str]:
+        """What makes `cfg` something other than this twin, in a few words; None if it maps exactly."""
+
+    def hf_config(self, cfg: ModelConfig, vocab_size: int, special: dict[str, Optional[int]]) -> PretrainedConfig:
+        """The transformers config of the same model; `special`: eos/bos/pad/decoder_start token ids."""
+
+    def to_hf(self, state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int) -> dict[str, torch.Tensor]:
+        """Parallax state dict (full tensors, TP=1 names) -> the twin's state dict, true vocabulary."""
+
+    def from_hf(self, hf: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab_size: int) -> dict[str, torch.Tensor]:
+        """The inverse; the vocabulary padded with zero rows."""
+
+    def model_config(self, hf_config: PretrainedConfig) -> ModelConfig:
+        """The Parallax model of a transformers config; HuggingFaceError naming a field it cannot hold."""
+
+
+def _twins() -> list[Twin]:
+    from models.huggingface import gpt2
+
+    return [gpt2]
+
+
+def twin_for(cfg: ModelConfig) -> Twin:
+    """The twin that `cfg` maps to exactly; HuggingFaceError naming what differs from the closest one."""
+    problems = []
+    for twin in _twins():
+        problem = twin.mismatch(cfg)
+        if problem is None:
+            return twin
+        problems.append((twin, problem))
+    # The closest twin is the first one whose mismatch is about the details, not the architecture.
+    twin, problem = next(((t, p) for t, p in problems if not p.startswith("model.arch=")), problems[0])
+    raise HuggingFaceError(f"no exact Hugging Face twin (closest: {twin.NAME}): {problem}")
+
+
+def special_token_ids(tokenizer: Optional[Tokenizer]) -> dict[str, Optional[int]]:
+    from data_pipeline.tokenizer import EOD, PAD
+
+    if tokenizer is None:
+        return {"eos": None, "bos": None, "pad": None}
+    eos = tokenizer.token_to_id(EOD)
+    return {"eos": eos, "bos": eos, "pad": tokenizer.token_to_id(PAD)}
+
+
+def check_vocabulary(vocab_size: int, tokenizer: Tokenizer) -> None:
+    """Every id the tokenizer produces must have a row in the model's true vocabulary."""
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise HuggingFaceError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocabulary "
+                               f"(model.vocab_size) is {vocab_size}: the exported model could not score its last ids")
+
+
+def to_hf_model(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int, tokenizer: Optional[Tokenizer],
+                dtype: str = "fp32") -> PreTrainedModel:
+    """The transformers model holding `state` (full fp32 tensors), in eval mode, built without a
+    random initialisation: every tensor comes from `state`, and one left unset is an error."""
+    import transformers
+
+    twin = twin_for(cfg)
+    config = twin.hf_config(cfg, vocab_size, special_token_ids(tokenizer))
+    config.dtype = DTYPES[dtype]
+    with torch.device("meta"):
+        model = getattr(transformers, twin.AUTO_CLASS).from_config(config)
+    model.load_state_dict(twin.to_hf(state, cfg, vocab_size), strict=False, assign=True)
+    model.tie_weights()
+    unset = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if unset:
+        raise AssertionError(f"{twin.NAME} tensors the mapping left unset: {unset}")
+    return model.to(DTYPES[dtype]).eval()
+
+
+def export(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int, tokenizer: Optional[Tokenizer],
+           out: Path, dtype: str = "fp32") -> Twin:
+    """Write a Hugging Face model directory (config.json, model.safetensors, tokenizer files) that
+    transformers' Auto classes load with no custom code; returns the twin it was written as."""
+    from models.huggingface.tokenizer import write_tokenizer
+
+    model = to_hf_model(state, cfg, vocab_size, tokenizer, dtype)
+    model.save_pretrained(str(out))
+    if tokenizer is not None:
+        write_tokenizer(tokenizer, Path(out))
+    return twin_for(cfg)
+
+
+@dataclass
+class Imported:
+    """A Hugging Face directory as Parallax holds it."""
+
+    model: ModelConfig
+    vocab_size: int  # the true vocabulary; the model pads it
+    state: dict[str, torch.Tensor]  # full fp32 tensors, TP=1 names
+    tokenizer_path: Optional[Path]  # its tokenizer.json, if it has one
+    twin: Twin
+
+
+def read_config(directory: Path) -> tuple[Twin, PretrainedConfig]:
+    """The twin and transformers config of a Hugging Face directory, or one line naming what is wrong."""
+    from transformers import AutoConfig
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise HuggingFaceError(f"{directory}: no such directory; give a Hugging Face model directory")
+    if not (directory / "config.json").is_file():
+        raise HuggingFaceError(f"{directory / 'config.json'}: not found; a Hugging Face model directory has one")
+    try:
+        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+        hf_config = AutoConfig.from_pretrained(str(directory))
+    except (ValueError, OSError) as error:
+        raise HuggingFaceError(f"{directory / 'config.json'}: unreadable ({' '.join(str(error).split())[:200]})") from None
+    twin = next((t for t in _twins() if t.MODEL_TYPE == model_type), None)
+    if twin is None:
+        raise HuggingFaceError(f"{directory / 'config.json'}: model_type {model_type!r} has no Parallax twin; "
+                               f"Parallax holds {', '.join(t.MODEL_TYPE for t in _twins())}")
+    return twin, hf_config
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of model.safetensors, or of the shards its index names, as stored."""
+    from safetensors import SafetensorsError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise HuggingFaceError(f"{directory}: no model.safetensors (nor its index); save the model with "
+                               "save_pretrained(safe_serialization=True)")
+    weights = {}
+    for name in files:
+        if not (directory / name).is_file():
+            raise HuggingFaceError(f"{directory / name}: not found, though {index.name} names it; the directory is partial")
+        try:
+            weights.update(load_file(str(directory / name)))
+        except SafetensorsError as error:
+            raise HuggingFaceError(f"{directory / name}: unreadable ({error}); the file is partial or damaged") from None
+    return weights
+
+
+def import_directory(directory: Path) -> Imported:
+    """A Hugging Face directory's model config, weights (mapped, fp32) and tokenizer path."""
+    import transformers
+
+    twin, hf_config = read_config(directory)
+    cfg = twin.model_config(hf_config)
+    hf = read_weights(directory)
+    weights_file = Path(directory) / "model.safetensors"
+    with torch.device("meta"):
+        expected = getattr(transformers, twin.AUTO_CLASS).from_config(hf_config).state_dict()
+    for name, t in hf.items():
+        if name in expected and tuple(t.shape) != tuple(expected[name].shape):
+            raise HuggingFaceError(f"{weights_file}: {name} has shape {tuple(t.shape)} but config.json makes it "
+                                   f"{tuple(expected[name].shape)}")
+    try:
+        state = twin.from_hf({k: v.float() for k, v in hf.items()}, cfg, cfg.padded_vocab_size(hf_config.vocab_size))
+    except KeyError as missing:
+        raise HuggingFaceError(f"{weights_file} lacks {missing.args[0]}: the directory is partial") from None
+    tokenizer = Path(directory) / "tokenizer.json"
+    return Imported(cfg, hf_config.vocab_size, state, tokenizer if tokenizer.is_file() else None, twin)
