@@ -1,6 +1,6 @@
-"""Issue 16: `parallax export` writes a Hugging Face GPT-2 that computes Parallax's logits, and
-transformers' GPT-2 is the outside check of the GPT's math. The checkpoint scenarios are in
-tests/distributed/scenarios_export.py."""
+"""Issue 16: `parallax export` writes a Hugging Face GPT-2 or Llama that computes Parallax's logits,
+and transformers' models are the outside check of the GPT's math, both ways. The checkpoint
+scenarios are in tests/distributed/scenarios_export.py."""
 import json
 import zlib
 from pathlib import Path
@@ -15,10 +15,15 @@ from models.huggingface.tokenizer import write_tokenizer
 EXPORT_TOL = 1e-5
 
 
-@pytest.mark.parametrize("name", ["export_tp2_checkpoint", "export_dp2_zero3_checkpoint"])
-def test_exported_gpt2_logits_equal_parallax_logits(scenario_results, name):
+@pytest.mark.parametrize("name,hf_class", [
+    ("export_tp2_checkpoint", "GPT2LMHeadModel"),
+    ("export_dp2_zero3_checkpoint", "GPT2LMHeadModel"),
+    ("export_llama_style_tp2_checkpoint", "LlamaForCausalLM"),
+    ("export_llama_style_dp2_zero3_checkpoint", "LlamaForCausalLM"),
+])
+def test_exported_logits_equal_parallax_logits(scenario_results, name, hf_class):
     result = scenario_results(name)
-    assert result["hf_class"] == "GPT2LMHeadModel"
+    assert result["hf_class"] == hf_class
     assert result["ours"].shape == result["hf"].shape == (3, 32, 512)
     torch.testing.assert_close(result["hf"], result["ours"], atol=EXPORT_TOL, rtol=0)
     # The training objective too: Parallax's loss of a window is GPT-2's next-token loss, not the current token's.
@@ -49,6 +54,80 @@ def test_the_comparison_fails_for_a_wrong_qkv_mapping(scenario_results):
         with torch.no_grad():
             wrong = model(result["tokens"]).logits
         assert (wrong - result["ours"]).abs().max() > 100 * EXPORT_TOL, what
+
+
+def test_the_comparison_fails_for_a_wrong_rotary_layout(scenario_results):
+    """Llama's q and k rows must be permuted from Parallax's neighbouring rotary pairs to transformers'
+    halves: left as they are, the exported model is far from Parallax."""
+    from transformers import AutoModelForCausalLM
+
+    result = scenario_results("export_llama_style_tp2_checkpoint")
+    model = AutoModelForCausalLM.from_pretrained(result["dir"]).eval()
+    head_dim = model.config.head_dim
+    for layer in model.model.layers:
+        for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+            w = projection.weight.data
+            w.copy_(w.reshape(-1, 2, head_dim // 2, w.shape[1]).transpose(1, 2).reshape(w.shape))
+    with torch.no_grad():
+        wrong = model(result["tokens"]).logits
+    assert (wrong - result["ours"]).abs().max() > 100 * EXPORT_TOL
+
+
+def test_imported_llama_computes_transformers_logits(scenario_results):
+    """The other direction: a random LlamaForCausalLM (grouped-query, untied, rope_theta 500000) read
+    by `import_directory` into Parallax's GPT scores a batch as transformers does."""
+    result = scenario_results("imported_llama_logits")
+    torch.testing.assert_close(result["ours"], result["hf"], atol=EXPORT_TOL, rtol=0)
+
+
+def random_hf_model(kind: str, directory: Path, vocab_size: int = 400) -> Path:
+    """A small random transformers model saved with save_pretrained, and the id tokenizer, in `directory`."""
+    from tokenizers import Tokenizer
+    from transformers import GPT2Config, LlamaConfig
+
+    from tests.data.corpora import write_id_tokenizer
+
+    configs = {
+        "gpt2": GPT2Config(vocab_size=vocab_size, n_positions=16, n_embd=32, n_layer=2, n_head=4,
+                           activation_function="gelu_new"),
+        "llama": LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                             rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+        "llama-tied": LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=16,
+                                  tie_word_embeddings=True),
+    }
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(configs[kind])
+    for name, p in model.named_parameters():  # norms start at 1 and biases at 0: make every tensor tell
+        p.data.normal_(std=0.1 if "norm" in name or "ln_" in name or name.endswith("bias") else 0.02)
+    model.save_pretrained(directory)
+    tokenizer = Tokenizer.from_file(str(write_id_tokenizer(directory / "id-tokenizer.json", vocab_size - 3)))
+    write_tokenizer(tokenizer, directory)
+    return directory
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama-tied"])
+def test_hugging_face_to_parallax_to_hugging_face_is_bitwise(tmp_path, kind):
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+
+    from models.huggingface import export, import_directory
+
+    original = random_hf_model(kind, tmp_path / "original")
+    imported = import_directory(original)
+    assert imported.tokenizer_path == original / "tokenizer.json"
+    export(imported.state, imported.model, imported.vocab_size, Tokenizer.from_file(str(imported.tokenizer_path)),
+           tmp_path / "again")
+    before, after = load_file(original / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
+    config = lambda d: {k: v for k, v in json.loads((d / "config.json").read_text()).items()  # noqa: E731
+                        if k not in ("transformers_version", "bos_token_id", "eos_token_id", "pad_token_id", "dtype")}
+    assert config(tmp_path / "again") == config(original)
 
 
 # --- the command, on small checkpoints written here in Parallax's format -----------------------------
@@ -128,6 +207,8 @@ def model_cfg():
     (["model.position_embedding=rotary"], "model.position_embedding=rotary: GPT-2 has learned positions"),
     (["model.norm=rmsnorm"], "model.norm=rmsnorm: GPT-2 normalises with LayerNorm"),
     (["model.moe={num_experts: 2}"], "model.moe is set: GPT-2 has a dense MLP in every block"),
+    (["model.position_embedding=rotary", "model.norm=rmsnorm", "model.linear_bias=false"],
+     "model.mlp=gelu: Llama's MLP is SwiGLU"),
 ])
 def test_unmappable_models_are_refused_in_one_line(tmp_path, capsys, overrides, expected):
     checkpoint = _write_checkpoint(tmp_path / "step-00000001", [*TINY, *overrides])
@@ -135,7 +216,8 @@ def test_unmappable_models_are_refused_in_one_line(tmp_path, capsys, overrides, 
         main(["export", str(checkpoint), "--out", str(tmp_path / "hf")])
     err = capsys.readouterr().err
     assert exit.value.code == 2 and err.count("\n") == 1, err
-    assert err == f"parallax: error: cannot export {checkpoint}: no exact Hugging Face twin (closest: GPT-2): {expected}\n"
+    closest = "Llama" if "Llama" in expected else "GPT-2"
+    assert err == f"parallax: error: cannot export {checkpoint}: no exact Hugging Face twin (closest: {closest}): {expected}\n"
     assert not (tmp_path / "hf").exists()
 
 

@@ -39,8 +39,8 @@ class Twin(Protocol):
     MODEL_TYPE: str  # config.json's model_type: "gpt2"
     AUTO_CLASS: str  # the transformers Auto class that loads it: "AutoModelForCausalLM"
 
-    def mismatch(self, cfg: ModelConfig) -> Optional[str]:
-        """What makes `cfg` something other than this twin, in a few words; None if it maps exactly."""
+    def differences(self, cfg: ModelConfig) -> list[str]:
+        """What makes `cfg` something other than this twin, each in a few words naming the field; [] if it maps exactly."""
 
     def hf_config(self, cfg: ModelConfig, vocab_size: int, special: dict[str, Optional[int]]) -> PretrainedConfig:
         """The transformers config of the same model; `special`: eos/bos/pad/decoder_start token ids."""
@@ -56,22 +56,18 @@ class Twin(Protocol):
 
 
 def _twins() -> list[Twin]:
-    from models.huggingface import gpt2
+    from models.huggingface import gpt2, llama
 
-    return [gpt2]
+    return [gpt2, llama]
 
 
 def twin_for(cfg: ModelConfig) -> Twin:
     """The twin that `cfg` maps to exactly; HuggingFaceError naming what differs from the closest one."""
-    problems = []
-    for twin in _twins():
-        problem = twin.mismatch(cfg)
-        if problem is None:
-            return twin
-        problems.append((twin, problem))
-    # The closest twin is the first one whose mismatch is about the details, not the architecture.
-    twin, problem = next(((t, p) for t, p in problems if not p.startswith("model.arch=")), problems[0])
-    raise HuggingFaceError(f"no exact Hugging Face twin (closest: {twin.NAME}): {problem}")
+    differences = {twin: twin.differences(cfg) for twin in _twins()}
+    closest = min(differences, key=lambda twin: len(differences[twin]))
+    if differences[closest]:
+        raise HuggingFaceError(f"no exact Hugging Face twin (closest: {closest.NAME}): {'; '.join(differences[closest])}")
+    return closest
 
 
 def special_token_ids(tokenizer: Optional[Tokenizer]) -> dict[str, Optional[int]]:
@@ -92,20 +88,23 @@ def check_vocabulary(vocab_size: int, tokenizer: Tokenizer) -> None:
 
 def to_hf_model(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int, tokenizer: Optional[Tokenizer],
                 dtype: str = "fp32") -> PreTrainedModel:
-    """The transformers model holding `state` (full fp32 tensors), in eval mode, built without a
-    random initialisation: every tensor comes from `state`, and one left unset is an error."""
+    """The transformers model holding `state` (full fp32 tensors), in eval mode. It is built without
+    a random initialisation and every parameter comes from `state`: one the mapping left unset
+    would still be NaN, and is an error."""
     import transformers
+    from transformers.initialization import no_init_weights
 
     twin = twin_for(cfg)
     config = twin.hf_config(cfg, vocab_size, special_token_ids(tokenizer))
-    config.dtype = DTYPES[dtype]
-    with torch.device("meta"):
+    with no_init_weights():
         model = getattr(transformers, twin.AUTO_CLASS).from_config(config)
-    model.load_state_dict(twin.to_hf(state, cfg, vocab_size), strict=False, assign=True)
+    for p in model.parameters():
+        p.data.fill_(float("nan"))
+    unexpected = model.load_state_dict(twin.to_hf(state, cfg, vocab_size), strict=False).unexpected_keys
     model.tie_weights()
-    unset = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if unset:
-        raise AssertionError(f"{twin.NAME} tensors the mapping left unset: {unset}")
+    unset = [name for name, p in model.named_parameters() if p.isnan().any()]
+    if unexpected or unset:
+        raise AssertionError(f"{twin.NAME} mapping: names it does not have {unexpected}, tensors left unset {unset}")
     return model.to(DTYPES[dtype]).eval()
 
 

@@ -2,7 +2,7 @@
 
 Only one Parallax GPT is GPT-2: learned positions, LayerNorm, the dense MLP with GeLU's tanh
 approximation (GPT-2's `gelu_new`, which Parallax always uses), biases everywhere and the output
-layer tied to the embedding. `gpt2_mismatch` names what else a config has; nothing is approximated.
+layer tied to the embedding. `differences` names what else a config has; nothing is approximated.
 
 The weights differ in layout only:
 - Parallax's QKV rows are grouped head by head, [q_0, k_0, v_0, q_1, k_1, v_1, ...] (so contiguous TP
@@ -20,31 +20,26 @@ from models.config import ModelConfig
 NAME, MODEL_TYPE, AUTO_CLASS = "GPT-2", "gpt2", "AutoModelForCausalLM"
 
 
-def mismatch(cfg: ModelConfig) -> Optional[str]:
+def differences(cfg: ModelConfig) -> list[str]:
     if cfg.arch != "gpt":
-        return f"model.arch={cfg.arch}: only a GPT maps to GPT-2"
-    if cfg.position_embedding != "learned":
-        return f"model.position_embedding={cfg.position_embedding}: GPT-2 has learned positions"
-    if cfg.norm != "layernorm":
-        return f"model.norm={cfg.norm}: GPT-2 normalises with LayerNorm"
-    if cfg.moe is not None:
-        return "model.moe is set: GPT-2 has a dense MLP in every block"
-    if cfg.swiglu:
-        return "model.mlp=swiglu: GPT-2's MLP is GeLU"
-    if cfg.kv_heads != cfg.num_heads:
-        return f"model.num_kv_heads={cfg.kv_heads}: GPT-2 has one key/value head per query head"
-    if not cfg.biased:
-        return "model.linear_bias=false: GPT-2's linear layers have biases"
-    if not cfg.tied:
-        return "model.tie_embeddings=false: GPT-2's output layer is the embedding"
-    return None
+        return [f"model.arch={cfg.arch}: only a GPT maps to GPT-2"]
+    wanted = [
+        (cfg.position_embedding == "learned", f"model.position_embedding={cfg.position_embedding}: GPT-2 has learned positions"),
+        (cfg.norm == "layernorm", f"model.norm={cfg.norm}: GPT-2 normalises with LayerNorm"),
+        (cfg.moe is None, "model.moe is set: GPT-2 has a dense MLP in every block"),
+        (not cfg.swiglu, "model.mlp=swiglu: GPT-2's MLP is GeLU"),
+        (cfg.kv_heads == cfg.num_heads, f"model.num_kv_heads={cfg.kv_heads}: GPT-2 has a key/value head per query head"),
+        (cfg.biased, "model.linear_bias=false: GPT-2's linear layers have biases"),
+        (cfg.tied, "model.tie_embeddings=false: GPT-2's output layer is the embedding"),
+    ]
+    return [problem for holds, problem in wanted if not holds]
 
 
 def hf_config(cfg: ModelConfig, vocab_size: int, special: dict[str, Optional[int]]):
     """transformers.GPT2Config of the same model; dropout is the run's (it is off in eval mode anyway)."""
     from transformers import GPT2Config
 
-    assert mismatch(cfg) is None, mismatch(cfg)
+    assert not differences(cfg), differences(cfg)
     return GPT2Config(
         vocab_size=vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.hidden_size, n_layer=cfg.num_layers,
         n_head=cfg.num_heads, n_inner=cfg.ffn_size, activation_function="gelu_new",
@@ -107,7 +102,7 @@ def _names(cfg: ModelConfig) -> list[tuple[str, str, str]]:
 
 def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int) -> dict[str, torch.Tensor]:
     """Parallax GPT state dict (full tensors, TP=1 names) -> GPT2LMHeadModel state dict (lm_head tied to wte)."""
-    assert mismatch(cfg) is None, mismatch(cfg)
+    assert not differences(cfg), differences(cfg)
     convert = {SAME: lambda t: t, TRANSPOSED: lambda t: t.t(),
                QKV_WEIGHT: lambda t: _heads_to_blocks(t, cfg.num_heads).t(),
                QKV_BIAS: lambda t: _heads_to_blocks(t, cfg.num_heads)}

@@ -1,6 +1,7 @@
 """Issue 16: the GPT checked from outside. A checkpoint saved at TP=2 and one saved at ZeRO-3 DP=2
-(by scenarios_checkpoint.py's two-rank launch) are loaded into a one-process Parallax GPT and
-exported with models/huggingface/; transformers' own GPT2LMHeadModel then scores the same batch.
+(by scenarios_checkpoint.py's two-rank launch, and for the Llama-style GPT by this module's) are
+loaded into a one-process Parallax GPT and exported with models/huggingface/; transformers' own
+GPT2LMHeadModel or LlamaForCausalLM then scores the same batch.
 """
 import os
 from pathlib import Path
@@ -8,8 +9,8 @@ from pathlib import Path
 import torch
 
 from tests.distributed.harness import scenario
-from tests.distributed.scenarios import VOCAB, tiny_config
-from tests.distributed.scenarios_checkpoint import saved_path
+from tests.distributed.scenarios import LLAMA_STYLE, VOCAB, tiny_config
+from tests.distributed.scenarios_checkpoint import layout, run_dir, saved_path, train_run
 
 BATCH_SHAPE = (3, 32)  # the tiny GPT's whole context, so every learned position is used
 
@@ -18,13 +19,13 @@ def export_batch() -> torch.Tensor:
     return torch.randint(0, VOCAB, BATCH_SHAPE, generator=torch.Generator().manual_seed(16))
 
 
-def parallax_outputs(state: dict, tokens: torch.Tensor) -> tuple[torch.Tensor, float]:
+def parallax_outputs(state: dict, tokens: torch.Tensor, *overrides: str) -> tuple[torch.Tensor, float]:
     """Parallax's own GPT, at TP=1, holding the checkpoint's weights: logits [b, s, padded vocab] of
     `tokens`, and the training loss of `tokens` as a training window (GPT.batch_inputs)."""
     from models.gpt import GPT
     from parallel.topology import init_topology
 
-    cfg = tiny_config()
+    cfg = tiny_config(*overrides)
     init_topology(tp=1)
     model = GPT(cfg.model, VOCAB)
     model.load_state_dict(state, strict=True)
@@ -33,8 +34,8 @@ def parallax_outputs(state: dict, tokens: torch.Tensor) -> tuple[torch.Tensor, f
         return model(tokens).transpose(0, 1).contiguous(), model(**GPT.batch_inputs(tokens)).item()
 
 
-def exported_and_ours(source: str) -> dict:
-    """Export checkpoint `source` through models/huggingface/, reload it with transformers, score the batch both ways."""
+def exported_and_ours(path: Path, *overrides: str) -> dict:
+    """Export the checkpoint at `path` through models/huggingface/, reload it with transformers, score the batch both ways."""
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
 
@@ -42,10 +43,9 @@ def exported_and_ours(source: str) -> dict:
     from parallel.checkpoint import read_weights
     from tests.data.corpora import write_id_tokenizer
 
-    path = saved_path(source)
     state = read_weights(path)
-    cfg = tiny_config()
-    out = Path(os.environ["PARALLAX_SCENARIO_DIR"]) / "exported" / source
+    cfg = tiny_config(*overrides)
+    out = Path(os.environ["PARALLAX_SCENARIO_DIR"]) / "exported" / path.parent.parent.name
     out.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer.from_file(str(write_id_tokenizer(out.parent / "id-tokenizer.json", VOCAB - 3)))
     export(state, cfg.model, VOCAB, tokenizer, out)
@@ -54,16 +54,67 @@ def exported_and_ours(source: str) -> dict:
     tokens = export_batch()
     with torch.no_grad():
         theirs = hf(tokens, labels=tokens)  # transformers shifts the labels itself: position t predicts t + 1
-    ours, our_loss = parallax_outputs(state, tokens)
+    ours, our_loss = parallax_outputs(state, tokens, *overrides)
     return {"ours": ours, "hf": theirs.logits, "ours_loss": our_loss, "hf_loss": theirs.loss.item(),
             "hf_class": type(hf).__name__, "dir": str(out), "tokens": tokens}
 
 
 @scenario(world_size=1, reads_from=2)
 def export_tp2_checkpoint():
-    return exported_and_ours("tp2-zero1")
+    return exported_and_ours(saved_path("tp2-zero1"))
 
 
 @scenario(world_size=1, reads_from=2)
 def export_dp2_zero3_checkpoint():
-    return exported_and_ours("dp2-zero3")
+    return exported_and_ours(saved_path("dp2-zero3"))
+
+
+LLAMA_STEPS = ("train.steps=2", "checkpoint.interval=2", *LLAMA_STYLE)
+
+
+def llama_saved_path(name: str) -> Path:
+    return run_dir(name) / "checkpoints" / "step-00000002"
+
+
+@scenario(world_size=2)
+def save_llama_style_tp2():
+    return train_run("llama-tp2", *LLAMA_STEPS, *layout(2, 1, 1))
+
+
+@scenario(world_size=2)
+def save_llama_style_dp2_zero3():
+    return train_run("llama-dp2-zero3", *LLAMA_STEPS, *layout(1, 2, 3))
+
+
+@scenario(world_size=1, reads_from=2)
+def export_llama_style_tp2_checkpoint():
+    return exported_and_ours(llama_saved_path("llama-tp2"), *LLAMA_STYLE)
+
+
+@scenario(world_size=1, reads_from=2)
+def export_llama_style_dp2_zero3_checkpoint():
+    return exported_and_ours(llama_saved_path("llama-dp2-zero3"), *LLAMA_STYLE)
+
+
+@scenario(world_size=1)
+def imported_llama_logits():
+    """A random LlamaForCausalLM saved by transformers, imported into Parallax's GPT at TP=1."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from models.gpt import GPT
+    from models.huggingface import import_directory
+    from parallel.topology import init_topology
+    from tests.test_export import random_hf_model
+
+    directory = random_hf_model("llama", Path(tempfile.mkdtemp()), vocab_size=VOCAB)
+    imported = import_directory(directory)
+    init_topology(tp=1)
+    model = GPT(imported.model, imported.vocab_size).eval()
+    model.load_state_dict(imported.state, strict=True)
+    tokens = torch.randint(0, VOCAB, (3, 16), generator=torch.Generator().manual_seed(16))
+    with torch.no_grad():
+        ours = model(tokens).transpose(0, 1)[..., :VOCAB]
+        hf = AutoModelForCausalLM.from_pretrained(directory).eval()(tokens).logits
+    return {"ours": ours, "hf": hf}
