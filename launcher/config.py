@@ -259,9 +259,9 @@ def _check_tokenizer_fits(cfg: RunConfig) -> None:
 
     tokens = load_tokenizer(cfg.data).get_vocab_size()
     if tokens > cfg.model.vocab_size:
-        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} has {tokens} tokens but {cfg.model.init_from / 'config.json'} "
-                          f"has vocab_size {cfg.model.vocab_size}: the model has no row for its last ids; use the "
-                          "directory's tokenizer (remove data.tokenizer)")
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} has {tokens} tokens but "
+                          f"{cfg.model.init_from / 'config.json'} has vocab_size {cfg.model.vocab_size}: the model has "
+                          "no row for its last ids; use the directory's tokenizer (remove data.tokenizer)")
 
 
 def _apply_override(raw: dict, item: str) -> None:
