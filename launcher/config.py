@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, TypeAdapter, ValidationError,
+                      model_validator)
 
 from data_pipeline import DataConfig, DataError
 from data_pipeline.config import SpanCorruptionConfig
@@ -203,10 +204,64 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(f"config file {path} must be a mapping of sections (model:, parallel:, ...)")
     for item in overrides:
         _apply_override(raw, item)
+    model = raw.get("model")
+    if isinstance(model, dict) and model.get("init_from") is not None:
+        _take_model_from(Path(model["init_from"]).expanduser(), raw)
     try:
-        return RunConfig.model_validate(raw)
+        cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_explain(e.errors()[0], raw)) from None
+    if cfg.model.init_from is not None:
+        _check_tokenizer_fits(cfg)
+    return cfg
+
+
+def _take_model_from(directory: Path, raw: dict) -> None:
+    """model.init_from: the model is the directory's, so `parallax plan`, the checks above and every rank
+    see the real one. A field the run sets too must agree with config.json: a silent override would
+    build a model the weights do not fit. Refuses a directory with no weights before any rank starts."""
+    from models.huggingface import HuggingFaceError, read_config, weight_files
+
+    try:
+        twin, hf_config = read_config(directory)
+        theirs = twin.model_config(hf_config)
+        weight_files(directory)
+    except HuggingFaceError as error:
+        raise ConfigError(f"model.init_from: {error}") from None
+    except ValidationError as error:
+        raise ConfigError(f"model.init_from: {directory / 'config.json'} gives a model Parallax cannot build: "
+                          f"{error.errors()[0]['msg']}") from None
+    ours = raw["model"]
+    for name in sorted(theirs.model_fields_set & ours.keys()):
+        if not _same_value(name, ours[name], getattr(theirs, name)):
+            raise ConfigError(f"model.{name}={ours[name]} but {directory / 'config.json'} has {getattr(theirs, name)}; "
+                              "remove it to take the directory's, or start from another directory")
+    raw["model"] = {**theirs.model_dump(exclude_unset=True), **ours}
+    data = raw.setdefault("data", {})
+    if isinstance(data, dict) and data.get("tokenizer") is None:
+        if not (directory / "tokenizer.json").is_file():
+            raise ConfigError(f"model.init_from: {directory} has no tokenizer.json; set data.tokenizer to the "
+                              "tokenizer the model was trained with")
+        data["tokenizer"] = str(directory / "tokenizer.json")
+
+
+def _same_value(name: str, value: Any, theirs: Any) -> bool:
+    """`value` as the schema reads it (YAML gives 1e-5 as a string) equals `theirs`."""
+    try:
+        return TypeAdapter(ModelConfig.model_fields[name].annotation).validate_python(value) == theirs
+    except ValidationError:
+        return False
+
+
+def _check_tokenizer_fits(cfg: RunConfig) -> None:
+    """Every id the run's tokenizer produces must have a row among the directory's vocab_size."""
+    from data_pipeline import load_tokenizer
+
+    tokens = load_tokenizer(cfg.data).get_vocab_size()
+    if tokens > cfg.model.vocab_size:
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} has {tokens} tokens but "
+                          f"{cfg.model.init_from / 'config.json'} has vocab_size {cfg.model.vocab_size}: the model has "
+                          "no row for its last ids; use the directory's tokenizer (remove data.tokenizer)")
 
 
 def _apply_override(raw: dict, item: str) -> None:

@@ -22,7 +22,8 @@ from launcher.step_metrics import StepMetrics
 from launcher.stopping import StopRequested, StopVote
 from launcher.tensorboard_log import TensorBoardLog
 from models import build_model
-from parallel.checkpoint import Checkpointer, Resumed
+from models.huggingface import import_directory
+from parallel.checkpoint import Checkpointer, Resumed, load_full_state
 from parallel.engine import build_engine, loss_scale
 from parallel.topology import Topology, init_topology
 
@@ -54,6 +55,8 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
         cfg.model, vocab_size, sequence_parallel=p.sequence_parallel, activation_checkpointing=p.activation_checkpointing,
         expert_parallel_size=p.ep,
     )
+    if cfg.model.init_from is not None:  # a checkpoint resumed below overwrites these weights: it wins
+        load_full_state(model, import_directory(cfg.model.init_from, cfg.model).state, topo)
     engine = build_engine(model, cfg, topo)
     if batches is None:
         loader = build_dataloader(

@@ -1,4 +1,5 @@
 """Architecture hyper-parameters: the `model:` section of a run config."""
+from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
@@ -68,6 +69,13 @@ class ModelConfig(BaseModel):
     dropout: float = Field(0.0, ge=0, lt=1)
     init_std: float = Field(0.02, gt=0)
     moe: Optional[MoEConfig] = Field(None, description="mixture-of-experts layers; none for a dense model")
+    init_from: Optional[Path] = Field(
+        None, description="a Hugging Face model directory to start from (any architecture models/huggingface/ has a "
+        "twin for): its config.json gives the model fields this section leaves unset (one set that disagrees is "
+        "refused), its weights the starting model at any layout, its tokenizer.json data.tokenizer unless that is "
+        "set. A run that resumes a checkpoint starts from the checkpoint instead, as Megatron's --load wins over "
+        "--pretrained-checkpoint",
+    )
     tie_embeddings: Optional[bool] = Field(
         None, description="output layer tied to the embedding (GPT-2; T5, which feeds it d_model**-0.5 x the decoder "
         "output) or a matrix of its own (Llama; T5.1.1, unscaled); default true",

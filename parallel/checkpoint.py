@@ -177,6 +177,12 @@ def _tp_partition(param) -> Optional[int]:
     return param.partition_dim
 
 
+def tp_slice(param, full: torch.Tensor, topo) -> torch.Tensor:
+    """This TP rank's part of `param`'s full (TP=1) tensor: the whole of a replicated one."""
+    dim = _tp_partition(param)
+    return full if dim is None else full.chunk(topo.tp, dim=dim)[topo.tp_rank]
+
+
 def _owners(sizes: list[int], world_size: int) -> list[int]:
     """Spread tensors over ranks by size, largest first, so every rank writes about as much."""
     load, owner = [0] * world_size, [0] * len(sizes)
@@ -625,11 +631,8 @@ class Checkpointer:
             saved = self._saved_name(name, param)
             if saved not in pieces:
                 raise CheckpointError(f"checkpoint {path} has no tensor {saved}; it was saved from another model")
-            dim = _tp_partition(param)
             for key in (MASTER, *ADAM_MOMENTS):
-                value = _assemble(path, saved, pieces[saved], key)
-                if dim is not None:
-                    value = value.chunk(topo.tp, dim=dim)[topo.tp_rank]
+                value = tp_slice(param, _assemble(path, saved, pieces[saved], key), topo)
                 _write_local(engine, param, key, value.to(param.device), topo.dp_rank, topo.dp)
         _refresh_model_weights(engine)
         same_world = client["layout"]["world_size"] == topo.world_size
@@ -670,6 +673,19 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """The full fp32 model state dict of checkpoint `path` (no optimizer state), at any saved layout."""
     pieces = _pieces_by_name(_load_shards(path))
     return {name: _assemble(path, name, parts, MASTER) for name, parts in sorted(pieces.items())}
+
+
+def load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor], topo) -> None:
+    """Fill a freshly built model (before DeepSpeed's engine takes it) from full tensors under TP=1
+    names, such as a Hugging Face directory's (model.init_from): each rank keeps its TP slice, and the
+    engine then partitions the weights over DP as it would random ones, at any ZeRO stage."""
+    ours = dict(model.named_parameters())
+    if ours.keys() != state.keys():
+        raise ValueError(f"the model and the weights differ in tensors: the model alone has "
+                         f"{sorted(ours.keys() - state.keys())}, the weights alone {sorted(state.keys() - ours.keys())}")
+    with torch.no_grad():
+        for name, param in ours.items():
+            param.copy_(tp_slice(param, state[name], topo))
 
 
 def consolidate(path: Path, out: Path) -> int:

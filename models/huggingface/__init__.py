@@ -153,37 +153,46 @@ def read_config(directory: Path) -> tuple[Twin, PretrainedConfig]:
     return twin, hf_config
 
 
-def read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of model.safetensors, or of the shards its index names, as stored."""
-    from safetensors import SafetensorsError
-    from safetensors.torch import load_file
-
+def weight_files(directory: Path) -> list[Path]:
+    """model.safetensors, or the shards its index names; HuggingFaceError naming the one that is missing.
+    Cheap, so a run can refuse a directory without weights before any rank starts."""
     directory = Path(directory)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     elif (directory / "model.safetensors").is_file():
-        files = ["model.safetensors"]
+        names = ["model.safetensors"]
     else:
         raise HuggingFaceError(f"{directory}: no model.safetensors (nor its index); save the model with "
                                "save_pretrained(safe_serialization=True)")
-    weights = {}
-    for name in files:
+    for name in names:
         if not (directory / name).is_file():
             raise HuggingFaceError(f"{directory / name}: not found, though {index.name} names it; the directory is partial")
+    return [directory / name for name in names]
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of model.safetensors, or of the shards its index names, as stored."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = {}
+    for path in weight_files(directory):
         try:
-            weights.update(load_file(str(directory / name)))
-        except SafetensorsError as error:
-            raise HuggingFaceError(f"{directory / name}: unreadable ({error}); the file is partial or damaged") from None
+            weights.update(load_file(str(path)))
+        except SafetensorError as error:
+            raise HuggingFaceError(f"{path}: unreadable ({error}); the file is partial or damaged") from None
     return weights
 
 
-def import_directory(directory: Path) -> Imported:
-    """A Hugging Face directory's model config, weights (mapped, fp32) and tokenizer path."""
+def import_directory(directory: Path, cfg: Optional[ModelConfig] = None) -> Imported:
+    """A Hugging Face directory's model config, weights (mapped, fp32) and tokenizer path. `cfg`: the
+    model to map them into, when a run holds the directory's model with choices of its own (such as
+    model.vocab_multiple, which sets the padding); default the directory's."""
     import transformers
 
     twin, hf_config = read_config(directory)
-    cfg = twin.model_config(hf_config)
+    cfg = cfg or twin.model_config(hf_config)
     hf = read_weights(directory)
     weights_file = Path(directory) / "model.safetensors"
     with torch.device("meta"):

@@ -1,0 +1,112 @@
+"""Issue 16, point 4: model.init_from takes the model, weights and tokenizer of a Hugging Face directory;
+bad input is one line and exit code 2. The runs themselves are tests/distributed/scenarios_init_from.py."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from launcher.cli import main
+from launcher.config import load_config
+from tests.data.corpora import write_id_tokenizer
+from tests.distributed.scenarios_init_from import SEQ_LEN, VOCAB, write_gpt2_directory
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    return write_gpt2_directory(tmp_path_factory.mktemp("init-from") / "gpt2")
+
+
+def _without(gpt2_dir, tmp_path, *names):
+    copy = tmp_path / "copy"
+    shutil.copytree(gpt2_dir, copy)
+    for name in names:
+        (copy / name).unlink()
+    return copy
+
+
+def _config_json(gpt2_dir, tmp_path, **fields):
+    copy = _without(gpt2_dir, tmp_path)
+    (copy / "config.json").write_text(json.dumps(json.loads((copy / "config.json").read_text()) | fields))
+    return copy
+
+
+# --- the runs: transformers' logits at every layout -------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "dp2_zero3"])
+def test_first_step_computes_what_transformers_computes(scenario_results, layout):
+    result = scenario_results("init_from_gpt2")
+    theirs, ours = result["transformers"], result[layout]
+    assert ours["logits"].shape == (4, SEQ_LEN, 256) and theirs["logits"].shape == (4, SEQ_LEN, VOCAB)
+    torch.testing.assert_close(ours["logits"][..., :VOCAB], theirs["logits"], atol=TOL, rtol=0)
+    assert not ours["logits"][..., VOCAB:].any(), "the padded vocabulary's rows are zero"
+    # train() itself started from the directory: its first loss is the one these weights give.
+    assert ours["loss"] == pytest.approx(theirs["loss"], abs=TOL)
+
+
+# --- the config: the directory's model and tokenizer ------------------------------------------------
+
+def test_unset_fields_and_the_tokenizer_come_from_the_directory(gpt2_dir):
+    cfg = load_config(None, [f"model.init_from={gpt2_dir}", "model.hidden_size=64", "model.norm_eps=1e-5",
+                             f"data.seq_len={SEQ_LEN}", "parallel.tp=2"])
+    m = cfg.model
+    assert (m.arch, m.num_layers, m.hidden_size, m.num_heads, m.max_seq_len, m.vocab_size) == ("gpt", 2, 64, 4, 32, VOCAB)
+    assert (m.ffn_size, m.dropout, m.tied, m.biased) == (256, 0.0, True, True)
+    assert cfg.data.tokenizer == gpt2_dir / "tokenizer.json"
+
+
+def test_a_tokenizer_the_run_sets_is_kept_when_it_fits(gpt2_dir, tmp_path):
+    smaller = write_id_tokenizer(tmp_path / "small.json", 50)
+    cfg = load_config(None, [f"model.init_from={gpt2_dir}", f"data.tokenizer={smaller}", f"data.seq_len={SEQ_LEN}"])
+    assert cfg.data.tokenizer == smaller
+
+
+def test_the_weights_are_padded_as_the_run_pads(gpt2_dir):
+    from models.huggingface import import_directory
+
+    cfg = load_config(None, [f"model.init_from={gpt2_dir}", "model.vocab_multiple=8", f"data.seq_len={SEQ_LEN}"])
+    assert import_directory(gpt2_dir, cfg.model).state["embedding.weight"].shape == (VOCAB, 64)
+
+
+def test_damaged_weights_are_named(gpt2_dir, tmp_path):
+    """Found only when a rank reads them, where the rank's one line says it (launcher/entry.py)."""
+    from models.huggingface import HuggingFaceError, import_directory
+
+    copy = _without(gpt2_dir, tmp_path)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(HuggingFaceError, match=f"{weights}: unreadable .*; the file is partial or damaged"):
+        import_directory(copy)
+
+
+# --- bad input: one line, exit code 2 ---------------------------------------------------------------
+
+@pytest.mark.parametrize("make_dir,args,expected", [
+    (lambda d, t: t / "nowhere", [], "model.init_from: {dir}: no such directory"),
+    (lambda d, t: _without(d, t, "config.json"), [], "model.init_from: {dir}/config.json: not found"),
+    (lambda d, t: _without(d, t, "model.safetensors"), [], "model.init_from: {dir}: no model.safetensors"),
+    (lambda d, t: _config_json(d, t, model_type="bert"), [], "model_type 'bert' has no Parallax twin; Parallax holds gpt2"),
+    (lambda d, t: _config_json(d, t, activation_function="relu"), [],
+     "config.json: activation_function='relu'; Parallax's GPT-2 has 'gelu_new'"),
+    (lambda d, t: _config_json(d, t, n_head=3), [],
+     "config.json gives a model Parallax cannot build: Value error, model.hidden_size=64 is not divisible by model.num_heads=3"),
+    (lambda d, t: d, ["model.hidden_size=256"],
+     "model.hidden_size=256 but {dir}/config.json has 64; remove it to take the directory's"),
+    (lambda d, t: d, ["model.norm=rmsnorm"], "model.norm=rmsnorm but {dir}/config.json has layernorm"),
+    (lambda d, t: _without(d, t, "tokenizer.json"), [], "{dir} has no tokenizer.json; set data.tokenizer"),
+    (lambda d, t: d, ["data.tokenizer={big}"],
+     "data.tokenizer={big} has 303 tokens but {dir}/config.json has vocab_size 200: the model has no row for its last ids"),
+    (lambda d, t: d, ["parallel.tp=3"], "model.num_heads=4 is not divisible by parallel.tp=3"),
+])
+def test_bad_input_is_one_line(gpt2_dir, tmp_path, capsys, make_dir, args, expected):
+    directory = make_dir(gpt2_dir, tmp_path)
+    big = write_id_tokenizer(tmp_path / "big.json", 300)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model:\n  init_from: {directory}\ndata:\n  seq_len: {SEQ_LEN}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(config), *[a.format(big=big) for a in args]])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("parallax: error: "), err
+    assert expected.format(dir=directory, big=big) in err, err
