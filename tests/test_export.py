@@ -88,7 +88,7 @@ def random_hf_model(kind: str, directory: Path, vocab_size: int = 400) -> Path:
     from tests.data.corpora import write_id_tokenizer
 
     configs = {
-        "gpt2": GPT2Config(vocab_size=vocab_size, n_positions=16, n_embd=32, n_layer=2, n_head=4,
+        "gpt2": GPT2Config(vocab_size=vocab_size, n_positions=16, n_embd=32, n_layer=2, n_head=4, n_inner=48,
                            activation_function="gelu_new"),
         "llama": LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
