@@ -156,7 +156,7 @@ def read_config(directory: Path) -> tuple[Twin, PretrainedConfig]:
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor of model.safetensors, or of the shards its index names, as stored."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -174,7 +174,7 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
             raise HuggingFaceError(f"{directory / name}: not found, though {index.name} names it; the directory is partial")
         try:
             weights.update(load_file(str(directory / name)))
-        except SafetensorsError as error:
+        except SafetensorError as error:
             raise HuggingFaceError(f"{directory / name}: unreadable ({error}); the file is partial or damaged") from None
     return weights
 
