@@ -56,9 +56,9 @@ class Twin(Protocol):
 
 
 def _twins() -> list[Twin]:
-    from models.huggingface import gpt2
+    from models.huggingface import gpt2, t5
 
-    return [gpt2]
+    return [gpt2, t5]
 
 
 def twin_for(cfg: ModelConfig) -> Twin:
@@ -101,8 +101,11 @@ def to_hf_model(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: in
     config.dtype = DTYPES[dtype]
     with torch.device("meta"):
         model = getattr(transformers, twin.AUTO_CLASS).from_config(config)
-    model.load_state_dict(twin.to_hf(state, cfg, vocab_size), strict=False, assign=True)
-    model.tie_weights()
+    hf_state = twin.to_hf(state, cfg, vocab_size)
+    model.load_state_dict(hf_state, strict=False, assign=True)
+    # Tie what the mapping left out, as from_pretrained does: a T5.1.1's own output matrix stays its own
+    # (transformers 5 declares every T5 tied, and unties what a file holds twice with different values).
+    model.tie_weights(missing_keys=set(model.state_dict()) - set(hf_state))
     unset = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if unset:
         raise AssertionError(f"{twin.NAME} tensors the mapping left unset: {unset}")
