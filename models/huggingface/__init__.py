@@ -36,11 +36,13 @@ class Twin(Protocol):
     """One architecture's exact mapping to its transformers class (a module implements it)."""
 
     NAME: str  # how messages name it: "GPT-2"
+    ARCH: str  # the model.arch it is a twin of: "gpt"
     MODEL_TYPE: str  # config.json's model_type: "gpt2"
     AUTO_CLASS: str  # the transformers Auto class that loads it: "AutoModelForCausalLM"
 
     def differences(self, cfg: ModelConfig) -> list[str]:
-        """What makes `cfg` something other than this twin, each in a few words naming the field; [] if it maps exactly."""
+        """What makes `cfg` (of model.arch ARCH) something other than this twin, each in a few words naming
+        the field; [] if it maps exactly."""
 
     def hf_config(self, cfg: ModelConfig, vocab_size: int, special: dict[str, Optional[int]]) -> PretrainedConfig:
         """The transformers config of the same model; `special`: eos/bos/pad/decoder_start token ids."""
@@ -56,14 +58,14 @@ class Twin(Protocol):
 
 
 def _twins() -> list[Twin]:
-    from models.huggingface import gpt2, llama
+    from models.huggingface import gpt2, llama, t5
 
-    return [gpt2, llama]
+    return [gpt2, llama, t5]
 
 
 def twin_for(cfg: ModelConfig) -> Twin:
     """The twin that `cfg` maps to exactly; HuggingFaceError naming what differs from the closest one."""
-    differences = {twin: twin.differences(cfg) for twin in _twins()}
+    differences = {twin: twin.differences(cfg) for twin in _twins() if twin.ARCH == cfg.arch}
     closest = min(differences, key=lambda twin: len(differences[twin]))
     if differences[closest]:
         raise HuggingFaceError(f"no exact Hugging Face twin (closest: {closest.NAME}): {'; '.join(differences[closest])}")
@@ -98,10 +100,13 @@ def to_hf_model(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: in
     config = twin.hf_config(cfg, vocab_size, special_token_ids(tokenizer))
     with no_init_weights():
         model = getattr(transformers, twin.AUTO_CLASS).from_config(config)
+    hf_state = twin.to_hf(state, cfg, vocab_size)
     for p in model.parameters():
         p.data.fill_(float("nan"))
-    unexpected = model.load_state_dict(twin.to_hf(state, cfg, vocab_size), strict=False).unexpected_keys
-    model.tie_weights()
+    unexpected = model.load_state_dict(hf_state, strict=False).unexpected_keys
+    # Tie what the mapping left out, as from_pretrained does: a T5.1.1's own output matrix stays its own
+    # (transformers 5 declares every T5 tied, and unties what a file holds twice with different values).
+    model.tie_weights(missing_keys=set(model.state_dict()) - set(hf_state))
     unset = [name for name, p in model.named_parameters() if p.isnan().any()]
     if unexpected or unset:
         raise AssertionError(f"{twin.NAME} mapping: names it does not have {unexpected}, tensors left unset {unset}")

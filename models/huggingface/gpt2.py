@@ -17,12 +17,10 @@ import torch
 
 from models.config import ModelConfig
 
-NAME, MODEL_TYPE, AUTO_CLASS = "GPT-2", "gpt2", "AutoModelForCausalLM"
+NAME, ARCH, MODEL_TYPE, AUTO_CLASS = "GPT-2", "gpt", "gpt2", "AutoModelForCausalLM"
 
 
 def differences(cfg: ModelConfig) -> list[str]:
-    if cfg.arch != "gpt":
-        return [f"model.arch={cfg.arch}: only a GPT maps to GPT-2"]
     wanted = [
         (cfg.position_embedding == "learned", f"model.position_embedding={cfg.position_embedding}: GPT-2 has learned positions"),
         (cfg.norm == "layernorm", f"model.norm={cfg.norm}: GPT-2 normalises with LayerNorm"),

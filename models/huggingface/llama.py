@@ -19,12 +19,10 @@ import torch
 
 from models.config import ModelConfig
 
-NAME, MODEL_TYPE, AUTO_CLASS = "Llama", "llama", "AutoModelForCausalLM"
+NAME, ARCH, MODEL_TYPE, AUTO_CLASS = "Llama", "gpt", "llama", "AutoModelForCausalLM"
 
 
 def differences(cfg: ModelConfig) -> list[str]:
-    if cfg.arch != "gpt":
-        return [f"model.arch={cfg.arch}: Llama is a decoder-only GPT"]
     wanted = [
         (cfg.position_embedding == "rotary", f"model.position_embedding={cfg.position_embedding}: Llama's positions are rotary"),
         (cfg.norm == "rmsnorm", f"model.norm={cfg.norm}: Llama normalises with RMSNorm"),

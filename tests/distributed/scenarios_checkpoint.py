@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from tests.distributed import scenarios_t5 as t5
 from tests.distributed.harness import scenario
 from tests.distributed.scenarios import GLOBAL_BATCH, VOCAB, fixed_batches, full_shape, tiny_config, train_records
 from tests.distributed.scenarios_moe import MOE
@@ -19,17 +20,19 @@ STEPS, SAVED_AT = 20, 10
 
 
 class ResumableBatches:
-    """The parity scenarios' fixed global batches behind the data loader's checkpoint interface.
+    """The parity scenarios' fixed global batches (the GPT's, or `source`'s) behind the data loader's
+    checkpoint interface.
 
     Its state is the number of global steps drawn, which means the same thing at every DP size.
     """
 
-    def __init__(self, cfg, topo):
+    def __init__(self, cfg, topo, source=None):
         self.cfg, self.topo, self.steps_drawn = cfg, topo, 0
+        self.source = source or fixed_batches(cfg)
 
     def __iter__(self):
         accum = self.cfg.train.grad_accum
-        for i, batch in enumerate(fixed_batches(self.cfg)(self.topo)):
+        for i, batch in enumerate(self.source(self.topo)):
             if i >= self.steps_drawn * accum:
                 if (i + 1) % accum == 0:  # counted before the yield: the loop saves before asking for more
                     self.steps_drawn += 1
@@ -57,8 +60,8 @@ def train_run(name: str, *overrides: str) -> list[dict]:
     return train_records(cfg, batches=lambda topo: ResumableBatches(cfg, topo))
 
 
-def saved_path(name: str) -> Path:
-    return run_dir(name) / "checkpoints" / f"step-{SAVED_AT:08d}"
+def saved_path(name: str, step: int = SAVED_AT) -> Path:
+    return run_dir(name) / "checkpoints" / f"step-{step:08d}"
 
 
 def saved(name: str) -> str:
@@ -143,6 +146,27 @@ def exact_resume_tp2():
 @scenario(world_size=2)
 def exact_resume_ep2():
     return straight_and_resumed("ep2-zero1", MOE, "parallel.ep=2", *layout(1, 2, 1))
+
+
+# T5 checkpoints for the export scenarios (scenarios_export.py): the smallest runs that save at each layout.
+T5_SAVED_AT = 2
+
+
+def t5_saved_run(name: str, *overrides: str) -> list[dict]:
+    cfg = t5.t5_config(f"train.steps={T5_SAVED_AT}", f"logging.run_dir={run_dir(name)}", "checkpoint.resume=none",
+                       *overrides)
+    return train_records(cfg, batches=lambda topo: ResumableBatches(cfg, topo, t5.span_corrupted_batches(cfg)))
+
+
+@scenario(world_size=2)
+def t5_1_1_saved_at_tp2():
+    return t5_saved_run("t5.1.1-tp2", *t5.T5_V1_1, "parallel.tp=2", "parallel.zero_stage=1")
+
+
+@scenario(world_size=2)
+def t5_saved_at_dp2_zero3():
+    return t5_saved_run("t5-dp2-zero3", *t5.T5_V1, f"train.micro_batch_size={t5.GLOBAL_BATCH // 2}",
+                        "parallel.zero_stage=3")
 
 
 def collectives_per_group(name: str, *overrides: str) -> dict:

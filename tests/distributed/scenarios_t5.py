@@ -78,48 +78,19 @@ def run_t5_training(*overrides: str) -> list[dict]:
     return train_records(cfg, batches=span_corrupted_batches(cfg))
 
 
-def hugging_face_state_dict(model, cfg) -> dict:
-    """Our weights under Hugging Face's names. Our keys and values are one matrix with rows head by
-    head ([k_i, v_i]); Hugging Face keeps k and v apart."""
-    ours = model.state_dict()
-    hf = {"shared.weight": ours["embedding.weight"]}
-    if not cfg.tied:
-        hf["lm_head.weight"] = ours["lm_head.weight"]
+def t5_ids_tokenizer():
+    """A tokenizer with just T5's special ids, from which an export takes its pad, eos and decoder start."""
+    from tokenizers import Tokenizer, models
 
-    def attention(prefix, hf_prefix):
-        kv = ours[f"{prefix}.kv.weight"].view(cfg.num_heads, 2, cfg.head_dim, cfg.hidden_size)
-        return {f"{hf_prefix}.q.weight": ours[f"{prefix}.q.weight"], f"{hf_prefix}.o.weight": ours[f"{prefix}.o.weight"],
-                f"{hf_prefix}.k.weight": kv[:, 0].reshape(-1, cfg.hidden_size),
-                f"{hf_prefix}.v.weight": kv[:, 1].reshape(-1, cfg.hidden_size)}
+    from data_pipeline.tokenizer import EOD as EOD_TOKEN, PAD as PAD_TOKEN
 
-    for stack, layers in (("encoder", cfg.num_layers), ("decoder", cfg.decoder_layers)):
-        hf[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = ours[f"{stack}.relative_bias.weight"]
-        hf[f"{stack}.final_layer_norm.weight"] = ours[f"{stack}.final_norm.weight"]
-        for i in range(layers):
-            ours_block, hf_block = f"{stack}.blocks.{i}", f"{stack}.block.{i}.layer"
-            hf.update(attention(f"{ours_block}.self_attn", f"{hf_block}.0.SelfAttention"))
-            hf[f"{hf_block}.0.layer_norm.weight"] = ours[f"{ours_block}.self_attn_norm.weight"]
-            ff = 1
-            if stack == "decoder":
-                hf.update(attention(f"{ours_block}.cross_attn", f"{hf_block}.1.EncDecAttention"))
-                hf[f"{hf_block}.1.layer_norm.weight"] = ours[f"{ours_block}.cross_attn_norm.weight"]
-                ff = 2
-            hf[f"{hf_block}.{ff}.layer_norm.weight"] = ours[f"{ours_block}.ff_norm.weight"]
-            dense = f"{hf_block}.{ff}.DenseReluDense"
-            if cfg.gated:
-                hf[f"{dense}.wi_0.weight"] = ours[f"{ours_block}.ff.wi.weight"]
-                hf[f"{dense}.wi_1.weight"] = ours[f"{ours_block}.ff.wi_gate.weight"]
-            else:
-                hf[f"{dense}.wi.weight"] = ours[f"{ours_block}.ff.wi.weight"]
-            hf[f"{dense}.wo.weight"] = ours[f"{ours_block}.ff.wo.weight"]
-    return hf
+    return Tokenizer(models.WordLevel({PAD_TOKEN: PAD, EOD_TOKEN: EOD, "<unk>": 2}, unk_token="<unk>"))
 
 
 def hugging_face_parity(*variant: str) -> dict:
-    """Our T5 and transformers' T5ForConditionalGeneration with the same random weights, on the same
-    inputs: both logits and both losses."""
-    from transformers import T5Config, T5ForConditionalGeneration
-
+    """Our T5 and transformers' T5ForConditionalGeneration holding the same random weights (mapped by
+    models/huggingface/t5.py), on the same inputs: both logits and both losses."""
+    from models.huggingface import to_hf_model
     from models.t5 import T5
     from parallel.topology import init_topology
 
@@ -127,22 +98,7 @@ def hugging_face_parity(*variant: str) -> dict:
     init_topology(tp=1)
     torch.manual_seed(0)
     model = T5(cfg, VOCAB).eval()
-    hf = T5ForConditionalGeneration(T5Config(
-        vocab_size=model.vocab_size, d_model=cfg.hidden_size, d_kv=cfg.head_dim, d_ff=cfg.ffn_size,
-        num_layers=cfg.num_layers, num_decoder_layers=cfg.decoder_layers, num_heads=cfg.num_heads,
-        relative_attention_num_buckets=cfg.num_buckets, relative_attention_max_distance=cfg.max_distance,
-        dropout_rate=0.0, layer_norm_epsilon=cfg.norm_eps, feed_forward_proj=cfg.feed_forward,
-        tie_word_embeddings=cfg.tied, decoder_start_token_id=PAD, pad_token_id=PAD, eos_token_id=EOD,
-        attn_implementation="eager",
-    )).eval()
-    if not cfg.tied:  # T5.1.1 has its own output matrix; transformers 5 ties lm_head to the embedding regardless
-        hf.lm_head.weight = torch.nn.Parameter(torch.empty_like(hf.lm_head.weight))
-    weights = hugging_face_state_dict(model, cfg)
-    hf_parameters = dict(hf.named_parameters())
-    assert weights.keys() == hf_parameters.keys(), weights.keys() ^ hf_parameters.keys()
-    with torch.no_grad():
-        for name, value in weights.items():
-            hf_parameters[name].copy_(value)
+    hf = to_hf_model({name: p.detach() for name, p in model.named_parameters()}, cfg, VOCAB, t5_ids_tokenizer())
 
     g = torch.Generator().manual_seed(1)
     input_ids = torch.randint(2, VOCAB, (3, 48), generator=g)  # longer than max_distance: log-scale buckets
