@@ -154,11 +154,8 @@ def read_config(directory: Path) -> tuple[Twin, PretrainedConfig]:
     return twin, hf_config
 
 
-def read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of model.safetensors, or of the shards its index names, as stored."""
-    from safetensors import SafetensorsError
-    from safetensors.torch import load_file
-
+def weight_files(directory: Path) -> list[Path]:
+    """model.safetensors, or the shards its index names; HuggingFaceError if one is missing (a partial directory)."""
     directory = Path(directory)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
@@ -168,14 +165,23 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     else:
         raise HuggingFaceError(f"{directory}: no model.safetensors (nor its index); save the model with "
                                "save_pretrained(safe_serialization=True)")
-    weights = {}
     for name in files:
         if not (directory / name).is_file():
             raise HuggingFaceError(f"{directory / name}: not found, though {index.name} names it; the directory is partial")
+    return [directory / name for name in files]
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of model.safetensors, or of the shards its index names, as stored."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = {}
+    for file in weight_files(directory):
         try:
-            weights.update(load_file(str(directory / name)))
-        except SafetensorsError as error:
-            raise HuggingFaceError(f"{directory / name}: unreadable ({error}); the file is partial or damaged") from None
+            weights.update(load_file(str(file)))
+        except SafetensorError as error:
+            raise HuggingFaceError(f"{file}: unreadable ({error}); the file is partial or damaged") from None
     return weights
 
 
