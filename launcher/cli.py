@@ -112,27 +112,19 @@ def _consolidate(args) -> None:
 
 def _export(args) -> None:
     """`parallax export`: a checkpoint as the Hugging Face model it is exactly (GPT-2, Llama, T5), or one line why not."""
-    from launcher.config import ConfigError, load_config
+    from launcher.config import ConfigError
 
     if args.dtype not in ("fp32", "bf16"):
         raise ConfigError(f"--dtype {args.dtype} is not supported; choose fp32 or bf16")
-    from data_pipeline import load_tokenizer
-    from models.huggingface import HuggingFaceError, check_vocabulary, export, twin_for
-    from parallel.checkpoint import CheckpointError, find_checkpoint, read_weights
+    from launcher.twin_checkpoint import read_twin_checkpoint
+    from models.huggingface import export
+    from parallel.checkpoint import read_weights
 
-    path = find_checkpoint(Path(args.path), args.step)
-    if not (path / "config.yaml").is_file():
-        raise CheckpointError(f"checkpoint {path} has no config.yaml; it was not written by parallax train")
-    cfg = load_config(path / "config.yaml")
-    try:
-        twin_for(cfg.model)
-        tokenizer = load_tokenizer(cfg.data)
-        vocab_size = cfg.model.vocab_size or tokenizer.get_vocab_size()
-        check_vocabulary(vocab_size, tokenizer)
-    except HuggingFaceError as e:
-        raise HuggingFaceError(f"cannot export {path}: {e}") from None
-    twin = export(read_weights(path), cfg.model, vocab_size, tokenizer, Path(args.out), args.dtype)
-    print(f"parallax: wrote {args.out}: {twin.NAME} ({args.dtype}, vocabulary {vocab_size}) from {path}")
+    checkpoint = read_twin_checkpoint(Path(args.path), args.step, "export")
+    twin = export(read_weights(checkpoint.path), checkpoint.cfg.model, checkpoint.vocab_size, checkpoint.tokenizer,
+                  Path(args.out), args.dtype)
+    print(f"parallax: wrote {args.out}: {twin.NAME} ({args.dtype}, vocabulary {checkpoint.vocab_size}) "
+          f"from {checkpoint.path}")
 
 
 def _add_data_commands(commands) -> None:
