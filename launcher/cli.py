@@ -127,6 +127,39 @@ def _export(args) -> None:
           f"from {checkpoint.path}")
 
 
+def _generate(args) -> None:
+    """`parallax generate`: the flags are checked before the model loads, which takes seconds."""
+    from launcher.generate import Sampling, generate, load
+
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    sampling.check()
+    model, tokenizer = load(Path(args.path), args.step)
+    print(generate(model, tokenizer, args.prompt, sampling))
+
+
+def _add_generate_command(commands) -> None:
+    from launcher.generate import Sampling  # cheap: launcher/generate.py imports torch and transformers when it runs
+
+    default = Sampling()
+    generate = commands.add_parser("generate", help="sample a prompt's continuation from a checkpoint or a Hugging "
+                                   "Face model directory")
+    generate.add_argument("path", metavar="RUN|CHECKPOINT|HF_DIR", help="a run directory (its newest checkpoint), "
+                          "its checkpoints directory, one checkpoint, or a Hugging Face model directory")
+    generate.add_argument("--prompt", required=True, help="the text to continue (a T5's encoder input)")
+    generate.add_argument("--max-new-tokens", type=int, default=default.max_new_tokens, metavar="N",
+                          help="at most N tokens; fewer if the model ends the text (default %(default)s)")
+    generate.add_argument("--temperature", type=float, default=default.temperature, metavar="T",
+                          help="0: greedy, the most likely token each time (default %(default)s: sample)")
+    generate.add_argument("--top-k", type=int, default=default.top_k, metavar="K",
+                          help="sample from the K most likely tokens (default %(default)s: all)")
+    generate.add_argument("--top-p", type=float, default=default.top_p, metavar="P",
+                          help="sample from the most likely tokens that hold probability P (default %(default)s: all)")
+    generate.add_argument("--seed", type=int, default=default.seed, metavar="S",
+                          help="the sampling's seed: the same seed, the same text (default %(default)s)")
+    generate.add_argument("--step", type=int, default=None, help="that step's checkpoint of the run")
+    generate.set_defaults(run=_generate)
+
+
 def _add_data_commands(commands) -> None:
     """`prepare-data` and `prepare-tokenizer`: make the built-in corpus and a tokenizer.json ahead of a run."""
     from data_pipeline.corpus import DEFAULT_MAX_BYTES, DEFAULT_NUM_SHARDS
@@ -197,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--step", type=int, default=None, help="that step's checkpoint of the run")
     export.add_argument("--dtype", default="fp32", metavar="fp32|bf16", help="weights' type (default %(default)s)")
     export.set_defaults(run=_export)
+    _add_generate_command(commands)
     _add_data_commands(commands)
     add_plan_command(commands)
     add_submit_command(commands)
