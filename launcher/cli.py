@@ -112,27 +112,52 @@ def _consolidate(args) -> None:
 
 def _export(args) -> None:
     """`parallax export`: a checkpoint as the Hugging Face model it is exactly (GPT-2, Llama, T5), or one line why not."""
-    from launcher.config import ConfigError, load_config
+    from launcher.config import ConfigError
 
     if args.dtype not in ("fp32", "bf16"):
         raise ConfigError(f"--dtype {args.dtype} is not supported; choose fp32 or bf16")
-    from data_pipeline import load_tokenizer
-    from models.huggingface import HuggingFaceError, check_vocabulary, export, twin_for
-    from parallel.checkpoint import CheckpointError, find_checkpoint, read_weights
+    from launcher.twin_checkpoint import read_twin_checkpoint
+    from models.huggingface import export
+    from parallel.checkpoint import read_weights
 
-    path = find_checkpoint(Path(args.path), args.step)
-    if not (path / "config.yaml").is_file():
-        raise CheckpointError(f"checkpoint {path} has no config.yaml; it was not written by parallax train")
-    cfg = load_config(path / "config.yaml")
-    try:
-        twin_for(cfg.model)
-        tokenizer = load_tokenizer(cfg.data)
-        vocab_size = cfg.model.vocab_size or tokenizer.get_vocab_size()
-        check_vocabulary(vocab_size, tokenizer)
-    except HuggingFaceError as e:
-        raise HuggingFaceError(f"cannot export {path}: {e}") from None
-    twin = export(read_weights(path), cfg.model, vocab_size, tokenizer, Path(args.out), args.dtype)
-    print(f"parallax: wrote {args.out}: {twin.NAME} ({args.dtype}, vocabulary {vocab_size}) from {path}")
+    checkpoint = read_twin_checkpoint(Path(args.path), args.step, "export")
+    twin = export(read_weights(checkpoint.path), checkpoint.cfg.model, checkpoint.vocab_size, checkpoint.tokenizer,
+                  Path(args.out), args.dtype)
+    print(f"parallax: wrote {args.out}: {twin.NAME} ({args.dtype}, vocabulary {checkpoint.vocab_size}) "
+          f"from {checkpoint.path}")
+
+
+def _generate(args) -> None:
+    """`parallax generate`: the flags are checked before the model loads, which takes seconds."""
+    from launcher.generate import Sampling, generate, load
+
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    sampling.check()
+    model, tokenizer = load(Path(args.path), args.step)
+    print(generate(model, tokenizer, args.prompt, sampling))
+
+
+def _add_generate_command(commands) -> None:
+    from launcher.generate import Sampling  # cheap: launcher/generate.py imports torch and transformers when it runs
+
+    default = Sampling()
+    generate = commands.add_parser("generate", help="sample a prompt's continuation from a checkpoint or a Hugging "
+                                   "Face model directory")
+    generate.add_argument("path", metavar="RUN|CHECKPOINT|HF_DIR", help="a run directory (its newest checkpoint), "
+                          "its checkpoints directory, one checkpoint, or a Hugging Face model directory")
+    generate.add_argument("--prompt", required=True, help="the text to continue (a T5's encoder input)")
+    generate.add_argument("--max-new-tokens", type=int, default=default.max_new_tokens, metavar="N",
+                          help="at most N tokens; fewer if the model ends the text (default %(default)s)")
+    generate.add_argument("--temperature", type=float, default=default.temperature, metavar="T",
+                          help="0: greedy, the most likely token each time (default %(default)s: sample)")
+    generate.add_argument("--top-k", type=int, default=default.top_k, metavar="K",
+                          help="sample from the K most likely tokens (default %(default)s: all)")
+    generate.add_argument("--top-p", type=float, default=default.top_p, metavar="P",
+                          help="sample from the most likely tokens that hold probability P (default %(default)s: all)")
+    generate.add_argument("--seed", type=int, default=default.seed, metavar="S",
+                          help="the sampling's seed: the same seed, the same text (default %(default)s)")
+    generate.add_argument("--step", type=int, default=None, help="that step's checkpoint of the run")
+    generate.set_defaults(run=_generate)
 
 
 def _add_data_commands(commands) -> None:
@@ -205,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--step", type=int, default=None, help="that step's checkpoint of the run")
     export.add_argument("--dtype", default="fp32", metavar="fp32|bf16", help="weights' type (default %(default)s)")
     export.set_defaults(run=_export)
+    _add_generate_command(commands)
     _add_data_commands(commands)
     add_plan_command(commands)
     add_submit_command(commands)
