@@ -1,14 +1,42 @@
 """Model definitions built from megatron-core tensor-parallel layers; they know nothing of launchers or engines.
 
 `build_model` picks the class that `model.arch` names; it imports megatron-core only when called,
-so reading a config does not pay for it.
+so reading a config does not pay for it. Every model implements `LanguageModel`, the interface the
+training loop, the evaluator and the planner use.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
-def build_model(cfg, vocab_size: int, **options):
+class LanguageModel(Protocol):
+    """What training asks of a model (models.gpt.GPT, models.t5.T5): an nn.Module whose forward
+    takes the keyword arguments `batch_inputs` makes of a batch."""
+
+    blocks: nn.ModuleList | list[nn.Module]  # the transformer layers, in order: the unit ZeRO-3 gathers
+
+    @staticmethod
+    def batch_inputs(batch: Any) -> dict[str, torch.Tensor]:
+        """A data-pipeline batch as forward's keyword arguments (input_ids, labels, ...)."""
+
+    def forward(self, *, labels: torch.Tensor | None = None, reduction: str = "mean", **inputs: torch.Tensor) -> Any:
+        """With labels: the training loss (mean, plus any router losses), or with reduction="sum" the
+        summed loss and the number of labels scored. Without: this TP rank's vocabulary slice of the logits."""
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(total, active per token) over the whole model, every TP shard and expert counted once."""
+
+    def moe_metrics(self) -> list[dict]:
+        """Per MoE layer, from the last forward: tokens per expert, dropped fraction, router losses; [] if dense."""
+
+
+def build_model(cfg, vocab_size: int, **options) -> LanguageModel:
     """A models.gpt.GPT or models.t5.T5 for `cfg` (a ModelConfig); options: sequence_parallel,
-    activation_checkpointing, expert_parallel_size. Both take the same options and expose the same
-    training interface: batch_inputs(batch), forward(**inputs) -> loss, parameter_counts(), moe_metrics()."""
+    activation_checkpointing, expert_parallel_size."""
     if cfg.arch == "t5":
         from models.t5 import T5
         return T5(cfg, vocab_size, **options)

@@ -1,13 +1,18 @@
 """GPT: a decoder-only transformer language model (Radford et al. 2018, 2019), with Megatron-style
 tensor parallelism (Shoeybi et al. 2019) and optional sequence parallelism (Korthikanti et al. 2022).
 
+The same model, with options, is the Llama-style decoder (Touvron et al. 2023): rotary positions
+(Su et al. 2021), RMSNorm, a SwiGLU MLP (Shazeer 2020), grouped-query attention (Ainslie et al.
+2023), no biases in the linear layers and an output layer of its own (configs/llama-*.yaml).
+
 Reading guide. Activations are sequence-first, [s, b, h], as in Megatron, because sequence
 parallelism splits dim 0. Every weight matrix is a megatron-core column- or row-parallel layer:
 a column-parallel layer splits its output features over the tensor-parallel (TP) ranks, a
 row-parallel layer splits its input features and all-reduces its output. Attention is QKV
-column-parallel (each TP rank owns whole heads) followed by a row-parallel output projection; the
-MLP is column-parallel -> GeLU -> row-parallel. So each block costs one all-reduce forward and one
-backward per sub-layer, the f/g scheme of the Megatron paper.
+column-parallel (each TP rank owns whole key/value heads and the query heads that share them)
+followed by a row-parallel output projection; the MLP is column-parallel -> GeLU (or SwiGLU) ->
+row-parallel. So each block costs one all-reduce forward and one backward per sub-layer, the f/g
+scheme of the Megatron paper.
 
 With sequence parallelism, the norms, dropout and residual stream hold only this rank's 1/tp of
 the sequence, as in Megatron: the sequence is all-gathered on entry to each parallel sub-layer, and
@@ -29,34 +34,11 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from models.blocks import Norm, language_model_loss, moe_metrics, normal_init, parameter_counts, vocab_parallel_logits
 from models.config import ModelConfig
-from models.moe import MoEFeedForward, is_expert_parameter
+from models.moe import MoEFeedForward
 from parallel.sequence_parallel import (gather_sequence, reduce_scatter_sequence, replicated_parameter,
                                        row_parallel_reduce_scatter, split_sequence, vocab_parallel_embedding_partial)
-
-
-def _normal_init(std: float):
-    return lambda weight: nn.init.normal_(weight, mean=0.0, std=std)
-
-
-class Norm(nn.Module):
-    """Pre-norm LayerNorm or RMSNorm (Zhang & Sennrich 2019), replicated on every TP rank."""
-
-    def __init__(self, cfg: ModelConfig, sequence_parallel: bool):
-        super().__init__()
-        self.kind, self.eps, self.sequence_parallel = cfg.norm, cfg.norm_eps, sequence_parallel
-        self.weight = nn.Parameter(torch.ones(cfg.hidden_size))
-        self.bias = nn.Parameter(torch.zeros(cfg.hidden_size)) if cfg.norm == "layernorm" else None
-
-    def _replicated(self, p):
-        # Under sequence parallelism each TP rank normalises different tokens: sum the gradient.
-        return replicated_parameter(p) if self.sequence_parallel else p
-
-    def forward(self, x):
-        shape = (x.shape[-1],)
-        if self.kind == "rmsnorm":
-            return F.rms_norm(x, shape, self._replicated(self.weight), self.eps)
-        return F.layer_norm(x, shape, self._replicated(self.weight), self._replicated(self.bias), self.eps)
 
 
 class Rotary(nn.Module):
@@ -78,24 +60,30 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention; this TP rank computes num_heads / tp of the heads."""
+    """Causal self-attention; this TP rank computes num_heads / tp of the query heads.
+
+    With grouped-query attention, each key/value head is shared by a group of num_heads / kv_heads
+    consecutive query heads (multi-head attention is the case of groups of one). The QKV rows are
+    laid out group by group, [q_g0 ... q_g(r-1), k_g, v_g] for each key/value head g, so splitting
+    the output features contiguously over TP ranks hands each rank whole groups.
+    """
 
     def __init__(self, cfg: ModelConfig, tp_config: ModelParallelConfig, output_init, sequence_parallel: bool):
         super().__init__()
         tp = tp_config.tensor_model_parallel_size
         self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.local_heads = cfg.num_heads // tp
+        self.local_kv_heads = cfg.kv_heads // tp
+        self.group_size = cfg.num_heads // cfg.kv_heads  # query heads per key/value head
         self.dropout = cfg.dropout
         self.sequence_parallel = sequence_parallel
-        # The QKV rows are laid out head by head ([q_i, k_i, v_i] for each head i), so splitting
-        # the output features contiguously over TP ranks hands each rank whole heads.
         self.qkv = tensor_parallel.ColumnParallelLinear(
-            cfg.hidden_size, 3 * cfg.hidden_size, config=tp_config, init_method=_normal_init(cfg.init_std),
-            bias=True, gather_output=False, disable_grad_reduce=sequence_parallel,
+            cfg.hidden_size, (cfg.num_heads + 2 * cfg.kv_heads) * self.head_dim, config=tp_config,
+            init_method=normal_init(cfg.init_std), bias=cfg.biased, gather_output=False,
+            disable_grad_reduce=sequence_parallel,
         )
         self.proj = tensor_parallel.RowParallelLinear(
             cfg.hidden_size, cfg.hidden_size, config=tp_config, init_method=output_init,
-            bias=True, input_is_parallel=True, skip_bias_add=False,
+            bias=cfg.biased, input_is_parallel=True, skip_bias_add=False,
         )
         self.rotary = (
             Rotary(self.head_dim, cfg.max_seq_len, cfg.rotary_base) if cfg.position_embedding == "rotary" else None
@@ -104,33 +92,47 @@ class Attention(nn.Module):
     def forward(self, x):  # x: [s, b, h], the whole sequence; returns this rank's slice under sequence parallelism
         s, b, _ = x.shape
         qkv, _ = self.qkv(x)
-        qkv = qkv.view(s, b, self.local_heads, 3 * self.head_dim).permute(1, 2, 0, 3)
-        q, k, v = qkv.split(self.head_dim, dim=-1)  # each [b, local_heads, s, head_dim]
+        groups = qkv.view(s, b, self.local_kv_heads, (self.group_size + 2) * self.head_dim).permute(1, 2, 0, 3)
+        q, k, v = groups.split([self.group_size * self.head_dim, self.head_dim, self.head_dim], dim=-1)
+        # [b, kv_heads, s, r x head_dim] -> [b, kv_heads x r, s, head_dim]: query head g x r + j uses key/value head g
+        q = q.reshape(b, self.local_kv_heads, s, self.group_size, self.head_dim).transpose(2, 3).flatten(1, 2)
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.group_size > 1
         )
-        y = y.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * self.head_dim)
+        y = y.permute(2, 0, 1, 3).reshape(s, b, -1)
         return _row_parallel(self.proj, y, self.sequence_parallel)
 
 
 class MLP(nn.Module):
+    """fc_out(gelu(fc_in x)) (GPT), or fc_out(silu(fc_gate x) * fc_in x) (SwiGLU, Llama); the input
+    layers are column-parallel, so each TP rank gates its own slice of the hidden features."""
+
     def __init__(self, cfg: ModelConfig, tp_config: ModelParallelConfig, output_init, sequence_parallel: bool):
         super().__init__()
         self.sequence_parallel = sequence_parallel
-        self.fc_in = tensor_parallel.ColumnParallelLinear(
-            cfg.hidden_size, cfg.ffn_size, config=tp_config, init_method=_normal_init(cfg.init_std),
-            bias=True, gather_output=False, disable_grad_reduce=sequence_parallel,
-        )
+
+        def column_parallel():
+            return tensor_parallel.ColumnParallelLinear(
+                cfg.hidden_size, cfg.ffn_size, config=tp_config, init_method=normal_init(cfg.init_std),
+                bias=cfg.biased, gather_output=False, disable_grad_reduce=sequence_parallel,
+            )
+
+        self.fc_in = column_parallel()
+        self.fc_gate = column_parallel() if cfg.swiglu else None
         self.fc_out = tensor_parallel.RowParallelLinear(
             cfg.ffn_size, cfg.hidden_size, config=tp_config, init_method=output_init,
-            bias=True, input_is_parallel=True, skip_bias_add=False,
+            bias=cfg.biased, input_is_parallel=True, skip_bias_add=False,
         )
 
     def forward(self, x):
         h, _ = self.fc_in(x)
-        return _row_parallel(self.fc_out, F.gelu(h, approximate="tanh"), self.sequence_parallel)
+        if self.fc_gate is None:
+            h = F.gelu(h, approximate="tanh")
+        else:
+            h = F.silu(self.fc_gate(x)[0]) * h
+        return _row_parallel(self.fc_out, h, self.sequence_parallel)
 
 
 def _row_parallel(layer, x, sequence_parallel: bool):
@@ -149,7 +151,7 @@ class Block(nn.Module):
                  sequence_parallel: bool, moe_expert_parallel_size: int | None):
         super().__init__()
         self.sequence_parallel = sequence_parallel
-        output_init = _normal_init(output_std)
+        output_init = normal_init(output_std)
         self.attn_norm = Norm(cfg, sequence_parallel)
         self.attn = Attention(cfg, tp_config, output_init, sequence_parallel)
         self.mlp_norm = Norm(cfg, sequence_parallel)
@@ -172,23 +174,6 @@ class Block(nn.Module):
         if self.sequence_parallel and isinstance(self.mlp, MoEFeedForward):
             return split_sequence(out, parallel_state.get_tensor_model_parallel_group())
         return out
-
-
-def parameter_counts(model: nn.Module, cfg: ModelConfig, expert_parallel_size: int) -> tuple[int, int]:
-    """(total, active per token) over the whole model, not just this rank's shard: a token meets
-    every dense parameter but only top_k of each MoE layer's experts."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    total = active = 0
-    for p in model.parameters():
-        n = getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves an empty tensor in p
-        if getattr(p, "tensor_model_parallel", False):
-            n *= tp
-        if is_expert_parameter(p):  # each rank holds num_experts / ep of them, replicated over TP
-            n *= expert_parallel_size
-            total, active = total + n, active + n * cfg.moe.top_k / cfg.moe.num_experts
-        else:
-            total, active = total + n, active + n
-    return total, int(active)
 
 
 class GPT(nn.Module):
@@ -218,7 +203,7 @@ class GPT(nn.Module):
         output_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
 
         self.embedding = tensor_parallel.VocabParallelEmbedding(
-            self.vocab_size, cfg.hidden_size, init_method=_normal_init(cfg.init_std), config=tp_config
+            self.vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std), config=tp_config
         )
         self.position_embedding = (
             nn.Embedding(cfg.max_seq_len, cfg.hidden_size) if cfg.position_embedding == "learned" else None
@@ -233,6 +218,11 @@ class GPT(nn.Module):
         )
         self.moe_layers = [block.mlp for block in self.blocks if isinstance(block.mlp, MoEFeedForward)]
         self.final_norm = Norm(cfg, sequence_parallel)
+        # The output layer is the input embedding (tied, GPT-2) or a vocabulary-parallel matrix of its own (Llama).
+        self.output_layer = None if cfg.tied else tensor_parallel.ColumnParallelLinear(
+            cfg.hidden_size, self.vocab_size, config=tp_config, init_method=normal_init(cfg.init_std), bias=False,
+            gather_output=False,
+        )
 
     @staticmethod
     def batch_inputs(batch: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -243,11 +233,7 @@ class GPT(nn.Module):
         return parameter_counts(self, self.cfg, self.expert_parallel_size)
 
     def moe_metrics(self) -> list[dict]:
-        """Per MoE layer, from the last forward: tokens routed to each expert, dropped fraction, router losses."""
-        return [
-            {"layer": layer, **{name: value.tolist() for name, value in block.mlp.metrics.items()}}
-            for layer, block in enumerate(self.blocks) if isinstance(block.mlp, MoEFeedForward)
-        ]
+        return moe_metrics([block.mlp for block in self.blocks])
 
     def _embed(self, input_ids: torch.Tensor, tp_group) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings [s, b, h], identical on every TP rank, and their positions; under sequence
@@ -276,16 +262,10 @@ class GPT(nn.Module):
             x = checkpoint(block, x, use_reentrant=False) if self.activation_checkpointing else block(x)
         x = self.final_norm(x)
 
-        # Output layer tied to the input embedding: this rank scores its slice of the vocabulary,
-        # so the gradient reaching x is partial and is summed over the TP group on the way back.
-        if self.sequence_parallel:
-            x = gather_sequence(x, tp_group)
-        else:
-            x = tensor_parallel.copy_to_tensor_model_parallel_region(x)
-        logits = F.linear(x, self.embedding.weight)
+        head = self.embedding.weight if self.output_layer is None else self.output_layer.weight
+        logits = vocab_parallel_logits(x, head, self.sequence_parallel)
         if labels is None:
             return logits
-        losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
         if reduction == "sum":
-            return losses.sum(), torch.tensor(losses.numel(), device=losses.device)
-        return losses.mean() + sum(moe.router_loss for moe in self.moe_layers)
+            return language_model_loss(logits, labels, reduction)
+        return language_model_loss(logits, labels) + sum(moe.router_loss for moe in self.moe_layers)

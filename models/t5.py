@@ -36,15 +36,9 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from models.blocks import Norm, language_model_loss, moe_metrics, normal_init, parameter_counts, vocab_parallel_logits
 from models.config import ModelConfig
-from models.gpt import Norm, parameter_counts
 from models.moe import MoEFeedForward
-
-IGNORE_INDEX = -100  # label of a position that is not scored (Hugging Face's convention)
-
-
-def _normal_init(std: float):
-    return lambda weight: nn.init.normal_(weight, mean=0.0, std=std)
 
 
 def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int,
@@ -107,14 +101,14 @@ class Attention(nn.Module):
         h, inner = cfg.hidden_size, cfg.num_heads * cfg.head_dim
         self.head_dim, self.local_heads, self.dropout = cfg.head_dim, cfg.num_heads // tp, cfg.dropout
         self.q = tensor_parallel.ColumnParallelLinear(
-            h, inner, config=tp_config, init_method=_normal_init((h * cfg.head_dim) ** -0.5), bias=False,
+            h, inner, config=tp_config, init_method=normal_init((h * cfg.head_dim) ** -0.5), bias=False,
             gather_output=False,
         )
         self.kv = tensor_parallel.ColumnParallelLinear(
-            h, 2 * inner, config=tp_config, init_method=_normal_init(h ** -0.5), bias=False, gather_output=False,
+            h, 2 * inner, config=tp_config, init_method=normal_init(h ** -0.5), bias=False, gather_output=False,
         )
         self.o = tensor_parallel.RowParallelLinear(
-            inner, h, config=tp_config, init_method=_normal_init(inner ** -0.5), bias=False,
+            inner, h, config=tp_config, init_method=normal_init(inner ** -0.5), bias=False,
             input_is_parallel=True, skip_bias_add=False,
         )
 
@@ -143,13 +137,13 @@ class FeedForward(nn.Module):
 
         def column_parallel():
             return tensor_parallel.ColumnParallelLinear(
-                h, f, config=tp_config, init_method=_normal_init(h ** -0.5), bias=False, gather_output=False
+                h, f, config=tp_config, init_method=normal_init(h ** -0.5), bias=False, gather_output=False
             )
 
         self.wi = column_parallel()
         self.wi_gate = column_parallel() if cfg.gated else None
         self.wo = tensor_parallel.RowParallelLinear(
-            f, h, config=tp_config, init_method=_normal_init(f ** -0.5), bias=False,
+            f, h, config=tp_config, init_method=normal_init(f ** -0.5), bias=False,
             input_is_parallel=True, skip_bias_add=False,
         )
         self.dropout = nn.Dropout(cfg.dropout)
@@ -239,14 +233,14 @@ class T5(nn.Module):
             use_cpu_initialization=True,
         )
         self.embedding = tensor_parallel.VocabParallelEmbedding(
-            self.vocab_size, cfg.hidden_size, init_method=_normal_init(1.0), config=tp_config
+            self.vocab_size, cfg.hidden_size, init_method=normal_init(1.0), config=tp_config
         )
         self.encoder = Stack(cfg, tp_config, False, cfg.num_layers, expert_parallel_size, activation_checkpointing)
         self.decoder = Stack(cfg, tp_config, True, cfg.decoder_layers, expert_parallel_size, activation_checkpointing)
         # Untied (T5.1.1): std d_model**-0.5 gives the logits the scale the tied layer gets from its
         # rescaled input (Hugging Face draws std 1.0, which starts training at a loss near 25).
         self.lm_head = None if cfg.tied else tensor_parallel.ColumnParallelLinear(
-            cfg.hidden_size, self.vocab_size, config=tp_config, init_method=_normal_init(cfg.hidden_size ** -0.5),
+            cfg.hidden_size, self.vocab_size, config=tp_config, init_method=normal_init(cfg.hidden_size ** -0.5),
             bias=False, gather_output=False,
         )
         self.moe_layers = [m for m in self.modules() if isinstance(m, MoEFeedForward)]
@@ -265,11 +259,7 @@ class T5(nn.Module):
         return [*self.encoder.blocks, *self.decoder.blocks]
 
     def moe_metrics(self) -> list[dict]:
-        """Per MoE layer, from the last forward, numbered through self.blocks."""
-        return [
-            {"layer": layer, **{name: value.tolist() for name, value in block.ff.metrics.items()}}
-            for layer, block in enumerate(self.blocks) if isinstance(block.ff, MoEFeedForward)
-        ]
+        return moe_metrics([block.ff for block in self.blocks])
 
     def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 reduction: str = "mean"):
@@ -279,19 +269,12 @@ class T5(nn.Module):
         this TP rank's vocabulary slice of the logits, [s_out, b, padded_vocab / tp]."""
         memory = self.encoder(self.embedding(input_ids).transpose(0, 1))
         x = self.decoder(self.embedding(decoder_input_ids).transpose(0, 1), memory)
-        if self.lm_head is None:
-            # Tied: score against the embedding. Each rank holds a vocabulary slice, so the gradient
-            # reaching x is partial and is summed over the TP group on the way back.
-            x = tensor_parallel.copy_to_tensor_model_parallel_region(x * self.cfg.hidden_size ** -0.5)
-            logits = F.linear(x, self.embedding.weight)
+        if self.lm_head is None:  # tied: the embedding scores the decoder output scaled by d_model**-0.5
+            logits = vocab_parallel_logits(x * self.cfg.hidden_size ** -0.5, self.embedding.weight, False)
         else:
             logits, _ = self.lm_head(x)
         if labels is None:
             return logits
-        labels = labels.transpose(0, 1)
-        scored = labels != IGNORE_INDEX
-        losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.clamp(min=0).contiguous())
         if reduction == "sum":
-            return (losses * scored).sum(), scored.sum()
-        loss = (losses * scored).sum() / scored.sum().clamp(min=1)
-        return loss + sum(moe.router_loss for moe in self.moe_layers)
+            return language_model_loss(logits, labels, reduction)
+        return language_model_loss(logits, labels) + sum(moe.router_loss for moe in self.moe_layers)

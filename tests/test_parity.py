@@ -29,12 +29,19 @@ def assert_training_matches(reference: list, layout: list, tol: float = LOSS_CUR
 
 @pytest.mark.parametrize("layout,reference", [
     ("tp2_model", "reference_model"),
-    ("tp2_model_rotary_rmsnorm", "reference_model_rotary_rmsnorm"),
+    ("tp2_model_llama_style", "reference_model_llama_style"),
     ("tp2_sequence_parallel_model", "reference_model"),
-    ("tp2_sequence_parallel_model_rotary_rmsnorm", "reference_model_rotary_rmsnorm"),
+    ("tp2_sequence_parallel_model_llama_style", "reference_model_llama_style"),
 ])
 def test_tensor_parallel_forward_and_gradients_match_one_process(scenario_results, layout, reference):
     assert_model_matches(scenario_results(reference), scenario_results(layout))
+
+
+def test_llama_style_zero3_loss_curve_matches_one_process(scenario_results):
+    """Grouped-query attention, SwiGLU, no biases and an untied output layer, partitioned by ZeRO-3."""
+    reference = scenario_results("reference_training_llama_style")
+    assert reference[-1]["loss"] < reference[0]["loss"], "the reference itself must learn"
+    assert_training_matches(reference, scenario_results("dp2_zero3_training_llama_style"))
 
 
 @pytest.mark.parametrize("layout", [

@@ -86,7 +86,10 @@ def model_outputs(*overrides: str) -> dict:
     return {"logits": logits, "loss": loss.item(), "grads": grads}
 
 
-ROTARY_RMSNORM = ("model.position_embedding=rotary", "model.norm=rmsnorm")
+# The Llama-style GPT: grouped-query attention (2 key/value heads for 4 query heads, so TP=2 gives each
+# rank one group), SwiGLU, no linear biases, an untied output layer, rotary positions and RMSNorm.
+LLAMA_STYLE = ("model.position_embedding=rotary", "model.norm=rmsnorm", "model.mlp=swiglu", "model.num_kv_heads=2",
+               "model.linear_bias=false", "model.tie_embeddings=false", "model.rotary_base=500000")
 
 # --- one process: the references -------------------------------------------------------------
 
@@ -96,13 +99,18 @@ def reference_model():
 
 
 @scenario(world_size=1)
-def reference_model_rotary_rmsnorm():
-    return model_outputs(*ROTARY_RMSNORM)
+def reference_model_llama_style():
+    return model_outputs(*LLAMA_STYLE)
 
 
 @scenario(world_size=1)
 def reference_training():
     return run_training("parallel.zero_stage=0")
+
+
+@scenario(world_size=1)
+def reference_training_llama_style():
+    return run_training("parallel.zero_stage=0", *LLAMA_STYLE)
 
 
 # --- two ranks ---------------------------------------------------------------------------------
@@ -113,8 +121,8 @@ def tp2_model():
 
 
 @scenario(world_size=2)
-def tp2_model_rotary_rmsnorm():
-    return model_outputs("parallel.tp=2", *ROTARY_RMSNORM)
+def tp2_model_llama_style():
+    return model_outputs("parallel.tp=2", *LLAMA_STYLE)
 
 
 @scenario(world_size=2)
@@ -123,8 +131,8 @@ def tp2_sequence_parallel_model():
 
 
 @scenario(world_size=2)
-def tp2_sequence_parallel_model_rotary_rmsnorm():
-    return model_outputs("parallel.tp=2", "parallel.sequence_parallel=true", *ROTARY_RMSNORM)
+def tp2_sequence_parallel_model_llama_style():
+    return model_outputs("parallel.tp=2", "parallel.sequence_parallel=true", *LLAMA_STYLE)
 
 
 def tensor_parallel_traffic(*overrides: str) -> dict:
@@ -194,6 +202,11 @@ def dp2_zero2_training():
 @scenario(world_size=2)
 def dp2_zero3_training():
     return _dp2_zero(3)
+
+
+@scenario(world_size=2)
+def dp2_zero3_training_llama_style():
+    return run_training(f"train.micro_batch_size={GLOBAL_BATCH // 2}", "parallel.zero_stage=3", *LLAMA_STYLE)
 
 
 @scenario(world_size=2)
