@@ -44,14 +44,26 @@ def closed_form_count(m: ModelConfig, vocab_size: int, tp: int, ep: int = 1) -> 
 
 def _gpt_closed_form_count(m: ModelConfig, vocab_size: int, tp: int, ep: int) -> ParameterCount:
     """Parameters of models.gpt.GPT: which tensors are split over TP, which every rank replicates, and
-    which are experts (num_experts / ep of them per MoE layer on each rank, replicated over TP)."""
+    which are experts (num_experts / ep of them per MoE layer on each rank, replicated over TP).
+
+    Column-parallel layers (weight and bias) and row-parallel weights are split; a row-parallel bias
+    (added after the all-reduce) and the norms are replicated. The Llama-style options change the
+    shapes, not that rule: grouped-query attention narrows the K and V rows of QKV to num_kv_heads
+    heads, SwiGLU adds a column-parallel fc_gate beside fc_in, linear_bias=false drops every bias,
+    and an untied output layer is a second vocabulary-sized matrix, column-parallel."""
     h, f, L = m.hidden_size, m.ffn_size, m.num_layers
     norm = 2 * h if m.norm == "layernorm" else h
-    # Column-parallel QKV and fc_in (weight and bias) and row-parallel proj and fc_out weights are split;
-    # row-parallel biases (added after the all-reduce) and both norms are replicated.
-    attention_split, mlp_split = (3 * h * h + 3 * h) + h * h, (h * f + f) + f * h
-    dense_layer = (attention_split + mlp_split, 2 * h + 2 * norm)  # (split, replicated)
-    embedding = m.padded_vocab_size(vocab_size) * h  # vocabulary-parallel, tied to the output layer
+    row_bias = h if m.biased else 0
+
+    def column_parallel(n_in: int, n_out: int) -> int:
+        return n_in * n_out + (n_out if m.biased else 0)
+
+    qkv_rows = (m.num_heads + 2 * m.kv_heads) * m.head_dim
+    attention_split = column_parallel(h, qkv_rows) + h * h  # QKV; proj's weight
+    mlp_split = (2 if m.swiglu else 1) * column_parallel(h, f) + f * h  # fc_in (and fc_gate); fc_out's weight
+    dense_layer = (attention_split + mlp_split, 2 * row_bias + 2 * norm)  # (split, replicated)
+    # Vocabulary-parallel; untied, the output layer is a second such matrix, column-parallel.
+    embedding = m.padded_vocab_size(vocab_size) * h * (1 if m.tied else 2)
     replicated = (m.max_seq_len * h if m.position_embedding == "learned" else 0) + norm  # + final norm
     moe_layers = sum(m.is_moe_layer(layer) for layer in range(L))
     if moe_layers == 0:
@@ -61,10 +73,10 @@ def _gpt_closed_form_count(m: ModelConfig, vocab_size: int, tp: int, ep: int) ->
             per_layer_per_rank=dense_layer[0] // tp + dense_layer[1],
         )
     # An MoE layer swaps the MLP for a replicated router (h x experts, no bias) and unsplit experts,
-    # each the dense MLP with both biases.
+    # each a GeLU MLP with both biases (models.moe.Expert), whatever model.mlp and linear_bias say.
     e, k = m.moe.num_experts, m.moe.top_k
     expert = 2 * h * f + f + h
-    moe_layer = (attention_split, h + 2 * norm + h * e)
+    moe_layer = (attention_split, row_bias + 2 * norm + h * e)
     dense = ParameterCount(
         per_rank=(L - moe_layers) * (dense_layer[0] // tp + dense_layer[1])
         + moe_layers * (moe_layer[0] // tp + moe_layer[1]) + embedding // tp + replicated,

@@ -11,7 +11,9 @@ experts), which is how DeepSpeed's ZeRO 1/2 treat MoE parameter groups; MoE refu
 
 Activations are Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
 Models"), which counts 16-bit activations and 1-byte dropout masks for a GPT block with a 4h MLP
-and attention scores stored (no flash attention): a conservative figure. In an MoE layer the MLP's
+and attention scores stored (no flash attention): a conservative figure. Their count goes tensor by
+tensor, so it is kept here for a Llama-style block's own shapes: grouped-query attention keeps
+narrower K and V, a SwiGLU MLP four [s, b, f] tensors where GeLU keeps two. In an MoE layer the MLP's
 share is the experts' on their capacity buffer (top_k x capacity factor x tokens, split over TP
 peers, which each send a share through the all-to-all), plus DeepSpeed's einsum dispatch: two
 16-bit [tokens, experts, capacity] masks kept for backward, quadratic in the micro-batch's tokens.
@@ -89,10 +91,16 @@ def activation_bytes(cfg: RunConfig, vocab_size: int) -> float:
         return _t5_activation_bytes(cfg, vocab_size)
     s, b, h, a, L, t = cfg.data.seq_len, cfg.train.micro_batch_size, m.hidden_size, m.num_heads, m.num_layers, p.tp
     v = m.padded_vocab_size(vocab_size)
+    # Inside the TP region: Q and the projection's input (2sbh each), K and V (2sbh each, narrowed to
+    # num_kv_heads heads), scores, softmax and its dropout mask (5as^2b), the MLP's inner tensors.
+    # Outside it: both norms' inputs, both sub-layers' inputs and residual dropout masks (10sbh).
+    # GPT-2's shapes give their 34sbh + 5as^2b.
+    inside_tp = (s * b * h * (4 + 4 * m.kv_heads / a) + 5 * a * s * s * b
+                 + _feed_forward_inner(m.swiglu) * s * b * m.ffn_size)
     if p.sequence_parallel:  # every tensor of the block is split over TP, norms and dropout included
-        one_layer = s * b * h / t * (34 + 5 * a * s / h)
-    else:  # only the tensors inside the TP region are split; 10sbh are replicated
-        one_layer = s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
+        one_layer = (10 * s * b * h + inside_tp) / t
+    else:
+        one_layer = 10 * s * b * h + inside_tp / t
     moe_layers = sum(m.is_moe_layer(layer) for layer in range(L))
     moe_layer = one_layer + (_moe_mlp_minus_dense_mlp(cfg) if moe_layers else 0)
     if p.activation_checkpointing:
@@ -124,7 +132,7 @@ def _t5_activation_bytes(cfg: RunConfig, vocab_size: int) -> float:
         return 5 * s_q * b * h + ((4 * s_q + 4 * s_kv) * b * inner + 5 * m.num_heads * s_q * s_kv * b) / t
 
     def feed_forward(s: int) -> float:
-        return 5 * s * b * h + (8 if m.gated else 4) * s * b * m.ffn_size / t
+        return 5 * s * b * h + _feed_forward_inner(m.gated) * s * b * m.ffn_size / t
 
     encoder_layer = attention(s_in, s_in) + feed_forward(s_in)
     decoder_layer = attention(s_out, s_out) + attention(s_out, s_in) + feed_forward(s_out)
@@ -137,18 +145,26 @@ def _t5_activation_bytes(cfg: RunConfig, vocab_size: int) -> float:
     return (kept + head) * BYTES[cfg.train.precision] / 2
 
 
+def _feed_forward_inner(gated: bool) -> int:
+    """A feed-forward's [s, b, f] activations kept for backward, in Korthikanti's 16-bit units of sbf:
+    the up projection's output and the activation's (4), and for a gated one (SwiGLU, gated-GeLU)
+    also the gate's output and the product fed to the down projection (8)."""
+    return 8 if gated else 4
+
+
 def _moe_mlp_minus_dense_mlp(cfg: RunConfig) -> float:
     """An MoE layer's MLP activations less the dense MLP's, in Korthikanti's 16-bit units.
 
-    Dense: input 2sbh and dropout mask sbh (replicated unless sequence-parallel), fc_in and GeLU
-    outputs 4f/h sbh/t (16sbh/t for a 4h MLP). MoE (the sequence is gathered before the router): input 2sbh, dropout mask
-    sbh, the capacity buffer of c = top_k x capacity factor x sbh tokens-by-hidden: this TP rank's
-    1/t of it dispatched (2c/t), expanded by its experts (fc_in and GeLU outputs 4f/h x c/t),
-    gathered back (2c); and the two [sb, experts, capacity] masks, 2 x 2 x c x sb / h in sbh units."""
+    Dense: input 2sbh and dropout mask sbh (replicated unless sequence-parallel), its inner tensors
+    (fc_in and GeLU outputs 4f/h sbh/t, 16sbh/t for a 4h MLP; SwiGLU twice that). MoE (the sequence
+    is gathered before the router): input 2sbh, dropout mask sbh, the capacity buffer of
+    c = top_k x capacity factor x sbh tokens-by-hidden: this TP rank's 1/t of it dispatched (2c/t),
+    expanded by its experts, GeLU MLPs whatever model.mlp says (4f/h x c/t), gathered back (2c); and
+    the two [sb, experts, capacity] masks, 2 x 2 x c x sb / h in sbh units."""
     m, p = cfg.model, cfg.parallel
     s, b, h, f, t = cfg.data.seq_len, cfg.train.micro_batch_size, m.hidden_size, m.ffn_size, p.tp
     sbh, tokens = s * b * h, s * b
     capacity = m.moe.top_k * m.moe.capacity_factor * sbh
-    dense = sbh * (3 / (t if p.sequence_parallel else 1) + 4 * f / h / t)
-    moe = 3 * sbh + capacity * (2 / t + 4 * f / h / t + 2) + 4 * capacity * tokens / h
+    dense = sbh * (3 / (t if p.sequence_parallel else 1) + _feed_forward_inner(m.swiglu) * f / h / t)
+    moe = 3 * sbh + capacity * (2 / t + _feed_forward_inner(False) * f / h / t + 2) + 4 * capacity * tokens / h
     return moe - dense

@@ -2,10 +2,15 @@
 
 Model FLOPs are Megatron's count (Narayanan et al. 2021, appendix): every matrix multiply at 2 FLOPs
 per multiply-add, attention scores included, backward twice the forward; per sequence that is
-72 L s h^2 (1 + s/(6h) + V/(12 L h)) for a 4h MLP. Full activation recomputation runs each block's
-forward again (their 96 L s h^2 (1 + s/(6h) + V/(16 L h))): the GPU does that work, but MFU counts
-only the model's FLOPs. A token meets top_k experts of an MoE layer (model FLOPs), but the experts
-compute their whole capacity buffer, top_k x capacity factor per token, padding included (done).
+72 L s h^2 (1 + s/(6h) + V/(12 L h)) for GPT-2's block (a 4h MLP, one K and V head per query head).
+The count goes matrix by matrix, so a Llama-style block is the same sum over its own shapes: SwiGLU
+has three h x f matrices where GeLU has two, grouped-query attention's K and V projections are
+num_kv_heads heads wide, and the scores are unchanged (every query head still attends over the
+sequence); an untied output layer costs what the tied one does, the embedding being a lookup. Full
+activation recomputation runs each block's forward again (their 96 L s h^2 (1 + s/(6h) + V/(16 L h))):
+the GPU does that work, but MFU counts only the model's FLOPs. A token meets top_k experts of an MoE
+layer (model FLOPs), but the experts compute their whole capacity buffer, top_k x capacity factor
+per token, padding included (done).
 
 Time is compute at an assumed fraction of the GPU's peak plus communication at line rate, with no
 overlap: TP's collectives sit on the critical path by construction, and parallel/engine.py leaves
@@ -62,13 +67,15 @@ def forward_flops_per_sequence(cfg: RunConfig, vocab_size: int, *, padded: bool 
     h, f, L = m.hidden_size, m.ffn_size, m.num_layers
     if m.arch == "t5":
         return _t5_forward_flops(cfg, vocab_size, padded)
-    attention = 2 * s * 4 * h * h + 4 * s * s * h  # QKV, proj; QK^T and attention x V
-    mlp = 2 * s * 2 * h * f
+    qkv_rows = (m.num_heads + 2 * m.kv_heads) * m.head_dim
+    attention = 2 * s * (qkv_rows + h) * h + 4 * s * s * h  # QKV, proj; QK^T and attention x V
+    mlp = 2 * s * (3 if m.swiglu else 2) * h * f  # fc_in (fc_gate), fc_out
     moe_layers = _moe_layers(cfg)
     blocks = L * attention + (L - moe_layers) * mlp
     if moe_layers:
+        expert = 2 * s * 2 * h * f  # models.moe.Expert is a GeLU MLP whatever model.mlp says
         experts_per_token = m.moe.top_k * (m.moe.capacity_factor if padded else 1)
-        blocks += moe_layers * (experts_per_token * mlp + 2 * s * h * m.moe.num_experts)
+        blocks += moe_layers * (experts_per_token * expert + 2 * s * h * m.moe.num_experts)
     return blocks, 2 * s * h * m.padded_vocab_size(vocab_size)
 
 
