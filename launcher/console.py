@@ -11,7 +11,9 @@ and lets everything else through:
 - DeepSpeed warns that it chose its CPU accelerator when DS_ACCELERATOR is unset, as only a plan
   (`parallax plan`, or `submit` planning a GPU job) leaves it, building its model on the meta device;
 - DeepSpeed prints (it does not log) "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built
-  successfully" on every rank each time its communication backend starts, compiled or cached.
+  successfully" on every rank each time its communication backend starts, compiled or cached;
+- transformers draws progress bars while it writes and reads a model directory (`parallax export`,
+  `generate`, `model.init_from`), on stderr, which is for errors.
 They are dropped, not logged to a file: each is fully known and listed here, and none says anything
 about the run.
 
@@ -46,6 +48,11 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r"(Transformer Engine and Apex are|Apex is) not installed",
                             module=r"megatron\.")
     logging.getLogger("DeepSpeed").addFilter(_not_the_accelerator_guess)  # once, however often this is called
+    # transformers asks huggingface_hub when it is imported (later, and only by the commands that use it);
+    # huggingface_hub reads the variable when it is imported, which `datasets` may already have done.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "huggingface_hub.utils" in sys.modules:
+        sys.modules["huggingface_hub.utils"].disable_progress_bars()
 
 
 def _not_the_accelerator_guess(record: logging.LogRecord) -> bool:

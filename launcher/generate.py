@@ -97,7 +97,6 @@ def _load_hf_directory(path: Path, step: Optional[int]):
     if not (path / "tokenizer.json").is_file():
         raise HuggingFaceError(f"{path / 'tokenizer.json'}: not found; generate needs the model's tokenizer "
                                "(`parallax export` writes it)")
-    transformers.utils.logging.disable_progress_bar()  # stderr is for errors; stdout for the text alone
     model = getattr(transformers, twin.AUTO_CLASS).from_pretrained(str(path))
     return model.eval(), transformers.AutoTokenizer.from_pretrained(str(path))
 
