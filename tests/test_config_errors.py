@@ -25,6 +25,12 @@ TINY = "configs/gpt-tiny.yaml"
     (["model.num_heads=3"], "model.hidden_size=256 is not divisible by model.num_heads=3"),
     (["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=127"],
      "parallel.sequence_parallel needs data.seq_len=127 divisible by parallel.tp=2"),
+    (["model.num_kv_heads=1", "parallel.tp=2"],
+     "model.num_kv_heads=1 is not divisible by parallel.tp=2: each TP rank holds whole key/value heads"),
+    (["model.num_kv_heads=3"], "model.num_kv_heads=3 does not divide model.num_heads=4"),
+    (["model.mlp=relu"], "model.mlp: input should be 'gelu' or 'swiglu'; got 'relu'"),
+    (["model.arch=t5", "model.norm=rmsnorm", "model.mlp=swiglu", "data.span_corruption={}"],
+     "model.mlp applies to model.arch=gpt only; remove it"),
 ])
 def test_bad_config_is_one_line_naming_the_field(capsys, args, expected):
     with pytest.raises(SystemExit) as exit_info:
