@@ -1,5 +1,5 @@
-"""Issue 16, point 4: model.init_from takes the model, weights and tokenizer of a Hugging Face directory;
-bad input is one line and exit code 2. The runs themselves are tests/distributed/scenarios_init_from.py."""
+"""Issue 16: model.init_from takes the model, weights and tokenizer of a Hugging Face directory (GPT-2,
+Llama, T5); bad input is one line and exit code 2. The runs themselves are tests/distributed/scenarios_init_from.py."""
 import json
 import shutil
 
@@ -35,11 +35,15 @@ def _config_json(gpt2_dir, tmp_path, **fields):
 
 # --- the runs: transformers' logits at every layout -------------------------------------------------
 
-@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "dp2_zero3"])
-def test_first_step_computes_what_transformers_computes(scenario_results, layout):
-    result = scenario_results("init_from_gpt2")
+@pytest.mark.parametrize("name,layout", [
+    *[("init_from_gpt2", layout) for layout in ("tp2", "tp2_sp", "dp2_zero3")],
+    *[("init_from_llama", layout) for layout in ("tp2", "tp2_sp", "dp2_zero3")],
+    *[("init_from_t5", layout) for layout in ("tp2", "dp2_zero3")],  # T5 has no sequence parallelism
+])
+def test_first_step_computes_what_transformers_computes(scenario_results, name, layout):
+    result = scenario_results(name)
     theirs, ours = result["transformers"], result[layout]
-    assert ours["logits"].shape == (4, SEQ_LEN, 256) and theirs["logits"].shape == (4, SEQ_LEN, VOCAB)
+    assert theirs["logits"].shape[::2] == (4, VOCAB) and ours["logits"].shape == (*theirs["logits"].shape[:2], 256)
     torch.testing.assert_close(ours["logits"][..., :VOCAB], theirs["logits"], atol=TOL, rtol=0)
     assert not ours["logits"][..., VOCAB:].any(), "the padded vocabulary's rows are zero"
     # train() itself started from the directory: its first loss is the one these weights give.
@@ -52,7 +56,7 @@ def test_unset_fields_and_the_tokenizer_come_from_the_directory(gpt2_dir):
     cfg = load_config(None, [f"model.init_from={gpt2_dir}", "model.hidden_size=64", "model.norm_eps=1e-5",
                              f"data.seq_len={SEQ_LEN}", "parallel.tp=2"])
     m = cfg.model
-    assert (m.arch, m.num_layers, m.hidden_size, m.num_heads, m.max_seq_len, m.vocab_size) == ("gpt", 2, 64, 4, 32, VOCAB)
+    assert (m.arch, m.num_layers, m.hidden_size, m.num_heads, m.max_seq_len, m.vocab_size) == ("gpt", 2, 64, 4, SEQ_LEN, VOCAB)
     assert (m.ffn_size, m.dropout, m.tied, m.biased) == (256, 0.0, True, True)
     assert cfg.data.tokenizer == gpt2_dir / "tokenizer.json"
 
