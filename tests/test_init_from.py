@@ -9,7 +9,7 @@ import torch
 from launcher.cli import main
 from launcher.config import load_config
 from tests.data.corpora import write_id_tokenizer
-from tests.distributed.scenarios_init_from import SEQ_LEN, VOCAB, write_gpt2_directory
+from tests.distributed.scenarios_init_from import SEQ_LEN, VOCAB, write_gpt2_directory, write_t5_directory
 
 TOL = 1e-5
 
@@ -17,6 +17,11 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory):
     return write_gpt2_directory(tmp_path_factory.mktemp("init-from") / "gpt2")
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    return write_t5_directory(tmp_path_factory.mktemp("init-from") / "t5")
 
 
 def _without(gpt2_dir, tmp_path, *names):
@@ -107,10 +112,26 @@ def test_damaged_weights_are_named(gpt2_dir, tmp_path):
 def test_bad_input_is_one_line(gpt2_dir, tmp_path, capsys, make_dir, args, expected):
     directory = make_dir(gpt2_dir, tmp_path)
     big = write_id_tokenizer(tmp_path / "big.json", 300)
+    err = _train_error(directory, tmp_path, capsys, *[a.format(big=big) for a in args])
+    assert expected.format(dir=directory, big=big) in err, err
+
+
+@pytest.mark.parametrize("field,token,at", [("decoder_start_token_id", "<pad>", 1), ("eos_token_id", "<|endoftext|>", 0)])
+def test_a_t5_that_starts_or_ends_its_decoder_elsewhere_is_refused(t5_dir, tmp_path, capsys, field, token, at):
+    """Span corruption starts the decoder from the tokenizer's <pad> and ends the targets with its
+    end-of-document token; a model that learned others would be taught new ones, silently."""
+    directory = _config_json(t5_dir, tmp_path, **{field: 2})
+    err = _train_error(directory, tmp_path, capsys)
+    assert (f"model.init_from: {directory}/config.json has {field}=2 but data.tokenizer={directory}/tokenizer.json has "
+            f"{token} at {at}, where Parallax's T5 span corruption puts it") in err, err
+
+
+def _train_error(directory, tmp_path, capsys, *args) -> str:
+    """What `parallax train` from `directory` prints: one line, exit code 2."""
     config = tmp_path / "run.yaml"
     config.write_text(f"model:\n  init_from: {directory}\ndata:\n  seq_len: {SEQ_LEN}\n")
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", str(config), *[a.format(big=big) for a in args]])
+        main(["train", str(config), *args])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("parallax: error: "), err
-    assert expected.format(dir=directory, big=big) in err, err
+    return err
