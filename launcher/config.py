@@ -219,13 +219,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 def _take_model_from(directory: Path, raw: dict) -> None:
     """model.init_from: the model is the directory's, so `parallax plan`, the checks above and every rank
     see the real one. A field the run sets too must agree with config.json: a silent override would
-    build a model the weights do not fit. Refuses a directory with no weights before any rank starts."""
-    from models.huggingface import HuggingFaceError, read_config, weight_files
+    build a model the weights do not fit. Refuses a directory without the weights config.json describes
+    (none, a quantized copy, another dtype or shape) before any rank starts."""
+    from models.huggingface import HuggingFaceError, check_weights, read_config
 
     try:
         twin, hf_config = read_config(directory)
         theirs = twin.model_config(hf_config)
-        weight_files(directory)
+        check_weights(directory)
     except HuggingFaceError as error:
         raise ConfigError(f"model.init_from: {error}") from None
     except ValidationError as error:

@@ -83,17 +83,17 @@ def _load_checkpoint(path: Path, step: Optional[int]):
 
 
 def _load_hf_directory(path: Path, step: Optional[int]):
-    """Checked first (config.json, every weight file, the tokenizer), so a partial directory costs one line
-    rather than transformers' traceback."""
+    """Checked first (config.json, every weight file and its tensors' dtypes, the tokenizer), so a partial,
+    quantized or rewritten directory costs one line rather than transformers' traceback or a silent cast."""
     import transformers
 
     from launcher.config import ConfigError
-    from models.huggingface import HuggingFaceError, read_config, weight_files
+    from models.huggingface import HuggingFaceError, check_weights, read_config
 
     if step is not None:
         raise ConfigError(f"--step {step}: {path} is a Hugging Face model directory, which holds one model")
     twin, _ = read_config(path)
-    weight_files(path)
+    check_weights(path)
     if not (path / "tokenizer.json").is_file():
         raise HuggingFaceError(f"{path / 'tokenizer.json'}: not found; generate needs the model's tokenizer "
                                "(`parallax export` writes it)")

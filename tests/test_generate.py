@@ -122,6 +122,16 @@ def _hf_dir_with(tmp_path, hf_dir, files):
     return tmp_path / "partial"
 
 
+def _quantized(tmp_path, hf_dir):
+    """A copy of `hf_dir` whose model.safetensors holds int8 weights, as a quantized checkpoint would."""
+    from safetensors.torch import load_file, save_file
+
+    copy = _hf_dir_with(tmp_path, hf_dir, ["config.json", "tokenizer.json", "tokenizer_config.json"])
+    weights = load_file(hf_dir / "model.safetensors")
+    save_file({name: t.to(torch.int8) for name, t in weights.items()}, copy / "model.safetensors")
+    return copy
+
+
 @pytest.mark.parametrize("make,flags,expected", [
     (lambda tmp, hf: tmp / "missing", [], "{path}: no such file or directory"),
     (lambda tmp, hf: tmp, [], "{path}: neither a Parallax run or checkpoint (no checkpoints/, step-*/ or manifest.json) "
@@ -131,6 +141,8 @@ def _hf_dir_with(tmp_path, hf_dir, files):
     (lambda tmp, hf: _hf_dir_with(tmp, hf, ["config.json", "model.safetensors"]), [],
      "{path}/tokenizer.json: not found; generate needs the model's tokenizer (`parallax export` writes it)"),
     (lambda tmp, hf: hf, ["--step", "3"], "--step 3: {path} is a Hugging Face model directory, which holds one model"),
+    (_quantized, [], "{path}/model.safetensors: transformer.h.0.attn.c_attn.bias is int8, not floating point (a "
+                     "quantized checkpoint?); Parallax reads only a model's floating-point weights"),
 ])
 def test_bad_paths_give_one_line(tmp_path, capsys, hf_dir, make, flags, expected):
     (tmp_path / "notes.txt").write_text("not a model")

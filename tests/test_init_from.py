@@ -38,6 +38,23 @@ def _config_json(gpt2_dir, tmp_path, **fields):
     return copy
 
 
+def _rewritten(gpt2_dir, tmp_path, tensors_as, only=None, **fields):
+    """A copy whose model.safetensors is rewritten with safetensors' save_file, its tensors (or `only` one)
+    as dtype `tensors_as`, and whose config.json has `fields` (None: removed)."""
+    from safetensors.torch import load_file, save_file
+
+    copy = _config_json(gpt2_dir, tmp_path, **fields)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    weights = load_file(copy / "model.safetensors")
+    save_file({name: t.to(tensors_as) if only in (None, name) else t for name, t in weights.items()},
+              copy / "model.safetensors", metadata={"format": "pt"})
+    return copy
+
+
+QKV = "transformer.h.0.attn.c_attn.weight"  # as GPT2LMHeadModel names it
+
+
 # --- the runs: transformers' logits at every layout -------------------------------------------------
 
 @pytest.mark.parametrize("name,layout", [
@@ -90,6 +107,34 @@ def test_damaged_weights_are_named(gpt2_dir, tmp_path):
         import_directory(copy)
 
 
+@pytest.mark.parametrize("dtype,fields,expected", [
+    (torch.int8, {}, f"{QKV} is int8, not floating point (a quantized checkpoint?); Parallax reads only a model's "
+                     "floating-point weights"),
+    (torch.float16, {}, f"{QKV} is float16 but config.json's dtype is float32: these are not the weights the "
+                        "model was saved with"),
+    # transformers 4's name for the field; every tensor differs from it, and the file's first is named
+    (torch.float32, {"dtype": None, "torch_dtype": "bfloat16"},
+     "transformer.h.0.attn.c_attn.bias is float32 but config.json's torch_dtype is bfloat16: these are not the "
+     "weights the model was saved with"),
+])
+def test_weights_of_another_dtype_than_the_model_was_saved_in_are_refused(gpt2_dir, tmp_path, dtype, fields, expected):
+    from models.huggingface import HuggingFaceError, import_directory
+
+    copy = _rewritten(gpt2_dir, tmp_path, dtype, only=QKV, **fields)
+    with pytest.raises(HuggingFaceError) as error:
+        import_directory(copy)
+    assert str(error.value) == f"{copy / 'model.safetensors'}: {expected}"
+
+
+def test_a_directory_saved_in_bf16_is_taken_exactly(gpt2_dir, tmp_path):
+    from models.huggingface import import_directory, read_weights
+
+    copy = _rewritten(gpt2_dir, tmp_path, torch.bfloat16, dtype="bfloat16")
+    state = import_directory(copy).state
+    assert state["blocks.0.attn.proj.weight"].dtype == torch.float32
+    assert torch.equal(state["blocks.0.attn.proj.weight"], read_weights(copy)["transformer.h.0.attn.c_proj.weight"].float().T)
+
+
 # --- bad input: one line, exit code 2 ---------------------------------------------------------------
 
 @pytest.mark.parametrize("make_dir,args,expected", [
@@ -108,6 +153,8 @@ def test_damaged_weights_are_named(gpt2_dir, tmp_path):
     (lambda d, t: d, ["data.tokenizer={big}"],
      "data.tokenizer={big} has 303 tokens but {dir}/config.json has vocab_size 200: the model has no row for its last ids"),
     (lambda d, t: d, ["parallel.tp=3"], "model.num_heads=4 is not divisible by parallel.tp=3"),
+    (lambda d, t: _rewritten(d, t, torch.int8, only=QKV), [],  # refused before any rank starts
+     f"model.init_from: {{dir}}/model.safetensors: {QKV} is int8, not floating point"),
 ])
 def test_bad_input_is_one_line(gpt2_dir, tmp_path, capsys, make_dir, args, expected):
     directory = make_dir(gpt2_dir, tmp_path)
