@@ -55,9 +55,14 @@ def load(path: Path, step: Optional[int]) -> tuple[PreTrainedModel, PreTrainedTo
     """The model (eval mode, on the GPU if there is one) and tokenizer of a Hugging Face directory or of a
     Parallax run or checkpoint, told apart by config.json; or one line naming what `path` lacks."""
     import torch
+    import transformers
 
     from parallel.checkpoint import MANIFEST, CheckpointError, checkpoint_steps
 
+    # stderr is for errors, stdout for the text alone: no progress bars, and none of transformers' warnings,
+    # such as that a T5.1.1's own output matrix is left untied, which is right (models/huggingface/t5.py)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if (path / "config.json").is_file():
@@ -97,7 +102,6 @@ def _load_hf_directory(path: Path, step: Optional[int]):
     if not (path / "tokenizer.json").is_file():
         raise HuggingFaceError(f"{path / 'tokenizer.json'}: not found; generate needs the model's tokenizer "
                                "(`parallax export` writes it)")
-    transformers.utils.logging.disable_progress_bar()  # stderr is for errors; stdout for the text alone
     model = getattr(transformers, twin.AUTO_CLASS).from_pretrained(str(path))
     return model.eval(), transformers.AutoTokenizer.from_pretrained(str(path))
 
