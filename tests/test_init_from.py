@@ -9,7 +9,8 @@ import torch
 from launcher.cli import main
 from launcher.config import load_config
 from tests.data.corpora import write_id_tokenizer
-from tests.distributed.scenarios_init_from import SEQ_LEN, VOCAB, write_gpt2_directory, write_t5_directory
+from tests.distributed.scenarios_init_from import (GPT_LAYOUTS, SEQ_LEN, T5_LAYOUTS, VOCAB, write_gpt2_directory,
+                                                   write_t5_directory)
 
 TOL = 1e-5
 
@@ -58,9 +59,8 @@ QKV = "transformer.h.0.attn.c_attn.weight"  # as GPT2LMHeadModel names it
 # --- the runs: transformers' logits at every layout -------------------------------------------------
 
 @pytest.mark.parametrize("name,layout", [
-    *[("init_from_gpt2", layout) for layout in ("tp2", "tp2_sp", "dp2_zero3")],
-    *[("init_from_llama", layout) for layout in ("tp2", "tp2_sp", "dp2_zero3")],
-    *[("init_from_t5", layout) for layout in ("tp2", "dp2_zero3")],  # T5 has no sequence parallelism
+    *[(name, layout) for name in ("init_from_gpt2", "init_from_llama") for layout in GPT_LAYOUTS],
+    *[("init_from_t5", layout) for layout in T5_LAYOUTS],
 ])
 def test_first_step_computes_what_transformers_computes(scenario_results, name, layout):
     result = scenario_results(name)

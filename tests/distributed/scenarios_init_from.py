@@ -23,6 +23,8 @@ EOD, PAD = 0, 1  # the id tokenizer's (tests/data/corpora.py); T5's decoder star
 TP2 = ("parallel.tp=2", f"train.micro_batch_size={GLOBAL_BATCH}")
 TP2_SP = (*TP2, "parallel.sequence_parallel=true")
 DP2_ZERO3 = ("parallel.zero_stage=3", f"train.micro_batch_size={GLOBAL_BATCH // 2}")
+GPT_LAYOUTS = {"tp2": TP2, "tp2_sp": TP2_SP, "dp2_zero3": DP2_ZERO3}
+T5_LAYOUTS = {"tp2": TP2, "dp2_zero3": DP2_ZERO3}  # T5 has no sequence parallelism
 Batch = torch.Tensor | dict[str, torch.Tensor]
 
 
@@ -94,7 +96,8 @@ def span_corrupted() -> dict[str, torch.Tensor]:
     objective = SpanCorruption(inputs_length=SEQ_LEN, noise_density=noise.noise_density,
                                mean_noise_span_length=noise.mean_noise_span_length,
                                sentinels=tuple(range(VOCAB - 1, VOCAB - 101, -1)), eod=EOD, pad=PAD, seed=0)
-    words = torch.randint(3, VOCAB - 100, (GLOBAL_BATCH, objective.raw_length), generator=torch.Generator().manual_seed(7))
+    words = torch.randint(3, VOCAB - 100, (GLOBAL_BATCH, objective.raw_length),  # below the sentinels
+                          generator=torch.Generator().manual_seed(7))
     return {name: torch.from_numpy(a) for name, a in objective.batch(list(words.numpy()), GLOBAL_BATCH).items()}
 
 
@@ -162,9 +165,9 @@ def transformers_outputs(directory: Path, batch: Batch) -> dict:
     return {"logits": logits, "loss": loss.item()}
 
 
-def init_from_runs(name: str, write: Callable[[Path], Path], batch: Batch, **layouts: tuple[str, ...]) -> dict:
+def init_from_runs(name: str, write: Callable[[Path], Path], batch: Batch, layouts: dict[str, tuple[str, ...]]) -> dict:
     """One directory written by `write`, transformers' outputs on `batch`, and a one-step run from the
-    directory at each layout in turn (each a short training run and one engine forward)."""
+    directory at each of `layouts` (name -> overrides) in turn, each a short training run and one engine forward."""
     from parallel.topology import init_topology
 
     directory = Path(os.environ["PARALLAX_SCENARIO_DIR"]) / name
@@ -178,14 +181,14 @@ def init_from_runs(name: str, write: Callable[[Path], Path], batch: Batch, **lay
 
 @scenario(world_size=2)
 def init_from_gpt2():
-    return init_from_runs("init-from-gpt2", write_gpt2_directory, windows(), tp2=TP2, tp2_sp=TP2_SP, dp2_zero3=DP2_ZERO3)
+    return init_from_runs("init-from-gpt2", write_gpt2_directory, windows(), GPT_LAYOUTS)
 
 
 @scenario(world_size=2)
 def init_from_llama():
-    return init_from_runs("init-from-llama", write_llama_directory, windows(), tp2=TP2, tp2_sp=TP2_SP, dp2_zero3=DP2_ZERO3)
+    return init_from_runs("init-from-llama", write_llama_directory, windows(), GPT_LAYOUTS)
 
 
 @scenario(world_size=2)
 def init_from_t5():
-    return init_from_runs("init-from-t5", write_t5_directory, span_corrupted(), tp2=TP2, dp2_zero3=DP2_ZERO3)
+    return init_from_runs("init-from-t5", write_t5_directory, span_corrupted(), T5_LAYOUTS)
