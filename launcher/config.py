@@ -219,13 +219,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 def _take_model_from(directory: Path, raw: dict) -> None:
     """model.init_from: the model is the directory's, so `parallax plan`, the checks above and every rank
     see the real one. A field the run sets too must agree with config.json: a silent override would
-    build a model the weights do not fit. Refuses a directory with no weights before any rank starts."""
-    from models.huggingface import HuggingFaceError, read_config, weight_files
+    build a model the weights do not fit. Refuses a directory without the weights config.json describes
+    (none, a quantized copy, another dtype or shape) before any rank starts."""
+    from models.huggingface import HuggingFaceError, check_weights, read_config
 
     try:
         twin, hf_config = read_config(directory)
         theirs = twin.model_config(hf_config)
-        weight_files(directory)
+        check_weights(directory)
     except HuggingFaceError as error:
         raise ConfigError(f"model.init_from: {error}") from None
     except ValidationError as error:
@@ -254,14 +255,28 @@ def _same_value(name: str, value: Any, theirs: Any) -> bool:
 
 
 def _check_tokenizer_fits(cfg: RunConfig) -> None:
-    """Every id the run's tokenizer produces must have a row among the directory's vocab_size."""
-    from data_pipeline import load_tokenizer
+    """Every id the run's tokenizer produces must have a row among the directory's vocab_size. A T5 must
+    also start and end its decoder's sequences where span corruption does (from <pad>, ending with the
+    end-of-document token), or the run would teach it other start and end tokens than it has learned."""
+    from data_pipeline import EOD, PAD, load_tokenizer
+    from models.huggingface import read_config
 
-    tokens = load_tokenizer(cfg.data).get_vocab_size()
+    tokenizer = load_tokenizer(cfg.data)
+    config_json = cfg.model.init_from / "config.json"
+    tokens = tokenizer.get_vocab_size()
     if tokens > cfg.model.vocab_size:
-        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} has {tokens} tokens but "
-                          f"{cfg.model.init_from / 'config.json'} has vocab_size {cfg.model.vocab_size}: the model has "
-                          "no row for its last ids; use the directory's tokenizer (remove data.tokenizer)")
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} has {tokens} tokens but {config_json} has vocab_size "
+                          f"{cfg.model.vocab_size}: the model has no row for its last ids; use the directory's "
+                          "tokenizer (remove data.tokenizer)")
+    if cfg.model.arch != "t5":
+        return
+    hf_config = read_config(cfg.model.init_from)[1]
+    for field, token in (("decoder_start_token_id", PAD), ("eos_token_id", EOD)):
+        theirs, ours = getattr(hf_config, field, None), tokenizer.token_to_id(token)
+        if theirs != ours:
+            raise ConfigError(f"model.init_from: {config_json} has {field}={theirs} but data.tokenizer="
+                              f"{cfg.data.tokenizer} has {token} at {ours}, where Parallax's T5 span corruption "
+                              "puts it; use the tokenizer the model was trained with")
 
 
 def _apply_override(raw: dict, item: str) -> None:

@@ -55,9 +55,14 @@ def load(path: Path, step: Optional[int]) -> tuple[PreTrainedModel, PreTrainedTo
     """The model (eval mode, on the GPU if there is one) and tokenizer of a Hugging Face directory or of a
     Parallax run or checkpoint, told apart by config.json; or one line naming what `path` lacks."""
     import torch
+    import transformers
 
     from parallel.checkpoint import MANIFEST, CheckpointError, checkpoint_steps
 
+    # stderr is for errors, stdout for the text alone: no progress bars, and none of transformers' warnings,
+    # such as that a T5.1.1's own output matrix is left untied, which is right (models/huggingface/t5.py)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if (path / "config.json").is_file():
@@ -83,17 +88,17 @@ def _load_checkpoint(path: Path, step: Optional[int]):
 
 
 def _load_hf_directory(path: Path, step: Optional[int]):
-    """Checked first (config.json, every weight file, the tokenizer), so a partial directory costs one line
-    rather than transformers' traceback."""
+    """Checked first (config.json, every weight file and its tensors' dtypes, the tokenizer), so a partial,
+    quantized or rewritten directory costs one line rather than transformers' traceback or a silent cast."""
     import transformers
 
     from launcher.config import ConfigError
-    from models.huggingface import HuggingFaceError, read_config, weight_files
+    from models.huggingface import HuggingFaceError, check_weights, read_config
 
     if step is not None:
         raise ConfigError(f"--step {step}: {path} is a Hugging Face model directory, which holds one model")
     twin, _ = read_config(path)
-    weight_files(path)
+    check_weights(path)
     if not (path / "tokenizer.json").is_file():
         raise HuggingFaceError(f"{path / 'tokenizer.json'}: not found; generate needs the model's tokenizer "
                                "(`parallax export` writes it)")

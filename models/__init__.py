@@ -34,11 +34,17 @@ class LanguageModel(Protocol):
         """Per MoE layer, from the last forward: tokens per expert, dropped fraction, router losses; [] if dense."""
 
 
-def build_model(cfg, vocab_size: int, **options) -> LanguageModel:
-    """A models.gpt.GPT or models.t5.T5 for `cfg` (a ModelConfig); options: sequence_parallel,
-    activation_checkpointing, expert_parallel_size."""
+def model_class(cfg) -> type[LanguageModel]:
+    """The class `model.arch` names: models.gpt.GPT or models.t5.T5. Its static `batch_inputs` tells
+    what a batch feeds the forward without building the model (an outside reference needs no more)."""
     if cfg.arch == "t5":
         from models.t5 import T5
-        return T5(cfg, vocab_size, **options)
+        return T5
     from models.gpt import GPT
-    return GPT(cfg, vocab_size, **options)
+    return GPT
+
+
+def build_model(cfg, vocab_size: int, **options) -> LanguageModel:
+    """A `model_class(cfg)` for `cfg` (a ModelConfig); options: sequence_parallel, activation_checkpointing,
+    expert_parallel_size."""
+    return model_class(cfg)(cfg, vocab_size, **options)

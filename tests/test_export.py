@@ -224,6 +224,7 @@ def test_unmappable_models_are_refused_in_one_line(tmp_path, capsys, overrides, 
 @pytest.mark.parametrize("args,expected", [
     (["missing-run"], "no complete checkpoint under missing-run"),
     (["CHECKPOINT", "--dtype", "fp16"], "--dtype fp16 is not supported; choose fp32 or bf16"),
+    (["CHECKPOINT", "--dtype", "int8"], "--dtype int8 is not supported; choose fp32 or bf16"),
     (["CHECKPOINT"], "does not match its checksum"),
 ])
 def test_bad_input_gives_one_line(tmp_path, capsys, monkeypatch, args, expected):

@@ -1,10 +1,14 @@
 """Issue 16 point 5: `parallax generate` samples what transformers' `generate` samples on the model
-`parallax export` writes, from a checkpoint or a Hugging Face directory, and refuses bad input in one line."""
+`parallax export` writes, from a checkpoint or a Hugging Face directory (GPT-2 and T5), and refuses bad
+input in one line."""
+import logging
+
 import pytest
 import torch
 
 from launcher.cli import main
 from tests.data.corpora import write_id_tokenizer
+from tests.distributed.scenarios_init_from import PAD, write_t5_directory
 from tests.test_export import TINY, _random_gpt_state, _write_checkpoint
 
 PROMPT = "d5 d17 d3 d250 d8"  # one token per word (write_id_tokenizer), so text and tokens convert both ways
@@ -42,6 +46,24 @@ def hf_dir(tmp_path_factory):
     return tmp / "hf"
 
 
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    """A random T5.1.1 as transformers saves it, with a Parallax tokenizer (200 tokens, no sentinels)."""
+    return write_t5_directory(tmp_path_factory.mktemp("t5") / "hf")
+
+
+@pytest.fixture(scope="module")
+def t5_checkpoint(tmp_path_factory, t5_dir):
+    """A run whose checkpoint holds the same T5.1.1, as model.init_from imports it."""
+    from models.huggingface import import_directory
+
+    run = tmp_path_factory.mktemp("t5-run")
+    _write_checkpoint(run / "checkpoints" / "step-00000001", [f"model.init_from={t5_dir}"],
+                      import_directory(t5_dir).state)
+    (run / "checkpoints" / "latest").write_text("step-00000001")
+    return run
+
+
 def generate(capsys, path, *flags) -> str:
     """What the command prints on stdout; it prints nothing on stderr (transformers' progress bars included)."""
     capsys.readouterr()
@@ -52,10 +74,14 @@ def generate(capsys, path, *flags) -> str:
 
 
 def transformers_greedy(directory, max_new_tokens: int) -> list[int]:
-    """What transformers alone generates greedily on `directory`: the prompt's ids and the new ones."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """What transformers alone generates greedily on `directory`: the prompt's ids and the new ones (an
+    encoder-decoder's: the decoder start and the new ones)."""
+    import transformers
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(directory).to(DEVICE)
+    from models.huggingface import read_config
+
+    model = getattr(transformers, read_config(directory)[0].AUTO_CLASS).from_pretrained(directory).to(DEVICE)
     inputs = AutoTokenizer.from_pretrained(directory)(PROMPT, return_tensors="pt").to(DEVICE)
     return model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)[0].tolist()
 
@@ -81,6 +107,20 @@ def test_greedy_from_a_hugging_face_directory_is_what_transformers_generates(cap
     assert len(expected) == len(PROMPT.split()) + NEW_TOKENS and len(set(expected[-NEW_TOKENS:])) >= 5
     out = generate(capsys, hf_dir, "--temperature", "0", "--max-new-tokens", str(NEW_TOKENS))
     assert tokens(hf_dir, out) == expected
+
+
+@pytest.mark.parametrize("source", ["t5_dir", "t5_checkpoint"])
+def test_greedy_t5_is_what_transformers_generates(request, capsys, caplog, t5_dir, source):
+    """An encoder-decoder reads the prompt as its encoder input and prints its decoder's output alone:
+    transformers' tokens after the decoder start (<pad>). Loading a T5.1.1, transformers warns that its
+    output matrix is not tied (which is right); the command's stderr is for errors only."""
+    start, *new = transformers_greedy(t5_dir, NEW_TOKENS)
+    assert start == PAD and len(new) == NEW_TOKENS, "the end-of-text token came early: compare more tokens"
+    assert len(set(new)) >= 5, "one token repeated would compare little"
+    caplog.clear()
+    out = generate(capsys, request.getfixturevalue(source), "--temperature", "0", "--max-new-tokens", str(NEW_TOKENS))
+    assert tokens(t5_dir, out) == new
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_sampling_repeats_with_its_seed_and_differs_across_seeds(capsys, checkpoint):
@@ -122,6 +162,16 @@ def _hf_dir_with(tmp_path, hf_dir, files):
     return tmp_path / "partial"
 
 
+def _quantized(tmp_path, hf_dir):
+    """A copy of `hf_dir` whose model.safetensors holds int8 weights, as a quantized checkpoint would."""
+    from safetensors.torch import load_file, save_file
+
+    copy = _hf_dir_with(tmp_path, hf_dir, ["config.json", "tokenizer.json", "tokenizer_config.json"])
+    weights = load_file(hf_dir / "model.safetensors")
+    save_file({name: t.to(torch.int8) for name, t in weights.items()}, copy / "model.safetensors")
+    return copy
+
+
 @pytest.mark.parametrize("make,flags,expected", [
     (lambda tmp, hf: tmp / "missing", [], "{path}: no such file or directory"),
     (lambda tmp, hf: tmp, [], "{path}: neither a Parallax run or checkpoint (no checkpoints/, step-*/ or manifest.json) "
@@ -131,6 +181,8 @@ def _hf_dir_with(tmp_path, hf_dir, files):
     (lambda tmp, hf: _hf_dir_with(tmp, hf, ["config.json", "model.safetensors"]), [],
      "{path}/tokenizer.json: not found; generate needs the model's tokenizer (`parallax export` writes it)"),
     (lambda tmp, hf: hf, ["--step", "3"], "--step 3: {path} is a Hugging Face model directory, which holds one model"),
+    (_quantized, [], "{path}/model.safetensors: transformer.h.0.attn.c_attn.bias is int8, not floating point (a "
+                     "quantized checkpoint?); Parallax reads only a model's floating-point weights"),
 ])
 def test_bad_paths_give_one_line(tmp_path, capsys, hf_dir, make, flags, expected):
     (tmp_path / "notes.txt").write_text("not a model")

@@ -1,5 +1,5 @@
-"""Issue 16, point 4: model.init_from takes the model, weights and tokenizer of a Hugging Face directory;
-bad input is one line and exit code 2. The runs themselves are tests/distributed/scenarios_init_from.py."""
+"""Issue 16: model.init_from takes the model, weights and tokenizer of a Hugging Face directory (GPT-2,
+Llama, T5); bad input is one line and exit code 2. The runs themselves are tests/distributed/scenarios_init_from.py."""
 import json
 import shutil
 
@@ -9,7 +9,8 @@ import torch
 from launcher.cli import main
 from launcher.config import load_config
 from tests.data.corpora import write_id_tokenizer
-from tests.distributed.scenarios_init_from import SEQ_LEN, VOCAB, write_gpt2_directory
+from tests.distributed.scenarios_init_from import (GPT_LAYOUTS, SEQ_LEN, T5_LAYOUTS, VOCAB, write_gpt2_directory,
+                                                   write_t5_directory)
 
 TOL = 1e-5
 
@@ -17,6 +18,11 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory):
     return write_gpt2_directory(tmp_path_factory.mktemp("init-from") / "gpt2")
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    return write_t5_directory(tmp_path_factory.mktemp("init-from") / "t5")
 
 
 def _without(gpt2_dir, tmp_path, *names):
@@ -33,13 +39,33 @@ def _config_json(gpt2_dir, tmp_path, **fields):
     return copy
 
 
+def _rewritten(gpt2_dir, tmp_path, tensors_as, only=None, **fields):
+    """A copy whose model.safetensors is rewritten with safetensors' save_file, its tensors (or `only` one)
+    as dtype `tensors_as`, and whose config.json has `fields` (None: removed)."""
+    from safetensors.torch import load_file, save_file
+
+    copy = _config_json(gpt2_dir, tmp_path, **fields)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    weights = load_file(copy / "model.safetensors")
+    save_file({name: t.to(tensors_as) if only in (None, name) else t for name, t in weights.items()},
+              copy / "model.safetensors", metadata={"format": "pt"})
+    return copy
+
+
+QKV = "transformer.h.0.attn.c_attn.weight"  # as GPT2LMHeadModel names it
+
+
 # --- the runs: transformers' logits at every layout -------------------------------------------------
 
-@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "dp2_zero3"])
-def test_first_step_computes_what_transformers_computes(scenario_results, layout):
-    result = scenario_results("init_from_gpt2")
+@pytest.mark.parametrize("name,layout", [
+    *[(name, layout) for name in ("init_from_gpt2", "init_from_llama") for layout in GPT_LAYOUTS],
+    *[("init_from_t5", layout) for layout in T5_LAYOUTS],
+])
+def test_first_step_computes_what_transformers_computes(scenario_results, name, layout):
+    result = scenario_results(name)
     theirs, ours = result["transformers"], result[layout]
-    assert ours["logits"].shape == (4, SEQ_LEN, 256) and theirs["logits"].shape == (4, SEQ_LEN, VOCAB)
+    assert theirs["logits"].shape[::2] == (4, VOCAB) and ours["logits"].shape == (*theirs["logits"].shape[:2], 256)
     torch.testing.assert_close(ours["logits"][..., :VOCAB], theirs["logits"], atol=TOL, rtol=0)
     assert not ours["logits"][..., VOCAB:].any(), "the padded vocabulary's rows are zero"
     # train() itself started from the directory: its first loss is the one these weights give.
@@ -52,7 +78,7 @@ def test_unset_fields_and_the_tokenizer_come_from_the_directory(gpt2_dir):
     cfg = load_config(None, [f"model.init_from={gpt2_dir}", "model.hidden_size=64", "model.norm_eps=1e-5",
                              f"data.seq_len={SEQ_LEN}", "parallel.tp=2"])
     m = cfg.model
-    assert (m.arch, m.num_layers, m.hidden_size, m.num_heads, m.max_seq_len, m.vocab_size) == ("gpt", 2, 64, 4, 32, VOCAB)
+    assert (m.arch, m.num_layers, m.hidden_size, m.num_heads, m.max_seq_len, m.vocab_size) == ("gpt", 2, 64, 4, SEQ_LEN, VOCAB)
     assert (m.ffn_size, m.dropout, m.tied, m.biased) == (256, 0.0, True, True)
     assert cfg.data.tokenizer == gpt2_dir / "tokenizer.json"
 
@@ -81,6 +107,34 @@ def test_damaged_weights_are_named(gpt2_dir, tmp_path):
         import_directory(copy)
 
 
+@pytest.mark.parametrize("dtype,fields,expected", [
+    (torch.int8, {}, f"{QKV} is int8, not floating point (a quantized checkpoint?); Parallax reads only a model's "
+                     "floating-point weights"),
+    (torch.float16, {}, f"{QKV} is float16 but config.json's dtype is float32: these are not the weights the "
+                        "model was saved with"),
+    # transformers 4's name for the field; every tensor differs from it, and the file's first is named
+    (torch.float32, {"dtype": None, "torch_dtype": "bfloat16"},
+     "transformer.h.0.attn.c_attn.bias is float32 but config.json's torch_dtype is bfloat16: these are not the "
+     "weights the model was saved with"),
+])
+def test_weights_of_another_dtype_than_the_model_was_saved_in_are_refused(gpt2_dir, tmp_path, dtype, fields, expected):
+    from models.huggingface import HuggingFaceError, import_directory
+
+    copy = _rewritten(gpt2_dir, tmp_path, dtype, only=QKV, **fields)
+    with pytest.raises(HuggingFaceError) as error:
+        import_directory(copy)
+    assert str(error.value) == f"{copy / 'model.safetensors'}: {expected}"
+
+
+def test_a_directory_saved_in_bf16_is_taken_exactly(gpt2_dir, tmp_path):
+    from models.huggingface import import_directory, read_weights
+
+    copy = _rewritten(gpt2_dir, tmp_path, torch.bfloat16, dtype="bfloat16")
+    state = import_directory(copy).state
+    assert state["blocks.0.attn.proj.weight"].dtype == torch.float32
+    assert torch.equal(state["blocks.0.attn.proj.weight"], read_weights(copy)["transformer.h.0.attn.c_proj.weight"].float().T)
+
+
 # --- bad input: one line, exit code 2 ---------------------------------------------------------------
 
 @pytest.mark.parametrize("make_dir,args,expected", [
@@ -99,14 +153,32 @@ def test_damaged_weights_are_named(gpt2_dir, tmp_path):
     (lambda d, t: d, ["data.tokenizer={big}"],
      "data.tokenizer={big} has 303 tokens but {dir}/config.json has vocab_size 200: the model has no row for its last ids"),
     (lambda d, t: d, ["parallel.tp=3"], "model.num_heads=4 is not divisible by parallel.tp=3"),
+    (lambda d, t: _rewritten(d, t, torch.int8, only=QKV), [],  # refused before any rank starts
+     f"model.init_from: {{dir}}/model.safetensors: {QKV} is int8, not floating point"),
 ])
 def test_bad_input_is_one_line(gpt2_dir, tmp_path, capsys, make_dir, args, expected):
     directory = make_dir(gpt2_dir, tmp_path)
     big = write_id_tokenizer(tmp_path / "big.json", 300)
+    err = _train_error(directory, tmp_path, capsys, *[a.format(big=big) for a in args])
+    assert expected.format(dir=directory, big=big) in err, err
+
+
+@pytest.mark.parametrize("field,token,at", [("decoder_start_token_id", "<pad>", 1), ("eos_token_id", "<|endoftext|>", 0)])
+def test_a_t5_that_starts_or_ends_its_decoder_elsewhere_is_refused(t5_dir, tmp_path, capsys, field, token, at):
+    """Span corruption starts the decoder from the tokenizer's <pad> and ends the targets with its
+    end-of-document token; a model that learned others would be taught new ones, silently."""
+    directory = _config_json(t5_dir, tmp_path, **{field: 2})
+    err = _train_error(directory, tmp_path, capsys)
+    assert (f"model.init_from: {directory}/config.json has {field}=2 but data.tokenizer={directory}/tokenizer.json has "
+            f"{token} at {at}, where Parallax's T5 span corruption puts it") in err, err
+
+
+def _train_error(directory, tmp_path, capsys, *args) -> str:
+    """What `parallax train` from `directory` prints: one line, exit code 2."""
     config = tmp_path / "run.yaml"
     config.write_text(f"model:\n  init_from: {directory}\ndata:\n  seq_len: {SEQ_LEN}\n")
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", str(config), *[a.format(big=big) for a in args]])
+        main(["train", str(config), *args])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("parallax: error: "), err
-    assert expected.format(dir=directory, big=big) in err, err
+    return err

@@ -190,22 +190,55 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+# safetensors' dtype codes as torch names them: how messages and config.json's dtype field name a dtype
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
+                      "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def check_weights(directory: Path) -> None:
+    """Every weight of the model, as its file's header describes it, is what config.json says: floating
+    point, of config.json's `dtype` (`torch_dtype` before transformers 5), of the shape the config makes;
+    else HuggingFaceError naming the file, the tensor and the field. Mapped to fp32, a quantized copy or a
+    file rewritten in another dtype would train or generate from other numbers than the model's, silently.
+    Reads headers only, so a run or `generate` refuses the directory before loading anything."""
+    import transformers
+    from safetensors import SafetensorError, safe_open
+
+    twin, hf_config = read_config(directory)
+    with torch.device("meta"):
+        expected = getattr(transformers, twin.AUTO_CLASS).from_config(hf_config).state_dict()
+    fields = json.loads((Path(directory) / "config.json").read_text())
+    field = "dtype" if "dtype" in fields else "torch_dtype"
+    for path in weight_files(directory):
+        try:
+            with safe_open(str(path), "pt") as f:
+                stored = {name: (f.get_slice(name).get_dtype(), f.get_slice(name).get_shape())
+                          for name in f.keys() if name in expected}
+        except SafetensorError as error:
+            raise HuggingFaceError(f"{path}: unreadable ({error}); the file is partial or damaged") from None
+        for name, (code, shape) in stored.items():
+            dtype = SAFETENSORS_DTYPES.get(code, code)
+            if not code.startswith(("F", "BF")):
+                raise HuggingFaceError(f"{path}: {name} is {dtype}, not floating point (a quantized checkpoint?); "
+                                       "Parallax reads only a model's floating-point weights")
+            if fields.get(field) not in (None, dtype):
+                raise HuggingFaceError(f"{path}: {name} is {dtype} but config.json's {field} is {fields[field]}: "
+                                       "these are not the weights the model was saved with")
+            if tuple(shape) != tuple(expected[name].shape):
+                raise HuggingFaceError(f"{path}: {name} has shape {tuple(shape)} but config.json makes it "
+                                       f"{tuple(expected[name].shape)}")
+
+
 def import_directory(directory: Path, cfg: Optional[ModelConfig] = None) -> Imported:
     """A Hugging Face directory's model config, weights (mapped, fp32) and tokenizer path. `cfg`: the
     model to map them into, when a run holds the directory's model with choices of its own (such as
     model.vocab_multiple, which sets the padding); default the directory's."""
-    import transformers
-
     twin, hf_config = read_config(directory)
     cfg = cfg or twin.model_config(hf_config)
+    check_weights(directory)
     hf = read_weights(directory)
     weights_file = Path(directory) / "model.safetensors"
-    with torch.device("meta"):
-        expected = getattr(transformers, twin.AUTO_CLASS).from_config(hf_config).state_dict()
-    for name, t in hf.items():
-        if name in expected and tuple(t.shape) != tuple(expected[name].shape):
-            raise HuggingFaceError(f"{weights_file}: {name} has shape {tuple(t.shape)} but config.json makes it "
-                                   f"{tuple(expected[name].shape)}")
     try:
         state = twin.from_hf({k: v.float() for k, v in hf.items()}, cfg, cfg.padded_vocab_size(hf_config.vocab_size))
     except KeyError as missing:
