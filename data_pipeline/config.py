@@ -3,9 +3,22 @@
 import math
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+EOD = "<|endoftext|>"  # Parallax's own names, which `parallax prepare-tokenizer` trains
+PAD = "<pad>"
+
+
+class SpecialTokens(NamedTuple):
+    """The tokens the pipeline inserts, by name, as a run's data.eod_token and data.pad_token give them:
+    Hugging Face tokenizers name theirs otherwise (Llama's documents end with `</s>`), and an exported
+    model must say which of its tokens these are (its eos and pad)."""
+
+    eod: str = EOD  # between documents
+    pad: str = PAD  # a finite run's last batch; T5's decoder start
 
 
 def default_cache_dir() -> Path:
@@ -55,6 +68,12 @@ class DataConfig(BaseModel):
         default=None, description="A tokenizer.json; None builds (once, then caches) a BPE on the built-in corpus."
     )
     vocab_size: int = 8192
+    eod_token: str = Field(
+        EOD, description="The tokenizer's end-of-document token, packed between documents (a model's eos, e.g. "
+        "Llama's </s>); model.init_from takes the directory's eos_token.")
+    pad_token: str = Field(
+        PAD, description="The tokenizer's padding token, for a finite run's last batch and T5's decoder start; may "
+        "be data.eod_token (Llama has no pad). model.init_from takes the directory's pad_token, else its eos_token.")
     shuffle_buffer: int = 1000
     num_workers: int = 1
     epochs: int | None = Field(
@@ -72,6 +91,10 @@ class DataConfig(BaseModel):
         0.03, ge=0, lt=1, description="With no data.validation: the share of documents, chosen by a hash of each "
         "document's file name and record index, that training never reads and evaluation reads. 0 holds none out."
     )
+
+    @property
+    def special_tokens(self) -> SpecialTokens:
+        return SpecialTokens(self.eod_token, self.pad_token)
 
     @field_validator("seq_len", "vocab_size", "shuffle_buffer", "epochs")
     @classmethod

@@ -28,7 +28,7 @@ from .errors import DataError
 from .lane import Lane, Plan
 from .sources import discover
 from .span_corruption import SpanCorruption
-from .tokenizer import EOD, NUM_SENTINELS, PAD, load_tokenizer
+from .tokenizer import NUM_SENTINELS, load_tokenizer
 from .work import new_cursor, reshard, tokens_from_bytes, tokens_to_bytes
 
 STATE_VERSION = 1
@@ -52,8 +52,8 @@ def training_plan(cfg: DataConfig, seed: int) -> Plan:
     return Plan(
         sources=tuple(discover(source) for source in cfg.sources or [builtin_corpus(cfg.cache_dir)]),
         tokenizer_json=tokenizer.to_str(),
-        eod=tokenizer.token_to_id(EOD),
-        pad=tokenizer.token_to_id(PAD),
+        eod=tokenizer.token_to_id(cfg.eod_token),
+        pad=tokenizer.token_to_id(cfg.pad_token),
         seq_len=cfg.seq_len,
         shuffle_buffer=cfg.shuffle_buffer,
         epochs=cfg.epochs,
@@ -74,7 +74,7 @@ def span_corruption(cfg: DataConfig, tokenizer, seed: int) -> SpanCorruption | N
     objective = SpanCorruption(
         inputs_length=cfg.seq_len, noise_density=cfg.span_corruption.noise_density,
         mean_noise_span_length=cfg.span_corruption.mean_noise_span_length, sentinels=tuple(sentinels),
-        eod=tokenizer.token_to_id(EOD), pad=tokenizer.token_to_id(PAD), seed=seed,
+        eod=tokenizer.token_to_id(cfg.eod_token), pad=tokenizer.token_to_id(cfg.pad_token), seed=seed,
     )
     objective.check()
     return objective

@@ -10,13 +10,11 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .cache import build_once
-from .config import DataConfig, SourceConfig
+from .config import EOD, PAD, DataConfig, SourceConfig
 from .corpus import builtin_corpus
 from .errors import DataError
 from .sources import discover, read_documents
 
-EOD = "<|endoftext|>"
-PAD = "<pad>"
 NUM_SENTINELS = 100  # T5 span corruption masks with <extra_id_0> ... <extra_id_99>
 SPECIAL_TOKENS = [EOD, PAD] + [f"<extra_id_{i}>" for i in range(NUM_SENTINELS)]
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the special tokens
@@ -47,7 +45,8 @@ def prepare_tokenizer(sources: Iterable[str | Path | SourceConfig], out_path: st
 
 
 def load_tokenizer(cfg: DataConfig) -> Tokenizer:
-    """The configured tokenizer.json, or the built-in one (trained on the built-in corpus once, then cached)."""
+    """The configured tokenizer.json, or the built-in one (trained on the built-in corpus once, then cached).
+    Refused unless it has data.eod_token and data.pad_token, which the pipeline inserts by name."""
     path = cfg.tokenizer.expanduser() if cfg.tokenizer else builtin_tokenizer_path(cfg)
     if not path.is_file():
         raise DataError(f"{path}: tokenizer file not found; fix data.tokenizer or run `parallax prepare-tokenizer`")
@@ -55,9 +54,11 @@ def load_tokenizer(cfg: DataConfig) -> Tokenizer:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as error:  # the Rust side raises a bare Exception for any parse failure
         raise DataError(f"{path}: not a valid tokenizer.json ({' '.join(str(error).split())})") from None
-    missing = [token for token in (EOD, PAD) if tokenizer.token_to_id(token) is None]
+    missing = [f"data.{field}={token}" for field, token in (("eod_token", cfg.eod_token), ("pad_token", cfg.pad_token))
+               if tokenizer.token_to_id(token) is None]
     if missing:
-        raise DataError(f"{path}: tokenizer lacks the special token(s) {', '.join(missing)}; train it with `parallax prepare-tokenizer`")
+        raise DataError(f"{path}: tokenizer lacks the special token(s) {', '.join(missing)}; set each field to a token "
+                        "it has (its end-of-text token, which may pad too), or train one with `parallax prepare-tokenizer`")
     return tokenizer
 
 

@@ -122,7 +122,7 @@ def _export(args) -> None:
 
     checkpoint = read_twin_checkpoint(Path(args.path), args.step, "export")
     twin = export(read_weights(checkpoint.path), checkpoint.cfg.model, checkpoint.vocab_size, checkpoint.tokenizer,
-                  Path(args.out), args.dtype)
+                  Path(args.out), args.dtype, checkpoint.cfg.data.special_tokens)
     print(f"parallax: wrote {args.out}: {twin.NAME} ({args.dtype}, vocabulary {checkpoint.vocab_size}) "
           f"from {checkpoint.path}")
 

@@ -6,6 +6,7 @@ one line naming the field and what to do; the CLI prints it and exits non-zero, 
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -244,6 +245,26 @@ def _take_model_from(directory: Path, raw: dict) -> None:
             raise ConfigError(f"model.init_from: {directory} has no tokenizer.json; set data.tokenizer to the "
                               "tokenizer the model was trained with")
         data["tokenizer"] = str(directory / "tokenizer.json")
+        for field, token in _special_tokens_of(directory).items():
+            data.setdefault(field, token)
+
+
+def _special_tokens_of(directory: Path) -> dict[str, str]:
+    """The data.eod_token and data.pad_token of the directory's tokenizer, as its tokenizer_config.json names
+    them: a Hugging Face tokenizer ends documents with its eos (Llama's `</s>`), and one with no pad token
+    (Llama) pads with that too. {} without the file or an eos_token: the run's names then apply, and
+    load_tokenizer names the field to set if the tokenizer lacks them."""
+    path = directory / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        names = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"model.init_from: {path}: not valid JSON ({error})") from None
+    # transformers writes a special token as its text, or as an AddedToken {"content": ...} (older versions)
+    content = lambda token: token.get("content") if isinstance(token, dict) else token  # noqa: E731
+    eos, pad = content(names.get("eos_token")), content(names.get("pad_token"))
+    return {"eod_token": eos, "pad_token": pad or eos} if eos else {}
 
 
 def _same_value(name: str, value: Any, theirs: Any) -> bool:

@@ -82,9 +82,10 @@ def _load_checkpoint(path: Path, step: Optional[int]):
     from parallel.checkpoint import read_weights
 
     checkpoint = read_twin_checkpoint(path, step, "generate from")
+    special = checkpoint.cfg.data.special_tokens
     model = to_hf_model(read_weights(checkpoint.path), checkpoint.cfg.model, checkpoint.vocab_size,
-                        checkpoint.tokenizer)
-    return model, hf_tokenizer(checkpoint.tokenizer)
+                        checkpoint.tokenizer, special=special)
+    return model, hf_tokenizer(checkpoint.tokenizer, special)
 
 
 def _load_hf_directory(path: Path, step: Optional[int]):

@@ -80,10 +80,15 @@ def test_imported_llama_computes_transformers_logits(scenario_results):
     torch.testing.assert_close(result["ours"], result["hf"], atol=EXPORT_TOL, rtol=0)
 
 
-def random_hf_model(kind: str, directory: Path, vocab_size: int = 400) -> Path:
-    """A small random transformers model saved with save_pretrained, and the id tokenizer, in `directory`."""
+LLAMA_SPECIALS = ("<unk>", "<s>", "</s>")  # Llama 2's first ids; it has no pad token
+
+
+def random_hf_model(kind: str, directory: Path, vocab_size: int = 400, llama_tokens: bool = False) -> Path:
+    """A small random transformers model saved with save_pretrained, and the id tokenizer, in `directory`:
+    with Parallax's special tokens, or with `llama_tokens` with none of them but Llama 2's, saved by
+    transformers itself as a Llama directory's are (eos </s>, bos <s>, no pad)."""
     from tokenizers import Tokenizer
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
     from tests.data.corpora import write_id_tokenizer
 
@@ -104,8 +109,14 @@ def random_hf_model(kind: str, directory: Path, vocab_size: int = 400) -> Path:
     for p in model.parameters():  # every tensor random (norms start at 1, biases at 0), logits of order 1:
         p.data.normal_(std=0.1)   # a wrong mapping of any of them is far from the tolerance
     model.save_pretrained(directory)
-    tokenizer = Tokenizer.from_file(str(write_id_tokenizer(directory / "id-tokenizer.json", vocab_size - 3)))
-    write_tokenizer(tokenizer, directory)
+    if llama_tokens:
+        tokenizer = Tokenizer.from_file(str(write_id_tokenizer(directory / "id-tokenizer.json", vocab_size - 3,
+                                                               LLAMA_SPECIALS)))
+        PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                                eos_token="</s>").save_pretrained(directory)
+    else:
+        write_tokenizer(Tokenizer.from_file(str(write_id_tokenizer(directory / "id-tokenizer.json", vocab_size - 3))),
+                        directory)
     return directory
 
 

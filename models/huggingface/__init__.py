@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Optional, Protocol
 
 import torch
 
+from data_pipeline.config import SpecialTokens
 from models.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -72,13 +73,13 @@ def twin_for(cfg: ModelConfig) -> Twin:
     return closest
 
 
-def special_token_ids(tokenizer: Optional[Tokenizer]) -> dict[str, Optional[int]]:
-    from data_pipeline.tokenizer import EOD, PAD
-
+def special_token_ids(tokenizer: Optional[Tokenizer],
+                      special: SpecialTokens = SpecialTokens()) -> dict[str, Optional[int]]:
+    """config.json's eos/bos/pad ids: the run's end-of-document token (also bos, as GPT-2's) and padding token."""
     if tokenizer is None:
         return {"eos": None, "bos": None, "pad": None}
-    eos = tokenizer.token_to_id(EOD)
-    return {"eos": eos, "bos": eos, "pad": tokenizer.token_to_id(PAD)}
+    eos = tokenizer.token_to_id(special.eod)
+    return {"eos": eos, "bos": eos, "pad": tokenizer.token_to_id(special.pad)}
 
 
 def check_vocabulary(vocab_size: int, tokenizer: Tokenizer) -> None:
@@ -89,15 +90,16 @@ def check_vocabulary(vocab_size: int, tokenizer: Tokenizer) -> None:
 
 
 def to_hf_model(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int, tokenizer: Optional[Tokenizer],
-                dtype: str = "fp32") -> PreTrainedModel:
+                dtype: str = "fp32", special: SpecialTokens = SpecialTokens()) -> PreTrainedModel:
     """The transformers model holding `state` (full fp32 tensors), in eval mode. It is built without
     a random initialisation and every parameter comes from `state`: one the mapping left unset
-    would still be NaN, and is an error."""
+    would still be NaN, and is an error. `special`: the run's data.eod_token and data.pad_token, which
+    give config.json its eos/bos/pad ids."""
     import transformers
     from transformers.initialization import no_init_weights
 
     twin = twin_for(cfg)
-    config = twin.hf_config(cfg, vocab_size, special_token_ids(tokenizer))
+    config = twin.hf_config(cfg, vocab_size, special_token_ids(tokenizer, special))
     with no_init_weights():
         model = getattr(transformers, twin.AUTO_CLASS).from_config(config)
     hf_state = twin.to_hf(state, cfg, vocab_size)
@@ -114,15 +116,16 @@ def to_hf_model(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: in
 
 
 def export(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int, tokenizer: Optional[Tokenizer],
-           out: Path, dtype: str = "fp32") -> Twin:
+           out: Path, dtype: str = "fp32", special: SpecialTokens = SpecialTokens()) -> Twin:
     """Write a Hugging Face model directory (config.json, model.safetensors, tokenizer files) that
-    transformers' Auto classes load with no custom code; returns the twin it was written as."""
+    transformers' Auto classes load with no custom code; returns the twin it was written as. `special`
+    names the run's end-of-document and padding tokens, the directory's eos and pad."""
     from models.huggingface.tokenizer import write_tokenizer
 
-    model = to_hf_model(state, cfg, vocab_size, tokenizer, dtype)
+    model = to_hf_model(state, cfg, vocab_size, tokenizer, dtype, special)
     model.save_pretrained(str(out))
     if tokenizer is not None:
-        write_tokenizer(tokenizer, Path(out))
+        write_tokenizer(tokenizer, Path(out), special)
     return twin_for(cfg)
 
 

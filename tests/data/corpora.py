@@ -33,9 +33,10 @@ def write_id_corpus(directory: Path, num_shards: int, docs_per_shard: int, first
     return lengths
 
 
-def write_id_tokenizer(path: Path, num_ids: int) -> Path:
-    """A word-level tokenizer.json in which each document id word `d<i>` (i < num_ids) is a single token."""
-    vocab = {EOD: 0, PAD: 1, "<unk>": 2} | {f"d{i}": i + 3 for i in range(num_ids)}
+def write_id_tokenizer(path: Path, num_ids: int, specials: tuple[str, ...] = (EOD, PAD, "<unk>")) -> Path:
+    """A word-level tokenizer.json in which each document id word `d<i>` (i < num_ids) is a single token,
+    after `specials` (which must hold <unk>): Parallax's by default, ("<unk>", "<s>", "</s>") for Llama 2's."""
+    vocab = {token: i for i, token in enumerate(specials)} | {f"d{i}": i + len(specials) for i in range(num_ids)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.save(str(path))
