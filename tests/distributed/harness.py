@@ -84,6 +84,25 @@ def _run_all(out_dir: Path, world_size: int) -> None:
             continue
         if dist.is_initialized():
             dist.barrier()
+            _destroy_scenario_groups()
+
+
+def _destroy_scenario_groups() -> None:
+    """Destroy every process group but the world and the control group, as a scenario's process ends.
+
+    A training process builds its groups once, but here every scenario rebuilds them, and megatron's
+    destroy_model_parallel only forgets its groups: each stays alive with its gloo threads and sockets
+    (two worker threads and a TCP loop apiece). Over a launch's scores of scenarios that grew to
+    thousands of threads per rank, and every later scenario ran slower for it. torch lists the groups
+    only in its private `_world.pg_map`; this is test code, and it runs after the scenario's barrier."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _world
+
+    from parallel.topology import _control_group
+
+    for group in list(_world.pg_map):
+        if group is not dist.GroupMember.WORLD and group not in _control_group:
+            dist.destroy_process_group(group)
 
 
 if __name__ == "__main__":
