@@ -80,14 +80,17 @@ def initialise(model: torch.nn.Module, seed: int) -> int:
 
 
 def _draw_slices(p: torch.nn.Parameter, key: tuple, first: int, generator: torch.Generator) -> None:
-    """Index i of p's partition dimension is global index first + i, drawn contiguously (a strided
-    draw is a different stream) into p itself when the slices are rows, else into a buffer."""
+    """Index i of p's partition dimension is global index first + i. A slice is always drawn
+    contiguously (a strided draw is a different stream): in place when it is a row, else into a
+    one-slice buffer copied into its column, so the rank never holds more than its weights."""
     dim = p.partition_dim
-    slices = p.data if dim == 0 else torch.empty(p.movedim(dim, 0).shape, dtype=p.dtype, device=p.device)
-    for i, part in enumerate(slices):
-        _draw(part, p.init_std, (*key, first + i), generator)
-    if dim != 0:
-        p.copy_(slices.movedim(0, dim))
+    buffer = torch.empty_like(p.data.select(dim, 0), memory_format=torch.contiguous_format)
+    for i in range(p.shape[dim]):
+        part = p.data.select(dim, i)
+        target = part if part.is_contiguous() else buffer
+        _draw(target, p.init_std, (*key, first + i), generator)
+        if target is buffer:
+            part.copy_(buffer)
 
 
 def _draw(tensor: torch.Tensor, std: float, key: tuple, generator: torch.Generator) -> None:
