@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from launcher.plan.count import ParameterCount
 
-# Nanoseconds to draw one element on one CPU core, per-slice seeding included: bench/init.py's
-# "sliced" rows at T-NLG width (hidden 4256), measured on a 2-core x86 build machine (see
-# docs/initialisation.md). A rank draws single-threaded, so the figure is per rank.
-CPU_NS_PER_ELEMENT = 5.0
+# Nanoseconds to allocate and draw one element on one CPU core, per-slice seeding included:
+# bench/init.py's "sliced" rows at T-NLG width (hidden 4256), 10.0-11.8 measured on a shared 2-core
+# x86 build machine (docs/initialisation.md). A rank draws single-threaded, so the figure is per rank.
+CPU_NS_PER_ELEMENT = 10.0
 FP32_BYTES = 4
 
 
