@@ -1,5 +1,4 @@
-"""What GPT (and its Llama-style variant) and T5 are both built from: the pre-norm, the initialiser,
-the vocabulary-parallel output layer and loss, and the per-layer MoE figures and parameter counts.
+"""What GPT (and its Llama-style variant) and T5 are both built from: the pre-norm, the vocabulary-parallel output layer and loss, and the per-layer MoE figures and parameter counts.
 
 The output layer and the loss are Megatron's: each tensor-parallel (TP) rank scores its slice of
 the (padded) vocabulary, and `vocab_parallel_cross_entropy` finds the softmax over the whole of it
@@ -15,10 +14,6 @@ from models.moe import MoEFeedForward, is_expert_parameter
 from parallel.sequence_parallel import gather_sequence, replicated_parameter
 
 IGNORE_INDEX = -100  # label of a position that is not scored (Hugging Face's convention)
-
-
-def normal_init(std: float):
-    return lambda weight: nn.init.normal_(weight, mean=0.0, std=std)
 
 
 class Norm(nn.Module):

@@ -22,8 +22,8 @@ lookups are reduce-scattered the same way. Parameters every rank holds whole but
 own slice (norms, row-parallel biases, position embeddings) have their gradients summed over the
 TP group in the graph itself, which keeps them correct under any engine or ZeRO stage.
 
-Weights are created the same way at every TP size: megatron draws each full matrix from the torch
-generator and keeps this rank's slice (`use_cpu_initialization`), so one seed gives one model.
+Weights are a function of the seed, not of the layout: each rank draws only its own slice, and one
+seed gives one model at every TP and EP size (models/init.py).
 """
 import math
 
@@ -34,8 +34,9 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.blocks import Norm, language_model_loss, moe_metrics, normal_init, parameter_counts, vocab_parallel_logits
+from models.blocks import Norm, language_model_loss, moe_metrics, parameter_counts, vocab_parallel_logits
 from models.config import ModelConfig
+from models.init import draw_normal, initialise, layer_config, parallel_layer
 from models.moe import MoEFeedForward
 from parallel.sequence_parallel import (gather_sequence, reduce_scatter_sequence, replicated_parameter,
                                        row_parallel_reduce_scatter, split_sequence, vocab_parallel_embedding_partial)
@@ -68,7 +69,7 @@ class Attention(nn.Module):
     the output features contiguously over TP ranks hands each rank whole groups.
     """
 
-    def __init__(self, cfg: ModelConfig, tp_config: ModelParallelConfig, output_init, sequence_parallel: bool):
+    def __init__(self, cfg: ModelConfig, tp_config: ModelParallelConfig, output_std: float, sequence_parallel: bool):
         super().__init__()
         tp = tp_config.tensor_model_parallel_size
         self.head_dim = cfg.hidden_size // cfg.num_heads
@@ -76,13 +77,13 @@ class Attention(nn.Module):
         self.group_size = cfg.num_heads // cfg.kv_heads  # query heads per key/value head
         self.dropout = cfg.dropout
         self.sequence_parallel = sequence_parallel
-        self.qkv = tensor_parallel.ColumnParallelLinear(
-            cfg.hidden_size, (cfg.num_heads + 2 * cfg.kv_heads) * self.head_dim, config=tp_config,
-            init_method=normal_init(cfg.init_std), bias=cfg.biased, gather_output=False,
+        self.qkv = parallel_layer(
+            tensor_parallel.ColumnParallelLinear, cfg.hidden_size, (cfg.num_heads + 2 * cfg.kv_heads) * self.head_dim,
+            std=cfg.init_std, config=tp_config, bias=cfg.biased, gather_output=False,
             disable_grad_reduce=sequence_parallel,
         )
-        self.proj = tensor_parallel.RowParallelLinear(
-            cfg.hidden_size, cfg.hidden_size, config=tp_config, init_method=output_init,
+        self.proj = parallel_layer(
+            tensor_parallel.RowParallelLinear, cfg.hidden_size, cfg.hidden_size, std=output_std, config=tp_config,
             bias=cfg.biased, input_is_parallel=True, skip_bias_add=False,
         )
         self.rotary = (
@@ -109,20 +110,20 @@ class MLP(nn.Module):
     """fc_out(gelu(fc_in x)) (GPT), or fc_out(silu(fc_gate x) * fc_in x) (SwiGLU, Llama); the input
     layers are column-parallel, so each TP rank gates its own slice of the hidden features."""
 
-    def __init__(self, cfg: ModelConfig, tp_config: ModelParallelConfig, output_init, sequence_parallel: bool):
+    def __init__(self, cfg: ModelConfig, tp_config: ModelParallelConfig, output_std: float, sequence_parallel: bool):
         super().__init__()
         self.sequence_parallel = sequence_parallel
 
         def column_parallel():
-            return tensor_parallel.ColumnParallelLinear(
-                cfg.hidden_size, cfg.ffn_size, config=tp_config, init_method=normal_init(cfg.init_std),
-                bias=cfg.biased, gather_output=False, disable_grad_reduce=sequence_parallel,
+            return parallel_layer(
+                tensor_parallel.ColumnParallelLinear, cfg.hidden_size, cfg.ffn_size, std=cfg.init_std,
+                config=tp_config, bias=cfg.biased, gather_output=False, disable_grad_reduce=sequence_parallel,
             )
 
         self.fc_in = column_parallel()
         self.fc_gate = column_parallel() if cfg.swiglu else None
-        self.fc_out = tensor_parallel.RowParallelLinear(
-            cfg.ffn_size, cfg.hidden_size, config=tp_config, init_method=output_init,
+        self.fc_out = parallel_layer(
+            tensor_parallel.RowParallelLinear, cfg.ffn_size, cfg.hidden_size, std=output_std, config=tp_config,
             bias=cfg.biased, input_is_parallel=True, skip_bias_add=False,
         )
 
@@ -151,12 +152,11 @@ class Block(nn.Module):
                  sequence_parallel: bool, moe_expert_parallel_size: int | None):
         super().__init__()
         self.sequence_parallel = sequence_parallel
-        output_init = normal_init(output_std)
         self.attn_norm = Norm(cfg, sequence_parallel)
-        self.attn = Attention(cfg, tp_config, output_init, sequence_parallel)
+        self.attn = Attention(cfg, tp_config, output_std, sequence_parallel)
         self.mlp_norm = Norm(cfg, sequence_parallel)
         if moe_expert_parallel_size is None:
-            self.mlp = MLP(cfg, tp_config, output_init, sequence_parallel)
+            self.mlp = MLP(cfg, tp_config, output_std, sequence_parallel)
         else:
             self.mlp = MoEFeedForward(cfg, moe_expert_parallel_size, output_std)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -194,22 +194,19 @@ class GPT(nn.Module):
         self.vocab_size = cfg.padded_vocab_size(vocab_size)
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        tp_config = ModelParallelConfig(
-            tensor_model_parallel_size=self.tp,
-            use_cpu_initialization=True,
-        )
+        tp_config = layer_config(self.tp)
         # GPT-2's scaled init: each residual branch's output projection is shrunk by
         # sqrt(2 x layers) so the residual stream's variance does not grow with depth.
         output_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
 
-        self.embedding = tensor_parallel.VocabParallelEmbedding(
-            self.vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std), config=tp_config
+        self.embedding = parallel_layer(
+            tensor_parallel.VocabParallelEmbedding, self.vocab_size, cfg.hidden_size, std=cfg.init_std, config=tp_config
         )
-        self.position_embedding = (
-            nn.Embedding(cfg.max_seq_len, cfg.hidden_size) if cfg.position_embedding == "learned" else None
-        )
-        if self.position_embedding is not None:
-            nn.init.normal_(self.position_embedding.weight, std=cfg.init_std)
+        self.position_embedding = None
+        if cfg.position_embedding == "learned":  # given a weight, nn.Embedding draws none of its own
+            shape = (cfg.max_seq_len, cfg.hidden_size)
+            self.position_embedding = nn.Embedding(*shape, _weight=torch.empty(shape))
+            draw_normal(self.position_embedding.weight, cfg.init_std)
         self.embedding_dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
             Block(cfg, tp_config, output_std, sequence_parallel,
@@ -219,10 +216,11 @@ class GPT(nn.Module):
         self.moe_layers = [block.mlp for block in self.blocks if isinstance(block.mlp, MoEFeedForward)]
         self.final_norm = Norm(cfg, sequence_parallel)
         # The output layer is the input embedding (tied, GPT-2) or a vocabulary-parallel matrix of its own (Llama).
-        self.output_layer = None if cfg.tied else tensor_parallel.ColumnParallelLinear(
-            cfg.hidden_size, self.vocab_size, config=tp_config, init_method=normal_init(cfg.init_std), bias=False,
-            gather_output=False,
+        self.output_layer = None if cfg.tied else parallel_layer(
+            tensor_parallel.ColumnParallelLinear, cfg.hidden_size, self.vocab_size, std=cfg.init_std,
+            config=tp_config, bias=False, gather_output=False,
         )
+        initialise(self, torch.initial_seed())  # the seed the caller gave torch.manual_seed
 
     @staticmethod
     def batch_inputs(batch: torch.Tensor) -> dict[str, torch.Tensor]:

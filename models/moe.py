@@ -25,6 +25,7 @@ from megatron.core import parallel_state
 from torch import nn
 
 from models.config import ModelConfig
+from models.init import draw_normal
 
 _GATE_NOISE = {"none": None, "jitter": "Jitter", "rsample": "RSample"}
 
@@ -87,25 +88,23 @@ class MoEFeedForward(nn.Module):
             top2_2nd_expert_sampling=False,  # the second expert is the gate's second choice
         )
         self.gate_weight = self.layer.deepspeed_moe.gate.wg.weight
-        self._init_weights(cfg.init_std, output_std, expert_parallel_size)
+        self._init_weights(cfg.init_std, output_std)
         self.router_loss = None
         self.metrics = {}
 
     @torch.no_grad()
-    def _init_weights(self, std: float, output_std: float, expert_parallel_size: int) -> None:
-        """Draw every expert of the layer in a fixed order and keep this rank's: one seed, one model, at any EP."""
-        nn.init.normal_(self.gate_weight, std=std)
+    def _init_weights(self, std: float, output_std: float) -> None:
+        """Mark the router and this rank's experts for models.init.initialise, each expert with its
+        global index: it draws an expert by the name it has at EP=1, so a rank draws only its own
+        experts and one seed gives one model at any EP."""
+        draw_normal(self.gate_weight, std)
         local = self.layer.deepspeed_moe.experts.deepspeed_experts
         first_local = deepspeed_groups._get_expert_parallel_rank(self.layer.expert_group_name) * len(local)
-        for expert_id in range(self.moe_cfg.num_experts):
-            fc_in = torch.empty_like(local[0].fc_in.weight).normal_(std=std)
-            fc_out = torch.empty_like(local[0].fc_out.weight).normal_(std=output_std)
-            if first_local <= expert_id < first_local + len(local):
-                expert = local[expert_id - first_local]
-                expert.fc_in.weight.copy_(fc_in)
-                expert.fc_out.weight.copy_(fc_out)
-                expert.fc_in.bias.zero_()
-                expert.fc_out.bias.zero_()
+        for i, expert in enumerate(local):
+            for weight, weight_std in ((expert.fc_in.weight, std), (expert.fc_out.weight, output_std)):
+                draw_normal(weight, weight_std).expert_index = (i, first_local + i)
+            expert.fc_in.bias.zero_()
+            expert.fc_out.bias.zero_()
 
     def forward(self, x):
         out, load_balancing_loss, tokens_per_expert = self.layer(x)

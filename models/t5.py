@@ -24,8 +24,8 @@ the feed-forward input are column-parallel (each TP rank owns whole heads and a 
 attention output and feed-forward output are row-parallel, so each sub-layer costs one all-reduce
 forward and one backward. Each rank keeps the relative-bias columns of its own heads: the bias is
 then computed only for the heads the rank attends with, and each column's gradient lives on the
-one rank that uses it, with no extra all-reduce. Every weight, the bias table included, is drawn
-in full and sliced, so one seed gives one model at any TP size.
+one rank that uses it, with no extra all-reduce. Each rank draws only its slice of every weight,
+the bias table included, and one seed gives one model at any TP size (models/init.py).
 """
 import math
 
@@ -36,8 +36,9 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.blocks import Norm, language_model_loss, moe_metrics, normal_init, parameter_counts, vocab_parallel_logits
+from models.blocks import Norm, language_model_loss, moe_metrics, parameter_counts, vocab_parallel_logits
 from models.config import ModelConfig
+from models.init import draw_normal, initialise, layer_config, parallel_layer
 from models.moe import MoEFeedForward
 
 
@@ -72,11 +73,10 @@ class RelativePositionBias(nn.Module):
         super().__init__()
         self.bidirectional, self.num_buckets, self.max_distance = bidirectional, cfg.num_buckets, cfg.max_distance
         tp = parallel_state.get_tensor_model_parallel_world_size()
-        full = torch.empty(cfg.num_buckets, cfg.num_heads).normal_(std=cfg.hidden_size ** -0.5)
-        local = full.chunk(tp, dim=1)[parallel_state.get_tensor_model_parallel_rank()]
-        self.weight = nn.Parameter(local.clone())
+        self.weight = nn.Parameter(torch.empty(cfg.num_buckets, cfg.num_heads // tp))
         # Split over TP along the heads, so DeepSpeed's gradient norm counts each column once.
         tensor_parallel.set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=1, stride=1)
+        draw_normal(self.weight, cfg.hidden_size ** -0.5)
 
     def forward(self, query_length: int, key_length: int) -> torch.Tensor:
         """[1, local_heads, query_length, key_length]"""
@@ -100,15 +100,16 @@ class Attention(nn.Module):
         tp = tp_config.tensor_model_parallel_size
         h, inner = cfg.hidden_size, cfg.num_heads * cfg.head_dim
         self.head_dim, self.local_heads, self.dropout = cfg.head_dim, cfg.num_heads // tp, cfg.dropout
-        self.q = tensor_parallel.ColumnParallelLinear(
-            h, inner, config=tp_config, init_method=normal_init((h * cfg.head_dim) ** -0.5), bias=False,
+        self.q = parallel_layer(
+            tensor_parallel.ColumnParallelLinear, h, inner, std=(h * cfg.head_dim) ** -0.5, config=tp_config,
+            bias=False, gather_output=False,
+        )
+        self.kv = parallel_layer(
+            tensor_parallel.ColumnParallelLinear, h, 2 * inner, std=h ** -0.5, config=tp_config, bias=False,
             gather_output=False,
         )
-        self.kv = tensor_parallel.ColumnParallelLinear(
-            h, 2 * inner, config=tp_config, init_method=normal_init(h ** -0.5), bias=False, gather_output=False,
-        )
-        self.o = tensor_parallel.RowParallelLinear(
-            inner, h, config=tp_config, init_method=normal_init(inner ** -0.5), bias=False,
+        self.o = parallel_layer(
+            tensor_parallel.RowParallelLinear, inner, h, std=inner ** -0.5, config=tp_config, bias=False,
             input_is_parallel=True, skip_bias_add=False,
         )
 
@@ -136,14 +137,15 @@ class FeedForward(nn.Module):
         h, f = cfg.hidden_size, cfg.ffn_size
 
         def column_parallel():
-            return tensor_parallel.ColumnParallelLinear(
-                h, f, config=tp_config, init_method=normal_init(h ** -0.5), bias=False, gather_output=False
+            return parallel_layer(
+                tensor_parallel.ColumnParallelLinear, h, f, std=h ** -0.5, config=tp_config, bias=False,
+                gather_output=False,
             )
 
         self.wi = column_parallel()
         self.wi_gate = column_parallel() if cfg.gated else None
-        self.wo = tensor_parallel.RowParallelLinear(
-            f, h, config=tp_config, init_method=normal_init(f ** -0.5), bias=False,
+        self.wo = parallel_layer(
+            tensor_parallel.RowParallelLinear, f, h, std=f ** -0.5, config=tp_config, bias=False,
             input_is_parallel=True, skip_bias_add=False,
         )
         self.dropout = nn.Dropout(cfg.dropout)
@@ -228,22 +230,20 @@ class T5(nn.Module):
             raise ValueError("T5 does not support sequence parallelism")
         self.cfg, self.expert_parallel_size = cfg, expert_parallel_size
         self.vocab_size = cfg.padded_vocab_size(vocab_size)
-        tp_config = ModelParallelConfig(
-            tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
-            use_cpu_initialization=True,
-        )
-        self.embedding = tensor_parallel.VocabParallelEmbedding(
-            self.vocab_size, cfg.hidden_size, init_method=normal_init(1.0), config=tp_config
+        tp_config = layer_config(parallel_state.get_tensor_model_parallel_world_size())
+        self.embedding = parallel_layer(
+            tensor_parallel.VocabParallelEmbedding, self.vocab_size, cfg.hidden_size, std=1.0, config=tp_config
         )
         self.encoder = Stack(cfg, tp_config, False, cfg.num_layers, expert_parallel_size, activation_checkpointing)
         self.decoder = Stack(cfg, tp_config, True, cfg.decoder_layers, expert_parallel_size, activation_checkpointing)
         # Untied (T5.1.1): std d_model**-0.5 gives the logits the scale the tied layer gets from its
         # rescaled input (Hugging Face draws std 1.0, which starts training at a loss near 25).
-        self.lm_head = None if cfg.tied else tensor_parallel.ColumnParallelLinear(
-            cfg.hidden_size, self.vocab_size, config=tp_config, init_method=normal_init(cfg.hidden_size ** -0.5),
-            bias=False, gather_output=False,
+        self.lm_head = None if cfg.tied else parallel_layer(
+            tensor_parallel.ColumnParallelLinear, cfg.hidden_size, self.vocab_size, std=cfg.hidden_size ** -0.5,
+            config=tp_config, bias=False, gather_output=False,
         )
         self.moe_layers = [m for m in self.modules() if isinstance(m, MoEFeedForward)]
+        initialise(self, torch.initial_seed())  # the seed the caller gave torch.manual_seed
 
     @staticmethod
     def batch_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

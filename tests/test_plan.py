@@ -318,3 +318,13 @@ def test_search_shards_experts_only_over_ep_dividing_dp_and_the_experts():
     assert {p.cfg.parallel.ep for p in ranked} == {1, 2, 4, 8}  # 3, 6, 12, 24 divide no DP size of 16 GPUs
     assert {p.cfg.parallel.zero_stage for p in ranked} <= {0, 1, 2}
     assert ranked[0].layout().startswith("tp=") and " ep=" in ranked[0].layout()
+
+
+def test_startup_is_each_ranks_own_fp32_weights_and_their_draw_time():
+    """A TP=4 rank of T-NLG builds and draws a quarter of the split weights, not the whole model."""
+    from launcher.plan.startup import CPU_NS_PER_ELEMENT, startup_per_rank
+
+    whole, rank = (closed_form_count(load_config(TNLG).model, 50257, tp) for tp in (1, 4))
+    startup = startup_per_rank(rank)
+    assert startup.host_bytes == 4 * rank.per_rank < 4 * whole.per_rank / 3.9
+    assert startup.init_seconds == pytest.approx(rank.per_rank * CPU_NS_PER_ELEMENT * 1e-9)

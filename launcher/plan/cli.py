@@ -9,6 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from launcher.plan.hardware import GPUS, GiB, USABLE_FRACTION, Cluster
+from launcher.plan.startup import CPU_NS_PER_ELEMENT
 from launcher.plan.throughput import DEFAULT_EFFICIENCY, DP_COLLECTIVES, ep_within_node
 
 if TYPE_CHECKING:  # the model, hence torch, is imported when a plan is made, not for `parallax --help`
@@ -94,6 +95,9 @@ def render(p: Plan) -> str:
           if cfg.model.moe else []),
         f"  step time {s.seconds:.3f} s, {s.tokens_per_second:,.0f} tokens/s, MFU {s.mfu:.1%} "
         f"of {gpu.peak_tflops[precision]:g} TFLOP/s {precision} peak per {gpu.name}",
+        f"start-up  host RAM per rank {p.startup.host_bytes / GiB:.2f} GiB (its fp32 weights, built on the host); "
+        f"initialisation ~{p.startup.init_seconds:.0f} s per rank at {CPU_NS_PER_ELEMENT:g} ns per element "
+        "on one CPU core (bench/init.py)",
     ]
     return "\n".join(lines)
 

@@ -17,6 +17,7 @@ from launcher.config import ConfigError, RunConfig
 from launcher.plan.count import ParameterCount, checked_count, closed_form_count
 from launcher.plan.hardware import Cluster
 from launcher.plan.memory import Memory, memory_per_gpu
+from launcher.plan.startup import Startup, startup_per_rank
 from launcher.plan.throughput import DEFAULT_EFFICIENCY, Step, step_estimate
 
 
@@ -29,6 +30,7 @@ class Plan:
     count: ParameterCount
     memory: Memory
     step: Step
+    startup: Startup
 
     @property
     def fits(self) -> bool:
@@ -68,6 +70,7 @@ def plan(cfg: RunConfig, cluster: Cluster, *, count: ParameterCount | None = Non
         cfg=cfg, cluster=cluster, dp=dp, vocab_size=vocab_size, count=count,
         memory=memory_per_gpu(cfg, count, dp, vocab_size),
         step=step_estimate(cfg, cluster, count, dp, vocab_size, efficiency),
+        startup=startup_per_rank(count),
     )
 
 

@@ -86,6 +86,40 @@ def model_outputs(*overrides: str) -> dict:
     return {"logits": logits, "loss": loss.item(), "grads": grads}
 
 
+def initial_weights(*overrides: str) -> dict:
+    """For the GPT-2 and the Llama-style model: the initial weights gathered to full shapes, the
+    elements this rank drew from a normal distribution while building them (every `normal_` counts,
+    megatron's and nn.init's included), and how many of its weight elements are split over TP."""
+    from models.gpt import GPT
+    from parallel.topology import init_topology
+
+    results = {}
+    for style, extra in (("gpt2", ()), ("llama_style", LLAMA_STYLE)):
+        cfg = tiny_config(*overrides, *extra)
+        topo = init_topology(tp=cfg.parallel.tp)
+        drawn, normal_ = 0, torch.Tensor.normal_
+
+        def counted(tensor, *args, **kwargs):
+            nonlocal drawn
+            drawn += tensor.numel()
+            return normal_(tensor, *args, **kwargs)
+
+        torch.Tensor.normal_ = counted
+        try:
+            torch.manual_seed(cfg.train.seed)
+            model = GPT(cfg.model, VOCAB)
+        finally:
+            torch.Tensor.normal_ = normal_
+        named = list(model.named_parameters())
+        results[style] = {
+            "weights": {name: full_shape(p, p.detach(), topo.tp_group) for name, p in named},
+            "drawn": drawn,
+            "split_weights": sum(p.numel() for name, p in named
+                                 if getattr(p, "tensor_model_parallel", False) and name.endswith("weight")),
+        }
+    return results
+
+
 # The Llama-style GPT: grouped-query attention (2 key/value heads for 4 query heads, so TP=2 gives each
 # rank one group), SwiGLU, no linear biases, an untied output layer, rotary positions and RMSNorm.
 LLAMA_STYLE = ("model.position_embedding=rotary", "model.norm=rmsnorm", "model.mlp=swiglu", "model.num_kv_heads=2",
@@ -104,6 +138,11 @@ def reference_model_llama_style():
 
 
 @scenario(world_size=1)
+def reference_initial_weights():
+    return initial_weights()
+
+
+@scenario(world_size=1)
 def reference_training():
     return run_training("parallel.zero_stage=0")
 
@@ -114,6 +153,11 @@ def reference_training_llama_style():
 
 
 # --- two ranks ---------------------------------------------------------------------------------
+
+@scenario(world_size=2)
+def tp2_initial_weights():
+    return initial_weights("parallel.tp=2")
+
 
 @scenario(world_size=2)
 def tp2_model():
