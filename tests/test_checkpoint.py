@@ -86,3 +86,28 @@ def test_control_traffic_never_touches_the_data_plane(scenario_results):
     for group in ("tp", "dp"):
         assert stopped["collectives"][group] + resumed["collectives"][group] == end["collectives"][group], runs
     assert stopped["collectives"]["control"] + resumed["collectives"]["control"] > end["collectives"]["control"]
+
+
+def test_setup_cfg_pins_the_deepspeed_the_checkpoint_adapter_is_tested_against():
+    """The adapter refuses any other DeepSpeed; a pin that drifted from it would install one it refuses."""
+    import configparser
+
+    from parallel.checkpoint.deepspeed_adapter import TESTED_DEEPSPEED
+
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    pins = [line for line in setup["options"]["install_requires"].splitlines() if line.startswith("deepspeed")]
+    assert pins == [f"deepspeed=={TESTED_DEEPSPEED}"]
+
+
+def test_a_deepspeed_other_than_the_tested_one_is_refused_in_one_line(monkeypatch):
+    import deepspeed
+
+    from parallel.checkpoint import CheckpointError
+    from parallel.checkpoint.deepspeed_adapter import check_deepspeed_version
+
+    check_deepspeed_version()
+    monkeypatch.setattr(deepspeed, "__version__", "0.20.0")
+    with pytest.raises(CheckpointError, match=r"DeepSpeed 0\.20\.0 is installed; pip install deepspeed==") as refused:
+        check_deepspeed_version()
+    assert "\n" not in str(refused.value)
