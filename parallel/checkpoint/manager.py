@@ -1,16 +1,22 @@
 """The Checkpointer: the object the training loop calls to resume a run and to save it.
 
-Reports, agreements and loader states travel on the topology's gloo control group, never on the
-NCCL data plane (parallel/topology.py). When to save, and what a failed save means, is the training
-loop's decision (launcher/train.py): this module only saves and loads.
+A save blocks the loop only while each rank copies its fragments to CPU memory; a background
+thread writes, fsyncs and commits them while training goes on. Its reports, agreements and loader
+states travel on the topology's `save_group`, a gloo group only that thread uses (a gloo group must
+not serve two threads at once, and the loop's stop vote is on `control_group`); resume's go on
+`control_group`. Neither touches the NCCL data plane (parallel/topology.py). When to save, and
+what a failed save means, is the training loop's decision (launcher/train.py): this module only
+saves and loads. docs/checkpoints.md has the design.
 """
 from __future__ import annotations
 
+import copy
 import random
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -20,6 +26,33 @@ from parallel.checkpoint import deepspeed_adapter as ds
 from parallel.checkpoint import layout_free as fmt
 from parallel.checkpoint import storage
 from parallel.checkpoint.storage import CLIENT, LATEST, MANIFEST, CheckpointError, step_dir_name
+
+
+class PendingSave:
+    """A checkpoint being written and committed in the background. `wait()` is its outcome, the
+    same on every rank: None once it is committed, else the one line saying what failed and what
+    is left. An unexpected error of the writer (a peer gone, say) is raised by `wait()` instead."""
+
+    def __init__(self, write: Callable[[], Optional[str]]):
+        self._outcome: Optional[str] = None
+        self._crash: Optional[BaseException] = None
+        # A daemon: a rank that fails while a save is in flight must exit rather than wait on peers
+        # that may be gone; the checkpoint it was writing is then never committed, and `latest`
+        # still names the previous one.
+        self._thread = threading.Thread(target=self._run, args=(write,), name="checkpoint-save", daemon=True)
+        self._thread.start()
+
+    def _run(self, write) -> None:
+        try:
+            self._outcome = write()
+        except BaseException as e:
+            self._crash = e
+
+    def wait(self) -> Optional[str]:
+        self._thread.join()
+        if self._crash is not None:
+            raise self._crash
+        return self._outcome
 
 
 @dataclass(frozen=True)
@@ -45,6 +78,7 @@ class Checkpointer:
         self.cfg, self.topo, self.engine, self.loader = cfg, topo, engine, loader
         self.root = checkpoint_root(cfg)
         self.num_experts = cfg.model.moe.num_experts if cfg.model.moe else 0
+        self._pending: Optional[PendingSave] = None
 
     def _say(self, line: str) -> None:
         if self.topo.is_logging_rank:
@@ -52,36 +86,49 @@ class Checkpointer:
 
     # --- save ---
 
-    def save(self, step: int, tokens: int) -> Optional[str]:
-        """Write and commit the checkpoint of `step`. On a disk failure, the same one line on every
+    def save(self, step: int, tokens: int) -> PendingSave:
+        """Start saving the checkpoint of `step`. The caller is blocked only while this rank copies
+        what it saves into CPU memory; writing, fsync and the commit run in a background thread, and
+        the returned save's `wait()` is their outcome. A save first waits for the one before it."""
+        if self._pending is not None:
+            self._pending.wait()
+        shard = {"pieces": fmt.held_pieces(self.engine, self.topo, self.num_experts), "rng": _rng_state()}
+        client = self._client_state(step, tokens)
+        # TP peers share their DP rank's data state, so only TP rank 0 sends it
+        data_state = (self.topo.dp_rank, copy.deepcopy(self.loader.state_dict())) if self.topo.tp_rank == 0 else None
+        self._pending = PendingSave(lambda: self._write_and_commit(step, shard, client, data_state))
+        return self._pending
+
+    def _write_and_commit(self, step: int, shard: dict, client: dict, data_state) -> Optional[str]:
+        """The background half of a save, collective over the save group: every rank writes its shard,
+        rank 0 commits once every rank reported success. On a disk failure, the same one line on every
         rank saying what failed and what is left; the previous checkpoint is untouched."""
-        topo, name, control = self.topo, step_dir_name(step), self.topo.control_group
+        topo, group, name = self.topo, self.topo.save_group, step_dir_name(step)
         tmp, final = self.root / f".{name}.tmp", self.root / name
-        pieces = fmt.held_pieces(self.engine, topo, self.num_experts)
-        data_states = self._gather_data_states()  # a collective: every rank must reach it, whatever its disk does
+        client["data"] = self._gather_data_states(data_state)  # every rank must reach it, whatever its disk does
         entries = {}
 
         def write_files():
-            shard = f"shard-{topo.rank:05d}.pt"
-            entries[shard] = storage.save_file({"pieces": pieces, "rng": _rng_state()}, tmp / shard)
+            shard_name = f"shard-{topo.rank:05d}.pt"
+            entries[shard_name] = storage.save_file(shard, tmp / shard_name)
             if topo.rank == 0:
-                entries[CLIENT] = storage.save_file(self._client_state(step, tokens, data_states), tmp / CLIENT)
+                entries[CLIENT] = storage.save_file(client, tmp / CLIENT)
                 entries["config.yaml"] = storage.save_text(self.cfg.to_yaml(), tmp / "config.yaml")
 
         error = storage.os_error(lambda: storage.fresh_directory(self.root, tmp)) if topo.rank == 0 else None
-        dist.barrier(group=control)
+        dist.barrier(group=group)
         error = error or storage.os_error(write_files)
         if error:
             error = f"rank {topo.rank}: {error}"
         reports = [None] * topo.world_size
-        dist.all_gather_object(reports, (entries, error), group=control)
+        dist.all_gather_object(reports, (entries, error), group=group)
         error = next((err for _, err in reports if err), None)
         if topo.rank == 0 and error is None:
-            error = self._commit(tmp, final, step, tokens, {k: v for files, _ in reports for k, v in files.items()})
+            error = self._commit(tmp, final, client, {k: v for files, _ in reports for k, v in files.items()})
         if topo.rank == 0 and error is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         outcome = [error]
-        dist.broadcast_object_list(outcome, src=0, group=control)
+        dist.broadcast_object_list(outcome, src=0, group=group)
         error = outcome[0]
         if error is None:
             self._say(f"checkpoint saved: {final}")
@@ -90,24 +137,23 @@ class Checkpointer:
         kept = f"{self.root / step_dir_name(previous[0])} is intact" if previous else "there is no earlier checkpoint"
         return f"checkpoint of step {step} failed ({error}); {kept}"
 
-    def _gather_data_states(self) -> Optional[list]:
-        """Every DP rank's data state, in DP order, on rank 0 (which writes them); None elsewhere.
-        TP peers share their DP rank's state, so only TP rank 0 sends it."""
+    def _gather_data_states(self, mine: Optional[tuple]) -> Optional[list]:
+        """Every DP rank's data state, in DP order, on rank 0 (which writes them); None elsewhere."""
         topo = self.topo
-        mine = (topo.dp_rank, self.loader.state_dict()) if topo.tp_rank == 0 else None
         gathered = [None] * topo.world_size if topo.rank == 0 else None
-        dist.gather_object(mine, gathered, dst=0, group=topo.control_group)
+        dist.gather_object(mine, gathered, dst=0, group=topo.save_group)
         return [state for _, state in sorted((s for s in gathered if s is not None), key=lambda s: s[0])] if gathered else None
 
-    def _client_state(self, step: int, tokens: int, data_states: list) -> dict:
+    def _client_state(self, step: int, tokens: int) -> dict:
+        """Everything but the data states, which the background gathers; a copy, as training goes on meanwhile."""
         scheduler = self.engine.lr_scheduler
         return {
             "version": fmt.FORMAT_VERSION,
             "step": step,
             "tokens": tokens,
             "adam_step": ds.adam_step(self.engine),
-            "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "data": data_states,
+            "lr_scheduler": copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None,
+            "data": None,
             "config": self.cfg.model_dump(mode="json"),
             "layout": self._layout(),
         }
@@ -116,10 +162,10 @@ class Checkpointer:
         t = self.topo
         return {"world_size": t.world_size, "tp": t.tp, "dp": t.dp, "zero_stage": self.cfg.parallel.zero_stage}
 
-    def _commit(self, tmp: Path, final: Path, step: int, tokens: int, files: dict) -> Optional[str]:
+    def _commit(self, tmp: Path, final: Path, client: dict, files: dict) -> Optional[str]:
         """Rank 0, once every rank's files are on disk: manifest, rename into place, move `latest`, prune."""
-        manifest = {"version": fmt.FORMAT_VERSION, "step": step, "tokens": tokens, "layout": self._layout(),
-                    "files": files}
+        manifest = {"version": fmt.FORMAT_VERSION, "step": client["step"], "tokens": client["tokens"],
+                    "layout": client["layout"], "files": files}
         error = storage.os_error(lambda: storage.commit(tmp, final, manifest))
         if error:
             return f"rank 0: {error}"
