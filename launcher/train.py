@@ -83,6 +83,7 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
 
     first_step, tokens_seen = resumed.step + 1, resumed.tokens
     first_loss = last_loss = None
+    pending_save = None  # the checkpoint being written in the background while training goes on
     if evaluate and first_step == 1:
         _log_evaluation(evaluate(engine, step=0), log, records)
         metrics.restart_clock(_data_wait(loader))
@@ -114,12 +115,13 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
                     "saving a checkpoint")
         if save:
             save_started = time.perf_counter()
-            error = checkpoints.save(step, tokens_seen)
-            step_records[-1]["checkpoint_save_seconds"] = time.perf_counter() - save_started
-            if error and (stopping or last):
-                raise SaveFailed(f"{error}; free space or fix permissions on {checkpoints.root} and launch again")
-            if error:
+            if pending_save is not None and (error := pending_save.wait()):  # one save at a time
                 log.say(f"warning: {error}; training continues and saves again at the next interval")
+            pending_save = checkpoints.save(step, tokens_seen)  # blocks only while it copies to CPU memory
+            # The run must not end ("done", or "requeue me") before its last checkpoint is known committed.
+            if (stopping or last) and (error := pending_save.wait()):
+                raise SaveFailed(f"{error}; free space or fix permissions on {checkpoints.root} and launch again")
+            step_records[-1]["checkpoint_save_seconds"] = time.perf_counter() - save_started
         log.write(step_records)
         if records is not None:
             records.extend(step_records)

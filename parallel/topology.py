@@ -15,7 +15,9 @@ TP {0,1} {2,3}; DP {0,2} {1,3}; EP {0,2} {1,3}; expert-DP {0} {1} {2} {3}.
 Two planes. The groups above are the data plane: on GPUs they are NCCL, which moves device tensors
 and refuses CPU tensors and pickled objects. Everything else (the stop vote, barriers, gathers of
 Python objects such as checkpoint reports and loader states) goes over `control_group`, one gloo
-group of the whole world, on CPU tensors. The rule: no CPU tensor and no pickle ever goes to a
+group of the whole world, on CPU tensors. A checkpoint written in the background (parallel/checkpoint/
+manager.py) has `save_group`, a second such group, to itself: a gloo group may serve two threads
+only one at a time, and the loop's stop vote must not wait behind a save. The rule: no CPU tensor and no pickle ever goes to a
 data-plane group, and every collective on model tensors uses tensors on `Topology.device`.
 """
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Topology:
     ep_rank: int
     device: torch.device
     control_group: dist.ProcessGroup  # gloo, the whole world: see the module docstring
+    save_group: dist.ProcessGroup  # gloo, the whole world, used only by the background save's thread
 
     @property
     def tp_group(self):
@@ -109,7 +112,7 @@ def cuda_device(local_rank: int, visible_gpus: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-_control_group: list[dist.ProcessGroup] = []  # made once per process: the world does not change within it
+_control_groups: list[dist.ProcessGroup] = []  # the loop's, the background save's: made once per process
 
 
 def init_topology(tp: int, ep: int = 1, pp: int = 1, timeout_minutes: float = 30) -> Topology:
@@ -135,8 +138,8 @@ def init_topology(tp: int, ep: int = 1, pp: int = 1, timeout_minutes: float = 30
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         deepspeed.init_distributed(dist_backend=default_backend(), verbose=False, timeout=timeout)
-    if not _control_group:
-        _control_group.append(dist.new_group(backend="gloo", timeout=timeout))
+    if not _control_groups:  # made once per process: the world does not change within it
+        _control_groups.extend(dist.new_group(backend="gloo", timeout=timeout) for _ in range(2))
     from deepspeed.utils import groups as deepspeed_groups
 
     if parallel_state.model_parallel_is_initialized():
@@ -162,7 +165,8 @@ def init_topology(tp: int, ep: int = 1, pp: int = 1, timeout_minutes: float = 30
         dp_rank=parallel_state.get_data_parallel_rank(),
         ep_rank=deepspeed_groups._get_expert_parallel_rank(expert_group_name(ep)),
         device=device,
-        control_group=_control_group[0],
+        control_group=_control_groups[0],
+        save_group=_control_groups[1],
     )
 
 

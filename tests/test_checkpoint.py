@@ -73,16 +73,43 @@ def test_the_data_pipeline_reads_every_document_once_across_a_dp_reshard(scenari
 
 def test_control_traffic_never_touches_the_data_plane(scenario_results):
     """Issue 14: on GPUs the data-plane groups are NCCL, which refuses CPU tensors and pickles, so the
-    stop vote, barriers and object gathers go over the gloo control group. Counted from the groups'
+    stop vote, barriers and object gathers go over the gloo control groups. Counted from the groups'
     own sequence numbers on a real DP=2 run: saving every step, stopping and resuming add
-    collectives to the control group only; the default group carries none at ZeRO-1, and the TP and
-    DP groups carry exactly what a run that saves once carries (the model's own traffic)."""
+    collectives to the control groups only (a save's to the save group, which only its background
+    thread uses); the default group carries none at ZeRO-1, and the TP and DP groups carry exactly
+    what a run that saves once carries (the model's own traffic)."""
     runs = scenario_results("control_plane")
     end, stopped, resumed = runs["saved_at_end"], runs["stopped"], runs["resumed"]
     assert {end["backend"], stopped["backend"], resumed["backend"]} == {"gloo"}
     for run in (end, stopped, resumed):
         assert run["collectives"]["default"] == 0, run
-        assert run["collectives"]["control"] > 0, run
+        assert run["collectives"]["control"] > 0 and run["collectives"]["save"] > 0, run
     for group in ("tp", "dp"):
         assert stopped["collectives"][group] + resumed["collectives"][group] == end["collectives"][group], runs
     assert stopped["collectives"]["control"] + resumed["collectives"]["control"] > end["collectives"]["control"]
+    assert stopped["collectives"]["save"] + resumed["collectives"]["save"] > end["collectives"]["save"]
+
+
+def test_setup_cfg_pins_the_deepspeed_the_checkpoint_adapter_is_tested_against():
+    """The adapter refuses any other DeepSpeed; a pin that drifted from it would install one it refuses."""
+    import configparser
+
+    from parallel.checkpoint.deepspeed_adapter import TESTED_DEEPSPEED
+
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    pins = [line for line in setup["options"]["install_requires"].splitlines() if line.startswith("deepspeed")]
+    assert pins == [f"deepspeed=={TESTED_DEEPSPEED}"]
+
+
+def test_a_deepspeed_other_than_the_tested_one_is_refused_in_one_line(monkeypatch):
+    import deepspeed
+
+    from parallel.checkpoint import CheckpointError
+    from parallel.checkpoint.deepspeed_adapter import check_deepspeed_version
+
+    check_deepspeed_version()
+    monkeypatch.setattr(deepspeed, "__version__", "0.20.0")
+    with pytest.raises(CheckpointError, match=r"DeepSpeed 0\.20\.0 is installed; pip install deepspeed==") as refused:
+        check_deepspeed_version()
+    assert "\n" not in str(refused.value)

@@ -242,6 +242,47 @@ def test_a_rank_killed_mid_run_restarts_the_job_from_its_last_checkpoint(referen
     assert workers and not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
 
 
+KILL_DURING_BACKGROUND_WRITE = """
+import os, signal, threading
+from pathlib import Path
+
+marker = Path(os.environ["PARALLAX_TEST_MARKER"])
+if os.environ.get("RANK") == "1" and not marker.exists():  # the first rank 1 only, not its restart
+    from parallel.checkpoint import storage
+
+    write = storage.save_file
+
+    def save_file(obj, path):
+        if path.parent.name == ".step-00000010.tmp":
+            marker.write_text(threading.current_thread().name)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return write(obj, path)
+
+    storage.save_file = save_file
+"""
+
+
+def test_a_rank_killed_while_its_checkpoint_is_written_in_the_background_resumes_from_the_one_before(
+        reference, tmp_path):
+    """Issue 17 point 5: rank 1 dies (SIGKILL, injected through sitecustomize) as its background thread
+    starts writing the step-10 shard. Step 10 is never committed, `latest` stays at step 5, and the
+    restarted job resumes from there to the reference's final loss."""
+    run_dir, inject = tmp_path / "run", tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(KILL_DURING_BACKGROUND_WRITE)
+    marker = tmp_path / "killed-in"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(inject), str(Path(__file__).resolve().parents[1])]),
+           "PARALLAX_TEST_MARKER": str(marker)}
+    proc = subprocess.run([*PARALLAX, "train", *TINY, f"logging.run_dir={run_dir}", "--max-restarts", "1"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert marker.read_text() == "checkpoint-save", "the kill must land in the background save's thread"
+    assert re.findall(r"resumed from .*step-(\d+) at step", proc.stdout) == ["00000005"], proc.stdout[-3000:]
+    assert final_loss(run_dir) == final_loss(reference)
+    root = checkpoints(run_dir)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000020", "step-00000025", "step-00000030"]
+
+
 def test_a_failed_save_is_one_line_and_leaves_the_previous_checkpoint(reference, tmp_path):
     """A file-size limit makes every shard write fail part-way (EFBIG), as a full disk would (ENOSPC)."""
     run_dir = tmp_path / "run"

@@ -183,7 +183,7 @@ def collectives_per_group(name: str, *overrides: str) -> dict:
     def sequence_numbers() -> dict:
         topo = seen["topo"]
         groups = {"default": dist.distributed_c10d._get_default_group(), "tp": topo.tp_group, "dp": topo.dp_group,
-                  "control": topo.control_group}
+                  "control": topo.control_group, "save": topo.save_group}
         return {group: g._get_sequence_number_for_group() for group, g in groups.items()}
 
     def batches(topo):

@@ -1,0 +1,140 @@
+"""The one place that reads and writes DeepSpeed's private optimizer state, per ZeRO stage.
+
+Where a parameter's fp32 master and Adam moments live differs at every ZeRO stage and precision,
+and DeepSpeed documents only part of it (its `safe_get_*`/`safe_set_*` helpers); the rest is
+attributes such as `ds_id`, `_hp_mapping` and `fp32_partitioned_groups_flat`, which change between
+releases without notice. So this adapter is tested against one DeepSpeed release, which setup.cfg
+pins, and refuses any other in one line rather than saving numbers it may have misplaced.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from parallel.checkpoint.storage import CheckpointError
+
+TESTED_DEEPSPEED = "0.19.8"  # setup.cfg pins the same release; tests/test_checkpoint.py checks they agree
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+MASTER = "param"  # the key of the fp32 master weight next to the moments
+KEYS = (MASTER, *ADAM_MOMENTS)
+
+
+def check_deepspeed_version() -> None:
+    import deepspeed
+
+    if deepspeed.__version__ != TESTED_DEEPSPEED:
+        raise CheckpointError(
+            f"checkpoints reach into DeepSpeed's private optimizer state, which is tested with DeepSpeed "
+            f"{TESTED_DEEPSPEED} only, and DeepSpeed {deepspeed.__version__} is installed; "
+            f"pip install deepspeed=={TESTED_DEEPSPEED}")
+
+
+def local_shape(param) -> torch.Size:
+    """This TP rank's shape of `param`; ZeRO-3 leaves only a partition in `param` itself."""
+    return param.ds_shape if hasattr(param, "ds_id") else param.shape
+
+
+def replicated_over_dp(param) -> bool:
+    """At ZeRO-0 every DP rank holds and steps the whole parameter; ZeRO partitions it."""
+    return not hasattr(param, "ds_id") and not hasattr(param, "_hp_mapping")
+
+
+def held_fragment(engine, param, key: str) -> Optional[tuple[int, torch.Tensor]]:
+    """(flat offset, fp32 values) of the part of this TP rank's tensor that this rank's optimizer holds,
+    for the master weight or an Adam moment; None if it holds none of it."""
+    if hasattr(param, "ds_id"):  # ZeRO-3: partition r of the flattened tensor, padded at the end
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+        n = param.ds_tensor.numel()
+        start = n * dist.get_rank(param.ds_process_group)
+        value = safe_get_local_fp32_param(param) if key == MASTER else safe_get_local_optimizer_state(param, key)
+        numel = min(n, param.ds_numel - start)
+        return (start, value.flatten()[:numel]) if numel > 0 else None
+    if hasattr(param, "_hp_mapping"):  # ZeRO-1/2 and the bf16 optimizer: a slice of the DP-flat buffer
+        mapping = param._hp_mapping
+        if mapping is None:
+            return None
+        return mapping.lp_fragment_address.start, mapping.get_hp_fragment(None if key == MASTER else key)
+    return 0, _zero0_fp32(engine, param, key)
+
+
+def _zero0_fp32(engine, param, key: str) -> torch.Tensor:
+    """At ZeRO-0, `param`'s whole fp32 master or Adam moment, flat. In fp32 the torch optimizer steps
+    the model's own parameters; in bf16 and fp16 DeepSpeed's FP16_UnfusedOptimizer (the wrapper it
+    puts around torch's AdamW) steps an fp32 copy of each."""
+    opt, master = engine.optimizer, param
+    for params, copies in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", [])):
+        master = next((copy for p, copy in zip(params, copies) if p is param), master)
+    return (master.data if key == MASTER else _base_optimizer(engine).state[master][key]).flatten()
+
+
+def write_local(engine, param, key: str, value: torch.Tensor, dp_rank: int, dp: int) -> None:
+    """Store this TP rank's whole tensor `value`: each DP rank keeps its own ZeRO partition of it."""
+    from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state,
+                                 safe_set_local_fp32_param, safe_set_local_optimizer_state)
+
+    if hasattr(param, "ds_id"):
+        # ZeRO-3's own full-tensor setter cannot cut the last, padded partition; cut it here.
+        n = param.ds_tensor.numel()
+        flat = torch.nn.functional.pad(value.flatten(), (0, n * dp - value.numel()))
+        mine = flat.narrow(0, n * dp_rank, n)
+        safe_set_local_fp32_param(param, mine) if key == MASTER else safe_set_local_optimizer_state(param, mine, key)
+    elif hasattr(param, "_hp_mapping"):  # ZeRO-1/2 and the bf16 optimizer
+        if key == MASTER:
+            safe_set_full_fp32_param(param, value)
+            # Each rank keeps the whole low-precision weight and has the whole value here, so it writes
+            # it itself: the engine's own refresh would all-gather the weights over DP (half of a load).
+            param.data.copy_(value)
+        else:
+            safe_set_full_optimizer_state(param, value, key)
+    else:  # ZeRO-0: every DP rank holds the whole tensor
+        _zero0_fp32(engine, param, key).copy_(value.flatten())
+        if key == MASTER and param.dtype != torch.float32:
+            param.data.copy_(value)  # the bf16/fp16 weight the forward pass reads; in fp32 it is the master itself
+
+
+def _base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch AdamW underneath; ZeRO and the bf16 optimizer wrap it as `.optimizer`."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def adam_step(engine) -> int:
+    states = [s for s in _base_optimizer(engine).state.values() if "step" in s]
+    return int(states[0]["step"]) if states else 0
+
+
+def prepare_adam_state(engine, step: int) -> None:
+    """Give a fresh optimizer the state torch's AdamW creates at its first step, so moments can be written into it."""
+    base = _base_optimizer(engine)
+    # ZeRO-3 hands its flat fp32 partitions to the torch optimizer only for the length of a step.
+    stepped = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or [
+        p for group in base.param_groups for p in group["params"]]
+    for p in stepped:
+        state = base.state[p]
+        state["step"] = torch.tensor(float(step), dtype=torch.float32)
+        for key in ADAM_MOMENTS:
+            state.setdefault(key, torch.zeros_like(p, memory_format=torch.preserve_format))
+    link_optimizer_state(engine)
+
+
+def link_optimizer_state(engine) -> None:
+    """Point each parameter at its fragment of the flat Adam state (ZeRO-1/2, bf16).
+
+    DeepSpeed 0.19's ZeRO-1/2 link once, after stepping the first param group but before the later
+    groups have any state, which leaves those groups' moments unreachable; link again now.
+    """
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
+def refresh_model_weights(engine) -> None:
+    """ZeRO-3: copy the restored fp32 master partitions into the partitions the forward pass gathers.
+    (ZeRO-0, 1 and 2 keep whole weights on every rank, which write_local writes.)"""
+    opt = engine.optimizer
+    if hasattr(opt, "fp32_partitioned_groups_flat"):
+        for sub_group in range(len(opt.fp32_partitioned_groups_flat)):
+            opt._reassign_or_swap_out_partitioned_parameters(sub_group)

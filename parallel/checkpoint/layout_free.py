@@ -1,0 +1,178 @@
+"""The layout-free format: what a shard holds, and how full tensors are cut into it and put back together.
+
+Why not DeepSpeed's own files: `engine.save_checkpoint` writes ZeRO's flat, padded partitions of one
+layout, and reading them at another TP or DP size needs DeepSpeed's offline `ds_to_universal` step.
+A Parallax shard instead names what it holds: for each parameter (experts by their global index),
+the flat fragment of the fp32 master weight and of both Adam moments that this rank's optimizer
+keeps, with its offset in the TP rank's tensor, that tensor's shape, and the TP slice it is. Every
+rank writes what it already holds, with no communication; a number held by several ranks
+(TP-replicated, or DP replicas at ZeRO-0) is written by one of them. At load each rank assembles a
+parameter's full tensor from the memory-mapped files and keeps the slice it owns at its own layout.
+At the same layout that restores exactly the numbers that were saved: resume is bitwise.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from parallel.checkpoint import deepspeed_adapter as ds
+from parallel.checkpoint.deepspeed_adapter import KEYS, MASTER
+from parallel.checkpoint.storage import CheckpointError, read_manifest
+
+FORMAT_VERSION = 2
+
+
+def _tp_partition(param) -> Optional[int]:
+    """The dimension megatron splits `param` along over the TP group, or None if it is replicated."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return None
+    assert getattr(param, "partition_stride", 1) == 1, "strided TP partitions are not supported"
+    return param.partition_dim
+
+
+def tp_slice(param, full: torch.Tensor, topo) -> torch.Tensor:
+    """This TP rank's part of `param`'s full (TP=1) tensor: the whole of a replicated one."""
+    dim = _tp_partition(param)
+    return full if dim is None else full.chunk(topo.tp, dim=dim)[topo.tp_rank]
+
+
+def _owners(sizes: list[int], world_size: int) -> list[int]:
+    """Spread tensors over ranks by size, largest first, so every rank writes about as much."""
+    load, owner = [0] * world_size, [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        owner[i] = min(range(world_size), key=load.__getitem__)
+        load[owner[i]] += sizes[i]
+    return owner
+
+
+def saved_name(name: str, param, topo, num_experts: int) -> str:
+    """Experts are saved under their global index, so a checkpoint loads at any EP size: local
+    expert i of EP rank r is expert r x (experts per rank) + i."""
+    from deepspeed.moe.utils import is_moe_param
+
+    if not is_moe_param(param):
+        return name
+    per_rank = num_experts // topo.ep
+    return re.sub(r"(deepspeed_experts\.)(\d+)\.",
+                  lambda m: f"{m[1]}{topo.ep_rank * per_rank + int(m[2])}.", name, count=1)
+
+
+def held_pieces(engine, topo, num_experts: int) -> dict:
+    """What this rank writes: a copy in CPU memory of the fragment its optimizer holds of each
+    parameter, unless a peer holds the very same numbers and writes them instead (the TP peers of a
+    replicated parameter, the DP replicas at ZeRO-0). Every number is written once, and no rank
+    waits for another."""
+    from deepspeed.moe.utils import is_moe_param
+
+    ds.link_optimizer_state(engine)
+    named = list(engine.module.named_parameters())
+    writers = _owners([ds.local_shape(p).numel() for _, p in named], topo.world_size)
+    pieces = {}
+    for (name, param), writer in zip(named, writers):
+        dim = _tp_partition(param)
+        if dim is None and topo.tp_rank != 0:
+            continue
+        if ds.replicated_over_dp(param):
+            group = topo.expert_dp_group if is_moe_param(param) else topo.dp_group
+            if writer % dist.get_world_size(group) != dist.get_rank(group):
+                continue
+        held = {key: ds.held_fragment(engine, param, key) for key in KEYS}
+        if held[MASTER] is None:
+            continue
+        pieces[saved_name(name, param, topo, num_experts)] = {
+            "tp_rank": 0 if dim is None else topo.tp_rank,
+            "tp_size": 1 if dim is None else topo.tp,
+            "dim": 0 if dim is None else dim,
+            "shape": list(ds.local_shape(param)),
+            "start": held[MASTER][0],
+            # a copy, not a view: the optimizer steps on while it is written, and torch.save would
+            # write the whole flat buffer a ZeRO fragment views
+            **{key: value.detach().to("cpu", copy=True) for key, (_, value) in held.items()},
+        }
+    return pieces
+
+
+def load_shards(path: Path) -> list[dict]:
+    """Every rank's shard file, memory-mapped: a rank copies out only the fragments it reads."""
+    shards = [torch.load(path / name, mmap=True, weights_only=True)
+              for name in sorted(read_manifest(path)["files"]) if name.startswith("shard-")]
+    if any("pieces" not in shard for shard in shards):
+        raise CheckpointError(f"checkpoint {path} is in an older Parallax format; start afresh with --resume none")
+    return shards
+
+
+def _pieces_by_name(shards: list[dict]) -> dict[str, list[dict]]:
+    pieces: dict[str, list[dict]] = {}
+    for shard in shards:
+        for name, piece in shard["pieces"].items():
+            pieces.setdefault(name, []).append(piece)
+    return pieces
+
+
+def _assemble(path: Path, name: str, pieces: list[dict], key: str) -> torch.Tensor:
+    """One full tensor out of the fragments the ranks wrote: each TP rank's tensor is filled from its
+    flat fragments, then the TP ranks' tensors are joined along megatron's partition_dim."""
+    shape, tp_size, dim = pieces[0]["shape"], pieces[0]["tp_size"], pieces[0]["dim"]
+    parts = []
+    for tp_rank in range(tp_size):
+        flat, covered = torch.empty(math.prod(shape), dtype=torch.float32), 0
+        for piece in pieces:
+            if piece["tp_rank"] == tp_rank:
+                fragment = piece[key]
+                flat[piece["start"]:piece["start"] + fragment.numel()] = fragment
+                covered += fragment.numel()
+        if covered != flat.numel():
+            raise CheckpointError(f"checkpoint {path} lacks part of {name}; it was not written whole, use another")
+        parts.append(flat.view(shape))
+    return parts[0] if tp_size == 1 else torch.cat(parts, dim=dim)
+
+
+def restore(engine, topo, num_experts: int, path: Path, shards: list[dict], adam_step: int) -> None:
+    """Fill the engine's fp32 masters, Adam moments and weights from the checkpoint's shards, at this layout."""
+    pieces = _pieces_by_name(shards)
+    ds.prepare_adam_state(engine, adam_step)
+    for name, param in engine.module.named_parameters():
+        saved = saved_name(name, param, topo, num_experts)
+        if saved not in pieces:
+            raise CheckpointError(f"checkpoint {path} has no tensor {saved}; it was saved from another model")
+        for key in KEYS:
+            value = tp_slice(param, _assemble(path, saved, pieces[saved], key), topo)
+            ds.write_local(engine, param, key, value.to(param.device), topo.dp_rank, topo.dp)
+    ds.refresh_model_weights(engine)
+
+
+def read_tensors(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every parameter of checkpoint `path` as full tensors: {name: {"param", "exp_avg", "exp_avg_sq"}}."""
+    pieces = _pieces_by_name(load_shards(path))
+    return {name: {key: _assemble(path, name, parts, key) for key in KEYS} for name, parts in sorted(pieces.items())}
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 model state dict of checkpoint `path` (no optimizer state), at any saved layout."""
+    pieces = _pieces_by_name(load_shards(path))
+    return {name: _assemble(path, name, parts, MASTER) for name, parts in sorted(pieces.items())}
+
+
+def load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor], topo) -> None:
+    """Fill a freshly built model (before DeepSpeed's engine takes it) from full tensors under TP=1
+    names, such as a Hugging Face directory's (model.init_from): each rank keeps its TP slice, and the
+    engine then partitions the weights over DP as it would random ones, at any ZeRO stage."""
+    ours = dict(model.named_parameters())
+    if ours.keys() != state.keys():
+        raise ValueError(f"the model and the weights differ in tensors: the model alone has "
+                         f"{sorted(ours.keys() - state.keys())}, the weights alone {sorted(state.keys() - ours.keys())}")
+    with torch.no_grad():
+        for name, param in ours.items():
+            param.copy_(tp_slice(param, state[name], topo))
+
+
+def consolidate(path: Path, out: Path) -> int:
+    """Write the full fp32 model state dict of checkpoint `path` to `out` as one file; returns its parameter count."""
+    state = read_weights(path)
+    torch.save(state, out)
+    return sum(t.numel() for t in state.values())

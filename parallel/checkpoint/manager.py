@@ -1,0 +1,262 @@
+"""The Checkpointer: the object the training loop calls to resume a run and to save it.
+
+A save blocks the loop only while each rank copies its fragments to CPU memory; a background
+thread writes, fsyncs and commits them while training goes on. Its reports, agreements and loader
+states travel on the topology's `save_group`, a gloo group only that thread uses (a gloo group must
+not serve two threads at once, and the loop's stop vote is on `control_group`); resume's go on
+`control_group`. Neither touches the NCCL data plane (parallel/topology.py). When to save, and
+what a failed save means, is the training loop's decision (launcher/train.py): this module only
+saves and loads. docs/checkpoints.md has the design.
+"""
+from __future__ import annotations
+
+import copy
+import random
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from parallel.checkpoint import deepspeed_adapter as ds
+from parallel.checkpoint import layout_free as fmt
+from parallel.checkpoint import storage
+from parallel.checkpoint.storage import CLIENT, LATEST, MANIFEST, CheckpointError, step_dir_name
+
+
+class PendingSave:
+    """A checkpoint being written and committed in the background. `wait()` is its outcome, the
+    same on every rank: None once it is committed, else the one line saying what failed and what
+    is left. An unexpected error of the writer (a peer gone, say) is raised by `wait()` instead."""
+
+    def __init__(self, write: Callable[[], Optional[str]]):
+        self._outcome: Optional[str] = None
+        self._crash: Optional[BaseException] = None
+        # A daemon: a rank that fails while a save is in flight must exit rather than wait on peers
+        # that may be gone; the checkpoint it was writing is then never committed, and `latest`
+        # still names the previous one.
+        self._thread = threading.Thread(target=self._run, args=(write,), name="checkpoint-save", daemon=True)
+        self._thread.start()
+
+    def _run(self, write) -> None:
+        try:
+            self._outcome = write()
+        except BaseException as e:
+            self._crash = e
+
+    def wait(self) -> Optional[str]:
+        self._thread.join()
+        if self._crash is not None:
+            raise self._crash
+        return self._outcome
+
+
+@dataclass(frozen=True)
+class Resumed:
+    step: int = 0
+    tokens: int = 0
+
+
+def checkpoint_root(cfg) -> Path:
+    return Path(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
+
+
+class Checkpointer:
+    """Saves and resumes one run's checkpoints; every method is collective over all ranks.
+
+    `loader` is the batch source: its `state_dict()` per DP rank is saved, and its
+    `load_state_dict(states)` receives the states of every DP rank of the saved run, so it can
+    reshard them onto a different DP size. Without one (evaluation), resume restores the model only.
+    """
+
+    def __init__(self, cfg, topo, engine, loader):
+        ds.check_deepspeed_version()
+        self.cfg, self.topo, self.engine, self.loader = cfg, topo, engine, loader
+        self.root = checkpoint_root(cfg)
+        self.num_experts = cfg.model.moe.num_experts if cfg.model.moe else 0
+        self._pending: Optional[PendingSave] = None
+
+    def _say(self, line: str) -> None:
+        if self.topo.is_logging_rank:
+            print(f"parallax: {line}", flush=True)
+
+    # --- save ---
+
+    def save(self, step: int, tokens: int) -> PendingSave:
+        """Start saving the checkpoint of `step`. The caller is blocked only while this rank copies
+        what it saves into CPU memory; writing, fsync and the commit run in a background thread, and
+        the returned save's `wait()` is their outcome. A save first waits for the one before it."""
+        if self._pending is not None:
+            self._pending.wait()
+        shard = {"pieces": fmt.held_pieces(self.engine, self.topo, self.num_experts), "rng": _rng_state()}
+        client = self._client_state(step, tokens)
+        # TP peers share their DP rank's data state, so only TP rank 0 sends it
+        data_state = (self.topo.dp_rank, copy.deepcopy(self.loader.state_dict())) if self.topo.tp_rank == 0 else None
+        self._pending = PendingSave(lambda: self._write_and_commit(step, shard, client, data_state))
+        return self._pending
+
+    def _write_and_commit(self, step: int, shard: dict, client: dict, data_state) -> Optional[str]:
+        """The background half of a save, collective over the save group: every rank writes its shard,
+        rank 0 commits once every rank reported success. On a disk failure, the same one line on every
+        rank saying what failed and what is left; the previous checkpoint is untouched."""
+        topo, group, name = self.topo, self.topo.save_group, step_dir_name(step)
+        tmp, final = self.root / f".{name}.tmp", self.root / name
+        client["data"] = self._gather_data_states(data_state)  # every rank must reach it, whatever its disk does
+        entries = {}
+
+        def write_files():
+            shard_name = f"shard-{topo.rank:05d}.pt"
+            entries[shard_name] = storage.save_file(shard, tmp / shard_name)
+            if topo.rank == 0:
+                entries[CLIENT] = storage.save_file(client, tmp / CLIENT)
+                entries["config.yaml"] = storage.save_text(self.cfg.to_yaml(), tmp / "config.yaml")
+
+        error = storage.os_error(lambda: storage.fresh_directory(self.root, tmp)) if topo.rank == 0 else None
+        dist.barrier(group=group)
+        error = error or storage.os_error(write_files)
+        if error:
+            error = f"rank {topo.rank}: {error}"
+        reports = [None] * topo.world_size
+        dist.all_gather_object(reports, (entries, error), group=group)
+        error = next((err for _, err in reports if err), None)
+        if topo.rank == 0 and error is None:
+            error = self._commit(tmp, final, client, {k: v for files, _ in reports for k, v in files.items()})
+        if topo.rank == 0 and error is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        outcome = [error]
+        dist.broadcast_object_list(outcome, src=0, group=group)
+        error = outcome[0]
+        if error is None:
+            self._say(f"checkpoint saved: {final}")
+            return None
+        previous = storage.checkpoint_steps(self.root)
+        kept = f"{self.root / step_dir_name(previous[0])} is intact" if previous else "there is no earlier checkpoint"
+        return f"checkpoint of step {step} failed ({error}); {kept}"
+
+    def _gather_data_states(self, mine: Optional[tuple]) -> Optional[list]:
+        """Every DP rank's data state, in DP order, on rank 0 (which writes them); None elsewhere."""
+        topo = self.topo
+        gathered = [None] * topo.world_size if topo.rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0, group=topo.save_group)
+        return [state for _, state in sorted((s for s in gathered if s is not None), key=lambda s: s[0])] if gathered else None
+
+    def _client_state(self, step: int, tokens: int) -> dict:
+        """Everything but the data states, which the background gathers; a copy, as training goes on meanwhile."""
+        scheduler = self.engine.lr_scheduler
+        return {
+            "version": fmt.FORMAT_VERSION,
+            "step": step,
+            "tokens": tokens,
+            "adam_step": ds.adam_step(self.engine),
+            "lr_scheduler": copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None,
+            "data": None,
+            "config": self.cfg.model_dump(mode="json"),
+            "layout": self._layout(),
+        }
+
+    def _layout(self) -> dict:
+        t = self.topo
+        return {"world_size": t.world_size, "tp": t.tp, "dp": t.dp, "zero_stage": self.cfg.parallel.zero_stage}
+
+    def _commit(self, tmp: Path, final: Path, client: dict, files: dict) -> Optional[str]:
+        """Rank 0, once every rank's files are on disk: manifest, rename into place, move `latest`, prune."""
+        manifest = {"version": fmt.FORMAT_VERSION, "step": client["step"], "tokens": client["tokens"],
+                    "layout": client["layout"], "files": files}
+        error = storage.os_error(lambda: storage.commit(tmp, final, manifest))
+        if error:
+            return f"rank 0: {error}"
+        storage.prune(self.root, self.cfg.checkpoint.keep)
+        return None
+
+    # --- resume ---
+
+    def resume(self) -> Resumed:
+        """Load the checkpoint checkpoint.resume names (auto: the newest complete one) and say where to continue."""
+        path = self._choose()
+        if path is None:
+            return Resumed()
+        client = torch.load(path / CLIENT, weights_only=True)
+        self._check_same_model(path, client["config"])
+        shards = fmt.load_shards(path)
+        fmt.restore(self.engine, self.topo, self.num_experts, path, shards, client["adam_step"])
+        same_world = client["layout"]["world_size"] == self.topo.world_size
+        # The generators of this very rank, or rank 0's when the world changed size (every rank is seeded alike).
+        _set_rng_state(shards[self.topo.rank if same_world else 0]["rng"])
+        if client["lr_scheduler"] is not None:
+            scheduler = self.engine.lr_scheduler
+            scheduler.load_state_dict(client["lr_scheduler"])
+            for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
+        self.engine.global_steps = client["step"]
+        self.engine.global_samples = client["step"] * self.engine.train_batch_size()
+        if self.loader is not None:  # None: weights only, to evaluate them
+            self.loader.load_state_dict(client["data"])
+        old = client["layout"]
+        self._say(f"resumed from {path} at step {client['step']} (saved at tp={old['tp']} dp={old['dp']} "
+                  f"zero={old['zero_stage']})")
+        return Resumed(step=client["step"], tokens=client["tokens"])
+
+    def _choose(self) -> Optional[Path]:
+        choice = self.cfg.checkpoint.resume
+        if choice == "none":
+            return None
+        if choice != "auto":
+            path = Path(choice)
+            if not (path / MANIFEST).exists() and (path / LATEST).is_file():  # a checkpoint root was named
+                path = path / (path / LATEST).read_text().strip()
+            problem = self._verify_together(path)
+            if problem:
+                raise CheckpointError(f"cannot resume: {problem}; pass another checkpoint or --resume auto")
+            return path
+        for step in storage.checkpoint_steps(self.root):
+            path = self.root / step_dir_name(step)
+            problem = self._verify_together(path)
+            if problem is None:
+                return path
+            self._say(f"warning: skipping checkpoint {path.name}: {problem}")
+        return None
+
+    def _verify_together(self, path: Path) -> Optional[str]:
+        """Every rank checks its share of the files, so a large checkpoint verifies in parallel."""
+        try:
+            names = sorted(storage.read_manifest(path)["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            names = None
+        problem = storage.verify(path, names[self.topo.rank::self.topo.world_size] if names is not None else None)
+        problems = [None] * self.topo.world_size
+        dist.all_gather_object(problems, problem, group=self.topo.control_group)
+        return next((p for p in problems if p), None)
+
+    def _check_same_model(self, path: Path, saved_config: dict) -> None:
+        ours = self.cfg.model.model_dump(mode="json")
+        for key, value in saved_config["model"].items():
+            if ours.get(key) != value:
+                raise CheckpointError(
+                    f"checkpoint {path} has model.{key}={value} but this run has model.{key}={ours.get(key)}; "
+                    "resume with the model it was trained with, or --resume none to start afresh"
+                )
+
+
+def _rng_state() -> dict:
+    """This process's generators. On a GPU, only its own device's: a rank draws on no other, and
+    a checkpoint must resume where fewer GPUs are visible, or none."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if isinstance(state["cuda"], torch.Tensor) and torch.cuda.is_available():  # saved on a GPU, resumed on one
+        torch.cuda.set_rng_state(state["cuda"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
