@@ -88,7 +88,7 @@ def _run_all(out_dir: Path, world_size: int) -> None:
 
 
 def _destroy_scenario_groups() -> None:
-    """Destroy every process group but the world and the control group, as a scenario's process ends.
+    """Destroy every process group but the world and the control groups, as a scenario's process ends.
 
     A training process builds its groups once, but here every scenario rebuilds them, and megatron's
     destroy_model_parallel only forgets its groups: each stays alive with its gloo threads and sockets
@@ -98,10 +98,10 @@ def _destroy_scenario_groups() -> None:
     import torch.distributed as dist
     from torch.distributed.distributed_c10d import _world
 
-    from parallel.topology import _control_group
+    from parallel.topology import _control_groups
 
     for group in list(_world.pg_map):
-        if group is not dist.GroupMember.WORLD and group not in _control_group:
+        if group is not dist.GroupMember.WORLD and group not in _control_groups:
             dist.destroy_process_group(group)
 
 
