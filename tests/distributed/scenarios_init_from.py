@@ -36,7 +36,10 @@ def _save(model, out: Path) -> Path:
     from tests.data.corpora import write_id_tokenizer
 
     model.save_pretrained(str(out))
-    write_tokenizer(Tokenizer.from_file(str(write_id_tokenizer(out.parent / "id-tokenizer.json", VOCAB - 3))), out)
+    # Next to the directory under a name of its own: the checkpoint scenarios' data tokenizer is
+    # $PARALLAX_SCENARIO_DIR/id-tokenizer.json, and a run resuming from them must find it unchanged.
+    ids = write_id_tokenizer(out.parent / f"{out.name}-id-tokenizer.json", VOCAB - 3)
+    write_tokenizer(Tokenizer.from_file(str(ids)), out)
     return out
 
 
