@@ -24,7 +24,7 @@ from parallel.checkpoint import deepspeed_adapter as ds
 from parallel.checkpoint.deepspeed_adapter import KEYS, MASTER
 from parallel.checkpoint.storage import CheckpointError, read_manifest
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: each DP rank's loader state in a file of its own, no longer in client.pt
 
 
 def _tp_partition(param) -> Optional[int]:

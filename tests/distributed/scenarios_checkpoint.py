@@ -41,9 +41,14 @@ class ResumableBatches:
     def state_dict(self) -> dict:
         return {"dp_rank": self.topo.dp_rank, "steps_drawn": self.steps_drawn}
 
-    def load_state_dict(self, states: list[dict]) -> None:
-        assert [s["dp_rank"] for s in states] == list(range(len(states))), "every old DP rank's state, in order"
-        self.steps_drawn = states[0]["steps_drawn"]
+    def load_state_dict(self, states) -> None:
+        """Like the real loader: at the same DP size it asks only for its own state, at another for every one."""
+        if len(states) == self.topo.dp:
+            asked = {self.topo.dp_rank: states[self.topo.dp_rank]}
+        else:
+            asked = dict(enumerate(states))
+        assert asked and all(s["dp_rank"] == r for r, s in asked.items()), "old DP rank r's state at index r"
+        self.steps_drawn = next(iter(asked.values()))["steps_drawn"]
 
 
 def run_dir(name: str) -> Path:
@@ -319,7 +324,9 @@ def id_data_paths() -> tuple[Path, Path]:
 
 
 def recorded_run(name: str, *overrides: str) -> RecordingLoader:
-    """Train on the id corpus (one epoch) through the real loader; return this rank's recording."""
+    """Train on the id corpus (one epoch) through the real loader; return this rank's recording, with
+    the names of the checkpoint files its resume read whole (storage.load_file) in `reads`."""
+    from parallel.checkpoint import storage
     from data_pipeline import build_dataloader
     from launcher.train import train
 
@@ -333,7 +340,17 @@ def recorded_run(name: str, *overrides: str) -> RecordingLoader:
             cfg.data, micro_batch_size=cfg.train.micro_batch_size, dp_rank=topo.dp_rank, dp_size=topo.dp,
             seed=cfg.train.seed)))
         return recording[0]
-    train(cfg, batches=source)
+    reads, load_file = [], storage.load_file
+
+    def counted(path):
+        reads.append(Path(path).name)
+        return load_file(path)
+    storage.load_file = counted
+    try:
+        train(cfg, batches=source)
+    finally:
+        storage.load_file = load_file
+    recording[0].reads = reads
     return recording[0]
 
 
@@ -352,6 +369,16 @@ def data_dp2_until_saved():
     return {"batches": [batch for batches in everyone for batch in batches], "tokenizer": str(tokenizer)}
 
 
+@scenario(world_size=2)
+def data_dp2_resumed_at_dp2():
+    """Resume the DP=2 run's step-4 checkpoint at its own layout for 2 steps: which files each rank read."""
+    recording = recorded_run("data-dp2-again", f"checkpoint.resume={run_dir('data-dp2') / 'checkpoints' / 'step-00000004'}",
+                             "train.steps=6", "checkpoint.interval=0", *layout(1, 2, 1))
+    reads = [None] * dist.get_world_size()
+    dist.all_gather_object(reads, recording.reads)
+    return {"reads": reads, "trained": len(recording.batches)}
+
+
 @scenario(world_size=1, reads_from=2)
 def data_dp2_resumed_at_dp1():
     """Resume the DP=2 run's step-4 checkpoint on one rank, train 2 steps, then read the epoch to its end."""
@@ -359,4 +386,4 @@ def data_dp2_resumed_at_dp1():
                              "train.steps=6", *layout(1, 1, 1))
     trained = len(recording.batches)
     list(recording)  # the rest of the epoch
-    return {"batches": recording.batches, "trained": trained}
+    return {"batches": recording.batches, "trained": trained, "reads": recording.reads}
