@@ -236,6 +236,36 @@ def reshard_ep2_to_ep1():
     return reshard("ep2-zero1", MOE, "parallel.ep=1", *layout(1, 2, 1))
 
 
+def tensor_bytes_read(source: str, zero: int) -> list[tuple[int, int]]:
+    """Reload `source`'s step-10 checkpoint at its own layout: per rank, the bytes of saved fragments the
+    load copied out (the range each `_saved_tp_tensor` filled, which it checks it filled exactly) and
+    the bytes of the fragments in that rank's own shard."""
+    from parallel.checkpoint import layout_free as fmt
+
+    read, fill = [0], fmt._saved_tp_tensor
+
+    def counted(path, name, pieces, key, tp_rank, wanted=None):
+        tensor = fill(path, name, pieces, key, tp_rank, wanted)
+        lo, hi = wanted or (0, tensor.numel())
+        read[0] += max(hi - lo, 0) * tensor.element_size()
+        return tensor
+    fmt._saved_tp_tensor = counted
+    try:
+        reloaded_tensors(source, *layout(1, 2, zero))
+    finally:
+        fmt._saved_tp_tensor = fill
+    own = torch.load(saved_path(source) / f"shard-{dist.get_rank():05d}.pt", weights_only=True)["pieces"]
+    own_bytes = sum(p[key].numel() * p[key].element_size() for p in own.values() for key in ("param", "exp_avg", "exp_avg_sq"))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (read[0], own_bytes))
+    return everyone
+
+
+@scenario(world_size=2)
+def tensor_reads_at_the_saved_layout():
+    return {"zero1": tensor_bytes_read("dp2-zero1", 1), "zero3": tensor_bytes_read("dp2-zero3", 3)}
+
+
 # --- one and four ranks: the DP reshards of the DP=2 checkpoints -----------------------------------
 
 def reshard_dp(zero: int, dp: int) -> dict:
