@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Sequence
 from functools import partial
 from itertools import islice
 
@@ -146,15 +147,21 @@ class PipelineLoader:
             "lanes": with_carries_as(tokens_from_bytes, self.lane_states),
         }
 
-    def load_state_dict(self, states: list[dict]) -> None:
-        """`states[r]` is the state_dict() of old DP rank r; a different DP size or worker count reshards."""
-        self.check_compatible(states)
-        states = [{**state, "lanes": with_carries_as(tokens_to_bytes, state["lanes"])} for state in states]
-        if len(states) == self.dp_size and all(len(s["lanes"]) == self.lanes_per_rank for s in states):
-            self.lane_states = states[self.dp_rank]["lanes"]
-            self.next_lane, self.chunk_left = states[self.dp_rank]["next_lane"], states[self.dp_rank]["chunk_left"]
+    def load_state_dict(self, states: Sequence[dict]) -> None:
+        """`states[r]` is the state_dict() of old DP rank r. At the same DP size and worker count a rank
+        takes its own and asks for no other (a checkpoint's `states` reads each from its file only when
+        asked); a different DP size or worker count reshards them all."""
+        own = states[self.dp_rank] if len(states) == self.dp_size else None
+        if own is not None:
+            self.check_compatible({self.dp_rank: own})
+        if own is not None and len(own["lanes"]) == self.lanes_per_rank:
+            self.lane_states = with_carries_as(tokens_to_bytes, own["lanes"])
+            self.next_lane, self.chunk_left = own["next_lane"], own["chunk_left"]
         else:
-            self.lane_states = self.resharded([lane for state in states for lane in state["lanes"]])
+            everyone = dict(enumerate(states))
+            self.check_compatible(everyone)
+            self.lane_states = self.resharded([lane for state in everyone.values()
+                                               for lane in with_carries_as(tokens_to_bytes, state["lanes"])])
             self.next_lane, self.chunk_left = 0, 0
         self.chunks, self.ready = None, deque()  # workers restart from the loaded state
 
@@ -169,12 +176,14 @@ class PipelineLoader:
             for w in range(self.lanes_per_rank)
         ]
 
-    def check_compatible(self, states: list[dict]) -> None:
-        """Resuming onto different files or another seed would silently break exactly-once, so refuse."""
-        if not states or [s.get("dp_rank") for s in states] != list(range(len(states))):
+    def check_compatible(self, states: dict[int, dict]) -> None:
+        """`states` maps old DP ranks to their states. Resuming onto different files or another seed would
+        silently break exactly-once, so refuse."""
+        if not states or any(s.get("dp_rank") != r for r, s in states.items()):
             raise DataError("load_state_dict needs the data states of every DP rank of the saved run, in rank order")
-        if any(s.get("version") != STATE_VERSION for s in states):
+        if any(s.get("version") != STATE_VERSION for s in states.values()):
             raise DataError(f"data checkpoint has an unknown format version; this code reads version {STATE_VERSION}")
+        states = list(states.values())
         if states[0]["shards"] != shard_names(self.plan):
             raise DataError("data.sources lists different files than when the checkpoint was saved; resume with the same files")
         if states[0]["tokenizer"] != tokenizer_fingerprint(self.plan):

@@ -71,6 +71,28 @@ def test_the_data_pipeline_reads_every_document_once_across_a_dp_reshard(scenari
     assert counts[EOD] == len(lengths)
 
 
+def test_a_resuming_rank_reads_only_the_loader_states_it_needs(scenario_results):
+    """Issue 17: each DP rank saves its loader state (shuffle buffers of text) in a file of its own. At
+    the saved layout a rank reads only its own; at another DP size, every old rank's, to reshard them."""
+    def loader_files(reads):
+        return sorted(name for name in reads if name.startswith("data-"))
+
+    same = scenario_results("data_dp2_resumed_at_dp2")
+    assert same["trained"] == 2
+    assert [loader_files(reads) for reads in same["reads"]] == [["data-00000.pt"], ["data-00001.pt"]]
+    assert loader_files(scenario_results("data_dp2_resumed_at_dp1")["reads"]) == ["data-00000.pt", "data-00001.pt"]
+
+
+def test_a_load_at_the_saved_layout_reads_only_what_the_rank_keeps(scenario_results):
+    """Issue 17: at ZeRO-3 a rank keeps only its partition of every tensor, so it reads its own shard's
+    bytes and no more. At ZeRO-1 it keeps the whole weight (reading it beats all-gathering it) but only
+    its partition of the two moments: 4/3 of its own shard's bytes at DP=2 (the tiny model's partitions
+    are even), where a load used to read the whole checkpoint, twice its own."""
+    result = scenario_results("tensor_reads_at_the_saved_layout")
+    assert all(read == own for read, own in result["zero3"]), result
+    assert all(3 * read == 4 * own for read, own in result["zero1"]), result
+
+
 def test_control_traffic_never_touches_the_data_plane(scenario_results):
     """Issue 14: on GPUs the data-plane groups are NCCL, which refuses CPU tensors and pickles, so the
     stop vote, barriers and object gathers go over the gloo control groups. Counted from the groups'

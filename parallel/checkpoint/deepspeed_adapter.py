@@ -70,8 +70,22 @@ def _zero0_fp32(engine, param, key: str) -> torch.Tensor:
     return (master.data if key == MASTER else _base_optimizer(engine).state[master][key]).flatten()
 
 
+def kept_range(param, key: str, dp_rank: int, dp: int) -> Optional[tuple[int, int]]:
+    """The flat range of this TP rank's tensor of `param` whose `key` write_local keeps on this rank, so a
+    load need read no other; None where it keeps all of it (ZeRO-0, and the ZeRO-1/2 weight, which every
+    rank holds whole)."""
+    if hasattr(param, "ds_id"):
+        n = param.ds_tensor.numel()
+        return min(n * dp_rank, param.ds_numel), min(n * (dp_rank + 1), param.ds_numel)
+    if hasattr(param, "_hp_mapping") and key != MASTER:
+        address = param._hp_mapping.lp_fragment_address if param._hp_mapping is not None else None
+        return (address.start, address.start + address.numel) if address is not None else (0, 0)
+    return None
+
+
 def write_local(engine, param, key: str, value: torch.Tensor, dp_rank: int, dp: int) -> None:
-    """Store this TP rank's whole tensor `value`: each DP rank keeps its own ZeRO partition of it."""
+    """Store this TP rank's whole tensor `value`: each DP rank keeps its own ZeRO partition of it (only
+    `kept_range` of `value` need hold the saved numbers)."""
     from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state,
                                  safe_set_local_fp32_param, safe_set_local_optimizer_state)
 

@@ -6,9 +6,10 @@ A Parallax shard instead names what it holds: for each parameter (experts by the
 the flat fragment of the fp32 master weight and of both Adam moments that this rank's optimizer
 keeps, with its offset in the TP rank's tensor, that tensor's shape, and the TP slice it is. Every
 rank writes what it already holds, with no communication; a number held by several ranks
-(TP-replicated, or DP replicas at ZeRO-0) is written by one of them. At load each rank assembles a
-parameter's full tensor from the memory-mapped files and keeps the slice it owns at its own layout.
-At the same layout that restores exactly the numbers that were saved: resume is bitwise.
+(TP-replicated, or DP replicas at ZeRO-0) is written by one of them. At load each rank reads, from the
+memory-mapped files, only the fragments overlapping what it keeps at its own layout when the TP size
+is the saved one (at the same layout, about its own shard), and else assembles the full tensor and
+cuts its slice. At the same layout that restores exactly the numbers that were saved: resume is bitwise.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from parallel.checkpoint import deepspeed_adapter as ds
 from parallel.checkpoint.deepspeed_adapter import KEYS, MASTER
 from parallel.checkpoint.storage import CheckpointError, read_manifest
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: each DP rank's loader state in a file of its own, no longer in client.pt
 
 
 def _tp_partition(param) -> Optional[int]:
@@ -114,22 +115,43 @@ def _pieces_by_name(shards: list[dict]) -> dict[str, list[dict]]:
     return pieces
 
 
+def _saved_tp_tensor(path: Path, name: str, pieces: list[dict], key: str, tp_rank: int,
+                     wanted: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """Saved TP rank `tp_rank`'s tensor, with its flat range `wanted` (default: all of it) filled from
+    the fragments that overlap it and zeros elsewhere: the memory-mapped files are read only there."""
+    shape = pieces[0]["shape"]
+    flat = torch.zeros(math.prod(shape), dtype=torch.float32)
+    lo, hi = wanted or (0, flat.numel())
+    covered = 0
+    for piece in pieces:
+        start, end = piece["start"], piece["start"] + piece[key].numel()
+        a, b = max(lo, start), min(hi, end)
+        if piece["tp_rank"] == tp_rank and a < b:
+            flat[a:b] = piece[key][a - start:b - start]
+            covered += b - a
+    if covered != max(hi - lo, 0):
+        raise CheckpointError(f"checkpoint {path} lacks part of {name}; it was not written whole, use another")
+    return flat.view(shape)
+
+
 def _assemble(path: Path, name: str, pieces: list[dict], key: str) -> torch.Tensor:
     """One full tensor out of the fragments the ranks wrote: each TP rank's tensor is filled from its
     flat fragments, then the TP ranks' tensors are joined along megatron's partition_dim."""
-    shape, tp_size, dim = pieces[0]["shape"], pieces[0]["tp_size"], pieces[0]["dim"]
-    parts = []
-    for tp_rank in range(tp_size):
-        flat, covered = torch.empty(math.prod(shape), dtype=torch.float32), 0
-        for piece in pieces:
-            if piece["tp_rank"] == tp_rank:
-                fragment = piece[key]
-                flat[piece["start"]:piece["start"] + fragment.numel()] = fragment
-                covered += fragment.numel()
-        if covered != flat.numel():
-            raise CheckpointError(f"checkpoint {path} lacks part of {name}; it was not written whole, use another")
-        parts.append(flat.view(shape))
+    tp_size, dim = pieces[0]["tp_size"], pieces[0]["dim"]
+    parts = [_saved_tp_tensor(path, name, pieces, key, tp_rank) for tp_rank in range(tp_size)]
     return parts[0] if tp_size == 1 else torch.cat(parts, dim=dim)
+
+
+def _local_tensor(path: Path, name: str, pieces: list[dict], key: str, param, topo) -> torch.Tensor:
+    """This TP rank's tensor of `param`, holding the saved numbers at least where this rank keeps them.
+    Saved at this TP size, it is read from the one saved TP rank's fragments that overlap what this rank
+    keeps (at the same layout, about its own shard's); otherwise the full tensor is assembled and cut."""
+    dim = _tp_partition(param)
+    here = (1, 0) if dim is None else (topo.tp, dim)
+    if (pieces[0]["tp_size"], pieces[0]["dim"]) != here:
+        return tp_slice(param, _assemble(path, name, pieces, key), topo)
+    wanted = ds.kept_range(param, key, topo.dp_rank, topo.dp)
+    return _saved_tp_tensor(path, name, pieces, key, 0 if dim is None else topo.tp_rank, wanted)
 
 
 def restore(engine, topo, num_experts: int, path: Path, shards: list[dict], adam_step: int) -> None:
@@ -141,7 +163,7 @@ def restore(engine, topo, num_experts: int, path: Path, shards: list[dict], adam
         if saved not in pieces:
             raise CheckpointError(f"checkpoint {path} has no tensor {saved}; it was saved from another model")
         for key in KEYS:
-            value = tp_slice(param, _assemble(path, saved, pieces[saved], key), topo)
+            value = _local_tensor(path, saved, pieces[saved], key, param, topo)
             ds.write_local(engine, param, key, value.to(param.device), topo.dp_rank, topo.dp)
     ds.refresh_model_weights(engine)
 

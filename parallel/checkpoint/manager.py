@@ -1,8 +1,10 @@
 """The Checkpointer: the object the training loop calls to resume a run and to save it.
 
 A save blocks the loop only while each rank copies its fragments to CPU memory; a background
-thread writes, fsyncs and commits them while training goes on. Its reports, agreements and loader
-states travel on the topology's `save_group`, a gloo group only that thread uses (a gloo group must
+thread writes, fsyncs and commits them while training goes on. Each DP rank's loader state is a
+file of its own, written by that rank, so no rank gathers the others' (shuffle buffers of document
+text) and a resuming rank reads only the states it needs. The thread's reports and agreements
+travel on the topology's `save_group`, a gloo group only that thread uses (a gloo group must
 not serve two threads at once, and the loop's stop vote is on `control_group`); resume's go on
 `control_group`. Neither touches the NCCL data plane (parallel/topology.py). When to save, and
 what a failed save means, is the training loop's decision (launcher/train.py): this module only
@@ -16,6 +18,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Callable, Optional
 
 import numpy as np
@@ -70,7 +73,8 @@ class Checkpointer:
 
     `loader` is the batch source: its `state_dict()` per DP rank is saved, and its
     `load_state_dict(states)` receives the states of every DP rank of the saved run, so it can
-    reshard them onto a different DP size. Without one (evaluation), resume restores the model only.
+    reshard them onto a different DP size; `states` reads each one from its file when the loader
+    first asks for it. Without one (evaluation), resume restores the model only.
     """
 
     def __init__(self, cfg, topo, engine, loader):
@@ -95,7 +99,7 @@ class Checkpointer:
         shard = {"pieces": fmt.held_pieces(self.engine, self.topo, self.num_experts), "rng": _rng_state()}
         client = self._client_state(step, tokens)
         # TP peers share their DP rank's data state, so only TP rank 0 sends it
-        data_state = (self.topo.dp_rank, copy.deepcopy(self.loader.state_dict())) if self.topo.tp_rank == 0 else None
+        data_state = copy.deepcopy(self.loader.state_dict()) if self.topo.tp_rank == 0 else None
         self._pending = PendingSave(lambda: self._write_and_commit(step, shard, client, data_state))
         return self._pending
 
@@ -105,12 +109,14 @@ class Checkpointer:
         rank saying what failed and what is left; the previous checkpoint is untouched."""
         topo, group, name = self.topo, self.topo.save_group, step_dir_name(step)
         tmp, final = self.root / f".{name}.tmp", self.root / name
-        client["data"] = self._gather_data_states(data_state)  # every rank must reach it, whatever its disk does
         entries = {}
 
         def write_files():
             shard_name = f"shard-{topo.rank:05d}.pt"
             entries[shard_name] = storage.save_file(shard, tmp / shard_name)
+            if data_state is not None:
+                data_name = storage.data_file_name(topo.dp_rank)
+                entries[data_name] = storage.save_file(data_state, tmp / data_name)
             if topo.rank == 0:
                 entries[CLIENT] = storage.save_file(client, tmp / CLIENT)
                 entries["config.yaml"] = storage.save_text(self.cfg.to_yaml(), tmp / "config.yaml")
@@ -137,15 +143,8 @@ class Checkpointer:
         kept = f"{self.root / step_dir_name(previous[0])} is intact" if previous else "there is no earlier checkpoint"
         return f"checkpoint of step {step} failed ({error}); {kept}"
 
-    def _gather_data_states(self, mine: Optional[tuple]) -> Optional[list]:
-        """Every DP rank's data state, in DP order, on rank 0 (which writes them); None elsewhere."""
-        topo = self.topo
-        gathered = [None] * topo.world_size if topo.rank == 0 else None
-        dist.gather_object(mine, gathered, dst=0, group=topo.save_group)
-        return [state for _, state in sorted((s for s in gathered if s is not None), key=lambda s: s[0])] if gathered else None
-
     def _client_state(self, step: int, tokens: int) -> dict:
-        """Everything but the data states, which the background gathers; a copy, as training goes on meanwhile."""
+        """Everything but the tensors and the data states, which have files of their own; a copy, as training goes on meanwhile."""
         scheduler = self.engine.lr_scheduler
         return {
             "version": fmt.FORMAT_VERSION,
@@ -153,7 +152,6 @@ class Checkpointer:
             "tokens": tokens,
             "adam_step": ds.adam_step(self.engine),
             "lr_scheduler": copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None,
-            "data": None,
             "config": self.cfg.model_dump(mode="json"),
             "layout": self._layout(),
         }
@@ -179,7 +177,10 @@ class Checkpointer:
         path = self._choose()
         if path is None:
             return Resumed()
-        client = torch.load(path / CLIENT, weights_only=True)
+        client = storage.load_file(path / CLIENT)
+        if client.get("version") != fmt.FORMAT_VERSION:
+            raise CheckpointError(f"checkpoint {path} is in another Parallax format (version {client.get('version')}, "
+                                  f"this code reads {fmt.FORMAT_VERSION}); start afresh with --resume none")
         self._check_same_model(path, client["config"])
         shards = fmt.load_shards(path)
         fmt.restore(self.engine, self.topo, self.num_experts, path, shards, client["adam_step"])
@@ -193,9 +194,9 @@ class Checkpointer:
                 group["lr"] = lr
         self.engine.global_steps = client["step"]
         self.engine.global_samples = client["step"] * self.engine.train_batch_size()
-        if self.loader is not None:  # None: weights only, to evaluate them
-            self.loader.load_state_dict(client["data"])
         old = client["layout"]
+        if self.loader is not None:  # None: weights only, to evaluate them
+            self.loader.load_state_dict(SavedDataStates(path, old["dp"]))
         self._say(f"resumed from {path} at step {client['step']} (saved at tp={old['tp']} dp={old['dp']} "
                   f"zero={old['zero_stage']})")
         return Resumed(step=client["step"], tokens=client["tokens"])
@@ -239,6 +240,24 @@ class Checkpointer:
                     f"checkpoint {path} has model.{key}={value} but this run has model.{key}={ours.get(key)}; "
                     "resume with the model it was trained with, or --resume none to start afresh"
                 )
+
+
+class SavedDataStates(Sequence):
+    """The loader states of a checkpoint's DP ranks, item r read from old DP rank r's file when first
+    asked for: a loader resuming at the same layout asks only for its own."""
+
+    def __init__(self, path: Path, dp: int):
+        self.path, self.dp, self.read = path, dp, {}
+
+    def __len__(self) -> int:
+        return self.dp
+
+    def __getitem__(self, dp_rank: int) -> dict:
+        if not 0 <= dp_rank < self.dp:
+            raise IndexError(dp_rank)
+        if dp_rank not in self.read:
+            self.read[dp_rank] = storage.load_file(self.path / storage.data_file_name(dp_rank))
+        return self.read[dp_rank]
 
 
 def _rng_state() -> dict:

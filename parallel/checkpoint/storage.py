@@ -29,6 +29,11 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def data_file_name(dp_rank: int) -> str:
+    """The file of DP rank `dp_rank`'s loader state."""
+    return f"data-{dp_rank:05d}.pt"
+
+
 def _find_sync_file_range():
     """Linux's sync_file_range(2), or None where libc has none."""
     try:
@@ -99,6 +104,11 @@ def save_file(obj, path: Path) -> dict:
     finally:
         entry = out.close()
     return entry
+
+
+def load_file(path: Path):
+    """What save_file wrote, read whole: the one reader of small files, so a test can count what a rank reads."""
+    return torch.load(path, weights_only=True)
 
 
 def save_text(text: str, path: Path) -> dict:

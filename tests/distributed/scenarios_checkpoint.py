@@ -41,9 +41,14 @@ class ResumableBatches:
     def state_dict(self) -> dict:
         return {"dp_rank": self.topo.dp_rank, "steps_drawn": self.steps_drawn}
 
-    def load_state_dict(self, states: list[dict]) -> None:
-        assert [s["dp_rank"] for s in states] == list(range(len(states))), "every old DP rank's state, in order"
-        self.steps_drawn = states[0]["steps_drawn"]
+    def load_state_dict(self, states) -> None:
+        """Like the real loader: at the same DP size it asks only for its own state, at another for every one."""
+        if len(states) == self.topo.dp:
+            asked = {self.topo.dp_rank: states[self.topo.dp_rank]}
+        else:
+            asked = dict(enumerate(states))
+        assert asked and all(s["dp_rank"] == r for r, s in asked.items()), "old DP rank r's state at index r"
+        self.steps_drawn = next(iter(asked.values()))["steps_drawn"]
 
 
 def run_dir(name: str) -> Path:
@@ -231,6 +236,36 @@ def reshard_ep2_to_ep1():
     return reshard("ep2-zero1", MOE, "parallel.ep=1", *layout(1, 2, 1))
 
 
+def tensor_bytes_read(source: str, zero: int) -> list[tuple[int, int]]:
+    """Reload `source`'s step-10 checkpoint at its own layout: per rank, the bytes of saved fragments the
+    load copied out (the range each `_saved_tp_tensor` filled, which it checks it filled exactly) and
+    the bytes of the fragments in that rank's own shard."""
+    from parallel.checkpoint import layout_free as fmt
+
+    read, fill = [0], fmt._saved_tp_tensor
+
+    def counted(path, name, pieces, key, tp_rank, wanted=None):
+        tensor = fill(path, name, pieces, key, tp_rank, wanted)
+        lo, hi = wanted or (0, tensor.numel())
+        read[0] += max(hi - lo, 0) * tensor.element_size()
+        return tensor
+    fmt._saved_tp_tensor = counted
+    try:
+        reloaded_tensors(source, *layout(1, 2, zero))
+    finally:
+        fmt._saved_tp_tensor = fill
+    own = torch.load(saved_path(source) / f"shard-{dist.get_rank():05d}.pt", weights_only=True)["pieces"]
+    own_bytes = sum(p[key].numel() * p[key].element_size() for p in own.values() for key in ("param", "exp_avg", "exp_avg_sq"))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (read[0], own_bytes))
+    return everyone
+
+
+@scenario(world_size=2)
+def tensor_reads_at_the_saved_layout():
+    return {"zero1": tensor_bytes_read("dp2-zero1", 1), "zero3": tensor_bytes_read("dp2-zero3", 3)}
+
+
 # --- one and four ranks: the DP reshards of the DP=2 checkpoints -----------------------------------
 
 def reshard_dp(zero: int, dp: int) -> dict:
@@ -319,7 +354,9 @@ def id_data_paths() -> tuple[Path, Path]:
 
 
 def recorded_run(name: str, *overrides: str) -> RecordingLoader:
-    """Train on the id corpus (one epoch) through the real loader; return this rank's recording."""
+    """Train on the id corpus (one epoch) through the real loader; return this rank's recording, with
+    the names of the checkpoint files its resume read whole (storage.load_file) in `reads`."""
+    from parallel.checkpoint import storage
     from data_pipeline import build_dataloader
     from launcher.train import train
 
@@ -333,7 +370,17 @@ def recorded_run(name: str, *overrides: str) -> RecordingLoader:
             cfg.data, micro_batch_size=cfg.train.micro_batch_size, dp_rank=topo.dp_rank, dp_size=topo.dp,
             seed=cfg.train.seed)))
         return recording[0]
-    train(cfg, batches=source)
+    reads, load_file = [], storage.load_file
+
+    def counted(path):
+        reads.append(Path(path).name)
+        return load_file(path)
+    storage.load_file = counted
+    try:
+        train(cfg, batches=source)
+    finally:
+        storage.load_file = load_file
+    recording[0].reads = reads
     return recording[0]
 
 
@@ -352,6 +399,16 @@ def data_dp2_until_saved():
     return {"batches": [batch for batches in everyone for batch in batches], "tokenizer": str(tokenizer)}
 
 
+@scenario(world_size=2)
+def data_dp2_resumed_at_dp2():
+    """Resume the DP=2 run's step-4 checkpoint at its own layout for 2 steps: which files each rank read."""
+    recording = recorded_run("data-dp2-again", f"checkpoint.resume={run_dir('data-dp2') / 'checkpoints' / 'step-00000004'}",
+                             "train.steps=6", "checkpoint.interval=0", *layout(1, 2, 1))
+    reads = [None] * dist.get_world_size()
+    dist.all_gather_object(reads, recording.reads)
+    return {"reads": reads, "trained": len(recording.batches)}
+
+
 @scenario(world_size=1, reads_from=2)
 def data_dp2_resumed_at_dp1():
     """Resume the DP=2 run's step-4 checkpoint on one rank, train 2 steps, then read the epoch to its end."""
@@ -359,4 +416,4 @@ def data_dp2_resumed_at_dp1():
                              "train.steps=6", *layout(1, 1, 1))
     trained = len(recording.batches)
     list(recording)  # the rest of the epoch
-    return {"batches": recording.batches, "trained": trained}
+    return {"batches": recording.batches, "trained": trained, "reads": recording.reads}
