@@ -261,6 +261,8 @@ def _special_tokens_of(directory: Path) -> dict[str, str]:
         names = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ConfigError(f"model.init_from: {path}: not valid JSON ({error})") from None
+    if not isinstance(names, dict):
+        raise ConfigError(f"model.init_from: {path}: not a JSON object of tokenizer settings")
     # transformers writes a special token as its text, or as an AddedToken {"content": ...} (older versions)
     content = lambda token: token.get("content") if isinstance(token, dict) else token  # noqa: E731
     eos, pad = content(names.get("eos_token")), content(names.get("pad_token"))

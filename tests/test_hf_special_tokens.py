@@ -90,3 +90,21 @@ def test_export_writes_the_run_eos_and_pad(llama_dir, tmp_path, capsys):
     assert config["eos_token_id"] == json.loads((llama_dir / "config.json").read_text())["eos_token_id"]
     before, after = load_file(llama_dir / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(after[name], t) for name, t in before.items())
+
+
+@pytest.mark.parametrize("content,expected", [
+    ("{not json", "not valid JSON"),
+    ('["</s>"]', "not a JSON object of tokenizer settings"),
+])
+def test_a_broken_tokenizer_config_is_one_line(llama_dir, tmp_path, content, expected):
+    import shutil
+
+    from launcher.config import ConfigError
+
+    broken = tmp_path / "hf"
+    shutil.copytree(llama_dir, broken)
+    (broken / "tokenizer_config.json").write_text(content)
+    with pytest.raises(ConfigError) as error:
+        _config(broken)
+    assert str(error.value).startswith(f"model.init_from: {broken / 'tokenizer_config.json'}: {expected}")
+    assert "\n" not in str(error.value)
