@@ -28,4 +28,4 @@ gpu-wheels:
 	PYTHONPATH=$(CURDIR) $(VENV)/bin/python bench/gpu/prepare.py
 
 clean:
-	rm -rf $(VENV) runs .gpu
+	rm -rf $(VENV) runs hf .gpu
