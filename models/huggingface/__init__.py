@@ -82,6 +82,11 @@ def special_token_ids(tokenizer: Optional[Tokenizer],
     return {"eos": eos, "bos": eos, "pad": tokenizer.token_to_id(special.pad)}
 
 
+def padded_vocabulary(rows: torch.Tensor, padded_vocab_size: int) -> torch.Tensor:
+    """A Hugging Face vocabulary matrix (the true vocabulary's rows) with zero rows up to Parallax's padded size."""
+    return torch.cat([rows, rows.new_zeros(padded_vocab_size - rows.shape[0], rows.shape[1])])
+
+
 def check_vocabulary(vocab_size: int, tokenizer: Tokenizer) -> None:
     """Every id the tokenizer produces must have a row in the model's true vocabulary."""
     if tokenizer.get_vocab_size() > vocab_size:

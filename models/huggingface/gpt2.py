@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from models.config import ModelConfig
+from models.huggingface import padded_vocabulary
 
 NAME, ARCH, MODEL_TYPE, AUTO_CLASS = "GPT-2", "gpt", "gpt2", "AutoModelForCausalLM"
 
@@ -118,7 +119,5 @@ def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab_size: in
                QKV_WEIGHT: lambda t: _blocks_to_heads(t.t(), cfg.num_heads),
                QKV_BIAS: lambda t: _blocks_to_heads(t, cfg.num_heads)}
     out = {ours: convert[how](hf[theirs]) for ours, theirs, how in _names(cfg)}
-    wte = hf["transformer.wte.weight"]
-    out["embedding.weight"] = torch.zeros(padded_vocab_size, wte.shape[1], dtype=wte.dtype)
-    out["embedding.weight"][:wte.shape[0]] = wte
+    out["embedding.weight"] = padded_vocabulary(hf["transformer.wte.weight"], padded_vocab_size)
     return {name: t.contiguous() for name, t in out.items()}

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from models.config import ModelConfig
+from models.huggingface import padded_vocabulary
 
 NAME, ARCH, MODEL_TYPE, AUTO_CLASS = "Llama", "gpt", "llama", "AutoModelForCausalLM"
 
@@ -136,9 +137,7 @@ def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab_size: in
     """The inverse: Llama weights -> a Parallax GPT state dict, the vocabulary padded with zero rows."""
     head_dim = cfg.hidden_size // cfg.num_heads
     out = {ours: hf[theirs] for ours, theirs in _names(cfg)}
-    for ours, theirs in _vocabulary(cfg):
-        rows = hf[theirs]
-        out[ours] = torch.cat([rows, rows.new_zeros(padded_vocab_size - rows.shape[0], rows.shape[1])])
+    out |= {ours: padded_vocabulary(hf[theirs], padded_vocab_size) for ours, theirs in _vocabulary(cfg)}
     for i in range(cfg.num_layers):
         attention = f"model.layers.{i}.self_attn."
         q = _halves_to_neighbour_pairs(hf[attention + "q_proj.weight"], head_dim)

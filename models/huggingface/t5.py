@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from models.config import ModelConfig
+from models.huggingface import padded_vocabulary
 
 NAME, ARCH, MODEL_TYPE, AUTO_CLASS = "T5", "t5", "t5", "AutoModelForSeq2SeqLM"
 FEED_FORWARDS = ("relu", "gated-gelu")  # T5's and T5.1.1's; Parallax computes no other
@@ -133,7 +134,6 @@ def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab_size: in
         raise HuggingFaceError("model.safetensors: lm_head.weight differs from shared.weight, but config.json's "
                                "tie_word_embeddings is true: Parallax's T5 scores a scaled output with its embedding")
     for ours, theirs in _vocabulary(cfg):
-        rows = hf.get(theirs, hf["shared.weight"])  # an lm_head.weight left out is tied to shared by transformers
-        out[ours] = torch.zeros(padded_vocab_size, rows.shape[1], dtype=rows.dtype)
-        out[ours][:rows.shape[0]] = rows
+        # an lm_head.weight left out is tied to shared by transformers
+        out[ours] = padded_vocabulary(hf.get(theirs, hf["shared.weight"]), padded_vocab_size)
     return {name: t.contiguous() for name, t in out.items()}
