@@ -63,9 +63,8 @@ def evaluate_checkpoint(cfg: RunConfig, out: Path) -> dict:
     """`parallax eval` on this rank: the weights of the checkpoint cfg.checkpoint.resume names, at
     cfg's layout (any: checkpoints do not depend on it), evaluated on cfg's validation set. Rank 0
     prints the result and writes it to `out` as JSON."""
-    from models import build_model
+    from launcher.train import build_model_and_engine
     from parallel.checkpoint import Checkpointer
-    from parallel.engine import build_engine
     from parallel.topology import init_topology
 
     p = cfg.parallel
@@ -73,8 +72,7 @@ def evaluate_checkpoint(cfg: RunConfig, out: Path) -> dict:
     evaluate = Evaluator.for_run(cfg, topo)
     torch.manual_seed(cfg.train.seed)
     vocab_size = cfg.model.vocab_size or load_tokenizer(cfg.data).get_vocab_size()
-    model = build_model(cfg.model, vocab_size, sequence_parallel=p.sequence_parallel, expert_parallel_size=p.ep)
-    engine = build_engine(model, cfg, topo)
+    _, engine = build_model_and_engine(cfg, topo, vocab_size, init_from=None)  # the checkpoint has the weights
     resumed = Checkpointer(cfg, topo, engine, loader=None).resume()
     record = evaluate(engine, step=resumed.step)
     result = {"checkpoint": cfg.checkpoint.resume, **record, "layout": topo.describe()}

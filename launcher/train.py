@@ -24,7 +24,7 @@ from launcher.tensorboard_log import TensorBoardLog
 from models import build_model
 from models.huggingface import import_directory
 from parallel.checkpoint import Checkpointer, Resumed, load_full_state
-from parallel.engine import build_engine, loss_scale
+from parallel.engine import build_engine, building_model, loss_scale
 from parallel.topology import Topology, init_topology
 
 BatchSource = Callable[[Topology], Iterable[torch.Tensor | dict[str, torch.Tensor]]]
@@ -51,13 +51,7 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
     evaluate = Evaluator.for_run(cfg, topo) if cfg.train.eval_interval else None
     _seed_everything(cfg.train.seed)
     vocab_size = cfg.model.vocab_size or load_tokenizer(cfg.data).get_vocab_size()
-    model = build_model(
-        cfg.model, vocab_size, sequence_parallel=p.sequence_parallel, activation_checkpointing=p.activation_checkpointing,
-        expert_parallel_size=p.ep,
-    )
-    if cfg.model.init_from is not None:  # a checkpoint resumed below overwrites these weights: it wins
-        load_full_state(model, import_directory(cfg.model.init_from, cfg.model).state, topo)
-    engine = build_engine(model, cfg, topo)
+    model, engine = build_model_and_engine(cfg, topo, vocab_size, init_from=cfg.model.init_from)
     if batches is None:
         loader = build_dataloader(
             cfg.data, micro_batch_size=cfg.train.micro_batch_size, dp_rank=topo.dp_rank, dp_size=topo.dp,
@@ -134,6 +128,21 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
             raise StopRequested(step)
     summary = f"loss {first_loss:.3f} -> {last_loss:.3f}" if first_loss is not None else "nothing left to train"
     log.close(f"parallax: done: {cfg.train.steps} steps, {summary}, run dir {run_dir}")
+
+
+def build_model_and_engine(cfg: RunConfig, topo: Topology, vocab_size: int, *, init_from: Optional[Path]):
+    """The model, drawn from the seed or read from the Hugging Face directory `init_from`, built as
+    the engine trains it (on the device, in its precision, partitioned at ZeRO-3), and the DeepSpeed
+    engine around it."""
+    p = cfg.parallel
+    with building_model(cfg, topo):
+        model = build_model(
+            cfg.model, vocab_size, sequence_parallel=p.sequence_parallel,
+            activation_checkpointing=p.activation_checkpointing, expert_parallel_size=p.ep,
+        )
+    if init_from is not None:  # a checkpoint resumed later overwrites these weights: it wins
+        load_full_state(model, import_directory(init_from, cfg.model).state, topo)
+    return model, build_engine(model, cfg, topo)
 
 
 def _log_evaluation(record: dict, log: RunLog, records: Optional[list]) -> None:

@@ -13,14 +13,19 @@ replicated tensor is drawn whole from (seed, name); an expert from (seed, the na
 so a rank draws only its own experts and EP does not change them.
 
 Megatron builds the layers (`parallel_layer`), allocating this rank's slice and drawing nothing;
-`initialise` then draws every parameter marked by `draw_normal`, on the parameter's device. The CPU
-and CUDA generators are different streams: one seed is one model per device type.
+`initialise` then draws every parameter marked by `draw_normal`. It draws on the CPU in fp32 and
+copies into the parameter, whatever its device and dtype, so one seed is one model on a CPU and a
+GPU, and in bf16 it is the fp32 model rounded. Where ZeRO-3 partitioned a parameter as it was built,
+the rank draws only the slices its partition meets and writes only its partition.
 """
 import hashlib
+import math
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
+
+from parallel.zero3 import held_values
 
 # The dimension megatron splits over TP: a column-parallel layer's output features (its weight's
 # rows), a row-parallel layer's input features (columns), the embedding's vocabulary (rows).
@@ -32,10 +37,11 @@ _PARTITION_DIM = {
 
 
 def layer_config(tp: int) -> ModelParallelConfig:
-    """Megatron allocates each rank's slice where torch allocates by default (the CPU, or the device
-    the model is built under) and leaves the drawing to `initialise`."""
+    """Megatron allocates each rank's slice where and as torch allocates by default (the device and
+    the dtype the model is built under: parallel.engine.building_model) and leaves the drawing to
+    `initialise`."""
     return ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
-                               perform_initialization=False)
+                               perform_initialization=False, params_dtype=torch.get_default_dtype())
 
 
 def parallel_layer(layer_class, *args, std: float, **kwargs):
@@ -47,7 +53,7 @@ def parallel_layer(layer_class, *args, std: float, **kwargs):
     tensor_parallel.set_tensor_model_parallel_attributes(layer.weight, True, _PARTITION_DIM[layer_class], 1)
     draw_normal(layer.weight, std)
     if getattr(layer, "bias", None) is not None:
-        layer.bias.data.zero_()
+        held_values(layer.bias)[2].zero_()  # ZeRO-3 may have partitioned it already
     return layer
 
 
@@ -66,31 +72,54 @@ def initialise(model: torch.nn.Module, seed: int) -> int:
     """Draw every parameter of `model` marked by `draw_normal`; returns the elements drawn. Meta
     tensors (`parallax plan`'s shape-only build) have nothing to draw."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    generators, drawn = {}, 0
+    generator, drawn = torch.Generator("cpu"), 0
     for name, p in model.named_parameters():
         if not hasattr(p, "init_std") or p.is_meta:
             continue
-        generator = generators.setdefault(p.device, torch.Generator(p.device))
+        shape, start, held = held_values(p)
         if getattr(p, "tensor_model_parallel", False):
-            _draw_slices(p, (seed, name), tp_rank * p.shape[p.partition_dim], generator)
+            dim, first = p.partition_dim, tp_rank * shape[p.partition_dim]
+            slices = (math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:]))
+            drawn += _fill(held, start, slices, lambda i: (seed, name, first + i), p.init_std, generator)
         else:
-            _draw(p, p.init_std, (seed, _layout_free_name(name, p)), generator)
-        drawn += p.numel()
+            key = (seed, _layout_free_name(name, p))
+            drawn += _fill(held, start, (1, 1, math.prod(shape)), lambda i: key, p.init_std, generator)
     return drawn
 
 
-def _draw_slices(p: torch.nn.Parameter, key: tuple, first: int, generator: torch.Generator) -> None:
-    """Index i of p's partition dimension is global index first + i. A slice is always drawn
-    contiguously (a strided draw is a different stream): in place when it is a row, else into a
-    one-slice buffer copied into its column, so the rank never holds more than its weights."""
-    dim = p.partition_dim
-    buffer = torch.empty_like(p.data.select(dim, 0), memory_format=torch.contiguous_format)
-    for i in range(p.shape[dim]):
-        part = p.data.select(dim, i)
-        target = part if part.is_contiguous() else buffer
-        _draw(target, p.init_std, (*key, first + i), generator)
-        if target is buffer:
-            part.copy_(buffer)
+def _fill(held: torch.Tensor, start: int, slices: tuple[int, int, int], key, std: float,
+          generator: torch.Generator) -> int:
+    """Fill `held`, the flat range [start, start + numel) of a tensor viewed as (A, N, B) whose N
+    slices [:, i, :] are each drawn whole, contiguously, from generator `key(i)`; returns the
+    elements drawn.
+
+    Slices are drawn on the CPU in fp32 (one buffer of one slice) and copied into the parameter's
+    device and dtype, so one seed is one model on a CPU and a GPU, and a bf16 parameter holds
+    exactly the rounded fp32 values. A rank that holds only part of the tensor (a ZeRO-3
+    partition) draws only the slices that part meets, into a tile of the part's rows."""
+    a_size, n_slices, b_size = slices
+    row = n_slices * b_size  # one index along A: every slice's part of it
+    end = start + held.numel()
+    if end == start:
+        return 0
+    first_row, last_row = start // row, (end - 1) // row
+    if first_row == last_row:  # within one row: only the slices that row's part meets
+        first, last = (start - first_row * row) // b_size, (end - 1 - first_row * row) // b_size
+    else:
+        first, last = 0, n_slices - 1
+    whole = start == 0 and end == a_size * row
+    tile = held.view(a_size, n_slices, b_size) if whole else torch.empty(last_row - first_row + 1, last - first + 1, b_size, **_CPU_FP32)
+    buffer = torch.empty(a_size * b_size, **_CPU_FP32)
+    for i in range(first, last + 1):
+        _draw(buffer, std, key(i), generator)
+        tile[:, i - first, :].copy_(buffer.view(a_size, b_size)[first_row:last_row + 1])
+    if not whole:
+        offset = start - (first_row * row + first * b_size)
+        held.copy_(tile.flatten()[offset:offset + held.numel()])
+    return (last - first + 1) * buffer.numel()
+
+
+_CPU_FP32 = {"dtype": torch.float32, "device": "cpu"}  # where slices are drawn, whatever the default
 
 
 def _draw(tensor: torch.Tensor, std: float, key: tuple, generator: torch.Generator) -> None:

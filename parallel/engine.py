@@ -5,12 +5,14 @@ tensor-parallel shard once, because it is handed `DeepSpeedMPU`, whose groups ar
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 from parallel.topology import Topology
+from parallel.zero3 import full_shape
 
 if TYPE_CHECKING:
     from launcher.config import OptimConfig, RunConfig
@@ -28,7 +30,9 @@ def deepspeed_config(cfg: RunConfig, topo: Topology) -> dict:
             "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "torch_adam": True},
         },
         "gradient_clipping": o.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        # ZeRO-3 makes its fp32 masters one sub-group at a time, each through a transient second copy:
+        # DeepSpeed's default sub-group of 1e9 elements would add 8 GB to a rank's construction peak.
+        "zero_optimization": {"stage": cfg.parallel.zero_stage, "sub_group_size": 10**8},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,
@@ -46,6 +50,33 @@ def _bf16_gradients_in_fp32(precision: str, zero_stage: int) -> dict:
     return {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
 
 
+PARAMS_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def building_model(cfg: RunConfig, topo: Topology) -> Iterator[None]:
+    """The model built inside is built as the engine will train it, and no bigger: on this rank's
+    device, in the precision it trains in (the engine would cast it, and its fp32 masters are made
+    from those values either way), and at ZeRO-3 partitioned over dp_group as each layer is built
+    (`deepspeed.zero.Init`), so no rank holds more of a TP shard than its partition and one layer.
+
+    zero.Init is told to leave tensor creation alone (`tensor_overrides=[]`): its dtype override
+    would also turn the fp32 constants a model computes as it is built (rotary angles) into bf16."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(PARAMS_DTYPE[cfg.train.precision])
+    try:
+        with torch.device(topo.device), contextlib.ExitStack() as stack:
+            if cfg.parallel.zero_stage == 3:
+                import deepspeed
+
+                stack.enter_context(deepspeed.zero.Init(
+                    data_parallel_group=topo.dp_group, config_dict_or_path=deepspeed_config(cfg, topo),
+                    mem_efficient_linear=False, tensor_overrides=[]))
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def warmup_cosine(step: int, optim: OptimConfig, total_steps: int) -> float:
     """Learning rate at optimizer step `step` (0-based): linear warmup, then cosine down to min_lr."""
     if step < optim.warmup_steps:
@@ -59,7 +90,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if len(full_shape(p)) >= 2 else no_decay).append(p)
     # Named, because DeepSpeed splits each group into expert and non-expert groups by name.
     return [
         {"name": "decay", "params": decay, "weight_decay": weight_decay},

@@ -6,11 +6,21 @@ import torch
 
 
 @pytest.mark.parametrize("style", ["gpt2", "llama_style"])
-def test_one_seed_is_the_same_bits_at_tp1_and_tp2(scenario_results, style):
-    reference, tp2 = scenario_results("reference_initial_weights")[style], scenario_results("tp2_initial_weights")[style]
-    assert tp2["weights"].keys() == reference["weights"].keys()
+@pytest.mark.parametrize("layout", ["tp2_initial_weights", "dp2_zero3_initial_weights"])
+def test_one_seed_is_the_same_bits_at_every_layout(scenario_results, style, layout):
+    reference, other = scenario_results("reference_initial_weights")[style], scenario_results(layout)[style]
+    assert other["weights"].keys() == reference["weights"].keys()
     for name, weight in reference["weights"].items():
-        assert torch.equal(tp2["weights"][name], weight), name
+        assert torch.equal(other["weights"][name], weight), name
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama_style"])
+def test_zero3_builds_the_model_partitioned(scenario_results, style):
+    """Issue 17: at ZeRO-3 each DP rank holds only its partition of every parameter once it is built
+    (deepspeed.zero.Init), not the TP shard that deepspeed.initialize used to partition; at DP=2, half
+    (the tiny model's partitions are even), where it used to hold all of it."""
+    assert scenario_results("reference_initial_weights")[style]["most_held"] == 1.0
+    assert scenario_results("dp2_zero3_initial_weights")[style]["most_held"] == 0.5
 
 
 @pytest.mark.parametrize("style", ["gpt2", "llama_style"])

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from parallel.checkpoint import deepspeed_adapter as ds
 from parallel.checkpoint.deepspeed_adapter import KEYS, MASTER
 from parallel.checkpoint.storage import CheckpointError, read_manifest
+from parallel.zero3 import held_values
 
 FORMAT_VERSION = 3  # 3: each DP rank's loader state in a file of its own, no longer in client.pt
 
@@ -183,14 +184,16 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 def load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor], topo) -> None:
     """Fill a freshly built model (before DeepSpeed's engine takes it) from full tensors under TP=1
     names, such as a Hugging Face directory's (model.init_from): each rank keeps its TP slice, and the
-    engine then partitions the weights over DP as it would random ones, at any ZeRO stage."""
+    engine then partitions the weights over DP as it would random ones, at any ZeRO stage (at
+    ZeRO-3 they were partitioned as they were built, and each rank writes its partition)."""
     ours = dict(model.named_parameters())
     if ours.keys() != state.keys():
         raise ValueError(f"the model and the weights differ in tensors: the model alone has "
                          f"{sorted(ours.keys() - state.keys())}, the weights alone {sorted(state.keys() - ours.keys())}")
     with torch.no_grad():
         for name, param in ours.items():
-            param.copy_(tp_slice(param, state[name], topo))
+            _, start, held = held_values(param)
+            held.copy_(tp_slice(param, state[name], topo).flatten()[start:start + held.numel()])
 
 
 def consolidate(path: Path, out: Path) -> int:

@@ -3,6 +3,8 @@
 Every scenario trains or evaluates the same tiny GPT from the same seed on the same global batches,
 so any difference from the one-process reference is a bug in how the layout splits the work.
 """
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -87,37 +89,57 @@ def model_outputs(*overrides: str) -> dict:
 
 
 def initial_weights(*overrides: str) -> dict:
-    """For the GPT-2 and the Llama-style model: the initial weights gathered to full shapes, the
-    elements this rank drew from a normal distribution while building them (every `normal_` counts,
-    megatron's and nn.init's included), and how many of its weight elements are split over TP."""
+    """For the GPT-2 and the Llama-style model, built as training builds them: the initial weights
+    gathered to full shapes, the elements this rank drew from a normal distribution while building
+    them (every `normal_` counts, megatron's and nn.init's included), how many of its weight elements
+    are split over TP, and the most of any parameter's TP-local elements it held once built."""
     from models.gpt import GPT
+    from parallel.engine import building_model
     from parallel.topology import init_topology
+    from parallel.zero3 import held_values, is_partitioned
 
     results = {}
     for style, extra in (("gpt2", ()), ("llama_style", LLAMA_STYLE)):
         cfg = tiny_config(*overrides, *extra)
         topo = init_topology(tp=cfg.parallel.tp)
-        drawn, normal_ = 0, torch.Tensor.normal_
+        drawn, inside, normal_ = 0, False, torch.Tensor.normal_
 
         def counted(tensor, *args, **kwargs):
-            nonlocal drawn
-            drawn += tensor.numel()
-            return normal_(tensor, *args, **kwargs)
+            nonlocal drawn, inside
+            if inside:  # a torch function mode (torch.device) calls the method again from within it
+                return normal_(tensor, *args, **kwargs)
+            drawn, inside = drawn + tensor.numel(), True
+            try:
+                return normal_(tensor, *args, **kwargs)
+            finally:
+                inside = False
 
         torch.Tensor.normal_ = counted
         try:
             torch.manual_seed(cfg.train.seed)
-            model = GPT(cfg.model, VOCAB)
+            with building_model(cfg, topo):
+                model = GPT(cfg.model, VOCAB)
         finally:
             torch.Tensor.normal_ = normal_
-        named = list(model.named_parameters())
+        named = [(name, p, *held_values(p)) for name, p in model.named_parameters()]
         results[style] = {
-            "weights": {name: full_shape(p, p.detach(), topo.tp_group) for name, p in named},
+            "weights": {name: full_shape(p, gather_dp(shape, held, topo.dp_group) if is_partitioned(p) else p.detach(),
+                                         topo.tp_group) for name, p, shape, _, held in named},
             "drawn": drawn,
-            "split_weights": sum(p.numel() for name, p in named
+            "split_weights": sum(math.prod(shape) for name, p, shape, _, _ in named
                                  if getattr(p, "tensor_model_parallel", False) and name.endswith("weight")),
+            "most_held": max((p.data.numel() + (held.numel() if is_partitioned(p) else 0)) / math.prod(shape)
+                             for _, p, shape, _, held in named),
         }
     return results
+
+
+def gather_dp(shape: torch.Size, held: torch.Tensor, dp_group) -> torch.Tensor:
+    """The TP-local tensor of a ZeRO-3 partitioned parameter from the partitions the DP ranks hold."""
+    per_rank = -(-math.prod(shape) // dist.get_world_size(dp_group))
+    parts = [torch.empty(per_rank, dtype=held.dtype) for _ in range(dist.get_world_size(dp_group))]
+    dist.all_gather(parts, torch.nn.functional.pad(held, (0, per_rank - held.numel())), group=dp_group)
+    return torch.cat(parts)[:math.prod(shape)].view(shape)
 
 
 # The Llama-style GPT: grouped-query attention (2 key/value heads for 4 query heads, so TP=2 gives each
@@ -157,6 +179,11 @@ def reference_training_llama_style():
 @scenario(world_size=2)
 def tp2_initial_weights():
     return initial_weights("parallel.tp=2")
+
+
+@scenario(world_size=2)
+def dp2_zero3_initial_weights():
+    return initial_weights("parallel.zero_stage=3")
 
 
 @scenario(world_size=2)
