@@ -95,9 +95,11 @@ def render(p: Plan) -> str:
           if cfg.model.moe else []),
         f"  step time {s.seconds:.3f} s, {s.tokens_per_second:,.0f} tokens/s, MFU {s.mfu:.1%} "
         f"of {gpu.peak_tflops[precision]:g} TFLOP/s {precision} peak per {gpu.name}",
-        f"start-up  host RAM per rank {p.startup.host_bytes / GiB:.2f} GiB (its fp32 weights, built on the host); "
-        f"initialisation ~{p.startup.init_seconds:.0f} s per rank at {CPU_NS_PER_ELEMENT:g} ns per element "
-        "on one CPU core (bench/init.py)",
+        f"start-up  weights built on the GPU in {precision}: {p.startup.built_bytes / GiB:.2f} GiB per rank"
+        + (" (its ZeRO-3 partition and one layer)" if cfg.parallel.zero_stage == 3 else "")
+        + f"; host RAM per rank {p.startup.host_bytes / 2**20:.2f} MiB (the fp32 draw buffer)",
+        f"          initialisation ~{p.startup.init_seconds:.0f} s per rank at {CPU_NS_PER_ELEMENT:g} ns per element "
+        "on one CPU core (bench/startup.py)",
     ]
     return "\n".join(lines)
 

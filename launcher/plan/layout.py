@@ -70,7 +70,7 @@ def plan(cfg: RunConfig, cluster: Cluster, *, count: ParameterCount | None = Non
         cfg=cfg, cluster=cluster, dp=dp, vocab_size=vocab_size, count=count,
         memory=memory_per_gpu(cfg, count, dp, vocab_size),
         step=step_estimate(cfg, cluster, count, dp, vocab_size, efficiency),
-        startup=startup_per_rank(count),
+        startup=startup_per_rank(cfg, count, dp),
     )
 
 
