@@ -125,12 +125,8 @@ def init_from_config(directory: Path, *overrides: str):
 
 def first_step(directory: Path, batch: Batch, *overrides: str) -> dict:
     """A one-step run from `directory` on `batch`: its loss, and the logits of the same batch from the
-    model and engine that train() builds (build_model, load_full_state, build_engine), gathered to
-    [b, s, padded vocab]."""
-    from models import build_model
-    from models.huggingface import import_directory
-    from parallel.checkpoint import load_full_state
-    from parallel.engine import build_engine
+    model and engine that train() builds (build_model_and_engine), gathered to [b, s, padded vocab]."""
+    from launcher.train import build_model_and_engine
     from parallel.topology import init_topology
 
     cfg = init_from_config(directory, *overrides)
@@ -141,9 +137,7 @@ def first_step(directory: Path, batch: Batch, *overrides: str) -> dict:
 
     loss = train_records(cfg, batches)[0]["loss"]
     topo = init_topology(tp=cfg.parallel.tp)
-    model = build_model(cfg.model, cfg.model.vocab_size, sequence_parallel=cfg.parallel.sequence_parallel)
-    load_full_state(model, import_directory(cfg.model.init_from, cfg.model).state, topo)
-    engine = build_engine(model, cfg, topo)
+    model, engine = build_model_and_engine(cfg, topo, cfg.model.vocab_size, init_from=cfg.model.init_from)
     engine.eval()
     with torch.no_grad():
         logits = gather_tp(engine(**without_labels(model.batch_inputs(batch))), -1, topo.tp_group)
