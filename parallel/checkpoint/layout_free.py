@@ -107,77 +107,82 @@ def load_shards(path: Path) -> list[dict]:
     return shards
 
 
-def _pieces_by_name(shards: list[dict]) -> dict[str, list[dict]]:
-    pieces: dict[str, list[dict]] = {}
-    for shard in shards:
-        for name, piece in shard["pieces"].items():
-            pieces.setdefault(name, []).append(piece)
-    return pieces
+class SavedTensors:
+    """A checkpoint's fragments by parameter name, in its memory-mapped shards, and `bytes_read`: the bytes
+    copied out of them so far, which is what a load read of the checkpoint's tensors (the files' pages it
+    copies nothing from, it never reads). Resume reports it, and tests hold loads to it."""
+
+    def __init__(self, path: Path, shards: list[dict]):
+        self.path, self.pieces, self.bytes_read = path, {}, 0
+        for shard in shards:
+            for name, piece in shard["pieces"].items():
+                self.pieces.setdefault(name, []).append(piece)
+
+    def names(self) -> list[str]:
+        return sorted(self.pieces)
+
+    def tp_tensor(self, name: str, key: str, tp_rank: int, wanted: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Saved TP rank `tp_rank`'s tensor, with its flat range `wanted` (default: all of it) filled from
+        the fragments that overlap it and zeros elsewhere: the memory-mapped files are read only there."""
+        pieces = self.pieces[name]
+        shape = pieces[0]["shape"]
+        flat = torch.zeros(math.prod(shape), dtype=torch.float32)
+        lo, hi = wanted or (0, flat.numel())
+        covered = 0
+        for piece in pieces:
+            start, end = piece["start"], piece["start"] + piece[key].numel()
+            a, b = max(lo, start), min(hi, end)
+            if piece["tp_rank"] == tp_rank and a < b:
+                flat[a:b] = piece[key][a - start:b - start]
+                covered += b - a
+                self.bytes_read += (b - a) * piece[key].element_size()
+        if covered != max(hi - lo, 0):
+            raise CheckpointError(f"checkpoint {self.path} lacks part of {name}; it was not written whole, use another")
+        return flat.view(shape)
+
+    def full(self, name: str, key: str) -> torch.Tensor:
+        """One full tensor out of the fragments the ranks wrote: each TP rank's tensor is filled from its
+        flat fragments, then the TP ranks' tensors are joined along megatron's partition_dim."""
+        tp_size, dim = self.pieces[name][0]["tp_size"], self.pieces[name][0]["dim"]
+        parts = [self.tp_tensor(name, key, tp_rank) for tp_rank in range(tp_size)]
+        return parts[0] if tp_size == 1 else torch.cat(parts, dim=dim)
+
+    def local(self, name: str, key: str, param, topo) -> torch.Tensor:
+        """This TP rank's tensor of `param`, holding the saved numbers at least where this rank keeps them.
+        Saved at this TP size, it is read from the one saved TP rank's fragments that overlap what this rank
+        keeps (at the same layout, about its own shard's); otherwise the full tensor is assembled and cut."""
+        dim = _tp_partition(param)
+        here = (1, 0) if dim is None else (topo.tp, dim)
+        saved = self.pieces[name][0]
+        if (saved["tp_size"], saved["dim"]) != here:
+            return tp_slice(param, self.full(name, key), topo)
+        wanted = ds.kept_range(param, key, topo.dp_rank, topo.dp)
+        return self.tp_tensor(name, key, 0 if dim is None else topo.tp_rank, wanted)
 
 
-def _saved_tp_tensor(path: Path, name: str, pieces: list[dict], key: str, tp_rank: int,
-                     wanted: Optional[tuple[int, int]] = None) -> torch.Tensor:
-    """Saved TP rank `tp_rank`'s tensor, with its flat range `wanted` (default: all of it) filled from
-    the fragments that overlap it and zeros elsewhere: the memory-mapped files are read only there."""
-    shape = pieces[0]["shape"]
-    flat = torch.zeros(math.prod(shape), dtype=torch.float32)
-    lo, hi = wanted or (0, flat.numel())
-    covered = 0
-    for piece in pieces:
-        start, end = piece["start"], piece["start"] + piece[key].numel()
-        a, b = max(lo, start), min(hi, end)
-        if piece["tp_rank"] == tp_rank and a < b:
-            flat[a:b] = piece[key][a - start:b - start]
-            covered += b - a
-    if covered != max(hi - lo, 0):
-        raise CheckpointError(f"checkpoint {path} lacks part of {name}; it was not written whole, use another")
-    return flat.view(shape)
-
-
-def _assemble(path: Path, name: str, pieces: list[dict], key: str) -> torch.Tensor:
-    """One full tensor out of the fragments the ranks wrote: each TP rank's tensor is filled from its
-    flat fragments, then the TP ranks' tensors are joined along megatron's partition_dim."""
-    tp_size, dim = pieces[0]["tp_size"], pieces[0]["dim"]
-    parts = [_saved_tp_tensor(path, name, pieces, key, tp_rank) for tp_rank in range(tp_size)]
-    return parts[0] if tp_size == 1 else torch.cat(parts, dim=dim)
-
-
-def _local_tensor(path: Path, name: str, pieces: list[dict], key: str, param, topo) -> torch.Tensor:
-    """This TP rank's tensor of `param`, holding the saved numbers at least where this rank keeps them.
-    Saved at this TP size, it is read from the one saved TP rank's fragments that overlap what this rank
-    keeps (at the same layout, about its own shard's); otherwise the full tensor is assembled and cut."""
-    dim = _tp_partition(param)
-    here = (1, 0) if dim is None else (topo.tp, dim)
-    if (pieces[0]["tp_size"], pieces[0]["dim"]) != here:
-        return tp_slice(param, _assemble(path, name, pieces, key), topo)
-    wanted = ds.kept_range(param, key, topo.dp_rank, topo.dp)
-    return _saved_tp_tensor(path, name, pieces, key, 0 if dim is None else topo.tp_rank, wanted)
-
-
-def restore(engine, topo, num_experts: int, path: Path, shards: list[dict], adam_step: int) -> None:
+def restore(engine, topo, num_experts: int, saved: SavedTensors, adam_step: int) -> None:
     """Fill the engine's fp32 masters, Adam moments and weights from the checkpoint's shards, at this layout."""
-    pieces = _pieces_by_name(shards)
     ds.prepare_adam_state(engine, adam_step)
     for name, param in engine.module.named_parameters():
-        saved = saved_name(name, param, topo, num_experts)
-        if saved not in pieces:
-            raise CheckpointError(f"checkpoint {path} has no tensor {saved}; it was saved from another model")
+        name = saved_name(name, param, topo, num_experts)
+        if name not in saved.pieces:
+            raise CheckpointError(f"checkpoint {saved.path} has no tensor {name}; it was saved from another model")
         for key in KEYS:
-            value = _local_tensor(path, saved, pieces[saved], key, param, topo)
+            value = saved.local(name, key, param, topo)
             ds.write_local(engine, param, key, value.to(param.device), topo.dp_rank, topo.dp)
     ds.refresh_model_weights(engine)
 
 
 def read_tensors(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """Every parameter of checkpoint `path` as full tensors: {name: {"param", "exp_avg", "exp_avg_sq"}}."""
-    pieces = _pieces_by_name(load_shards(path))
-    return {name: {key: _assemble(path, name, parts, key) for key in KEYS} for name, parts in sorted(pieces.items())}
+    saved = SavedTensors(path, load_shards(path))
+    return {name: {key: saved.full(name, key) for key in KEYS} for name in saved.names()}
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """The full fp32 model state dict of checkpoint `path` (no optimizer state), at any saved layout."""
-    pieces = _pieces_by_name(load_shards(path))
-    return {name: _assemble(path, name, parts, MASTER) for name, parts in sorted(pieces.items())}
+    saved = SavedTensors(path, load_shards(path))
+    return {name: saved.full(name, MASTER) for name in saved.names()}
 
 
 def load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor], topo) -> None:

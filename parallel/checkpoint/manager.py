@@ -62,6 +62,7 @@ class PendingSave:
 class Resumed:
     step: int = 0
     tokens: int = 0
+    tensor_bytes_read: int = 0  # of the checkpoint's fp32 fragments, by this rank: what the load cost it in reads
 
 
 def checkpoint_root(cfg) -> Path:
@@ -183,7 +184,8 @@ class Checkpointer:
                                   f"this code reads {fmt.FORMAT_VERSION}); start afresh with --resume none")
         self._check_same_model(path, client["config"])
         shards = fmt.load_shards(path)
-        fmt.restore(self.engine, self.topo, self.num_experts, path, shards, client["adam_step"])
+        saved = fmt.SavedTensors(path, shards)
+        fmt.restore(self.engine, self.topo, self.num_experts, saved, client["adam_step"])
         same_world = client["layout"]["world_size"] == self.topo.world_size
         # The generators of this very rank, or rank 0's when the world changed size (every rank is seeded alike).
         _set_rng_state(shards[self.topo.rank if same_world else 0]["rng"])
@@ -199,7 +201,7 @@ class Checkpointer:
             self.loader.load_state_dict(SavedDataStates(path, old["dp"]))
         self._say(f"resumed from {path} at step {client['step']} (saved at tp={old['tp']} dp={old['dp']} "
                   f"zero={old['zero_stage']})")
-        return Resumed(step=client["step"], tokens=client["tokens"])
+        return Resumed(step=client["step"], tokens=client["tokens"], tensor_bytes_read=saved.bytes_read)
 
     def _choose(self) -> Optional[Path]:
         choice = self.cfg.checkpoint.resume

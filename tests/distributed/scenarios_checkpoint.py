@@ -80,8 +80,8 @@ def straight_and_resumed(name: str, *layout_overrides: str) -> dict:
     return {"straight": straight, "resumed": resumed}
 
 
-def reloaded_tensors(source: str, *layout_overrides: str) -> dict:
-    """Load `source`'s step-10 checkpoint at this layout and gather every full tensor back to rank 0."""
+def reload(source: str, *layout_overrides: str):
+    """Load `source`'s step-10 checkpoint at this layout: the engine, the topology and what resume returned."""
     from models.gpt import GPT
     from parallel.checkpoint import Checkpointer
     from parallel.engine import build_engine
@@ -91,8 +91,13 @@ def reloaded_tensors(source: str, *layout_overrides: str) -> dict:
     topo = init_topology(tp=cfg.parallel.tp, ep=cfg.parallel.ep)
     model = GPT(cfg.model, VOCAB, expert_parallel_size=cfg.parallel.ep)  # its initial weights are overwritten by the load
     engine = build_engine(model, cfg, topo)
-    checkpointer = Checkpointer(cfg, topo, engine, ResumableBatches(cfg, topo))
-    checkpointer.resume()
+    resumed = Checkpointer(cfg, topo, engine, ResumableBatches(cfg, topo)).resume()
+    return engine, topo, resumed
+
+
+def reloaded_tensors(source: str, *layout_overrides: str) -> dict:
+    """Load `source`'s step-10 checkpoint at this layout and gather every full tensor back to rank 0."""
+    engine, topo, _ = reload(source, *layout_overrides)
     return {name: {key: full_tensor(engine, topo, param, key) for key in ("param", "exp_avg", "exp_avg_sq")}
             for name, param in engine.module.named_parameters()}
 
@@ -236,28 +241,19 @@ def reshard_ep2_to_ep1():
     return reshard("ep2-zero1", MOE, "parallel.ep=1", *layout(1, 2, 1))
 
 
+def piece_bytes(shard: Path) -> int:
+    """The bytes of the fp32 fragments (masters and moments) in one shard file."""
+    pieces = torch.load(shard, weights_only=True)["pieces"]
+    return sum(p[key].numel() * p[key].element_size() for p in pieces.values() for key in ("param", "exp_avg", "exp_avg_sq"))
+
+
 def tensor_bytes_read(source: str, zero: int) -> list[tuple[int, int]]:
     """Reload `source`'s step-10 checkpoint at its own layout: per rank, the bytes of saved fragments the
-    load copied out (the range each `_saved_tp_tensor` filled, which it checks it filled exactly) and
-    the bytes of the fragments in that rank's own shard."""
-    from parallel.checkpoint import layout_free as fmt
-
-    read, fill = [0], fmt._saved_tp_tensor
-
-    def counted(path, name, pieces, key, tp_rank, wanted=None):
-        tensor = fill(path, name, pieces, key, tp_rank, wanted)
-        lo, hi = wanted or (0, tensor.numel())
-        read[0] += max(hi - lo, 0) * tensor.element_size()
-        return tensor
-    fmt._saved_tp_tensor = counted
-    try:
-        reloaded_tensors(source, *layout(1, 2, zero))
-    finally:
-        fmt._saved_tp_tensor = fill
-    own = torch.load(saved_path(source) / f"shard-{dist.get_rank():05d}.pt", weights_only=True)["pieces"]
-    own_bytes = sum(p[key].numel() * p[key].element_size() for p in own.values() for key in ("param", "exp_avg", "exp_avg_sq"))
+    load copied out (as resume counts them) and the bytes of the fragments in that rank's own shard."""
+    _, _, resumed = reload(source, *layout(1, 2, zero))
+    own = piece_bytes(saved_path(source) / f"shard-{dist.get_rank():05d}.pt")
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (read[0], own_bytes))
+    dist.all_gather_object(everyone, (resumed.tensor_bytes_read, own))
     return everyone
 
 
