@@ -84,13 +84,14 @@ def test_a_resuming_rank_reads_only_the_loader_states_it_needs(scenario_results)
 
 
 def test_a_load_at_the_saved_layout_reads_only_what_the_rank_keeps(scenario_results):
-    """Issue 17: at ZeRO-3 a rank keeps only its partition of every tensor, so it reads its own shard's
-    bytes and no more. At ZeRO-1 it keeps the whole weight (reading it beats all-gathering it) but only
-    its partition of the two moments: 4/3 of its own shard's bytes at DP=2 (the tiny model's partitions
-    are even), where a load used to read the whole checkpoint, twice its own."""
+    """Issue 17: at the saved layout a rank reads its own shard's bytes and no more, at most 1.05x (it is
+    1.00x). ZeRO-3 keeps only its partition of every tensor. ZeRO-1 keeps only its partition of the fp32
+    master and the moments; the weight every rank holds whole is all-gathered from the masters over DP
+    as after a step. Before, ZeRO-1 read the whole weight on every rank: 4/3 of its own at DP=2 (and
+    before that, every rank read the whole checkpoint, twice its own)."""
     result = scenario_results("tensor_reads_at_the_saved_layout")
-    assert all(read == own for read, own in result["zero3"]), result
-    assert all(3 * read == 4 * own for read, own in result["zero1"]), result
+    for zero in ("zero1", "zero3"):
+        assert all(read <= 1.05 * own for read, own in result[zero]), result
 
 
 def test_control_traffic_never_touches_the_data_plane(scenario_results):
@@ -99,15 +100,21 @@ def test_control_traffic_never_touches_the_data_plane(scenario_results):
     own sequence numbers on a real DP=2 run: saving every step, stopping and resuming add
     collectives to the control groups only (a save's to the save group, which only its background
     thread uses); the default group carries none at ZeRO-1, and the TP and DP groups carry exactly
-    what a run that saves once carries (the model's own traffic)."""
+    what a run that saves once carries (the model's own traffic), but for the one tensor transfer a
+    resume makes: since no rank reads the whole weights (issue 17), DeepSpeed all-gathers them over DP
+    from the restored fp32 partitions, one all-gather per ZeRO parameter group (the tiny GPT has two,
+    with and without weight decay), as after every step."""
     runs = scenario_results("control_plane")
     end, stopped, resumed = runs["saved_at_end"], runs["stopped"], runs["resumed"]
     assert {end["backend"], stopped["backend"], resumed["backend"]} == {"gloo"}
     for run in (end, stopped, resumed):
         assert run["collectives"]["default"] == 0, run
         assert run["collectives"]["control"] > 0 and run["collectives"]["save"] > 0, run
+    assert end["resume"] is None and stopped["resume"] is None, runs
+    assert {group: resumed["resume"][group] for group in ("default", "tp", "dp")} == {"default": 0, "tp": 0, "dp": 2}, runs
     for group in ("tp", "dp"):
-        assert stopped["collectives"][group] + resumed["collectives"][group] == end["collectives"][group], runs
+        after_resume = resumed["collectives"][group] - resumed["resume"][group]
+        assert stopped["collectives"][group] + after_resume == end["collectives"][group], runs
     assert stopped["collectives"]["control"] + resumed["collectives"]["control"] > end["collectives"]["control"]
     assert stopped["collectives"]["save"] + resumed["collectives"]["save"] > end["collectives"]["save"]
 

@@ -156,7 +156,7 @@ class SavedTensors:
         saved = self.pieces[name][0]
         if (saved["tp_size"], saved["dim"]) != here:
             return tp_slice(param, self.full(name, key), topo)
-        wanted = ds.kept_range(param, key, topo.dp_rank, topo.dp)
+        wanted = ds.kept_range(param, topo.dp_rank)
         return self.tp_tensor(name, key, 0 if dim is None else topo.tp_rank, wanted)
 
 

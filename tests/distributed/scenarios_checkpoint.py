@@ -182,7 +182,8 @@ def t5_saved_at_dp2_zero3():
 def collectives_per_group(name: str, *overrides: str) -> dict:
     """How many collectives each process group carried while a DP=2 ZeRO-1 run resumed, trained,
     voted on stopping, saved and maybe stopped: the difference of its sequence numbers from just
-    before the loop's resume to its end. Also the control group's backend."""
+    before the loop's resume to its end; of those, how many the resume itself made, up to the moment
+    it hands the loader its states (None if the run did not resume). Also the control group's backend."""
     from launcher.stopping import StopRequested
     from launcher.train import train
 
@@ -196,18 +197,25 @@ def collectives_per_group(name: str, *overrides: str) -> dict:
                   "control": topo.control_group, "save": topo.save_group}
         return {group: g._get_sequence_number_for_group() for group, g in groups.items()}
 
+    class Batches(ResumableBatches):
+        def load_state_dict(self, states) -> None:
+            seen["resumed"] = sequence_numbers()
+            super().load_state_dict(states)
+
     def batches(topo):
         seen["topo"] = topo
         seen["before"] = sequence_numbers()
-        return ResumableBatches(cfg, topo)
+        return Batches(cfg, topo)
+
+    def since_start(now: dict) -> dict:
+        return {group: now[group] - seen["before"][group] for group in now}
 
     try:
         train(cfg, batches=batches)
     except StopRequested:
         pass
-    after = sequence_numbers()
-    return {"backend": dist.get_backend(seen["topo"].control_group),
-            "collectives": {group: after[group] - seen["before"][group] for group in after}}
+    return {"backend": dist.get_backend(seen["topo"].control_group), "collectives": since_start(sequence_numbers()),
+            "resume": since_start(seen["resumed"]) if "resumed" in seen else None}
 
 
 @scenario(world_size=2)
