@@ -249,25 +249,27 @@ def reshard_ep2_to_ep1():
     return reshard("ep2-zero1", MOE, "parallel.ep=1", *layout(1, 2, 1))
 
 
-def piece_bytes(shard: Path) -> int:
-    """The bytes of the fp32 fragments (masters and moments) in one shard file."""
-    pieces = torch.load(shard, weights_only=True)["pieces"]
-    return sum(p[key].numel() * p[key].element_size() for p in pieces.values() for key in ("param", "exp_avg", "exp_avg_sq"))
+def shard_tensor_bytes(source: str) -> list[int]:
+    """The bytes of the fp32 fragments (masters and moments) in each shard file of `source`'s step-10
+    checkpoint, by the rank that wrote it."""
+    def fragment_bytes(shard: Path) -> int:
+        pieces = torch.load(shard, weights_only=True)["pieces"]
+        return sum(p[key].numel() * p[key].element_size() for p in pieces.values() for key in ("param", "exp_avg", "exp_avg_sq"))
+    return [fragment_bytes(shard) for shard in sorted(saved_path(source).glob("shard-*.pt"))]
 
 
-def tensor_bytes_read(source: str, zero: int) -> list[tuple[int, int]]:
-    """Reload `source`'s step-10 checkpoint at its own layout: per rank, the bytes of saved fragments the
-    load copied out (as resume counts them) and the bytes of the fragments in that rank's own shard."""
-    _, _, resumed = reload(source, *layout(1, 2, zero))
-    own = piece_bytes(saved_path(source) / f"shard-{dist.get_rank():05d}.pt")
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (resumed.tensor_bytes_read, own))
-    return everyone
+def tensor_bytes_read(source: str, *layout_overrides: str) -> dict:
+    """Reload `source`'s step-10 checkpoint at this layout. `read`: per rank, the bytes of saved fragments
+    the load copied out, as resume counts them; `saved`: per saving rank, its shard's fragment bytes."""
+    _, _, resumed = reload(source, *layout_overrides)
+    read = [None] * dist.get_world_size()
+    dist.all_gather_object(read, resumed.tensor_bytes_read)
+    return {"read": read, "saved": shard_tensor_bytes(source)}
 
 
 @scenario(world_size=2)
 def tensor_reads_at_the_saved_layout():
-    return {"zero1": tensor_bytes_read("dp2-zero1", 1), "zero3": tensor_bytes_read("dp2-zero3", 3)}
+    return {f"zero{zero}": tensor_bytes_read(f"dp2-zero{zero}", *layout(1, 2, zero)) for zero in (1, 3)}
 
 
 # --- one and four ranks: the DP reshards of the DP=2 checkpoints -----------------------------------
@@ -304,6 +306,12 @@ def reshard_dp2_to_dp4_zero2():
 @scenario(world_size=4, reads_from=2)
 def reshard_dp2_to_dp4_zero3():
     return reshard_dp(3, 4)
+
+
+@scenario(world_size=4, reads_from=2)
+def tensor_reads_at_dp4():
+    """The DP=2 checkpoints reloaded at DP=4: what each rank read."""
+    return {f"zero{zero}": tensor_bytes_read(f"dp2-zero{zero}", *layout(1, 4, zero)) for zero in (1, 2, 3)}
 
 
 def read_full_tensors(path: Path) -> dict:
