@@ -106,6 +106,52 @@ def test_a_load_at_twice_the_saved_dp_reads_a_quarter_of_the_checkpoint_per_rank
     assert len(result["read"]) == 4 and all(read <= 1.05 * quarter for read in result["read"]), (quarter, result)
 
 
+@pytest.mark.parametrize("change", ["tp1_to_tp2", "tp2_to_tp1"])
+def test_a_load_at_another_tp_reads_only_what_the_rank_keeps(scenario_results, change):
+    """Issue 17: at another TP size a rank fills its TP slice (and in it its ZeRO partition) from the
+    parts of the saved TP ranks' fragments that overlap it, with no full tensor built: it reads at most
+    1.05x the fp32 bytes it keeps (a DP share of its TP rank's masters and moments). TP=1 -> TP=2 at
+    DP=1 keeps the whole slice; TP=2 -> TP=1 at DP=2, half the model. Before, a TP change assembled
+    every TP-split tensor whole on every rank."""
+    result = scenario_results("tensor_reads_at_another_tp")[change]
+    assert all(read <= 1.05 * keeps for read, keeps in zip(result["read"], result["keeps"])), result
+
+
+def test_any_tp_slice_and_flat_range_is_filled_from_any_fragments():
+    """The arithmetic behind a load at another TP size, beyond the tiny model's shapes: random tensors
+    cut along each partition_dim over 1, 2 or 4 saved TP ranks into randomly cut flat fragments, then
+    read back as any TP rank's slice (1, 2 or 4 ranks) and any flat range of it. The slice must hold
+    exactly the saved numbers in that range and zeros elsewhere, and the bytes read be that range's."""
+    import math
+    import random
+
+    from parallel.checkpoint.layout_free import SavedTensors
+
+    rng = random.Random(0)
+    for _ in range(500):
+        shape = [rng.randint(1, 5) for _ in range(rng.randint(1, 3))]
+        dim, saved_tp, tp = rng.randrange(len(shape)), rng.choice([1, 2, 4]), rng.choice([1, 2, 4])
+        shape[dim] = math.lcm(saved_tp, tp) * rng.randint(1, 3)
+        full = torch.randn(shape)
+        shards = []
+        for saved_rank, part in enumerate(full.chunk(saved_tp, dim)):
+            flat = part.flatten()
+            cuts = sorted({0, flat.numel(), *rng.sample(range(flat.numel() + 1), min(flat.numel() + 1, rng.randint(0, 4)))})
+            shards += [{"pieces": {"w": {"tp_rank": saved_rank, "tp_size": saved_tp, "dim": dim, "shape": list(part.shape),
+                                         "start": a, "param": flat[a:b].clone()}}} for a, b in zip(cuts, cuts[1:])]
+        rng.shuffle(shards)
+        saved = SavedTensors(Path("checkpoint"), shards)
+        assert torch.equal(saved.full("w", "param"), full)
+        tp_rank = rng.randrange(tp)
+        mine = full.chunk(tp, dim)[tp_rank].flatten()
+        lo = rng.randint(0, mine.numel())
+        hi = rng.randint(lo, mine.numel())
+        read_before = saved.bytes_read
+        got = saved.fill("w", "param", list(full.chunk(tp, dim)[tp_rank].shape), dim, tp, tp_rank, (lo, hi)).flatten()
+        assert torch.equal(got[lo:hi], mine[lo:hi]) and not got[:lo].any() and not got[hi:].any()
+        assert saved.bytes_read - read_before == 4 * (hi - lo)
+
+
 def test_control_traffic_never_touches_the_data_plane(scenario_results):
     """Issue 14: on GPUs the data-plane groups are NCCL, which refuses CPU tensors and pickles, so the
     stop vote, barriers and object gathers go over the gloo control groups. Counted from the groups'

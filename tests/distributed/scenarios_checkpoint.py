@@ -260,16 +260,27 @@ def shard_tensor_bytes(source: str) -> list[int]:
 
 def tensor_bytes_read(source: str, *layout_overrides: str) -> dict:
     """Reload `source`'s step-10 checkpoint at this layout. `read`: per rank, the bytes of saved fragments
-    the load copied out, as resume counts them; `saved`: per saving rank, its shard's fragment bytes."""
-    _, _, resumed = reload(source, *layout_overrides)
-    read = [None] * dist.get_world_size()
-    dist.all_gather_object(read, resumed.tensor_bytes_read)
-    return {"read": read, "saved": shard_tensor_bytes(source)}
+    the load copied out, as resume counts them; `keeps`: per rank, the fp32 bytes (master and two moments)
+    of a DP share of its TP rank's tensors, that is what it holds after the load; `saved`: per saving
+    rank, its shard's fragment bytes."""
+    engine, topo, resumed = reload(source, *layout_overrides)
+    tp_numel = sum(math.prod(getattr(param, "ds_shape", param.shape)) for param in engine.module.parameters())
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (resumed.tensor_bytes_read, 3 * 4 * tp_numel / topo.dp))
+    return {"read": [read for read, _ in everyone], "keeps": [keeps for _, keeps in everyone],
+            "saved": shard_tensor_bytes(source)}
 
 
 @scenario(world_size=2)
 def tensor_reads_at_the_saved_layout():
     return {f"zero{zero}": tensor_bytes_read(f"dp2-zero{zero}", *layout(1, 2, zero)) for zero in (1, 3)}
+
+
+@scenario(world_size=2)
+def tensor_reads_at_another_tp():
+    """The TP=1 DP=2 checkpoint reloaded at TP=2 DP=1, and the TP=2 DP=1 one at TP=1 DP=2 (ZeRO-1)."""
+    return {"tp1_to_tp2": tensor_bytes_read("dp2-zero1", *layout(2, 1, 1)),
+            "tp2_to_tp1": tensor_bytes_read("tp2-zero1", *layout(1, 2, 1))}
 
 
 # --- one and four ranks: the DP reshards of the DP=2 checkpoints -----------------------------------
