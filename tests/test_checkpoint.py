@@ -152,6 +152,18 @@ def test_any_tp_slice_and_flat_range_is_filled_from_any_fragments():
         assert saved.bytes_read - read_before == 4 * (hi - lo)
 
 
+def test_before_a_resume_at_the_saved_layout_each_rank_checks_the_files_it_reads(scenario_results):
+    """Issue 17: the checksums are checked before anything is loaded, each file by one rank. A rank checks
+    its own shard and its own loader state, the files it then reads, so that at the saved layout it reads
+    no peer's shard from disk for the check: DP=4, where the files used to be dealt out by name and
+    rank r checked shard (r + 2) mod 4 and data (r + 2) mod 4 instead. Every file is still checked once."""
+    result = scenario_results("verification_at_the_saved_layout")
+    checked = result["checked"]
+    for rank, files in enumerate(checked):
+        assert sorted(f for f in files if f.startswith(("shard-", "data-"))) == [f"data-{rank:05d}.pt", f"shard-{rank:05d}.pt"], checked
+    assert sorted(f for files in checked for f in files) == result["files"], checked
+
+
 def test_control_traffic_never_touches_the_data_plane(scenario_results):
     """Issue 14: on GPUs the data-plane groups are NCCL, which refuses CPU tensors and pickles, so the
     stop vote, barriers and object gathers go over the gloo control groups. Counted from the groups'

@@ -325,6 +325,28 @@ def tensor_reads_at_dp4():
     return {f"zero{zero}": tensor_bytes_read(f"dp2-zero{zero}", *layout(1, 4, zero)) for zero in (1, 2, 3)}
 
 
+@scenario(world_size=4)
+def verification_at_the_saved_layout():
+    """A DP=4 run saves at step 10 and resumes there at its own layout: the checkpoint's files, and per rank
+    the files its resume checked against the manifest (storage.verify is the one checker)."""
+    from parallel.checkpoint import storage
+
+    train_run("dp4-zero1", "checkpoint.resume=none", *layout(1, 4, 1))
+    checked, verify = [], storage.verify
+
+    def recorded(path, files=None):
+        checked.extend(files or [])
+        return verify(path, files)
+    storage.verify = recorded
+    try:
+        reload("dp4-zero1", *layout(1, 4, 1))
+    finally:
+        storage.verify = verify
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, checked)
+    return {"files": sorted(storage.read_manifest(saved_path("dp4-zero1"))["files"]), "checked": everyone}
+
+
 def read_full_tensors(path: Path) -> dict:
     """The pytest side: every parameter's full tensors straight from the checkpoint's files, put
     together here from the pieces the ranks wrote (each a flat fragment of one TP slice)."""
