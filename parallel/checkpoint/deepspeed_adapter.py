@@ -94,7 +94,7 @@ def write_local(engine, param, key: str, value: torch.Tensor, dp_rank: int, dp: 
         flat = torch.nn.functional.pad(value.flatten(), (0, n * dp - value.numel()))
         mine = flat.narrow(0, n * dp_rank, n)
         safe_set_local_fp32_param(param, mine) if key == MASTER else safe_set_local_optimizer_state(param, mine, key)
-    elif hasattr(param, "_hp_mapping"):  # ZeRO-1/2 and the bf16 optimizer; refresh_model_weights then gathers the weight
+    elif hasattr(param, "_hp_mapping"):  # ZeRO-1/2, bf16 optimizer: the weight is all-gathered by refresh_model_weights
         safe_set_full_fp32_param(param, value) if key == MASTER else safe_set_full_optimizer_state(param, value, key)
     else:  # ZeRO-0: every DP rank holds the whole tensor
         _zero0_fp32(engine, param, key).copy_(value.flatten())

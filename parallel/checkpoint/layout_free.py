@@ -146,11 +146,12 @@ class SavedTensors:
         `wanted` cuts short): only the bytes this rank keeps are read, and no full tensor is built."""
         pieces = self.pieces[name]
         saved_shape, saved_tp_size = pieces[0]["shape"], pieces[0]["tp_size"]
-        saved_full, full = list(saved_shape), list(shape)
-        saved_full[partition_dim] *= saved_tp_size
-        full[partition_dim] *= tp_size
-        if saved_full != full or (saved_tp_size > 1 and pieces[0]["dim"] != partition_dim):
-            raise CheckpointError(f"checkpoint {self.path} holds {name} in another shape; it was saved from another model")
+        saved_whole, whole = list(saved_shape), list(shape)
+        saved_whole[partition_dim] *= saved_tp_size
+        whole[partition_dim] *= tp_size
+        if saved_whole != whole or (saved_tp_size > 1 and pieces[0]["dim"] != partition_dim):
+            raise CheckpointError(f"checkpoint {self.path} holds {name} in another shape; "
+                                  "it was saved from another model")
         rows, inner = math.prod(shape[:partition_dim]), math.prod(shape[partition_dim + 1:])
         width, saved_width = shape[partition_dim], saved_shape[partition_dim]
         flat = torch.zeros(math.prod(shape), dtype=torch.float32)

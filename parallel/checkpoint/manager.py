@@ -250,7 +250,8 @@ class Checkpointer:
 
         own = {storage.shard_file_name(topo.rank) if shards else None,
                storage.data_file_name(topo.dp_rank) if data_states and topo.tp_rank == 0 else None}
-        return [name for name in names if name in own] + [name for name in names if not assigned(name)][topo.rank::topo.world_size]
+        dealt = [name for name in names if not assigned(name)][topo.rank::topo.world_size]
+        return [name for name in names if name in own] + dealt
 
     def _check_same_model(self, path: Path, saved_config: dict) -> None:
         ours = self.cfg.model.model_dump(mode="json")

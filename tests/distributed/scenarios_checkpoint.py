@@ -254,7 +254,8 @@ def shard_tensor_bytes(source: str) -> list[int]:
     checkpoint, by the rank that wrote it."""
     def fragment_bytes(shard: Path) -> int:
         pieces = torch.load(shard, weights_only=True)["pieces"]
-        return sum(p[key].numel() * p[key].element_size() for p in pieces.values() for key in ("param", "exp_avg", "exp_avg_sq"))
+        return sum(p[key].numel() * p[key].element_size()
+                   for p in pieces.values() for key in ("param", "exp_avg", "exp_avg_sq"))
     return [fragment_bytes(shard) for shard in sorted(saved_path(source).glob("shard-*.pt"))]
 
 
