@@ -70,14 +70,13 @@ def _zero0_fp32(engine, param, key: str) -> torch.Tensor:
     return (master.data if key == MASTER else _base_optimizer(engine).state[master][key]).flatten()
 
 
-def kept_range(param, key: str, dp_rank: int, dp: int) -> Optional[tuple[int, int]]:
-    """The flat range of this TP rank's tensor of `param` whose `key` write_local keeps on this rank, so a
-    load need read no other; None where it keeps all of it (ZeRO-0, and the ZeRO-1/2 weight, which every
-    rank holds whole)."""
+def kept_range(param, dp_rank: int) -> Optional[tuple[int, int]]:
+    """The flat range of this TP rank's tensor of `param` that write_local keeps on this rank (its fp32
+    master and both moments alike), so a load need read no other; None where it keeps all of it (ZeRO-0)."""
     if hasattr(param, "ds_id"):
         n = param.ds_tensor.numel()
         return min(n * dp_rank, param.ds_numel), min(n * (dp_rank + 1), param.ds_numel)
-    if hasattr(param, "_hp_mapping") and key != MASTER:
+    if hasattr(param, "_hp_mapping"):
         address = param._hp_mapping.lp_fragment_address if param._hp_mapping is not None else None
         return (address.start, address.start + address.numel) if address is not None else (0, 0)
     return None
@@ -95,14 +94,8 @@ def write_local(engine, param, key: str, value: torch.Tensor, dp_rank: int, dp: 
         flat = torch.nn.functional.pad(value.flatten(), (0, n * dp - value.numel()))
         mine = flat.narrow(0, n * dp_rank, n)
         safe_set_local_fp32_param(param, mine) if key == MASTER else safe_set_local_optimizer_state(param, mine, key)
-    elif hasattr(param, "_hp_mapping"):  # ZeRO-1/2 and the bf16 optimizer
-        if key == MASTER:
-            safe_set_full_fp32_param(param, value)
-            # Each rank keeps the whole low-precision weight and has the whole value here, so it writes
-            # it itself: the engine's own refresh would all-gather the weights over DP (half of a load).
-            param.data.copy_(value)
-        else:
-            safe_set_full_optimizer_state(param, value, key)
+    elif hasattr(param, "_hp_mapping"):  # ZeRO-1/2, bf16 optimizer: the weight is all-gathered by refresh_model_weights
+        safe_set_full_fp32_param(param, value) if key == MASTER else safe_set_full_optimizer_state(param, value, key)
     else:  # ZeRO-0: every DP rank holds the whole tensor
         _zero0_fp32(engine, param, key).copy_(value.flatten())
         if key == MASTER and param.dtype != torch.float32:
@@ -146,9 +139,13 @@ def link_optimizer_state(engine) -> None:
 
 
 def refresh_model_weights(engine) -> None:
-    """ZeRO-3: copy the restored fp32 master partitions into the partitions the forward pass gathers.
-    (ZeRO-0, 1 and 2 keep whole weights on every rank, which write_local writes.)"""
+    """Rebuild the weights the forward pass reads from the fp32 master partitions, once each rank has
+    restored its own: ZeRO-3 copies them into the partitions it gathers at every forward; ZeRO-1/2 and
+    the bf16 optimizer all-gather them over DP, as after every step, so no rank reads the checkpoint's
+    whole weight (a load reads a rank's partition only). At ZeRO-0 write_local wrote the whole weight."""
     opt = engine.optimizer
     if hasattr(opt, "fp32_partitioned_groups_flat"):
         for sub_group in range(len(opt.fp32_partitioned_groups_flat)):
             opt._reassign_or_swap_out_partitioned_parameters(sub_group)
+    elif hasattr(opt, "update_lp_params"):
+        opt.update_lp_params()

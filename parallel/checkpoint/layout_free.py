@@ -7,9 +7,9 @@ the flat fragment of the fp32 master weight and of both Adam moments that this r
 keeps, with its offset in the TP rank's tensor, that tensor's shape, and the TP slice it is. Every
 rank writes what it already holds, with no communication; a number held by several ranks
 (TP-replicated, or DP replicas at ZeRO-0) is written by one of them. At load each rank reads, from the
-memory-mapped files, only the fragments overlapping what it keeps at its own layout when the TP size
-is the saved one (at the same layout, about its own shard), and else assembles the full tensor and
-cuts its slice. At the same layout that restores exactly the numbers that were saved: resume is bitwise.
+memory-mapped files, only the parts of the fragments that overlap what it keeps at its own layout, at
+any TP and DP size (at the same layout, its own shard), and builds no full tensor. At the same layout
+that restores exactly the numbers that were saved: resume is bitwise.
 """
 from __future__ import annotations
 
@@ -108,77 +108,140 @@ def load_shards(path: Path) -> list[dict]:
     return shards
 
 
-def _pieces_by_name(shards: list[dict]) -> dict[str, list[dict]]:
-    pieces: dict[str, list[dict]] = {}
-    for shard in shards:
-        for name, piece in shard["pieces"].items():
-            pieces.setdefault(name, []).append(piece)
-    return pieces
+class SavedTensors:
+    """A checkpoint's fragments by parameter name, in its memory-mapped shards, and `bytes_read`: the bytes
+    copied out of them so far, which is what a load read of the checkpoint's tensors (the files' pages it
+    copies nothing from, it never reads). Resume reports it, and tests hold loads to it."""
+
+    def __init__(self, path: Path, shards: list[dict]):
+        self.path, self.pieces, self.bytes_read = path, {}, 0
+        for shard in shards:
+            for name, piece in shard["pieces"].items():
+                self.pieces.setdefault(name, []).append(piece)
+
+    def names(self) -> list[str]:
+        return sorted(self.pieces)
+
+    def full(self, name: str, key: str) -> torch.Tensor:
+        """The whole (TP=1) tensor, for the offline readers; a load fills only what a rank keeps."""
+        saved = self.pieces[name][0]
+        shape = list(saved["shape"])
+        shape[saved["dim"]] *= saved["tp_size"]
+        return self.fill(name, key, shape, saved["dim"], tp_size=1, tp_rank=0)
+
+    def local(self, name: str, key: str, param, topo) -> torch.Tensor:
+        """This TP rank's tensor of `param`, holding the saved numbers where this rank keeps them (zeros elsewhere)."""
+        dim = _tp_partition(param)
+        tp_size, tp_rank = (1, 0) if dim is None else (topo.tp, topo.tp_rank)
+        return self.fill(name, key, list(ds.local_shape(param)), dim or 0, tp_size, tp_rank,
+                         ds.kept_range(param, topo.dp_rank))
+
+    def fill(self, name: str, key: str, shape: list[int], partition_dim: int, tp_size: int, tp_rank: int,
+             wanted: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """TP rank `tp_rank` of `tp_size`'s tensor (`shape`) of `name`, split along `partition_dim`, with its
+        flat range `wanted` (default: all of it) filled and zeros elsewhere, at any saved TP size.
+
+        Seen as (rows, partition_dim, inner), the part of saved TP rank s's tensor that lies in this one is
+        the same band of columns in every row, so each saved fragment overlapping it is copied in at
+        most five pieces (a block of whole rows through strided views, and the rows the fragment or
+        `wanted` cuts short): only the bytes this rank keeps are read, and no full tensor is built."""
+        pieces = self.pieces[name]
+        saved_shape, saved_tp_size = pieces[0]["shape"], pieces[0]["tp_size"]
+        saved_whole, whole = list(saved_shape), list(shape)
+        saved_whole[partition_dim] *= saved_tp_size
+        whole[partition_dim] *= tp_size
+        if saved_whole != whole or (saved_tp_size > 1 and pieces[0]["dim"] != partition_dim):
+            raise CheckpointError(f"checkpoint {self.path} holds {name} in another shape; "
+                                  "it was saved from another model")
+        rows, inner = math.prod(shape[:partition_dim]), math.prod(shape[partition_dim + 1:])
+        width, saved_width = shape[partition_dim], saved_shape[partition_dim]
+        flat = torch.zeros(math.prod(shape), dtype=torch.float32)
+        lo, hi = wanted or (0, flat.numel())
+        covered = 0
+        for piece in pieces:
+            # the columns of the full tensor along partition_dim that both this TP rank and the saved one hold
+            first = max(tp_rank * width, piece["tp_rank"] * saved_width)
+            last = min((tp_rank + 1) * width, (piece["tp_rank"] + 1) * saved_width)
+            if first >= last:
+                continue
+            here = _Band((first - tp_rank * width) * inner, width * inner, lo, hi)
+            saved = piece[key]
+            there = _Band((first - piece["tp_rank"] * saved_width) * inner - piece["start"], saved_width * inner,
+                          0, saved.numel())
+            copied = _copy_band(flat, here, saved, there, rows, (last - first) * inner)
+            covered += copied
+            self.bytes_read += copied * saved.element_size()
+        if covered != max(hi - lo, 0):
+            raise CheckpointError(f"checkpoint {self.path} lacks part of {name}; it was not written whole, use another")
+        return flat.view(shape)
 
 
-def _saved_tp_tensor(path: Path, name: str, pieces: list[dict], key: str, tp_rank: int,
-                     wanted: Optional[tuple[int, int]] = None) -> torch.Tensor:
-    """Saved TP rank `tp_rank`'s tensor, with its flat range `wanted` (default: all of it) filled from
-    the fragments that overlap it and zeros elsewhere: the memory-mapped files are read only there."""
-    shape = pieces[0]["shape"]
-    flat = torch.zeros(math.prod(shape), dtype=torch.float32)
-    lo, hi = wanted or (0, flat.numel())
-    covered = 0
-    for piece in pieces:
-        start, end = piece["start"], piece["start"] + piece[key].numel()
-        a, b = max(lo, start), min(hi, end)
-        if piece["tp_rank"] == tp_rank and a < b:
-            flat[a:b] = piece[key][a - start:b - start]
-            covered += b - a
-    if covered != max(hi - lo, 0):
-        raise CheckpointError(f"checkpoint {path} lacks part of {name}; it was not written whole, use another")
-    return flat.view(shape)
+class _Band:
+    """Where one run of columns lies in each row of a flat tensor: row r starts at `first` + r x `stride`;
+    only the elements in [`lo`, `hi`) are to be touched (the rank's kept range, or a fragment's extent)."""
+
+    def __init__(self, first: int, stride: int, lo: int, hi: int):
+        self.first, self.stride, self.lo, self.hi = first, stride, lo, hi
+
+    def start(self, row: int) -> int:
+        return self.first + row * self.stride
+
+    def first_row_from(self, offset: int, bound: int) -> int:
+        """The first row whose element `offset` into it lies at or past flat index `bound`."""
+        return max(0, -(-(bound - self.first - offset) // self.stride))
 
 
-def _assemble(path: Path, name: str, pieces: list[dict], key: str) -> torch.Tensor:
-    """One full tensor out of the fragments the ranks wrote: each TP rank's tensor is filled from its
-    flat fragments, then the TP ranks' tensors are joined along megatron's partition_dim."""
-    tp_size, dim = pieces[0]["tp_size"], pieces[0]["dim"]
-    parts = [_saved_tp_tensor(path, name, pieces, key, tp_rank) for tp_rank in range(tp_size)]
-    return parts[0] if tp_size == 1 else torch.cat(parts, dim=dim)
+def _copy_band(dst: torch.Tensor, dst_band: _Band, src: torch.Tensor, src_band: _Band, rows: int, width: int) -> int:
+    """Copy `width` elements of each of `rows` rows from `src`'s band to `dst`'s, only where both bands allow
+    (their [lo, hi)); returns how many were copied. Rows wholly allowed on both sides are one strided copy;
+    each band's bounds cut at most one row at each end, so at most four rows are copied one by one."""
+    bands = (dst_band, src_band)
+    whole_from = max(b.first_row_from(0, b.lo) for b in bands)
+    whole_to = min([rows] + [b.first_row_from(width, b.hi + 1) for b in bands])
+    touched_from = max(b.first_row_from(width, b.lo + 1) for b in bands)
+    touched_to = min([rows] + [b.first_row_from(0, b.hi) for b in bands])
+    copied = 0
+    if whole_from < whole_to:
+        count = whole_to - whole_from
+        dst.as_strided((count, width), (dst_band.stride, 1), dst.storage_offset() + dst_band.start(whole_from)).copy_(
+            src.as_strided((count, width), (src_band.stride, 1), src.storage_offset() + src_band.start(whole_from)))
+        copied += count * width
+        cut_rows = [*range(touched_from, whole_from), *range(whole_to, touched_to)]
+    else:
+        cut_rows = range(touched_from, touched_to)
+    for row in cut_rows:
+        begin = max([0] + [b.lo - b.start(row) for b in bands])
+        end = min([width] + [b.hi - b.start(row) for b in bands])
+        if begin < end:
+            dst[dst_band.start(row) + begin:dst_band.start(row) + end] = \
+                src[src_band.start(row) + begin:src_band.start(row) + end]
+            copied += end - begin
+    return copied
 
 
-def _local_tensor(path: Path, name: str, pieces: list[dict], key: str, param, topo) -> torch.Tensor:
-    """This TP rank's tensor of `param`, holding the saved numbers at least where this rank keeps them.
-    Saved at this TP size, it is read from the one saved TP rank's fragments that overlap what this rank
-    keeps (at the same layout, about its own shard's); otherwise the full tensor is assembled and cut."""
-    dim = _tp_partition(param)
-    here = (1, 0) if dim is None else (topo.tp, dim)
-    if (pieces[0]["tp_size"], pieces[0]["dim"]) != here:
-        return tp_slice(param, _assemble(path, name, pieces, key), topo)
-    wanted = ds.kept_range(param, key, topo.dp_rank, topo.dp)
-    return _saved_tp_tensor(path, name, pieces, key, 0 if dim is None else topo.tp_rank, wanted)
-
-
-def restore(engine, topo, num_experts: int, path: Path, shards: list[dict], adam_step: int) -> None:
+def restore(engine, topo, num_experts: int, saved: SavedTensors, adam_step: int) -> None:
     """Fill the engine's fp32 masters, Adam moments and weights from the checkpoint's shards, at this layout."""
-    pieces = _pieces_by_name(shards)
     ds.prepare_adam_state(engine, adam_step)
     for name, param in engine.module.named_parameters():
-        saved = saved_name(name, param, topo, num_experts)
-        if saved not in pieces:
-            raise CheckpointError(f"checkpoint {path} has no tensor {saved}; it was saved from another model")
+        name = saved_name(name, param, topo, num_experts)
+        if name not in saved.pieces:
+            raise CheckpointError(f"checkpoint {saved.path} has no tensor {name}; it was saved from another model")
         for key in KEYS:
-            value = _local_tensor(path, saved, pieces[saved], key, param, topo)
+            value = saved.local(name, key, param, topo)
             ds.write_local(engine, param, key, value.to(param.device), topo.dp_rank, topo.dp)
     ds.refresh_model_weights(engine)
 
 
 def read_tensors(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """Every parameter of checkpoint `path` as full tensors: {name: {"param", "exp_avg", "exp_avg_sq"}}."""
-    pieces = _pieces_by_name(load_shards(path))
-    return {name: {key: _assemble(path, name, parts, key) for key in KEYS} for name, parts in sorted(pieces.items())}
+    saved = SavedTensors(path, load_shards(path))
+    return {name: {key: saved.full(name, key) for key in KEYS} for name in saved.names()}
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """The full fp32 model state dict of checkpoint `path` (no optimizer state), at any saved layout."""
-    pieces = _pieces_by_name(load_shards(path))
-    return {name: _assemble(path, name, parts, MASTER) for name, parts in sorted(pieces.items())}
+    saved = SavedTensors(path, load_shards(path))
+    return {name: saved.full(name, MASTER) for name in saved.names()}
 
 
 def load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor], topo) -> None:

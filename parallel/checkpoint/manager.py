@@ -62,6 +62,7 @@ class PendingSave:
 class Resumed:
     step: int = 0
     tokens: int = 0
+    tensor_bytes_read: int = 0  # of the checkpoint's fp32 fragments, by this rank: what the load cost it in reads
 
 
 def checkpoint_root(cfg) -> Path:
@@ -112,7 +113,7 @@ class Checkpointer:
         entries = {}
 
         def write_files():
-            shard_name = f"shard-{topo.rank:05d}.pt"
+            shard_name = storage.shard_file_name(topo.rank)
             entries[shard_name] = storage.save_file(shard, tmp / shard_name)
             if data_state is not None:
                 data_name = storage.data_file_name(topo.dp_rank)
@@ -183,7 +184,8 @@ class Checkpointer:
                                   f"this code reads {fmt.FORMAT_VERSION}); start afresh with --resume none")
         self._check_same_model(path, client["config"])
         shards = fmt.load_shards(path)
-        fmt.restore(self.engine, self.topo, self.num_experts, path, shards, client["adam_step"])
+        saved = fmt.SavedTensors(path, shards)
+        fmt.restore(self.engine, self.topo, self.num_experts, saved, client["adam_step"])
         same_world = client["layout"]["world_size"] == self.topo.world_size
         # The generators of this very rank, or rank 0's when the world changed size (every rank is seeded alike).
         _set_rng_state(shards[self.topo.rank if same_world else 0]["rng"])
@@ -199,7 +201,7 @@ class Checkpointer:
             self.loader.load_state_dict(SavedDataStates(path, old["dp"]))
         self._say(f"resumed from {path} at step {client['step']} (saved at tp={old['tp']} dp={old['dp']} "
                   f"zero={old['zero_stage']})")
-        return Resumed(step=client["step"], tokens=client["tokens"])
+        return Resumed(step=client["step"], tokens=client["tokens"], tensor_bytes_read=saved.bytes_read)
 
     def _choose(self) -> Optional[Path]:
         choice = self.cfg.checkpoint.resume
@@ -224,13 +226,32 @@ class Checkpointer:
     def _verify_together(self, path: Path) -> Optional[str]:
         """Every rank checks its share of the files, so a large checkpoint verifies in parallel."""
         try:
-            names = sorted(storage.read_manifest(path)["files"])
+            manifest = storage.read_manifest(path)
+            names = self._files_to_verify(sorted(manifest["files"]), manifest["layout"])
         except (OSError, ValueError, KeyError, TypeError):
             names = None
-        problem = storage.verify(path, names[self.topo.rank::self.topo.world_size] if names is not None else None)
+        problem = storage.verify(path, names)
         problems = [None] * self.topo.world_size
         dist.all_gather_object(problems, problem, group=self.topo.control_group)
         return next((p for p in problems if p), None)
+
+    def _files_to_verify(self, names: list[str], saved_layout: dict) -> list[str]:
+        """This rank's share of checkpoint files `names`: each file is checked by one rank, and where a rank
+        is about to read a file itself, by that rank. At the saved world size shard r is rank r's (at the
+        saved layout it holds all the fragments rank r reads), and at the saved DP size a DP rank's loader
+        state is its writer's; so a resume at the saved layout reads each of them from disk once, the load
+        finding them in the page cache, instead of also reading a peer's. The other files are dealt out."""
+        topo = self.topo
+        shards = saved_layout["world_size"] == topo.world_size
+        data_states = saved_layout["dp"] == topo.dp
+
+        def assigned(name: str) -> bool:
+            return (shards and name.startswith("shard-")) or (data_states and name.startswith("data-"))
+
+        own = {storage.shard_file_name(topo.rank) if shards else None,
+               storage.data_file_name(topo.dp_rank) if data_states and topo.tp_rank == 0 else None}
+        dealt = [name for name in names if not assigned(name)][topo.rank::topo.world_size]
+        return [name for name in names if name in own] + dealt
 
     def _check_same_model(self, path: Path, saved_config: dict) -> None:
         ours = self.cfg.model.model_dump(mode="json")

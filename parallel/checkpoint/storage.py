@@ -29,6 +29,11 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def shard_file_name(rank: int) -> str:
+    """The file of the fragments rank `rank` holds."""
+    return f"shard-{rank:05d}.pt"
+
+
 def data_file_name(dp_rank: int) -> str:
     """The file of DP rank `dp_rank`'s loader state."""
     return f"data-{dp_rank:05d}.pt"

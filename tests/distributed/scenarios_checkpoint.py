@@ -80,8 +80,8 @@ def straight_and_resumed(name: str, *layout_overrides: str) -> dict:
     return {"straight": straight, "resumed": resumed}
 
 
-def reloaded_tensors(source: str, *layout_overrides: str) -> dict:
-    """Load `source`'s step-10 checkpoint at this layout and gather every full tensor back to rank 0."""
+def reload(source: str, *layout_overrides: str):
+    """Load `source`'s step-10 checkpoint at this layout: the engine, the topology and what resume returned."""
     from models.gpt import GPT
     from parallel.checkpoint import Checkpointer
     from parallel.engine import build_engine
@@ -91,8 +91,13 @@ def reloaded_tensors(source: str, *layout_overrides: str) -> dict:
     topo = init_topology(tp=cfg.parallel.tp, ep=cfg.parallel.ep)
     model = GPT(cfg.model, VOCAB, expert_parallel_size=cfg.parallel.ep)  # its initial weights are overwritten by the load
     engine = build_engine(model, cfg, topo)
-    checkpointer = Checkpointer(cfg, topo, engine, ResumableBatches(cfg, topo))
-    checkpointer.resume()
+    resumed = Checkpointer(cfg, topo, engine, ResumableBatches(cfg, topo)).resume()
+    return engine, topo, resumed
+
+
+def reloaded_tensors(source: str, *layout_overrides: str) -> dict:
+    """Load `source`'s step-10 checkpoint at this layout and gather every full tensor back to rank 0."""
+    engine, topo, _ = reload(source, *layout_overrides)
     return {name: {key: full_tensor(engine, topo, param, key) for key in ("param", "exp_avg", "exp_avg_sq")}
             for name, param in engine.module.named_parameters()}
 
@@ -177,7 +182,8 @@ def t5_saved_at_dp2_zero3():
 def collectives_per_group(name: str, *overrides: str) -> dict:
     """How many collectives each process group carried while a DP=2 ZeRO-1 run resumed, trained,
     voted on stopping, saved and maybe stopped: the difference of its sequence numbers from just
-    before the loop's resume to its end. Also the control group's backend."""
+    before the loop's resume to its end; of those, how many the resume itself made, up to the moment
+    it hands the loader its states (None if the run did not resume). Also the control group's backend."""
     from launcher.stopping import StopRequested
     from launcher.train import train
 
@@ -191,18 +197,25 @@ def collectives_per_group(name: str, *overrides: str) -> dict:
                   "control": topo.control_group, "save": topo.save_group}
         return {group: g._get_sequence_number_for_group() for group, g in groups.items()}
 
+    class Batches(ResumableBatches):
+        def load_state_dict(self, states) -> None:
+            seen["resumed"] = sequence_numbers()
+            super().load_state_dict(states)
+
     def batches(topo):
         seen["topo"] = topo
         seen["before"] = sequence_numbers()
-        return ResumableBatches(cfg, topo)
+        return Batches(cfg, topo)
+
+    def since_start(now: dict) -> dict:
+        return {group: now[group] - seen["before"][group] for group in now}
 
     try:
         train(cfg, batches=batches)
     except StopRequested:
         pass
-    after = sequence_numbers()
-    return {"backend": dist.get_backend(seen["topo"].control_group),
-            "collectives": {group: after[group] - seen["before"][group] for group in after}}
+    return {"backend": dist.get_backend(seen["topo"].control_group), "collectives": since_start(sequence_numbers()),
+            "resume": since_start(seen["resumed"]) if "resumed" in seen else None}
 
 
 @scenario(world_size=2)
@@ -236,34 +249,39 @@ def reshard_ep2_to_ep1():
     return reshard("ep2-zero1", MOE, "parallel.ep=1", *layout(1, 2, 1))
 
 
-def tensor_bytes_read(source: str, zero: int) -> list[tuple[int, int]]:
-    """Reload `source`'s step-10 checkpoint at its own layout: per rank, the bytes of saved fragments the
-    load copied out (the range each `_saved_tp_tensor` filled, which it checks it filled exactly) and
-    the bytes of the fragments in that rank's own shard."""
-    from parallel.checkpoint import layout_free as fmt
+def shard_tensor_bytes(source: str) -> list[int]:
+    """The bytes of the fp32 fragments (masters and moments) in each shard file of `source`'s step-10
+    checkpoint, by the rank that wrote it."""
+    def fragment_bytes(shard: Path) -> int:
+        pieces = torch.load(shard, weights_only=True)["pieces"]
+        return sum(p[key].numel() * p[key].element_size()
+                   for p in pieces.values() for key in ("param", "exp_avg", "exp_avg_sq"))
+    return [fragment_bytes(shard) for shard in sorted(saved_path(source).glob("shard-*.pt"))]
 
-    read, fill = [0], fmt._saved_tp_tensor
 
-    def counted(path, name, pieces, key, tp_rank, wanted=None):
-        tensor = fill(path, name, pieces, key, tp_rank, wanted)
-        lo, hi = wanted or (0, tensor.numel())
-        read[0] += max(hi - lo, 0) * tensor.element_size()
-        return tensor
-    fmt._saved_tp_tensor = counted
-    try:
-        reloaded_tensors(source, *layout(1, 2, zero))
-    finally:
-        fmt._saved_tp_tensor = fill
-    own = torch.load(saved_path(source) / f"shard-{dist.get_rank():05d}.pt", weights_only=True)["pieces"]
-    own_bytes = sum(p[key].numel() * p[key].element_size() for p in own.values() for key in ("param", "exp_avg", "exp_avg_sq"))
+def tensor_bytes_read(source: str, *layout_overrides: str) -> dict:
+    """Reload `source`'s step-10 checkpoint at this layout. `read`: per rank, the bytes of saved fragments
+    the load copied out, as resume counts them; `keeps`: per rank, the fp32 bytes (master and two moments)
+    of a DP share of its TP rank's tensors, that is what it holds after the load; `saved`: per saving
+    rank, its shard's fragment bytes."""
+    engine, topo, resumed = reload(source, *layout_overrides)
+    tp_numel = sum(math.prod(getattr(param, "ds_shape", param.shape)) for param in engine.module.parameters())
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (read[0], own_bytes))
-    return everyone
+    dist.all_gather_object(everyone, (resumed.tensor_bytes_read, 3 * 4 * tp_numel / topo.dp))
+    return {"read": [read for read, _ in everyone], "keeps": [keeps for _, keeps in everyone],
+            "saved": shard_tensor_bytes(source)}
 
 
 @scenario(world_size=2)
 def tensor_reads_at_the_saved_layout():
-    return {"zero1": tensor_bytes_read("dp2-zero1", 1), "zero3": tensor_bytes_read("dp2-zero3", 3)}
+    return {f"zero{zero}": tensor_bytes_read(f"dp2-zero{zero}", *layout(1, 2, zero)) for zero in (1, 3)}
+
+
+@scenario(world_size=2)
+def tensor_reads_at_another_tp():
+    """The TP=1 DP=2 checkpoint reloaded at TP=2 DP=1, and the TP=2 DP=1 one at TP=1 DP=2 (ZeRO-1)."""
+    return {"tp1_to_tp2": tensor_bytes_read("dp2-zero1", *layout(2, 1, 1)),
+            "tp2_to_tp1": tensor_bytes_read("tp2-zero1", *layout(1, 2, 1))}
 
 
 # --- one and four ranks: the DP reshards of the DP=2 checkpoints -----------------------------------
@@ -300,6 +318,34 @@ def reshard_dp2_to_dp4_zero2():
 @scenario(world_size=4, reads_from=2)
 def reshard_dp2_to_dp4_zero3():
     return reshard_dp(3, 4)
+
+
+@scenario(world_size=4, reads_from=2)
+def tensor_reads_at_dp4():
+    """The DP=2 checkpoints reloaded at DP=4: what each rank read."""
+    return {f"zero{zero}": tensor_bytes_read(f"dp2-zero{zero}", *layout(1, 4, zero)) for zero in (1, 2, 3)}
+
+
+@scenario(world_size=4)
+def verification_at_the_saved_layout():
+    """A DP=4 run saves at step 10 and resumes there at its own layout: the checkpoint's files, and per rank
+    the files its resume checked against the manifest (storage.verify is the one checker)."""
+    from parallel.checkpoint import storage
+
+    train_run("dp4-zero1", "checkpoint.resume=none", *layout(1, 4, 1))
+    checked, verify = [], storage.verify
+
+    def recorded(path, files=None):
+        checked.extend(files or [])
+        return verify(path, files)
+    storage.verify = recorded
+    try:
+        reload("dp4-zero1", *layout(1, 4, 1))
+    finally:
+        storage.verify = verify
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, checked)
+    return {"files": sorted(storage.read_manifest(saved_path("dp4-zero1"))["files"]), "checked": everyone}
 
 
 def read_full_tensors(path: Path) -> dict:
