@@ -87,6 +87,9 @@ def initialise(model: torch.nn.Module, seed: int) -> int:
     return drawn
 
 
+_CPU_FP32 = {"dtype": torch.float32, "device": "cpu"}  # where slices are drawn, whatever the default
+
+
 def _fill(held: torch.Tensor, start: int, slices: tuple[int, int, int], key, std: float,
           generator: torch.Generator) -> int:
     """Fill `held`, the flat range [start, start + numel) of a tensor viewed as (A, N, B) whose N
@@ -108,7 +111,10 @@ def _fill(held: torch.Tensor, start: int, slices: tuple[int, int, int], key, std
     else:
         first, last = 0, n_slices - 1
     whole = start == 0 and end == a_size * row
-    tile = held.view(a_size, n_slices, b_size) if whole else torch.empty(last_row - first_row + 1, last - first + 1, b_size, **_CPU_FP32)
+    if whole:
+        tile = held.view(a_size, n_slices, b_size)
+    else:
+        tile = torch.empty(last_row - first_row + 1, last - first + 1, b_size, **_CPU_FP32)
     buffer = torch.empty(a_size * b_size, **_CPU_FP32)
     for i in range(first, last + 1):
         _draw(buffer, std, key(i), generator)
@@ -117,9 +123,6 @@ def _fill(held: torch.Tensor, start: int, slices: tuple[int, int, int], key, std
         offset = start - (first_row * row + first * b_size)
         held.copy_(tile.flatten()[offset:offset + held.numel()])
     return (last - first + 1) * buffer.numel()
-
-
-_CPU_FP32 = {"dtype": torch.float32, "device": "cpu"}  # where slices are drawn, whatever the default
 
 
 def _draw(tensor: torch.Tensor, std: float, key: tuple, generator: torch.Generator) -> None:
