@@ -120,8 +120,8 @@ def test_a_load_at_another_tp_reads_only_what_the_rank_keeps(scenario_results, c
 def test_any_tp_slice_and_flat_range_is_filled_from_any_fragments():
     """The arithmetic behind a load at another TP size, beyond the tiny model's shapes: random tensors
     cut along each partition_dim over 1, 2 or 4 saved TP ranks into randomly cut flat fragments, then
-    read back as any TP rank's slice (1, 2 or 4 ranks) and any flat range of it. The slice must hold
-    exactly the saved numbers in that range and zeros elsewhere, and the bytes read be that range's."""
+    read back as any flat range of any TP rank's slice (1, 2 or 4 ranks): exactly the saved numbers of
+    that range, and the bytes read that range's."""
     import math
     import random
 
@@ -149,8 +149,8 @@ def test_any_tp_slice_and_flat_range_is_filled_from_any_fragments():
         lo = rng.randint(0, mine.numel())
         hi = rng.randint(lo, mine.numel())
         read_before = saved.bytes_read
-        got = saved.fill("w", "param", list(full.chunk(tp, dim)[tp_rank].shape), dim, tp, tp_rank, (lo, hi)).flatten()
-        assert torch.equal(got[lo:hi], mine[lo:hi]) and not got[:lo].any() and not got[hi:].any()
+        got = saved.fill("w", "param", list(full.chunk(tp, dim)[tp_rank].shape), dim, tp, tp_rank, (lo, hi))
+        assert torch.equal(got, mine[lo:hi])
         assert saved.bytes_read - read_before == 4 * (hi - lo)
 
 

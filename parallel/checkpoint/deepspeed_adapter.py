@@ -70,36 +70,32 @@ def _zero0_fp32(engine, param, key: str) -> torch.Tensor:
     return (master.data if key == MASTER else _base_optimizer(engine).state[master][key]).flatten()
 
 
-def kept_range(param, dp_rank: int) -> Optional[tuple[int, int]]:
-    """The flat range of this TP rank's tensor of `param` that write_local keeps on this rank (its fp32
-    master and both moments alike), so a load need read no other; None where it keeps all of it (ZeRO-0)."""
+def kept_range(param, dp_rank: int) -> tuple[int, int]:
+    """The flat range of this TP rank's tensor of `param` that this rank keeps (its fp32 master and both
+    moments alike): its ZeRO partition, or all of it at ZeRO-0. A load reads and `write_local` takes no other."""
     if hasattr(param, "ds_id"):
         n = param.ds_tensor.numel()
         return min(n * dp_rank, param.ds_numel), min(n * (dp_rank + 1), param.ds_numel)
     if hasattr(param, "_hp_mapping"):
         address = param._hp_mapping.lp_fragment_address if param._hp_mapping is not None else None
         return (address.start, address.start + address.numel) if address is not None else (0, 0)
-    return None
+    return 0, local_shape(param).numel()
 
 
-def write_local(engine, param, key: str, value: torch.Tensor, dp_rank: int, dp: int) -> None:
-    """Store this TP rank's whole tensor `value`: each DP rank keeps its own ZeRO partition of it (only
-    `kept_range` of `value` need hold the saved numbers)."""
-    from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state,
-                                 safe_set_local_fp32_param, safe_set_local_optimizer_state)
+def write_local(engine, param, key: str, kept: torch.Tensor) -> None:
+    """Store `kept`, the values of this rank's `kept_range` of its TP rank's tensor of `param`, flat."""
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
-    if hasattr(param, "ds_id"):
-        # ZeRO-3's own full-tensor setter cannot cut the last, padded partition; cut it here.
-        n = param.ds_tensor.numel()
-        flat = torch.nn.functional.pad(value.flatten(), (0, n * dp - value.numel()))
-        mine = flat.narrow(0, n * dp_rank, n)
+    if hasattr(param, "ds_id"):  # ZeRO-3: the last rank's partition is padded
+        mine = torch.nn.functional.pad(kept, (0, param.ds_tensor.numel() - kept.numel()))
         safe_set_local_fp32_param(param, mine) if key == MASTER else safe_set_local_optimizer_state(param, mine, key)
     elif hasattr(param, "_hp_mapping"):  # ZeRO-1/2, bf16 optimizer: the weight is all-gathered by refresh_model_weights
-        safe_set_full_fp32_param(param, value) if key == MASTER else safe_set_full_optimizer_state(param, value, key)
+        if param._hp_mapping is not None:
+            param._hp_mapping.get_hp_fragment(None if key == MASTER else key).data.copy_(kept)
     else:  # ZeRO-0: every DP rank holds the whole tensor
-        _zero0_fp32(engine, param, key).copy_(value.flatten())
+        _zero0_fp32(engine, param, key).copy_(kept)
         if key == MASTER and param.dtype != torch.float32:
-            param.data.copy_(value)  # the bf16/fp16 weight the forward pass reads; in fp32 it is the master itself
+            param.data.copy_(kept.view_as(param))  # the bf16/fp16 weight the forward reads; in fp32 it is the master
 
 
 def _base_optimizer(engine) -> torch.optim.Optimizer:

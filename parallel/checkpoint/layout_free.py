@@ -127,10 +127,10 @@ class SavedTensors:
         saved = self.pieces[name][0]
         shape = list(saved["shape"])
         shape[saved["dim"]] *= saved["tp_size"]
-        return self.fill(name, key, shape, saved["dim"], tp_size=1, tp_rank=0)
+        return self.fill(name, key, shape, saved["dim"], tp_size=1, tp_rank=0).view(shape)
 
     def local(self, name: str, key: str, param, topo) -> torch.Tensor:
-        """This TP rank's tensor of `param`, holding the saved numbers where this rank keeps them (zeros elsewhere)."""
+        """The values this rank keeps of `param` (`ds.kept_range` of its TP rank's tensor), flat."""
         dim = _tp_partition(param)
         tp_size, tp_rank = (1, 0) if dim is None else (topo.tp, topo.tp_rank)
         return self.fill(name, key, list(ds.local_shape(param)), dim or 0, tp_size, tp_rank,
@@ -138,8 +138,8 @@ class SavedTensors:
 
     def fill(self, name: str, key: str, shape: list[int], partition_dim: int, tp_size: int, tp_rank: int,
              wanted: Optional[tuple[int, int]] = None) -> torch.Tensor:
-        """TP rank `tp_rank` of `tp_size`'s tensor (`shape`) of `name`, split along `partition_dim`, with its
-        flat range `wanted` (default: all of it) filled and zeros elsewhere, at any saved TP size.
+        """The flat range `wanted` (default: all) of TP rank `tp_rank` of `tp_size`'s tensor (`shape`) of
+        `name`, split along `partition_dim`, at any saved TP size: a rank holds no more than it keeps.
 
         Seen as (rows, partition_dim, inner), the part of saved TP rank s's tensor that lies in this one is
         the same band of columns in every row, so each saved fragment overlapping it is copied in at
@@ -155,8 +155,8 @@ class SavedTensors:
                                   "it was saved from another model")
         rows, inner = math.prod(shape[:partition_dim]), math.prod(shape[partition_dim + 1:])
         width, saved_width = shape[partition_dim], saved_shape[partition_dim]
-        flat = torch.zeros(math.prod(shape), dtype=torch.float32)
-        lo, hi = wanted or (0, flat.numel())
+        lo, hi = wanted or (0, math.prod(shape))
+        kept = torch.zeros(max(hi - lo, 0), dtype=torch.float32)
         covered = 0
         for piece in pieces:
             # the columns of the full tensor along partition_dim that both this TP rank and the saved one hold
@@ -164,16 +164,16 @@ class SavedTensors:
             last = min((tp_rank + 1) * width, (piece["tp_rank"] + 1) * saved_width)
             if first >= last:
                 continue
-            here = _Band((first - tp_rank * width) * inner, width * inner, lo, hi)
+            here = _Band((first - tp_rank * width) * inner - lo, width * inner, 0, hi - lo)  # in `kept`
             saved = piece[key]
             there = _Band((first - piece["tp_rank"] * saved_width) * inner - piece["start"], saved_width * inner,
                           0, saved.numel())
-            copied = _copy_band(flat, here, saved, there, rows, (last - first) * inner)
+            copied = _copy_band(kept, here, saved, there, rows, (last - first) * inner)
             covered += copied
             self.bytes_read += copied * saved.element_size()
         if covered != max(hi - lo, 0):
             raise CheckpointError(f"checkpoint {self.path} lacks part of {name}; it was not written whole, use another")
-        return flat.view(shape)
+        return kept
 
 
 class _Band:
@@ -227,8 +227,7 @@ def restore(engine, topo, num_experts: int, saved: SavedTensors, adam_step: int)
         if name not in saved.pieces:
             raise CheckpointError(f"checkpoint {saved.path} has no tensor {name}; it was saved from another model")
         for key in KEYS:
-            value = saved.local(name, key, param, topo)
-            ds.write_local(engine, param, key, value.to(param.device), topo.dp_rank, topo.dp)
+            ds.write_local(engine, param, key, saved.local(name, key, param, topo).to(param.device))
     ds.refresh_model_weights(engine)
 
 
