@@ -31,7 +31,7 @@ def deepspeed_config(cfg: RunConfig, topo: Topology) -> dict:
         },
         "gradient_clipping": o.grad_clip,
         # ZeRO-3 makes its fp32 masters one sub-group at a time, each through a transient second copy:
-        # DeepSpeed's default sub-group of 1e9 elements would add 8 GB to a rank's construction peak.
+        # DeepSpeed's default sub-group of 1e9 elements would add 4 GB to a rank's construction peak.
         "zero_optimization": {"stage": cfg.parallel.zero_stage, "sub_group_size": 10**8},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
