@@ -14,6 +14,10 @@ previous checkpoint away; its background deletion finishes before the next measu
 The two saves of a round hold the same numbers, and their shards must be byte for byte the same.
 Medians are printed. Files go to --dir (default: a temporary directory); the page cache is warm for
 reads, and dirty pages are written back before each measurement so none pays for another's write-back.
+
+Then what a load reads (`Resumed.tensor_bytes_read`: fp32 fragment bytes copied out of the shards), per
+rank: at the saved layout against the rank's own shard's fragments, and, in a second launch of twice
+as many ranks, at twice the DP size against its share of the checkpoint's fragments.
 """
 from __future__ import annotations
 
@@ -39,6 +43,16 @@ class _NoData:
         pass
 
 
+def _config(args, *overrides: str):
+    from launcher.config import load_config
+
+    return load_config(None, [
+        f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}", "model.num_heads=4",
+        "model.vocab_size=8192", "model.max_seq_len=64", "data.seq_len=64", "train.micro_batch_size=2",
+        "parallel.zero_stage=1", f"logging.run_dir={args.dir}", *overrides,
+    ])
+
+
 def _engine(cfg):
     import torch
 
@@ -56,14 +70,10 @@ def _rank_main(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from launcher.config import load_config
     from parallel.checkpoint import Checkpointer, read_manifest, read_tensors, step_dir_name
+    from parallel.checkpoint.storage import shard_file_name
 
-    cfg = load_config(None, [
-        f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}", "model.num_heads=4",
-        "model.vocab_size=8192", "model.max_seq_len=64", "data.seq_len=64", "train.micro_batch_size=2",
-        "parallel.zero_stage=1", f"logging.run_dir={args.dir}", "checkpoint.resume=none", "checkpoint.keep=1",
-    ])
+    cfg = _config(args, "checkpoint.resume=none", "checkpoint.keep=1")
     topo, engine = _engine(cfg)
     tokens = torch.randint(0, 8192, (2, 65))
     for _ in range(2):
@@ -96,6 +106,7 @@ def _rank_main(args) -> None:
 
     # Rounds alternate the two systems, so a burst of disk write-back or another job's load hits both.
     times = {"save": [], "blocked": [], "torch.save": [], "torch.save+fsync": [], "load": [], "torch.load": []}
+    resumes = []
     for round_ in range(args.rounds):
         synchronous, step = 2 + 2 * round_, 3 + 2 * round_
         times["save"].append(timed(lambda: checkpointer.save(synchronous, 0).wait()))  # also prunes (keep=1)
@@ -108,8 +119,12 @@ def _rank_main(args) -> None:
         times["torch.save+fsync"].append(timed(lambda: topo.rank == 0 and torch_save_and_fsync()))
         path = checkpointer.root / step_dir_name(step)
         resume_cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"resume": str(path)})})
-        times["load"].append(timed(lambda: Checkpointer(resume_cfg, topo, engine, _NoData()).resume()))
+        times["load"].append(timed(lambda: resumes.append(Checkpointer(resume_cfg, topo, engine, _NoData()).resume())))
         times["torch.load"].append(timed(lambda: topo.rank == 0 and torch.load(baseline, weights_only=True)))
+    own = _fragment_bytes([path / shard_file_name(topo.rank)])
+    reads = [None] * topo.world_size
+    dist.all_gather_object(reads, (resumes[-1].tensor_bytes_read, own))
+    (Path(args.dir) / "latest-checkpoint").write_text(str(path))
     if topo.rank != 0:
         return
 
@@ -128,6 +143,36 @@ def _rank_main(args) -> None:
           f"ratio {rate['load'] / rate['torch.load']:.2f}x   (load includes checksum verification)")
     print(f"  training loop blocked by a save: {statistics.median(times['blocked']):.3f} s in the background "
           f"(target <= 0.05 s), {statistics.median(times['save']):.3f} s synchronous (medians); the same shard bytes")
+    print("  a load at the saved layout reads, per rank, of its own shard's fragment bytes: "
+          + ", ".join(f"{read / own:.3f}x ({read:,} B)" for read, own in reads) + "  (target <= 1.05x)")
+
+
+def _fragment_bytes(shards: list[Path]) -> int:
+    """The fp32 fragment bytes (masters and both moments) in these shard files."""
+    import torch
+
+    return sum(value.numel() * value.element_size() for shard in shards
+               for piece in torch.load(shard, mmap=True, weights_only=True)["pieces"].values()
+               for key, value in piece.items() if isinstance(value, torch.Tensor))
+
+
+def _resume_at_more_ranks(args) -> None:
+    """A second launch, of more ranks: resume the save job's last checkpoint at this DP size and report
+    what each rank read against its even share of the checkpoint's fragments."""
+    import torch.distributed as dist
+
+    from parallel.checkpoint import Checkpointer
+
+    path = Path((Path(args.dir) / "latest-checkpoint").read_text())
+    cfg = _config(args, f"checkpoint.resume={path}")
+    topo, engine = _engine(cfg)
+    read = Checkpointer(cfg, topo, engine, _NoData()).resume().tensor_bytes_read
+    reads = [None] * topo.world_size
+    dist.all_gather_object(reads, read)
+    if topo.rank == 0:
+        share = _fragment_bytes(sorted(path.glob("shard-*.pt"))) / topo.world_size
+        print(f"  a load at DP={topo.dp} of that DP={topo.dp // 2} checkpoint reads, per rank, of 1/{topo.dp} of its "
+              f"fragment bytes: " + ", ".join(f"{r / share:.3f}x" for r in reads) + "  (target <= 1.05x)")
 
 
 def main() -> None:
@@ -137,17 +182,19 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=384)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dir", default=None)
-    parser.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rank-main", choices=["save", "resume"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank_main:
-        return _rank_main(args)
+        return _rank_main(args) if args.rank_main == "save" else _resume_at_more_ranks(args)
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu",
-               "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.nproc))}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               __file__, "--rank-main", f"--layers={args.layers}", f"--hidden={args.hidden}", f"--rounds={args.rounds}",
-               f"--dir={args.dir or tmp}"]
-        sys.exit(subprocess.run(cmd, env=env).returncode)
+        for job, nproc in (("save", args.nproc), ("resume", 2 * args.nproc)):
+            env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu",
+                   "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                   __file__, f"--rank-main={job}", f"--layers={args.layers}", f"--hidden={args.hidden}",
+                   f"--rounds={args.rounds}", f"--dir={args.dir or tmp}"]
+            if subprocess.run(cmd, env=env).returncode:
+                sys.exit(1)
 
 
 if __name__ == "__main__":
