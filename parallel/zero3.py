@@ -1,6 +1,7 @@
-"""What a rank holds of a parameter that ZeRO-3 partitioned: the one place that reads DeepSpeed's
-partition attributes (`ds_tensor`, `ds_shape`, `ds_numel`), which DeepSpeed does not document as
-an interface; parallel/checkpoint/deepspeed_adapter.py pins the release they were read from.
+"""What a rank holds of a parameter that ZeRO-3 partitioned, for building and initialising a model:
+DeepSpeed's partition attributes (`ds_tensor`, `ds_shape`, `ds_numel`), which it does not document
+as an interface. Checkpoints read them, with the optimizer's, in parallel/checkpoint/deepspeed_adapter.py,
+which pins the DeepSpeed release both were read from.
 
 Under `deepspeed.zero.Init` a parameter is partitioned as soon as its module is built: `param.data`
 is left empty, and DP rank r keeps elements [r x n, (r + 1) x n) of the flattened TP-local tensor in
