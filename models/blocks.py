@@ -12,6 +12,7 @@ from torch import nn
 from models.config import ModelConfig
 from models.moe import MoEFeedForward, is_expert_parameter
 from parallel.sequence_parallel import gather_sequence, replicated_parameter
+from parallel.zero3 import full_shape
 
 IGNORE_INDEX = -100  # label of a position that is not scored (Hugging Face's convention)
 
@@ -77,7 +78,7 @@ def parameter_counts(model: nn.Module, cfg: ModelConfig, expert_parallel_size: i
     tp = parallel_state.get_tensor_model_parallel_world_size()
     total = active = 0
     for p in model.parameters():
-        n = getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves an empty tensor in p
+        n = full_shape(p).numel()  # ZeRO-3 leaves an empty tensor in p
         if getattr(p, "tensor_model_parallel", False):
             n *= tp
         if is_expert_parameter(p):  # each rank holds num_experts / ep of them, replicated over TP

@@ -66,8 +66,12 @@ def building_model(cfg: RunConfig, topo: Topology) -> Iterator[None]:
     torch.set_default_dtype(PARAMS_DTYPE[cfg.train.precision])
     try:
         with torch.device(topo.device), contextlib.ExitStack() as stack:
-            if cfg.parallel.zero_stage == 3:
+            if cfg.parallel.zero_stage == 3:  # parallel/zero3.py then reads DeepSpeed's partitions
                 import deepspeed
+
+                from parallel.checkpoint.deepspeed_adapter import check_deepspeed_version
+
+                check_deepspeed_version()
 
                 stack.enter_context(deepspeed.zero.Init(
                     data_parallel_group=topo.dp_group, config_dict_or_path=deepspeed_config(cfg, topo),

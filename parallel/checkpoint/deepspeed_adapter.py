@@ -2,18 +2,19 @@
 
 Where a parameter's fp32 master and Adam moments live differs at every ZeRO stage and precision,
 and DeepSpeed documents only part of it (its `safe_get_*`/`safe_set_*` helpers); the rest is
-attributes such as `ds_id`, `_hp_mapping` and `fp32_partitioned_groups_flat`, which change between
-releases without notice. So this adapter is tested against one DeepSpeed release, which setup.cfg
-pins, and refuses any other in one line rather than saving numbers it may have misplaced.
+attributes such as `_hp_mapping` and `fp32_partitioned_groups_flat` (and ZeRO-3's partitions, read
+through parallel/zero3.py), which change between releases without notice. So this adapter is
+tested against one DeepSpeed release, which setup.cfg pins, and refuses any other in one line
+rather than saving numbers it may have misplaced.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from parallel.checkpoint.storage import CheckpointError
+from parallel.zero3 import full_shape, held_values, is_partitioned, partition_numel
 
 TESTED_DEEPSPEED = "0.19.8"  # setup.cfg pins the same release; tests/test_checkpoint.py checks they agree
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -26,32 +27,25 @@ def check_deepspeed_version() -> None:
 
     if deepspeed.__version__ != TESTED_DEEPSPEED:
         raise CheckpointError(
-            f"checkpoints reach into DeepSpeed's private optimizer state, which is tested with DeepSpeed "
+            f"Parallax reaches into DeepSpeed's private optimizer state and ZeRO-3 partitions, tested with DeepSpeed "
             f"{TESTED_DEEPSPEED} only, and DeepSpeed {deepspeed.__version__} is installed; "
             f"pip install deepspeed=={TESTED_DEEPSPEED}")
 
 
-def local_shape(param) -> torch.Size:
-    """This TP rank's shape of `param`; ZeRO-3 leaves only a partition in `param` itself."""
-    return param.ds_shape if hasattr(param, "ds_id") else param.shape
-
-
 def replicated_over_dp(param) -> bool:
     """At ZeRO-0 every DP rank holds and steps the whole parameter; ZeRO partitions it."""
-    return not hasattr(param, "ds_id") and not hasattr(param, "_hp_mapping")
+    return not is_partitioned(param) and not hasattr(param, "_hp_mapping")
 
 
 def held_fragment(engine, param, key: str) -> Optional[tuple[int, torch.Tensor]]:
     """(flat offset, fp32 values) of the part of this TP rank's tensor that this rank's optimizer holds,
     for the master weight or an Adam moment; None if it holds none of it."""
-    if hasattr(param, "ds_id"):  # ZeRO-3: partition r of the flattened tensor, padded at the end
+    if is_partitioned(param):  # ZeRO-3: this DP rank's partition of the flattened tensor, padded at the end
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
-        n = param.ds_tensor.numel()
-        start = n * dist.get_rank(param.ds_process_group)
+        _, start, held = held_values(param)
         value = safe_get_local_fp32_param(param) if key == MASTER else safe_get_local_optimizer_state(param, key)
-        numel = min(n, param.ds_numel - start)
-        return (start, value.flatten()[:numel]) if numel > 0 else None
+        return (start, value.flatten()[:held.numel()]) if held.numel() else None
     if hasattr(param, "_hp_mapping"):  # ZeRO-1/2 and the bf16 optimizer: a slice of the DP-flat buffer
         mapping = param._hp_mapping
         if mapping is None:
@@ -70,24 +64,24 @@ def _zero0_fp32(engine, param, key: str) -> torch.Tensor:
     return (master.data if key == MASTER else _base_optimizer(engine).state[master][key]).flatten()
 
 
-def kept_range(param, dp_rank: int) -> tuple[int, int]:
+def kept_range(param) -> tuple[int, int]:
     """The flat range of this TP rank's tensor of `param` that this rank keeps (its fp32 master and both
     moments alike): its ZeRO partition, or all of it at ZeRO-0. A load reads and `write_local` takes no other."""
-    if hasattr(param, "ds_id"):
-        n = param.ds_tensor.numel()
-        return min(n * dp_rank, param.ds_numel), min(n * (dp_rank + 1), param.ds_numel)
+    if is_partitioned(param):
+        _, start, held = held_values(param)
+        return start, start + held.numel()
     if hasattr(param, "_hp_mapping"):
         address = param._hp_mapping.lp_fragment_address if param._hp_mapping is not None else None
         return (address.start, address.start + address.numel) if address is not None else (0, 0)
-    return 0, local_shape(param).numel()
+    return 0, full_shape(param).numel()
 
 
 def write_local(engine, param, key: str, kept: torch.Tensor) -> None:
     """Store `kept`, the values of this rank's `kept_range` of its TP rank's tensor of `param`, flat."""
     from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
-    if hasattr(param, "ds_id"):  # ZeRO-3: the last rank's partition is padded
-        mine = torch.nn.functional.pad(kept, (0, param.ds_tensor.numel() - kept.numel()))
+    if is_partitioned(param):  # ZeRO-3: the last rank's partition is padded
+        mine = torch.nn.functional.pad(kept, (0, partition_numel(param) - kept.numel()))
         safe_set_local_fp32_param(param, mine) if key == MASTER else safe_set_local_optimizer_state(param, mine, key)
     elif hasattr(param, "_hp_mapping"):  # ZeRO-1/2, bf16 optimizer: the weight is all-gathered by refresh_model_weights
         if param._hp_mapping is not None:

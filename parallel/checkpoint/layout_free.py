@@ -24,7 +24,7 @@ import torch.distributed as dist
 from parallel.checkpoint import deepspeed_adapter as ds
 from parallel.checkpoint.deepspeed_adapter import KEYS, MASTER
 from parallel.checkpoint.storage import CheckpointError, read_manifest
-from parallel.zero3 import held_values
+from parallel.zero3 import full_shape, held_values
 
 FORMAT_VERSION = 3  # 3: each DP rank's loader state in a file of its own, no longer in client.pt
 
@@ -73,7 +73,7 @@ def held_pieces(engine, topo, num_experts: int) -> dict:
 
     ds.link_optimizer_state(engine)
     named = list(engine.module.named_parameters())
-    writers = _owners([ds.local_shape(p).numel() for _, p in named], topo.world_size)
+    writers = _owners([full_shape(p).numel() for _, p in named], topo.world_size)
     pieces = {}
     for (name, param), writer in zip(named, writers):
         dim = _tp_partition(param)
@@ -90,7 +90,7 @@ def held_pieces(engine, topo, num_experts: int) -> dict:
             "tp_rank": 0 if dim is None else topo.tp_rank,
             "tp_size": 1 if dim is None else topo.tp,
             "dim": 0 if dim is None else dim,
-            "shape": list(ds.local_shape(param)),
+            "shape": list(full_shape(param)),
             "start": held[MASTER][0],
             # a copy, not a view: the optimizer steps on while it is written, and torch.save would
             # write the whole flat buffer a ZeRO fragment views
@@ -133,8 +133,8 @@ class SavedTensors:
         """The values this rank keeps of `param` (`ds.kept_range` of its TP rank's tensor), flat."""
         dim = _tp_partition(param)
         tp_size, tp_rank = (1, 0) if dim is None else (topo.tp, topo.tp_rank)
-        return self.fill(name, key, list(ds.local_shape(param)), dim or 0, tp_size, tp_rank,
-                         ds.kept_range(param, topo.dp_rank))
+        return self.fill(name, key, list(full_shape(param)), dim or 0, tp_size, tp_rank,
+                         ds.kept_range(param))
 
     def fill(self, name: str, key: str, shape: list[int], partition_dim: int, tp_size: int, tp_rank: int,
              wanted: Optional[tuple[int, int]] = None) -> torch.Tensor:
