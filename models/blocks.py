@@ -1,4 +1,5 @@
-"""What GPT (and its Llama-style variant) and T5 are both built from: the pre-norm, the vocabulary-parallel output layer and loss, and the per-layer MoE figures and parameter counts.
+"""What GPT (and its Llama-style variant) and T5 are both built from: the pre-norm, the
+vocabulary-parallel output layer and loss, and the per-layer MoE figures and parameter counts.
 
 The output layer and the loss are Megatron's: each tensor-parallel (TP) rank scores its slice of
 the (padded) vocabulary, and `vocab_parallel_cross_entropy` finds the softmax over the whole of it

@@ -15,10 +15,11 @@ TP {0,1} {2,3}; DP {0,2} {1,3}; EP {0,2} {1,3}; expert-DP {0} {1} {2} {3}.
 Two planes. The groups above are the data plane: on GPUs they are NCCL, which moves device tensors
 and refuses CPU tensors and pickled objects. Everything else (the stop vote, barriers, gathers of
 Python objects such as checkpoint reports and loader states) goes over `control_group`, one gloo
-group of the whole world, on CPU tensors. A checkpoint written in the background (parallel/checkpoint/
-manager.py) has `save_group`, a second such group, to itself: a gloo group may serve two threads
-only one at a time, and the loop's stop vote must not wait behind a save. The rule: no CPU tensor and no pickle ever goes to a
-data-plane group, and every collective on model tensors uses tensors on `Topology.device`.
+group of the whole world, on CPU tensors. A checkpoint written in the background
+(parallel/checkpoint/manager.py) has `save_group`, a second such group, to itself: a gloo group may
+serve two threads only one at a time, and the loop's stop vote must not wait behind a save. The
+rule: no CPU tensor and no pickle ever goes to a data-plane group, and every collective on model
+tensors uses tensors on `Topology.device`.
 """
 from __future__ import annotations
 
