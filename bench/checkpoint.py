@@ -70,7 +70,7 @@ def _rank_main(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from parallel.checkpoint import Checkpointer, read_manifest, read_tensors, step_dir_name
+    from parallel.checkpoint import Checkpointer, fragment_bytes, read_manifest, read_tensors, step_dir_name
     from parallel.checkpoint.storage import shard_file_name
 
     cfg = _config(args, "checkpoint.resume=none", "checkpoint.keep=1")
@@ -121,7 +121,7 @@ def _rank_main(args) -> None:
         resume_cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"resume": str(path)})})
         times["load"].append(timed(lambda: resumes.append(Checkpointer(resume_cfg, topo, engine, _NoData()).resume())))
         times["torch.load"].append(timed(lambda: topo.rank == 0 and torch.load(baseline, weights_only=True)))
-    own = _fragment_bytes([path / shard_file_name(topo.rank)])
+    own = fragment_bytes(torch.load(path / shard_file_name(topo.rank), mmap=True, weights_only=True))
     reads = [None] * topo.world_size
     dist.all_gather_object(reads, (resumes[-1].tensor_bytes_read, own))
     (Path(args.dir) / "latest-checkpoint").write_text(str(path))
@@ -147,21 +147,12 @@ def _rank_main(args) -> None:
           + ", ".join(f"{read / own:.3f}x ({read:,} B)" for read, own in reads) + "  (target <= 1.05x)")
 
 
-def _fragment_bytes(shards: list[Path]) -> int:
-    """The fp32 fragment bytes (masters and both moments) in these shard files."""
-    import torch
-
-    return sum(value.numel() * value.element_size() for shard in shards
-               for piece in torch.load(shard, mmap=True, weights_only=True)["pieces"].values()
-               for key, value in piece.items() if isinstance(value, torch.Tensor))
-
-
 def _resume_at_more_ranks(args) -> None:
     """A second launch, of more ranks: resume the save job's last checkpoint at this DP size and report
     what each rank read against its even share of the checkpoint's fragments."""
     import torch.distributed as dist
 
-    from parallel.checkpoint import Checkpointer
+    from parallel.checkpoint import Checkpointer, fragment_bytes, load_shards
 
     path = Path((Path(args.dir) / "latest-checkpoint").read_text())
     cfg = _config(args, f"checkpoint.resume={path}")
@@ -170,7 +161,7 @@ def _resume_at_more_ranks(args) -> None:
     reads = [None] * topo.world_size
     dist.all_gather_object(reads, read)
     if topo.rank == 0:
-        share = _fragment_bytes(sorted(path.glob("shard-*.pt"))) / topo.world_size
+        share = sum(fragment_bytes(shard) for shard in load_shards(path)) / topo.world_size
         print(f"  a load at DP={topo.dp} of that DP={topo.dp // 2} checkpoint reads, per rank, of 1/{topo.dp} of its "
               f"fragment bytes: " + ", ".join(f"{r / share:.3f}x" for r in reads) + "  (target <= 1.05x)")
 

@@ -85,6 +85,7 @@ def _rank(args) -> None:
     import torch.distributed as dist
 
     from parallel.topology import init_topology
+    from parallel.zero3 import full_shape
 
     import launcher.train  # noqa: F401  imported by every job before its start RSS is read
 
@@ -98,7 +99,7 @@ def _rank(args) -> None:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    kept = sum(getattr(p, "ds_numel", p.numel()) for p in built.parameters())
+    kept = sum(full_shape(p).numel() for p in built.parameters())
     result = {"seconds": seconds, "peak": peak, "peak_above_start": peak - before, "kept": kept}
     Path(args.out, f"{args.job}-{dist.get_world_size()}-rank{dist.get_rank()}.json").write_text(json.dumps(result))
     dist.barrier()

@@ -2,7 +2,7 @@
 
 A run's checkpoint directory:
 
-    step-00000020/  shard-00000.pt shard-00001.pt ...  client.pt  config.yaml  manifest.json
+    step-00000020/  shard-00000.pt shard-00001.pt ...  data-00000.pt ...  client.pt  config.yaml  manifest.json
     latest          "step-00000020"
 
 Four modules, each one concern (docs/checkpoints.md has the design):
@@ -14,11 +14,13 @@ Four modules, each one concern (docs/checkpoints.md has the design):
 
 Callers import from here; the modules are the package's own business.
 """
-from parallel.checkpoint.layout_free import consolidate, load_full_state, read_tensors, read_weights, tp_slice
+from parallel.checkpoint.layout_free import (consolidate, fragment_bytes, load_full_state, load_shards, read_tensors,
+                                             read_weights, tp_slice)
 from parallel.checkpoint.manager import Checkpointer, Resumed, checkpoint_root
 from parallel.checkpoint.storage import (CLIENT, LATEST, MANIFEST, CheckpointError, checkpoint_steps,
                                          find_checkpoint, read_manifest, step_dir_name, verify)
 
 __all__ = ["CLIENT", "LATEST", "MANIFEST", "CheckpointError", "Checkpointer", "Resumed", "checkpoint_root",
-           "checkpoint_steps", "consolidate", "find_checkpoint", "load_full_state", "read_manifest",
+           "checkpoint_steps", "consolidate", "find_checkpoint", "fragment_bytes", "load_full_state", "load_shards",
+           "read_manifest",
            "read_tensors", "read_weights", "step_dir_name", "tp_slice", "verify"]

@@ -108,6 +108,11 @@ def load_shards(path: Path) -> list[dict]:
     return shards
 
 
+def fragment_bytes(shard: dict) -> int:
+    """The bytes of the fp32 fragments (masters and both moments) a shard holds: what a load can read of it."""
+    return sum(piece[key].numel() * piece[key].element_size() for piece in shard["pieces"].values() for key in KEYS)
+
+
 class SavedTensors:
     """A checkpoint's fragments by parameter name, in its memory-mapped shards, and `bytes_read`: the bytes
     copied out of them so far, which is what a load read of the checkpoint's tensors (the files' pages it

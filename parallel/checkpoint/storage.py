@@ -186,8 +186,7 @@ def verify(path: Path, files: Optional[list[str]] = None) -> Optional[str]:
     """The first file of checkpoint `path` (or of `files` in it) that does not match the manifest, as
     one line naming it; None if they all match. A missing or unreadable manifest names the manifest."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        listed = manifest["files"]
+        listed = read_manifest(path)["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"{path / MANIFEST} is missing or unreadable"
     for name in listed if files is None else files:

@@ -107,10 +107,12 @@ def full_tensor(engine, topo, param, key: str) -> torch.Tensor:
     and joined over TP: the independent witness of what a reload restored."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    from parallel.zero3 import full_shape as tp_local_shape
+
     value = safe_get_full_fp32_param(param) if key == "param" else safe_get_full_optimizer_state(param, key)
     if value is None:  # ZeRO-0 in fp32: the torch optimizer steps the parameter itself
         value = param.data if key == "param" else engine.optimizer.state[param][key]
-    value = value.reshape(param.ds_shape if hasattr(param, "ds_id") else param.shape)
+    value = value.reshape(tp_local_shape(param))
     return full_shape(param, value, topo.tp_group).detach().clone()
 
 
@@ -252,11 +254,9 @@ def reshard_ep2_to_ep1():
 def shard_tensor_bytes(source: str) -> list[int]:
     """The bytes of the fp32 fragments (masters and moments) in each shard file of `source`'s step-10
     checkpoint, by the rank that wrote it."""
-    def fragment_bytes(shard: Path) -> int:
-        pieces = torch.load(shard, weights_only=True)["pieces"]
-        return sum(p[key].numel() * p[key].element_size()
-                   for p in pieces.values() for key in ("param", "exp_avg", "exp_avg_sq"))
-    return [fragment_bytes(shard) for shard in sorted(saved_path(source).glob("shard-*.pt"))]
+    from parallel.checkpoint import fragment_bytes, load_shards
+
+    return [fragment_bytes(shard) for shard in load_shards(saved_path(source))]
 
 
 def tensor_bytes_read(source: str, *layout_overrides: str) -> dict:
@@ -264,8 +264,10 @@ def tensor_bytes_read(source: str, *layout_overrides: str) -> dict:
     the load copied out, as resume counts them; `keeps`: per rank, the fp32 bytes (master and two moments)
     of a DP share of its TP rank's tensors, that is what it holds after the load; `saved`: per saving
     rank, its shard's fragment bytes."""
+    from parallel.zero3 import full_shape as tp_local_shape
+
     engine, topo, resumed = reload(source, *layout_overrides)
-    tp_numel = sum(math.prod(getattr(param, "ds_shape", param.shape)) for param in engine.module.parameters())
+    tp_numel = sum(tp_local_shape(param).numel() for param in engine.module.parameters())
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (resumed.tensor_bytes_read, 3 * 4 * tp_numel / topo.dp))
     return {"read": [read for read, _ in everyone], "keeps": [keeps for _, keeps in everyone],
