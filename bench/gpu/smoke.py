@@ -499,9 +499,9 @@ def main() -> None:
         os.environ.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
     import torch
 
-    from launcher.entry import _quiet_third_party_logs
+    from launcher.console import quiet_third_party
 
-    _quiet_third_party_logs()  # the engine and models built in this process, as in a rank
+    quiet_third_party()  # the engine and models built in this process, as in a rank
 
     gpu = torch.cuda.is_available()
     if not gpu and not args.cpu:
