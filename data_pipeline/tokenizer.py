@@ -10,12 +10,11 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .cache import build_once
-from .config import EOD, PAD, DataConfig, SourceConfig
+from .config import EOD, NUM_SENTINELS, PAD, DataConfig, SourceConfig
 from .corpus import builtin_corpus
 from .errors import DataError
 from .sources import discover, read_documents
 
-NUM_SENTINELS = 100  # T5 span corruption masks with <extra_id_0> ... <extra_id_99>
 SPECIAL_TOKENS = [EOD, PAD] + [f"<extra_id_{i}>" for i in range(NUM_SENTINELS)]
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the special tokens
 

@@ -15,9 +15,8 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt,
                       model_validator)
 
 from data_pipeline import DataConfig, DataError
-from data_pipeline.config import SpanCorruptionConfig
+from data_pipeline.config import NUM_SENTINELS, SpanCorruptionConfig
 from data_pipeline.span_corruption import SpanCorruption
-from data_pipeline.tokenizer import NUM_SENTINELS
 from models.config import ModelConfig
 
 

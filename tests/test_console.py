@@ -55,6 +55,21 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY_MODULES!r} or m
     assert proc.returncode == 0 and proc.stderr.strip() == "[]", proc.stderr[-3000:]
 
 
+def test_reading_a_config_imports_no_data_or_model_machinery():
+    """`parallax plan` and every rank read the config first; it used to import datasets, pyarrow and pandas
+    (0.8 s, 90 MB of each rank's RSS before its model) for one constant of the tokenizer."""
+    probe = """
+import sys
+from launcher.config import load_config
+for config in ("configs/gpt-tiny.yaml", "configs/t5-tiny.yaml", "configs/tnlg-17b.yaml"):
+    load_config(config, [])
+print(sorted({m.split(".")[0] for m in sys.modules} & {"torch", "deepspeed", "megatron", "datasets", "tokenizers"}),
+      file=sys.stderr)
+"""
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr.strip() == "[]", proc.stderr[-3000:]
+
+
 def test_a_zero3_run_prints_only_its_own_lines_each_once(tmp_path):
     """torch's deprecation of the collectives ZeRO-3 calls every step, DeepSpeed's op-loading print and
     megatron-core's notes on missing kernels used to fill most of this run's console."""
