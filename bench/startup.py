@@ -1,6 +1,7 @@
 """What a rank costs before its first step, side by side: time and peak RSS per rank.
 
     .venv/bin/python bench/startup.py [--layers 4] [--hidden 4256] [--tp 1 2] [--precision bf16] [--device cpu]
+    bench/startup.py --device cuda --tp 1 --no-construction      # one GPU: the host RAM each method takes
 
 Two comparisons, each job its own torchrun launch so that each process's peak RSS is its own:
 
@@ -56,8 +57,8 @@ def _stack(method: str, args, topo):
             std = stds[cls]
             return cls(n_in, n_out, config=config, bias=False, init_method=lambda w: torch.nn.init.normal_(w, std=std), **kwargs)
 
-        with torch.device(args.device):
-            return torch.nn.ModuleList(layer(*shape) for _ in range(layers) for shape in shapes)
+        # drawn on the host, as megatron's use_cpu_initialization does, then moved to the device
+        return torch.nn.ModuleList(layer(*shape) for _ in range(layers) for shape in shapes).to(args.device)
     with building_model(load_config(None, [f"train.precision={args.precision}"]), topo):
         stack = torch.nn.ModuleList(
             parallel_layer(cls, n_in, n_out, std=stds[cls], config=layer_config(tp), bias=False, **kwargs)
@@ -141,6 +142,8 @@ def main() -> None:
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--construction", action=argparse.BooleanOptionalAction, default=True,
+                        help="also build model and engine at DP=2 (two ranks, so not on one GPU)")
     parser.add_argument("--job", choices=INIT_METHODS + ZERO_STAGES, help=argparse.SUPPRESS)  # set on the ranks
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -154,16 +157,18 @@ def main() -> None:
     init = {(method, tp): _launch(method, tp, args, out) for tp in args.tp for method in INIT_METHODS}
     for (method, tp), row in init.items():
         print(_row(f"{method} tp={tp}", row))
-    print("construction of model and engine at DP=2:")
-    print(header)
-    built = {stage: _launch(stage, 2, args, out) for stage in ZERO_STAGES}
-    for stage, row in built.items():
-        print(_row(stage, row))
+    if args.construction:
+        print("construction of model and engine at DP=2:")
+        print(header)
+        built = {stage: _launch(stage, 2, args, out) for stage in ZERO_STAGES}
+        for stage, row in built.items():
+            print(_row(stage, row))
     print("ratios:")
     for tp in args.tp:
         print(f"  megatron / sliced at tp={tp}: {_ratio(init['megatron', tp], init['sliced', tp])}")
-    print(f"  zero3 / zero1 at dp=2: peak RSS {built['zero3']['peak'] / built['zero1']['peak']:.2f}x, "
-          f"peak above start {built['zero3']['peak_above_start'] / built['zero1']['peak_above_start']:.2f}x")
+    if args.construction:
+        print(f"  zero3 / zero1 at dp=2: peak RSS {built['zero3']['peak'] / built['zero1']['peak']:.2f}x, "
+              f"peak above start {built['zero3']['peak_above_start'] / built['zero1']['peak_above_start']:.2f}x")
 
 
 if __name__ == "__main__":
