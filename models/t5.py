@@ -79,11 +79,12 @@ class RelativePositionBias(nn.Module):
         draw_normal(self.weight, cfg.hidden_size ** -0.5)
 
     def forward(self, query_length: int, key_length: int) -> torch.Tensor:
-        """[1, local_heads, query_length, key_length]"""
+        """[1, local_heads, query_length, key_length], contiguous: a GPU's fused attention kernels refuse
+        a mask whose last dimension is strided, and the math kernel they fall back to holds every score."""
         positions = torch.arange(max(query_length, key_length), device=self.weight.device)
         offsets = positions[None, :key_length] - positions[:query_length, None]
         buckets = relative_position_bucket(offsets, self.bidirectional, self.num_buckets, self.max_distance)
-        return self.weight[buckets].permute(2, 0, 1).unsqueeze(0)
+        return self.weight.t()[:, buckets].unsqueeze(0)
 
 
 class Attention(nn.Module):

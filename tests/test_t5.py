@@ -37,6 +37,15 @@ def test_tensor_parallel_logits_loss_and_gradients_match_one_process(scenario_re
     assert_model_matches(reference, scenario_results(layout))
 
 
+def test_every_attention_mask_is_contiguous_in_its_last_dimension(scenario_results):
+    """A GPU's fused SDPA kernels (flash, memory-efficient, cuDNN) refuse a mask whose last dimension is
+    strided and torch falls back to the math kernel, which materialises every score. The encoder's relative
+    bias, a gather permuted to [heads, q, k], had stride 4 there: on an H200, 'No available kernel' when
+    SDPA was held to the memory-efficient one (bench/gpu/smoke.py)."""
+    last_strides = scenario_results("t5_attention_masks")
+    assert len(last_strides) == 2 + 3 and set(last_strides) == {1}, last_strides  # self-attention masks
+
+
 @pytest.mark.parametrize("layout", ["t5_tp2_activation_checkpointing_training", "t5_dp2_zero3_training"])
 def test_three_steps_match_one_process(scenario_results, layout):
     reference = scenario_results("t5_reference_training")

@@ -115,6 +115,31 @@ def hugging_face_parity(*variant: str) -> dict:
 # --- one process --------------------------------------------------------------------------------
 
 @scenario(world_size=1)
+def t5_attention_masks():
+    """The stride of the last dimension of every attention mask the T5's layers pass to SDPA in one forward."""
+    from models.t5 import T5, Attention
+    from parallel.topology import init_topology
+
+    cfg = t5_config(*T5_V1_1)
+    topo = init_topology(tp=1)
+    model = T5(cfg.model, VOCAB)
+    last_strides = []
+
+    def record(module, args, kwargs):
+        mask = kwargs.get("bias", args[1] if len(args) > 1 else None)
+        if mask is not None:
+            last_strides.append(mask.stride(-1))
+
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.register_forward_pre_hook(record, with_kwargs=True)
+    batch = next(iter(span_corrupted_batches(cfg)(topo)))
+    with torch.no_grad():
+        model(batch["input_ids"], batch["decoder_input_ids"])
+    return last_strides
+
+
+@scenario(world_size=1)
 def t5_hugging_face_parity():
     return hugging_face_parity(*T5_V1)
 
