@@ -450,6 +450,14 @@ def throughput_rows(device, topo, gpu: bool, micro_batch: int, steps: int) -> li
 # --- the table ------------------------------------------------------------------------------------
 
 
+def rows_or_failure(checks: str, make_rows: Callable[[], list[Row]]) -> list[Row]:
+    """Rows checked in this process; one that raised is one FAIL row with its error, and the table still prints."""
+    try:
+        return make_rows()
+    except Exception as e:  # noqa: BLE001  whatever failed is the finding
+        return [Row(checks, f"{type(e).__name__}: {str(e).splitlines()[0][:100]}", "runs", "FAIL")]
+
+
 def print_table(rows: list[Row]) -> None:
     headers = Row("check", "figure", "target", "result")
     widths = [max(len(getattr(r, f)) for r in [headers, *rows]) for f in ("check", "figure", "target", "verdict")]
@@ -523,8 +531,9 @@ def main() -> None:
     from overhead import init_one_process
 
     topo = init_one_process()  # megatron's groups, which the models are built in, and the engine's
-    rows += sdpa_rows(device, gpu)
-    rows += throughput_rows(device, topo, gpu, args.micro_batch or (8 if gpu else 4), args.timed_steps)
+    rows += rows_or_failure("SDPA", lambda: sdpa_rows(device, gpu))
+    micro_batch = args.micro_batch or (8 if gpu else 4)
+    rows += rows_or_failure("throughput", lambda: throughput_rows(device, topo, gpu, micro_batch, args.timed_steps))
 
     print_table(rows)
     failed_logs(runs, args.out)
