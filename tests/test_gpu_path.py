@@ -3,6 +3,10 @@
 What needs a GPU (NCCL itself, flash attention, CUDA generators, throughput) is checked by the
 one-GPU smoke check in bench/gpu/.
 """
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +14,8 @@ from launcher.config import load_config
 from launcher.plan.hardware import GPUS
 from parallel.engine import deepspeed_config
 from parallel.topology import Topology, TopologyError, cuda_device
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_a_rank_without_its_own_gpu_stops_in_one_line():
@@ -63,3 +69,21 @@ def test_deepspeed_token_gather_is_replaced_on_gloo_only():
     assert mappings._gather_tokens is moe._DEEPSPEED_GATHER_TOKENS
     moe.use_token_gather_for("gloo")
     assert mappings._gather_tokens is moe._gather_tokens_for_gloo
+
+
+def test_the_smoke_checks_in_process_rows_run_on_cpu():
+    """bench/gpu/smoke.py waits for a lent GPU, a few minutes a session; on the first one it died at an
+    import that had moved. Its SDPA and throughput rows run here at gpt-tiny's size, GPU-only ones skipped."""
+    probe = """
+import os, sys
+os.environ.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
+sys.path.insert(0, "bench/gpu")
+import torch
+import smoke
+rows = smoke.in_process_rows(torch.device("cpu"), gpu=False, micro_batch=2, timed_steps=1)
+print("\\n".join(f"{row.check} | {row.verdict} | {row.figure}" for row in rows))
+"""
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if " | " in line]
+    assert len(rows) == 7 and all(verdict in ("PASS", "skipped (no GPU)", "info") for _, verdict, _ in rows), proc.stdout

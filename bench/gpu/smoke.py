@@ -12,9 +12,9 @@ TensorBoard events (MFU, peak, memory); the rest run in this process once the la
 - a run stopped at step 6 (exit 75) and launched again matches the uninterrupted run; the GPU run's
   step-6 checkpoint resumed on the CPU (CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu) scores step 7 alike;
 - TensorBoard: the peak is the plan's figure for this GPU, 0 < MFU < 1, the device's memory tag;
-- SDPA, as the profiler records it: the GPT's attention runs the flash kernel forward and backward,
-  T5's biased attention the memory-efficient kernel, whose relative-bias gradient matches the math
-  kernel's (fp32, where the comparison is tight);
+- SDPA, as the profiler records it: the GPT's attention runs a flash kernel (torch's or cuDNN's)
+  forward and backward, T5's biased attention the memory-efficient kernel, whose relative-bias
+  gradient matches the math kernel's (fp32, where the comparison is tight);
 - throughput of a GPT-2 XL-sized model (1.5B, sequence 1024, bf16, no activation checkpointing):
   Parallax's engine at ZeRO-1 against the same math in plain PyTorch (fp32 weights, bf16 autocast,
   fused torch AdamW; it first scores Parallax's own weights to the same loss) and transformers'
@@ -451,6 +451,18 @@ def throughput_rows(device, topo, gpu: bool, micro_batch: int, steps: int) -> li
 # --- the table ------------------------------------------------------------------------------------
 
 
+def in_process_rows(device, gpu: bool, micro_batch: int, timed_steps: int) -> list[Row]:
+    """The SDPA and throughput rows, built in this process as a rank builds its model and engine
+    (tests/test_gpu_path.py runs them on CPU, so that a GPU's few minutes are not lost to a broken import)."""
+    from launcher.console import quiet_third_party
+    from overhead import init_one_process
+
+    quiet_third_party()
+    topo = init_one_process()  # megatron's groups, which the models are built in, and the engine's
+    return [*rows_or_failure("SDPA", lambda: sdpa_rows(device, gpu)),
+            *rows_or_failure("throughput", lambda: throughput_rows(device, topo, gpu, micro_batch, timed_steps))]
+
+
 def rows_or_failure(checks: str, make_rows: Callable[[], list[Row]]) -> list[Row]:
     """Rows checked in this process; one that raised is one FAIL row with its error, and the table still prints."""
     try:
@@ -508,10 +520,6 @@ def main() -> None:
         os.environ.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
     import torch
 
-    from launcher.console import quiet_third_party
-
-    quiet_third_party()  # the engine and models built in this process, as in a rank
-
     gpu = torch.cuda.is_available()
     if not gpu and not args.cpu:
         sys.exit("smoke: no CUDA device here; --cpu runs the same checks on CPU, GPU-only ones reported as skipped")
@@ -524,17 +532,12 @@ def main() -> None:
     runs = plan_runs(args.out, gpu)
     launch_all(runs, args.out, args.kit.resolve(), args.jobs or (4 if gpu else 1))
 
-    device = torch.device("cuda" if gpu else "cpu")
     rows = training_rows(runs, args.out, gpu)
     if not gpu:
         rows.append(Row("fp16, dynamic loss scale", "not run: fp16 needs CUDA", "finite, falling; scale logged", NO_GPU))
     rows += [devices_row(runs, args.out, gpu), *resume_rows(runs, args.out, gpu), tensorboard_row(runs, args.out, gpu)]
-    from overhead import init_one_process
-
-    topo = init_one_process()  # megatron's groups, which the models are built in, and the engine's
-    rows += rows_or_failure("SDPA", lambda: sdpa_rows(device, gpu))
-    micro_batch = args.micro_batch or (8 if gpu else 4)
-    rows += rows_or_failure("throughput", lambda: throughput_rows(device, topo, gpu, micro_batch, args.timed_steps))
+    device = torch.device("cuda" if gpu else "cpu")
+    rows += in_process_rows(device, gpu, args.micro_batch or (8 if gpu else 4), args.timed_steps)
 
     print_table(rows)
     failed_logs(runs, args.out)
