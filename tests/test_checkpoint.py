@@ -85,9 +85,10 @@ def test_a_resuming_rank_reads_only_the_loader_states_it_needs(scenario_results)
 
 def test_a_load_at_the_saved_layout_reads_only_what_the_rank_keeps(scenario_results):
     """Issue 17: at the saved layout a rank reads its own shard's bytes and no more, at most 1.05x (it is
-    1.00x). ZeRO-3 keeps only its partition of every tensor. ZeRO-1 keeps only its partition of the fp32
-    master and the moments; the weight every rank holds whole is all-gathered from the masters over DP
-    as after a step. Before, ZeRO-1 read the whole weight on every rank: 4/3 of its own at DP=2 (and
+    1.00x), verification included: every byte a rank reads of the shard files counts, to load it or to
+    check it against a checksum. ZeRO-3 keeps only its partition of every tensor. ZeRO-1 keeps only its
+    partition of the fp32 master and the moments; the weight every rank holds whole is all-gathered from
+    the masters over DP as after a step. Before, ZeRO-1 read the whole weight on every rank: 4/3 of its own at DP=2 (and
     before that, every rank read the whole checkpoint, twice its own)."""
     result = scenario_results("tensor_reads_at_the_saved_layout")
     for zero in ("zero1", "zero3"):
@@ -97,10 +98,11 @@ def test_a_load_at_the_saved_layout_reads_only_what_the_rank_keeps(scenario_resu
 @pytest.mark.parametrize("zero", ["zero1", "zero2", "zero3"])
 def test_a_load_at_twice_the_saved_dp_reads_a_quarter_of_the_checkpoint_per_rank(scenario_results, zero):
     """Issue 17: a DP=2 checkpoint loaded at DP=4 costs each rank at most 1.05x a quarter of the
-    checkpoint's tensor bytes (the fp32 masters and moments of every shard). Only the fragments copied
-    out are counted, and no metadata is allowed on top: the pickled index at the head of each shard
-    (names, shapes, offsets), client.pt, the manifest and the loader-state files are read outside this
-    count. Before ZeRO-1/2 restored only their partition of the master, a ZeRO-1 rank read 2x a quarter."""
+    checkpoint's tensor bytes (the fp32 masters and moments of every shard), counting every byte of the shard
+    files it reads to load or to verify them; only metadata is read besides: the pickled index of each
+    shard (names, shapes, offsets, block checksums), client.pt, the manifest and the loader-state files.
+    Before ZeRO-1/2 restored only their partition of the master, a ZeRO-1 rank read 2x a quarter; while
+    verification checked whole shard files, two of the four ranks each read half the checkpoint to check it."""
     result = scenario_results("tensor_reads_at_dp4")[zero]
     quarter = sum(result["saved"]) / 4
     assert len(result["read"]) == 4 and all(read <= 1.05 * quarter for read in result["read"]), (quarter, result)
@@ -110,9 +112,9 @@ def test_a_load_at_twice_the_saved_dp_reads_a_quarter_of_the_checkpoint_per_rank
 def test_a_load_at_another_tp_reads_only_what_the_rank_keeps(scenario_results, change):
     """Issue 17: at another TP size a rank fills its TP slice (and in it its ZeRO partition) from the
     parts of the saved TP ranks' fragments that overlap it, with no full tensor built: it reads at most
-    1.05x the fp32 bytes it keeps (a DP share of its TP rank's masters and moments). TP=1 -> TP=2 at
-    DP=1 keeps the whole slice; TP=2 -> TP=1 at DP=2, half the model. Before, a TP change assembled
-    every TP-split tensor whole on every rank."""
+    1.05x the fp32 bytes it keeps (a DP share of its TP rank's masters and moments), verification reads
+    included. TP=1 -> TP=2 at DP=1 keeps the whole slice; TP=2 -> TP=1 at DP=2, half the model. Before, a
+    TP change assembled every TP-split tensor whole on every rank."""
     result = scenario_results("tensor_reads_at_another_tp")[change]
     assert all(read <= 1.05 * keeps for read, keeps in zip(result["read"], result["keeps"])), result
 

@@ -174,7 +174,9 @@ def prune(root: Path, keep: int) -> None:
             threading.Thread(target=shutil.rmtree, args=(doomed, True)).start()
 
 
-def _file_crc(path: Path) -> int:
+def file_crc(path: Path) -> int:
+    """The crc32 of a whole file; the one reader of files for their checksum, so a test can count what
+    verification reads."""
     crc = 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -195,7 +197,7 @@ def verify(path: Path, files: Optional[list[str]] = None) -> Optional[str]:
             return f"{file} is missing"
         if file.stat().st_size != expected["size"]:
             return f"{file} has {file.stat().st_size} bytes, the manifest says {expected['size']} (truncated?)"
-        if _file_crc(file) != expected["crc32"]:
+        if file_crc(file) != expected["crc32"]:
             return f"{file} does not match its checksum in the manifest (altered or corrupt)"
     return None
 

@@ -260,16 +260,28 @@ def shard_tensor_bytes(source: str) -> list[int]:
 
 
 def tensor_bytes_read(source: str, *layout_overrides: str) -> dict:
-    """Reload `source`'s step-10 checkpoint at this layout. `read`: per rank, the bytes of saved fragments
-    the load copied out, as resume counts them; `keeps`: per rank, the fp32 bytes (master and two moments)
-    of a DP share of its TP rank's tensors, that is what it holds after the load; `saved`: per saving
-    rank, its shard's fragment bytes."""
+    """Reload `source`'s step-10 checkpoint at this layout. `read`: per rank, the bytes of the shard files its
+    resume read, to load or to verify: the fragment bytes resume counts (Resumed.tensor_bytes_read), plus any
+    shard file read whole for its checksum (storage.file_crc is the one whole-file checksum reader); `keeps`:
+    per rank, the fp32 bytes (master and two moments) of a DP share of its TP rank's tensors, that is what it
+    holds after the load; `saved`: per saving rank, its shard's fragment bytes."""
+    from parallel.checkpoint import storage
     from parallel.zero3 import full_shape as tp_local_shape
 
-    engine, topo, resumed = reload(source, *layout_overrides)
+    checksummed, file_crc = [], storage.file_crc
+
+    def counted(path):
+        if Path(path).name.startswith("shard-"):
+            checksummed.append(Path(path).stat().st_size)
+        return file_crc(path)
+    storage.file_crc = counted
+    try:
+        engine, topo, resumed = reload(source, *layout_overrides)
+    finally:
+        storage.file_crc = file_crc
     tp_numel = sum(tp_local_shape(param).numel() for param in engine.module.parameters())
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (resumed.tensor_bytes_read, 3 * 4 * tp_numel / topo.dp))
+    dist.all_gather_object(everyone, (resumed.tensor_bytes_read + sum(checksummed), 3 * 4 * tp_numel / topo.dp))
     return {"read": [read for read, _ in everyone], "keeps": [keeps for _, keeps in everyone],
             "saved": shard_tensor_bytes(source)}
 
