@@ -152,7 +152,7 @@ def _resume_at_more_ranks(args) -> None:
     what each rank read against its even share of the checkpoint's fragments."""
     import torch.distributed as dist
 
-    from parallel.checkpoint import Checkpointer, fragment_bytes, load_shards
+    from parallel.checkpoint import Checkpointer, fragment_bytes, load_shards, read_manifest
 
     path = Path((Path(args.dir) / "latest-checkpoint").read_text())
     cfg = _config(args, f"checkpoint.resume={path}")
@@ -161,7 +161,8 @@ def _resume_at_more_ranks(args) -> None:
     reads = [None] * topo.world_size
     dist.all_gather_object(reads, read)
     if topo.rank == 0:
-        share = sum(fragment_bytes(shard) for shard in load_shards(path)) / topo.world_size
+        shards = load_shards(path, read_manifest(path)).values()
+        share = sum(fragment_bytes(shard) for shard in shards) / topo.world_size
         print(f"  a load at DP={topo.dp} of that DP={topo.dp // 2} checkpoint reads, per rank, of 1/{topo.dp} of its "
               f"fragment bytes: " + ", ".join(f"{r / share:.3f}x" for r in reads) + "  (target <= 1.05x)")
 
