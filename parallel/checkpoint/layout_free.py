@@ -263,25 +263,8 @@ def _copy_band(dst: torch.Tensor, dst_band: _Band, src: torch.Tensor, src_band: 
             src_band.start(last_row + last_count - 1) + last_end)
 
 
-class FreshState:
-    """This rank's fp32 masters as the engine holds them before any load, with Adam moments of zero: what
-    a run starts from. A resume that finds its checkpoints damaged only while loading them (a block that
-    fails its checksum) puts it back when none is left to load, as the engine holds part of one."""
-
-    def __init__(self, engine, topo, num_experts: int):
-        self.masters = {}
-        for name, param in engine.module.named_parameters():
-            held = ds.held_fragment(engine, param, MASTER)
-            self.masters[saved_name(name, param, topo, num_experts)] = (
-                held[1].detach().to("cpu", copy=True) if held is not None else torch.zeros(0))
-
-    def local(self, name: str, key: str, param, topo) -> torch.Tensor:
-        return self.masters[name].clone() if key == MASTER else torch.zeros_like(self.masters[name])
-
-
 def restore(engine, topo, num_experts: int, saved, adam_step: int) -> None:
-    """Fill the engine's fp32 masters, Adam moments and weights at this layout from `saved`: a SavedTensors,
-    or a FreshState."""
+    """Fill the engine's fp32 masters, Adam moments and weights at this layout from `saved`."""
     ds.prepare_adam_state(engine, adam_step)
     for name, param in engine.module.named_parameters():
         name = saved_name(name, param, topo, num_experts)

@@ -85,7 +85,6 @@ class Checkpointer:
         self.root = checkpoint_root(cfg)
         self.num_experts = cfg.model.moe.num_experts if cfg.model.moe else 0
         self._pending: Optional[PendingSave] = None
-        self._fresh: Optional[fmt.FreshState] = None  # the engine's state before resume=auto loaded into it
 
     def _say(self, line: str) -> None:
         if self.topo.is_logging_rank:
@@ -187,31 +186,33 @@ class Checkpointer:
             path = Path(choice)
             if not (path / MANIFEST).exists() and (path / LATEST).is_file():  # a checkpoint root was named
                 path = path / (path / LATEST).read_text().strip()
-            resumed, problem = self._load(path)
+            resumed, problem, _ = self._load(path)
             if problem:
                 raise CheckpointError(f"cannot resume: {problem}; pass another checkpoint or --resume auto")
             return resumed
+        partly_loaded = None  # a damaged checkpoint whose load wrote into the engine before the damage showed
         for step in storage.checkpoint_steps(self.root):
             path = self.root / step_dir_name(step)
-            resumed, problem = self._load(path)
+            resumed, problem, wrote_engine = self._load(path)
             if problem is None:
-                self._fresh = None
                 return resumed
             self._say(f"warning: skipping checkpoint {path.name}: {problem}")
-        if self._fresh is not None:  # a damaged checkpoint was partly loaded: start from what the run began with
-            fmt.restore(self.engine, self.topo, self.num_experts, self._fresh, adam_step=0)
-            self._fresh = None
+            partly_loaded = partly_loaded or (problem if wrote_engine else None)
+        if partly_loaded:  # the engine is no longer the one built: starting afresh takes a new launch
+            raise CheckpointError(f"cannot resume: {partly_loaded}, and no older checkpoint under {self.root} is "
+                                  "usable; relaunch with --resume none to start afresh")
         return Resumed()
 
-    def _load(self, path: Path) -> tuple[Optional[Resumed], Optional[str]]:
+    def _load(self, path: Path) -> tuple[Optional[Resumed], Optional[str], bool]:
         """Load checkpoint `path` into the engine, the generators, the scheduler and the loader: where to go on
-        from, or the one line saying why it cannot be used, the same on every rank. Its files are verified
-        first but for the blocks of the fragments, which each rank checks as it loads them; their verdict
-        comes once every rank has loaded its part (the ranks are in the load's collectives together), and
-        the engine then holds part of a damaged checkpoint: a full load of another overwrites all of it."""
+        from, or the one line saying why it cannot be used, the same on every rank, and whether the engine
+        was written. Its files are verified first but for the blocks of the fragments, which each rank checks
+        as it loads them; their verdict comes once every rank has loaded its part (the ranks are in the load's
+        collectives together), and the engine then holds part of a damaged checkpoint: a full load of another
+        overwrites all of it."""
         manifest, problem = self._verify_together(path)
         if problem:
-            return None, problem
+            return None, problem, False
         client = storage.load_file(path / CLIENT)
         if client.get("version") != fmt.FORMAT_VERSION:
             raise CheckpointError(f"checkpoint {path} is in another Parallax format (version {client.get('version')}, "
@@ -223,14 +224,12 @@ class Checkpointer:
             shards, problem = None, str(e)
         problem = self._agree(problem)
         if problem:
-            return None, problem
+            return None, problem, False
         saved = fmt.SavedTensors(path, shards)
-        if self.cfg.checkpoint.resume == "auto" and self._fresh is None:
-            self._fresh = fmt.FreshState(self.engine, self.topo, self.num_experts)
         fmt.restore(self.engine, self.topo, self.num_experts, saved, client["adam_step"])
         problem = self._agree(saved.problem)
         if problem:
-            return None, problem
+            return None, problem, True
         same_world = client["layout"]["world_size"] == self.topo.world_size
         # The generators of this very rank, or rank 0's when the world changed size (every rank is seeded alike).
         _set_rng_state(shards[storage.shard_file_name(self.topo.rank if same_world else 0)]["rng"])
@@ -246,7 +245,7 @@ class Checkpointer:
             self.loader.load_state_dict(SavedDataStates(path, old["dp"]))
         self._say(f"resumed from {path} at step {client['step']} (saved at tp={old['tp']} dp={old['dp']} "
                   f"zero={old['zero_stage']})")
-        return Resumed(step=client["step"], tokens=client["tokens"], tensor_bytes_read=saved.bytes_read), None
+        return Resumed(step=client["step"], tokens=client["tokens"], tensor_bytes_read=saved.bytes_read), None, True
 
     def _agree(self, problem: Optional[str]) -> Optional[str]:
         """The first rank's problem, on every rank; None if no rank has one."""
