@@ -15,9 +15,10 @@ The two saves of a round hold the same numbers, and their shards must be byte fo
 Medians are printed. Files go to --dir (default: a temporary directory); the page cache is warm for
 reads, and dirty pages are written back before each measurement so none pays for another's write-back.
 
-Then what a load reads (`Resumed.tensor_bytes_read`: fp32 fragment bytes copied out of the shards), per
-rank: at the saved layout against the rank's own shard's fragments, and, in a second launch of twice
-as many ranks, at twice the DP size against its share of the checkpoint's fragments.
+Then what a load reads of the shards' fp32 fragments (`Resumed.tensor_bytes_read`: the checksum blocks it
+checks, read whole, which hold every byte it copies out; no shard is checked whole), per rank: at the
+saved layout against the rank's own shard's fragments, and, in a second launch of twice as many ranks,
+at twice the DP size against its share of the checkpoint's fragments. Blocks are the default 1 MiB.
 """
 from __future__ import annotations
 
@@ -143,7 +144,7 @@ def _rank_main(args) -> None:
           f"ratio {rate['load'] / rate['torch.load']:.2f}x   (load includes checksum verification)")
     print(f"  training loop blocked by a save: {statistics.median(times['blocked']):.3f} s in the background "
           f"(target <= 0.05 s), {statistics.median(times['save']):.3f} s synchronous (medians); the same shard bytes")
-    print("  a load at the saved layout reads, per rank, of its own shard's fragment bytes: "
+    print("  a load at the saved layout reads (to copy or verify), per rank, of its own shard's fragment bytes: "
           + ", ".join(f"{read / own:.3f}x ({read:,} B)" for read, own in reads) + "  (target <= 1.05x)")
 
 
@@ -152,7 +153,7 @@ def _resume_at_more_ranks(args) -> None:
     what each rank read against its even share of the checkpoint's fragments."""
     import torch.distributed as dist
 
-    from parallel.checkpoint import Checkpointer, fragment_bytes, load_shards
+    from parallel.checkpoint import Checkpointer, fragment_bytes, load_shards, read_manifest
 
     path = Path((Path(args.dir) / "latest-checkpoint").read_text())
     cfg = _config(args, f"checkpoint.resume={path}")
@@ -161,9 +162,11 @@ def _resume_at_more_ranks(args) -> None:
     reads = [None] * topo.world_size
     dist.all_gather_object(reads, read)
     if topo.rank == 0:
-        share = sum(fragment_bytes(shard) for shard in load_shards(path)) / topo.world_size
-        print(f"  a load at DP={topo.dp} of that DP={topo.dp // 2} checkpoint reads, per rank, of 1/{topo.dp} of its "
-              f"fragment bytes: " + ", ".join(f"{r / share:.3f}x" for r in reads) + "  (target <= 1.05x)")
+        shards = load_shards(path, read_manifest(path)).values()
+        share = sum(fragment_bytes(shard) for shard in shards) / topo.world_size
+        print(f"  a load at DP={topo.dp} of that DP={topo.dp // 2} checkpoint reads (to copy or verify), per rank, "
+              f"of 1/{topo.dp} of its fragment bytes: " + ", ".join(f"{r / share:.3f}x" for r in reads)
+              + "  (target <= 1.05x)")
 
 
 def main() -> None:

@@ -85,9 +85,10 @@ def test_a_resuming_rank_reads_only_the_loader_states_it_needs(scenario_results)
 
 def test_a_load_at_the_saved_layout_reads_only_what_the_rank_keeps(scenario_results):
     """Issue 17: at the saved layout a rank reads its own shard's bytes and no more, at most 1.05x (it is
-    1.00x). ZeRO-3 keeps only its partition of every tensor. ZeRO-1 keeps only its partition of the fp32
-    master and the moments; the weight every rank holds whole is all-gathered from the masters over DP
-    as after a step. Before, ZeRO-1 read the whole weight on every rank: 4/3 of its own at DP=2 (and
+    1.00x), verification included: every byte a rank reads of the shard files counts, to load it or to
+    check it against a checksum. ZeRO-3 keeps only its partition of every tensor. ZeRO-1 keeps only its
+    partition of the fp32 master and the moments; the weight every rank holds whole is all-gathered from
+    the masters over DP as after a step. Before, ZeRO-1 read the whole weight on every rank: 4/3 of its own at DP=2 (and
     before that, every rank read the whole checkpoint, twice its own)."""
     result = scenario_results("tensor_reads_at_the_saved_layout")
     for zero in ("zero1", "zero3"):
@@ -97,10 +98,11 @@ def test_a_load_at_the_saved_layout_reads_only_what_the_rank_keeps(scenario_resu
 @pytest.mark.parametrize("zero", ["zero1", "zero2", "zero3"])
 def test_a_load_at_twice_the_saved_dp_reads_a_quarter_of_the_checkpoint_per_rank(scenario_results, zero):
     """Issue 17: a DP=2 checkpoint loaded at DP=4 costs each rank at most 1.05x a quarter of the
-    checkpoint's tensor bytes (the fp32 masters and moments of every shard). Only the fragments copied
-    out are counted, and no metadata is allowed on top: the pickled index at the head of each shard
-    (names, shapes, offsets), client.pt, the manifest and the loader-state files are read outside this
-    count. Before ZeRO-1/2 restored only their partition of the master, a ZeRO-1 rank read 2x a quarter."""
+    checkpoint's tensor bytes (the fp32 masters and moments of every shard), counting every byte of the shard
+    files it reads to load or to verify them; only metadata is read besides: the pickled index of each
+    shard (names, shapes, offsets, block checksums), client.pt, the manifest and the loader-state files.
+    Before ZeRO-1/2 restored only their partition of the master, a ZeRO-1 rank read 2x a quarter; while
+    verification checked whole shard files, two of the four ranks each read half the checkpoint to check it."""
     result = scenario_results("tensor_reads_at_dp4")[zero]
     quarter = sum(result["saved"]) / 4
     assert len(result["read"]) == 4 and all(read <= 1.05 * quarter for read in result["read"]), (quarter, result)
@@ -110,61 +112,135 @@ def test_a_load_at_twice_the_saved_dp_reads_a_quarter_of_the_checkpoint_per_rank
 def test_a_load_at_another_tp_reads_only_what_the_rank_keeps(scenario_results, change):
     """Issue 17: at another TP size a rank fills its TP slice (and in it its ZeRO partition) from the
     parts of the saved TP ranks' fragments that overlap it, with no full tensor built: it reads at most
-    1.05x the fp32 bytes it keeps (a DP share of its TP rank's masters and moments). TP=1 -> TP=2 at
-    DP=1 keeps the whole slice; TP=2 -> TP=1 at DP=2, half the model. Before, a TP change assembled
-    every TP-split tensor whole on every rank."""
+    1.05x the fp32 bytes it keeps (a DP share of its TP rank's masters and moments), verification reads
+    included. TP=1 -> TP=2 at DP=1 keeps the whole slice; TP=2 -> TP=1 at DP=2, half the model. Before, a
+    TP change assembled every TP-split tensor whole on every rank."""
     result = scenario_results("tensor_reads_at_another_tp")[change]
     assert all(read <= 1.05 * keeps for read, keeps in zip(result["read"], result["keeps"])), result
 
 
-def test_any_tp_slice_and_flat_range_is_filled_from_any_fragments():
+def test_any_tp_slice_and_flat_range_is_filled_from_any_fragments_and_checked_as_it_is_read():
     """The arithmetic behind a load at another TP size, beyond the tiny model's shapes: random tensors
-    cut along each partition_dim over 1, 2 or 4 saved TP ranks into randomly cut flat fragments, then
-    read back as any flat range of any TP rank's slice (1, 2 or 4 ranks): exactly the saved numbers of
-    that range, and the bytes read that range's."""
+    cut along each partition_dim over 1, 2 or 4 saved TP ranks into randomly cut flat fragments,
+    checksummed in blocks of random size as a save does, then read back as any flat range of any TP
+    rank's slice (1, 2 or 4 ranks): exactly the saved numbers of that range. The bytes read are those of
+    the blocks it checked: all it copied, and less than two blocks besides in each saved TP slice it read
+    from (one at each end of the range; reading a whole tensor, nothing besides). One number changed in a
+    fragment, and a read that takes it names that fragment's file."""
     import math
     import random
 
+    from parallel.checkpoint.checksums import add_block_checksums
     from parallel.checkpoint.layout_free import SavedTensors
 
     rng = random.Random(0)
-    for _ in range(500):
+    for _ in range(1000):
         shape = [rng.randint(1, 5) for _ in range(rng.randint(1, 3))]
         dim, saved_tp, tp = rng.randrange(len(shape)), rng.choice([1, 2, 4]), rng.choice([1, 2, 4])
         shape[dim] = math.lcm(saved_tp, tp) * rng.randint(1, 3)
+        block_bytes = 4 * rng.choice([1, 3, 8, 64])
         full = torch.randn(shape)
-        shards = []
+        shards = {}
         for saved_rank, part in enumerate(full.chunk(saved_tp, dim)):
             flat = part.flatten()
             ends = range(flat.numel() + 1)
             cuts = sorted({0, flat.numel(), *rng.sample(ends, min(len(ends), rng.randint(0, 4)))})
-            shards += [{"pieces": {"w": {"tp_rank": saved_rank, "tp_size": saved_tp, "dim": dim,
-                                         "shape": list(part.shape), "start": a, "param": flat[a:b].clone()}}}
-                       for a, b in zip(cuts, cuts[1:])]
-        rng.shuffle(shards)
+            for a, b in zip(cuts, cuts[1:]):
+                pieces = {"w": {"tp_rank": saved_rank, "tp_size": saved_tp, "dim": dim, "shape": list(part.shape),
+                                "start": a, **{key: flat[a:b].clone() for key in ("param", "exp_avg", "exp_avg_sq")}}}
+                add_block_checksums(pieces, block_bytes)
+                shards[f"shard-{len(shards):05d}.pt"] = {"pieces": pieces}
+        shards = dict(rng.sample(list(shards.items()), len(shards)))
         saved = SavedTensors(Path("checkpoint"), shards)
         assert torch.equal(saved.full("w", "param"), full)
+        assert saved.bytes_read == 4 * full.numel() and saved.problem is None
         tp_rank = rng.randrange(tp)
+        tp_shape = list(full.chunk(tp, dim)[tp_rank].shape)
         mine = full.chunk(tp, dim)[tp_rank].flatten()
         lo = rng.randint(0, mine.numel())
         hi = rng.randint(lo, mine.numel())
         read_before = saved.bytes_read
-        got = saved.fill("w", "param", list(full.chunk(tp, dim)[tp_rank].shape), dim, tp, tp_rank, (lo, hi))
+        got = saved.fill("w", "param", tp_shape, dim, tp, tp_rank, (lo, hi))
         assert torch.equal(got, mine[lo:hi])
-        assert saved.bytes_read - read_before == 4 * (hi - lo)
+        saved_slices_read = max(1, saved_tp // tp)
+        assert 4 * (hi - lo) <= saved.bytes_read - read_before < 4 * (hi - lo) + 2 * block_bytes * saved_slices_read
+
+        file, shard = rng.choice(list(shards.items()))
+        damaged = shard["pieces"]["w"]["exp_avg"]
+        damaged[rng.randrange(damaged.numel())] += 1
+        saved = SavedTensors(Path("checkpoint"), shards)
+        if not torch.equal(saved.fill("w", "exp_avg", tp_shape, dim, tp, tp_rank, (lo, hi)), mine[lo:hi]):
+            assert saved.problem == f"{Path('checkpoint') / file}: w (exp_avg) does not match its block checksums " \
+                                   "(altered or corrupt)"
 
 
-def test_before_a_resume_at_the_saved_layout_each_rank_checks_the_files_it_reads(scenario_results):
-    """Issue 17: the checksums are checked before anything is loaded, each file by one rank. A rank checks
-    its own shard and its own loader state, the files it then reads, so that at the saved layout it reads
-    no peer's shard from disk for the check: DP=4, where the files used to be dealt out by name and
-    rank r checked shard (r + 2) mod 4 and data (r + 2) mod 4 instead. Every file is still checked once."""
+def test_before_a_resume_each_rank_checks_whole_only_small_files_and_its_shards_by_size(scenario_results):
+    """Issue 17: before anything is loaded, each file other than a shard is checked whole against the manifest
+    by one rank, a DP rank's loader state by the rank that reads it. A shard is checked only by size, by the
+    ranks that load from it, which check each block of it they read against its block checksum: at the
+    saved layout (DP=4, ZeRO-1) that is a rank's own shard alone, the only one it opens. Before, each rank
+    read its own shard whole for its checksum (and before that, shard (r + 2) mod 4 as well)."""
     result = scenario_results("verification_at_the_saved_layout")
     checked = result["checked"]
     for rank, files in enumerate(checked):
-        read_itself = [f"data-{rank:05d}.pt", f"shard-{rank:05d}.pt"]
-        assert sorted(f for f in files if f.startswith(("shard-", "data-"))) == read_itself, checked
-    assert sorted(f for files in checked for f in files) == result["files"], checked
+        assert [f for f in files["whole"] if f.startswith(("shard-", "data-"))] == [f"data-{rank:05d}.pt"], checked
+        assert files["size"] == [f"shard-{rank:05d}.pt"], checked
+    small = [name for name in result["files"] if not name.startswith("shard-")]
+    assert sorted(f for files in checked for f in files["whole"]) == small, checked
+
+
+def test_a_resume_at_another_layout_finds_damage_in_what_it_reads_and_falls_back_together(scenario_results):
+    """A bit flipped in the middle of a fragment of step 20's shard 1 (DP=2), resumed at DP=4 with
+    resume=auto: the ranks that read that fragment find it as they load, every rank falls back to step 10
+    together, rank 0 says so in one line naming the file, and the engine holds exactly step 10's numbers
+    (the full load of step 10 overwrote what step 20's had written)."""
+    auto = scenario_results("damaged_checkpoints_at_another_layout")["values_auto"]
+    damaged = Path(auto["root"]) / f"step-{STEPS:08d}" / "shard-00001.pt"
+    assert auto["outcomes"] == [SAVED_AT] * 4, auto["outcomes"]
+    warnings = [line for lines in auto["printed"] for line in lines if "skipping" in line]
+    assert len(warnings) == 1 and warnings == [line for line in auto["printed"][0] if "skipping" in line], warnings
+    assert warnings[0].startswith(f"parallax: warning: skipping checkpoint step-{STEPS:08d}: {damaged}: "), warnings
+    assert warnings[0].endswith("does not match its block checksums (altered or corrupt)"), warnings
+    saved = read_full_tensors(Path(auto["root"]) / f"step-{SAVED_AT:08d}")
+    assert auto["tensors"].keys() == saved.keys()
+    for name, tensors in saved.items():
+        assert all(torch.equal(auto["tensors"][name][key], value) for key, value in tensors.items()), name
+
+
+@pytest.mark.parametrize("case,file,what", [
+    ("values_path_tp2", "shard-00001.pt", r": .* does not match its block checksums \(altered or corrupt\)"),
+    ("index_path", "shard-00000.pt", r": its index \(names, offsets, checksums\) does not match its checksum in the "
+                                     r"manifest \(altered or corrupt\)"),
+])
+def test_a_resume_refuses_a_damaged_checkpoint_it_is_given_in_one_line_on_every_rank(scenario_results, case, file,
+                                                                                     what):
+    """Step 20 named as the checkpoint to resume, damaged: a bit of a fragment's values, found by the ranks
+    that read it at TP=2 DP=2; a bit of the first piece's offset in shard 0's pickled index, which still
+    loads, found by the index's checksum in the manifest before any fragment is read (at DP=4 every rank
+    opens every shard). Every rank raises the same one line naming the file, which the CLI prints as its
+    error, exiting non-zero."""
+    import re
+
+    result = scenario_results("damaged_checkpoints_at_another_layout")[case]
+    damaged = Path(result["root"]) / f"step-{STEPS:08d}" / file
+    assert len(result["outcomes"]) == 4 and len(set(result["outcomes"])) == 1, result["outcomes"]
+    line = result["outcomes"][0]
+    assert isinstance(line, str), f"every rank resumed, at step {line}"
+    assert re.fullmatch(f"cannot resume: {re.escape(str(damaged))}{what}; pass another checkpoint or --resume auto",
+                        line), line
+
+
+def test_resume_auto_stops_in_one_line_when_its_only_checkpoint_is_found_damaged_while_loading(scenario_results):
+    """Step 20 alone, a bit of its fragment flipped, resumed at DP=4 with resume=auto: its load has written
+    into the engine before the damage showed, and with no older checkpoint left the engine is neither the
+    checkpoint nor the model the run built. Every rank stops with the same line, after the warning."""
+    alone = scenario_results("damaged_checkpoints_at_another_layout")["values_auto_alone"]
+    damaged = Path(alone["root"]) / f"step-{STEPS:08d}" / "shard-00001.pt"
+    assert len(set(alone["outcomes"])) == 1 and isinstance(alone["outcomes"][0], str), alone["outcomes"]
+    assert alone["outcomes"][0].startswith(f"cannot resume: {damaged}: "), alone["outcomes"]
+    assert alone["outcomes"][0].endswith(f"(altered or corrupt), and no older checkpoint under {alone['root']} is "
+                                         "usable; relaunch with --resume none to start afresh"), alone["outcomes"]
+    assert sum("skipping checkpoint" in line for line in alone["printed"][0]) == 1, alone["printed"]
 
 
 def test_control_traffic_never_touches_the_data_plane(scenario_results):

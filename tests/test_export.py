@@ -144,8 +144,11 @@ def test_hugging_face_to_parallax_to_hugging_face_is_bitwise(tmp_path, kind):
 # --- the command, on small checkpoints written here in Parallax's format -----------------------------
 
 def _write_checkpoint(path: Path, overrides: list[str], state: dict | None = None) -> Path:
-    """A committed Parallax checkpoint: one TP=1 shard holding `state` (if any), config.yaml and the manifest."""
+    """A committed Parallax checkpoint: one TP=1 shard holding `state` (if any) with its block checksums,
+    config.yaml and the manifest, with the shard's index checksum."""
     from launcher.config import load_config
+    from parallel.checkpoint import checksums
+    from parallel.checkpoint.layout_free import FORMAT_VERSION
 
     path.mkdir(parents=True)
     files = {"config.yaml": load_config(None, overrides).to_yaml().encode()}
@@ -153,11 +156,15 @@ def _write_checkpoint(path: Path, overrides: list[str], state: dict | None = Non
         pieces = {name: {"tp_rank": 0, "tp_size": 1, "dim": 0, "shape": list(t.shape), "start": 0, "param": t.flatten(),
                          "exp_avg": torch.zeros(t.numel()), "exp_avg_sq": torch.zeros(t.numel())}
                   for name, t in state.items()}
-        torch.save({"pieces": pieces, "rng": None}, path / "shard-00000.pt")
+        checksums.add_block_checksums(pieces, 1 << 20)
+        shard = {"pieces": pieces, "rng": None}
+        torch.save(shard, path / "shard-00000.pt")
         files["shard-00000.pt"] = (path / "shard-00000.pt").read_bytes()
     (path / "config.yaml").write_bytes(files["config.yaml"])
-    manifest = {"version": 2, "step": 1, "tokens": 0, "layout": {}, "files": {
+    manifest = {"version": FORMAT_VERSION, "step": 1, "tokens": 0, "layout": {}, "files": {
         name: {"size": len(data), "crc32": zlib.crc32(data)} for name, data in files.items()}}
+    if state is not None:
+        manifest["files"]["shard-00000.pt"]["index_crc32"] = checksums.index_checksum(shard)
     (path / "manifest.json").write_text(json.dumps(manifest))
     return path
 

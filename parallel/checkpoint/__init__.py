@@ -5,10 +5,11 @@ A run's checkpoint directory:
     step-00000020/  shard-00000.pt shard-00001.pt ...  data-00000.pt ...  client.pt  config.yaml  manifest.json
     latest          "step-00000020"
 
-Four modules, each one concern (docs/checkpoints.md has the design):
+Five modules, each one concern (docs/checkpoints.md has the design):
 
     deepspeed_adapter  the only code that reads and writes DeepSpeed's private optimizer state
     layout_free        the format: pieces of full tensors, assembled again at any TP/DP/EP layout
+    checksums          block checksums of the fragments and of each shard's index: a load checks what it reads
     storage            checksummed fsynced files, the manifest, verification, atomic commit, pruning
     manager            the Checkpointer the training loop calls: resume() and save()
 

@@ -9,7 +9,8 @@ rank writes what it already holds, with no communication; a number held by sever
 (TP-replicated, or DP replicas at ZeRO-0) is written by one of them. At load each rank reads, from the
 memory-mapped files, only the parts of the fragments that overlap what it keeps at its own layout, at
 any TP and DP size (at the same layout, its own shard), and builds no full tensor. At the same layout
-that restores exactly the numbers that were saved: resume is bitwise.
+that restores exactly the numbers that were saved: resume is bitwise. Every fragment carries checksums
+of its blocks, and a load checks each block it reads from (checksums.py).
 """
 from __future__ import annotations
 
@@ -21,12 +22,15 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from parallel.checkpoint import checksums
 from parallel.checkpoint import deepspeed_adapter as ds
 from parallel.checkpoint.deepspeed_adapter import KEYS, MASTER
 from parallel.checkpoint.storage import CheckpointError, read_manifest
 from parallel.zero3 import full_shape, held_values
 
-FORMAT_VERSION = 3  # 3: each DP rank's loader state in a file of its own, no longer in client.pt
+# 3: each DP rank's loader state in a file of its own, no longer in client.pt
+# 4: block checksums of every fragment, and a checksum of each shard's index in the manifest
+FORMAT_VERSION = 4
 
 
 def _tp_partition(param) -> Optional[int]:
@@ -99,12 +103,23 @@ def held_pieces(engine, topo, num_experts: int) -> dict:
     return pieces
 
 
-def load_shards(path: Path) -> list[dict]:
-    """Every rank's shard file, memory-mapped: a rank copies out only the fragments it reads."""
-    shards = [torch.load(path / name, mmap=True, weights_only=True)
-              for name in sorted(read_manifest(path)["files"]) if name.startswith("shard-")]
-    if any("pieces" not in shard for shard in shards):
-        raise CheckpointError(f"checkpoint {path} is in an older Parallax format; start afresh with --resume none")
+def load_shards(path: Path, manifest: dict, names: Optional[list[str]] = None) -> dict[str, dict]:
+    """The shard files `names` (default: every one) of checkpoint `path`, memory-mapped, by file name: a rank
+    copies out only the fragments it reads. Each one's index (names, offsets, block checksums, generators)
+    must match its checksum in the `manifest`, since the fragments' checks rest on it."""
+    if manifest.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} is in another Parallax format (version {manifest.get('version')}, "
+                              f"this code reads {FORMAT_VERSION}); start afresh with --resume none")
+    shards = {}
+    for name in names or sorted(name for name in manifest["files"] if name.startswith("shard-")):
+        try:
+            shard = torch.load(path / name, mmap=True, weights_only=True)
+        except Exception as e:  # a damaged file fails in the zip reader or the unpickler, in as many ways
+            raise CheckpointError(f"{path / name} cannot be read ({type(e).__name__}): altered or corrupt") from None
+        if checksums.index_checksum(shard) != manifest["files"][name]["index_crc32"]:
+            raise CheckpointError(f"{path / name}: its index (names, offsets, checksums) does not match its checksum "
+                                  "in the manifest (altered or corrupt)")
+        shards[name] = shard
     return shards
 
 
@@ -114,32 +129,45 @@ def fragment_bytes(shard: dict) -> int:
 
 
 class SavedTensors:
-    """A checkpoint's fragments by parameter name, in its memory-mapped shards, and `bytes_read`: the bytes
-    copied out of them so far, which is what a load read of the checkpoint's tensors (the files' pages it
-    copies nothing from, it never reads). Resume reports it, and tests hold loads to it."""
+    """A checkpoint's fragments by parameter name, in its memory-mapped shards (`shards`: by file name).
 
-    def __init__(self, path: Path, shards: list[dict]):
-        self.path, self.pieces, self.bytes_read = path, {}, 0
-        for shard in shards:
+    Every block a fill copies from is checked against its checksum, read whole; `bytes_read` counts the
+    bytes of those blocks so far, which hold every byte copied out: what a load read of the checkpoint's
+    tensors (the files' pages it checks and copies nothing from, it never reads). Resume reports it, and
+    tests hold loads to it. A block that fails its check does not stop the fill (ranks loading are in the
+    load's collectives together): `problem` is the first such, one line naming the file, and the reader
+    decides once the load is over."""
+
+    def __init__(self, path: Path, shards: dict[str, dict]):
+        self.path, self.pieces, self.bytes_read, self.problem = path, {}, 0, None
+        for file, shard in shards.items():
             for name, piece in shard["pieces"].items():
-                self.pieces.setdefault(name, []).append(piece)
+                self.pieces.setdefault(name, []).append((file, piece))
 
     def names(self) -> list[str]:
         return sorted(self.pieces)
 
+    def require_intact(self) -> None:
+        if self.problem:
+            raise CheckpointError(self.problem)
+
     def full(self, name: str, key: str) -> torch.Tensor:
         """The whole (TP=1) tensor, for the offline readers; a load fills only what a rank keeps."""
-        saved = self.pieces[name][0]
+        _, saved = self.pieces[name][0]
         shape = list(saved["shape"])
         shape[saved["dim"]] *= saved["tp_size"]
         return self.fill(name, key, shape, saved["dim"], tp_size=1, tp_rank=0).view(shape)
 
     def local(self, name: str, key: str, param, topo) -> torch.Tensor:
         """The values this rank keeps of `param` (`ds.kept_range` of its TP rank's tensor), flat."""
+        wanted = ds.kept_range(param)
+        if name not in self.pieces:
+            if wanted[0] < wanted[1]:
+                raise CheckpointError(f"checkpoint {self.path} has no tensor {name}; it was saved from another model")
+            return torch.zeros(0)  # it keeps none of it, and at the saved layout opens no shard that holds it
         dim = _tp_partition(param)
         tp_size, tp_rank = (1, 0) if dim is None else (topo.tp, topo.tp_rank)
-        return self.fill(name, key, list(full_shape(param)), dim or 0, tp_size, tp_rank,
-                         ds.kept_range(param))
+        return self.fill(name, key, list(full_shape(param)), dim or 0, tp_size, tp_rank, wanted)
 
     def fill(self, name: str, key: str, shape: list[int], partition_dim: int, tp_size: int, tp_rank: int,
              wanted: Optional[tuple[int, int]] = None) -> torch.Tensor:
@@ -149,13 +177,15 @@ class SavedTensors:
         Seen as (rows, partition_dim, inner), the part of saved TP rank s's tensor that lies in this one is
         the same band of columns in every row, so each saved fragment overlapping it is copied in at
         most five pieces (a block of whole rows through strided views, and the rows the fragment or
-        `wanted` cuts short): only the bytes this rank keeps are read, and no full tensor is built."""
+        `wanted` cuts short): only the bytes this rank keeps are copied, and no full tensor is built. The
+        blocks they lie in are checked against their checksums."""
         pieces = self.pieces[name]
-        saved_shape, saved_tp_size = pieces[0]["shape"], pieces[0]["tp_size"]
+        _, some = pieces[0]
+        saved_shape, saved_tp_size = some["shape"], some["tp_size"]
         saved_whole, whole = list(saved_shape), list(shape)
         saved_whole[partition_dim] *= saved_tp_size
         whole[partition_dim] *= tp_size
-        if saved_whole != whole or (saved_tp_size > 1 and pieces[0]["dim"] != partition_dim):
+        if saved_whole != whole or (saved_tp_size > 1 and some["dim"] != partition_dim):
             raise CheckpointError(f"checkpoint {self.path} holds {name} in another shape; "
                                   "it was saved from another model")
         rows, inner = math.prod(shape[:partition_dim]), math.prod(shape[partition_dim + 1:])
@@ -163,19 +193,24 @@ class SavedTensors:
         lo, hi = wanted or (0, math.prod(shape))
         kept = torch.zeros(max(hi - lo, 0), dtype=torch.float32)
         covered = 0
-        for piece in pieces:
+        for file, piece in pieces:
             # the columns of the full tensor along partition_dim that both this TP rank and the saved one hold
             first = max(tp_rank * width, piece["tp_rank"] * saved_width)
             last = min((tp_rank + 1) * width, (piece["tp_rank"] + 1) * saved_width)
             if first >= last:
                 continue
             here = _Band((first - tp_rank * width) * inner - lo, width * inner, 0, hi - lo)  # in `kept`
-            saved = piece[key]
-            there = _Band((first - piece["tp_rank"] * saved_width) * inner - piece["start"], saved_width * inner,
-                          0, saved.numel())
-            copied = _copy_band(kept, here, saved, there, rows, (last - first) * inner)
-            covered += copied
-            self.bytes_read += copied * saved.element_size()
+            column, start = (first - piece["tp_rank"] * saved_width) * inner, piece["start"]  # in the saved tensor
+            there = _Band(column - start, saved_width * inner, 0, piece[key].numel())
+            copied, span_first, span_end = _copy_band(kept, here, piece[key], there, rows, (last - first) * inner)
+            if copied:
+                covered += copied
+                read, intact = checksums.verify_read(piece, key, start + span_first, start + span_end, column,
+                                                     column + (last - first) * inner)
+                self.bytes_read += read
+                if not intact and self.problem is None:
+                    self.problem = (f"{self.path / file}: {name} ({key}) does not match its block checksums "
+                                    "(altered or corrupt)")
         if covered != max(hi - lo, 0):
             raise CheckpointError(f"checkpoint {self.path} lacks part of {name}; it was not written whole, use another")
         return kept
@@ -196,41 +231,43 @@ class _Band:
         return max(0, -(-(bound - self.first - offset) // self.stride))
 
 
-def _copy_band(dst: torch.Tensor, dst_band: _Band, src: torch.Tensor, src_band: _Band, rows: int, width: int) -> int:
+def _copy_band(dst: torch.Tensor, dst_band: _Band, src: torch.Tensor, src_band: _Band, rows: int,
+               width: int) -> tuple[int, int, int]:
     """Copy `width` elements of each of `rows` rows from `src`'s band to `dst`'s, only where both bands allow
-    (their [lo, hi)); returns how many were copied. Rows wholly allowed on both sides are one strided copy;
-    each band's bounds cut at most one row at each end, so at most four rows are copied one by one."""
+    (their [lo, hi)); returns how many were copied, and the flat span of `src` they came from, [first, end).
+    Rows wholly allowed on both sides are one strided copy; each band's bounds cut at most one row at each
+    end, so at most four rows are copied one by one."""
     bands = (dst_band, src_band)
     whole_from = max(b.first_row_from(0, b.lo) for b in bands)
     whole_to = min([rows] + [b.first_row_from(width, b.hi + 1) for b in bands])
     touched_from = max(b.first_row_from(width, b.lo + 1) for b in bands)
     touched_to = min([rows] + [b.first_row_from(0, b.hi) for b in bands])
-    copied = 0
+
+    def cut(row: int) -> tuple[int, int, int, int]:
+        return (row, 1, max([0] + [b.lo - b.start(row) for b in bands]),
+                min([width] + [b.hi - b.start(row) for b in bands]))
     if whole_from < whole_to:
-        count = whole_to - whole_from
-        dst.as_strided((count, width), (dst_band.stride, 1), dst.storage_offset() + dst_band.start(whole_from)).copy_(
-            src.as_strided((count, width), (src_band.stride, 1), src.storage_offset() + src_band.start(whole_from)))
-        copied += count * width
-        cut_rows = [*range(touched_from, whole_from), *range(whole_to, touched_to)]
+        runs = [*map(cut, range(touched_from, whole_from)), (whole_from, whole_to - whole_from, 0, width),
+                *map(cut, range(whole_to, touched_to))]
     else:
-        cut_rows = range(touched_from, touched_to)
-    for row in cut_rows:
-        begin = max([0] + [b.lo - b.start(row) for b in bands])
-        end = min([width] + [b.hi - b.start(row) for b in bands])
-        if begin < end:
-            dst[dst_band.start(row) + begin:dst_band.start(row) + end] = \
-                src[src_band.start(row) + begin:src_band.start(row) + end]
-            copied += end - begin
-    return copied
+        runs = [cut(row) for row in range(touched_from, touched_to)]
+    runs = [(row, count, begin, end) for row, count, begin, end in runs if begin < end]  # (first row, rows, columns)
+    for row, count, begin, end in runs:
+        dst.as_strided((count, end - begin), (dst_band.stride, 1), dst.storage_offset() + dst_band.start(row) + begin
+                       ).copy_(src.as_strided((count, end - begin), (src_band.stride, 1),
+                                              src.storage_offset() + src_band.start(row) + begin))
+    if not runs:
+        return 0, 0, 0
+    (first_row, _, first_column, _), (last_row, last_count, _, last_end) = runs[0], runs[-1]
+    return (sum(count * (end - begin) for _, count, begin, end in runs), src_band.start(first_row) + first_column,
+            src_band.start(last_row + last_count - 1) + last_end)
 
 
-def restore(engine, topo, num_experts: int, saved: SavedTensors, adam_step: int) -> None:
-    """Fill the engine's fp32 masters, Adam moments and weights from the checkpoint's shards, at this layout."""
+def restore(engine, topo, num_experts: int, saved, adam_step: int) -> None:
+    """Fill the engine's fp32 masters, Adam moments and weights at this layout from `saved`."""
     ds.prepare_adam_state(engine, adam_step)
     for name, param in engine.module.named_parameters():
         name = saved_name(name, param, topo, num_experts)
-        if name not in saved.pieces:
-            raise CheckpointError(f"checkpoint {saved.path} has no tensor {name}; it was saved from another model")
         for key in KEYS:
             ds.write_local(engine, param, key, saved.local(name, key, param, topo).to(param.device))
     ds.refresh_model_weights(engine)
@@ -238,14 +275,18 @@ def restore(engine, topo, num_experts: int, saved: SavedTensors, adam_step: int)
 
 def read_tensors(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """Every parameter of checkpoint `path` as full tensors: {name: {"param", "exp_avg", "exp_avg_sq"}}."""
-    saved = SavedTensors(path, load_shards(path))
-    return {name: {key: saved.full(name, key) for key in KEYS} for name in saved.names()}
+    saved = SavedTensors(path, load_shards(path, read_manifest(path)))
+    tensors = {name: {key: saved.full(name, key) for key in KEYS} for name in saved.names()}
+    saved.require_intact()
+    return tensors
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """The full fp32 model state dict of checkpoint `path` (no optimizer state), at any saved layout."""
-    saved = SavedTensors(path, load_shards(path))
-    return {name: saved.full(name, MASTER) for name in saved.names()}
+    saved = SavedTensors(path, load_shards(path, read_manifest(path)))
+    weights = {name: saved.full(name, MASTER) for name in saved.names()}
+    saved.require_intact()
+    return weights
 
 
 def load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor], topo) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from parallel.checkpoint import checksums
 from parallel.checkpoint import deepspeed_adapter as ds
 from parallel.checkpoint import layout_free as fmt
 from parallel.checkpoint import storage
@@ -62,7 +63,7 @@ class PendingSave:
 class Resumed:
     step: int = 0
     tokens: int = 0
-    tensor_bytes_read: int = 0  # of the checkpoint's fp32 fragments, by this rank: what the load cost it in reads
+    tensor_bytes_read: int = 0  # of the checkpoint's fp32 fragments, by this rank, to load or to verify them
 
 
 def checkpoint_root(cfg) -> Path:
@@ -114,7 +115,9 @@ class Checkpointer:
 
         def write_files():
             shard_name = storage.shard_file_name(topo.rank)
-            entries[shard_name] = storage.save_file(shard, tmp / shard_name)
+            checksums.add_block_checksums(shard["pieces"], self.cfg.checkpoint.checksum_block_bytes)
+            entries[shard_name] = {**storage.save_file(shard, tmp / shard_name),
+                                   "index_crc32": checksums.index_checksum(shard)}
             if data_state is not None:
                 data_name = storage.data_file_name(topo.dp_rank)
                 entries[data_name] = storage.save_file(data_state, tmp / data_name)
@@ -159,7 +162,8 @@ class Checkpointer:
 
     def _layout(self) -> dict:
         t = self.topo
-        return {"world_size": t.world_size, "tp": t.tp, "dp": t.dp, "zero_stage": self.cfg.parallel.zero_stage}
+        return {"world_size": t.world_size, "tp": t.tp, "ep": t.ep, "dp": t.dp,
+                "zero_stage": self.cfg.parallel.zero_stage}
 
     def _commit(self, tmp: Path, final: Path, client: dict, files: dict) -> Optional[str]:
         """Rank 0, once every rank's files are on disk: manifest, rename into place, move `latest`, prune."""
@@ -175,20 +179,60 @@ class Checkpointer:
 
     def resume(self) -> Resumed:
         """Load the checkpoint checkpoint.resume names (auto: the newest complete one) and say where to continue."""
-        path = self._choose()
-        if path is None:
+        choice = self.cfg.checkpoint.resume
+        if choice == "none":
             return Resumed()
+        if choice != "auto":
+            path = Path(choice)
+            if not (path / MANIFEST).exists() and (path / LATEST).is_file():  # a checkpoint root was named
+                path = path / (path / LATEST).read_text().strip()
+            resumed, problem, _ = self._load(path)
+            if problem:
+                raise CheckpointError(f"cannot resume: {problem}; pass another checkpoint or --resume auto")
+            return resumed
+        partly_loaded = None  # a damaged checkpoint whose load wrote into the engine before the damage showed
+        for step in storage.checkpoint_steps(self.root):
+            path = self.root / step_dir_name(step)
+            resumed, problem, wrote_engine = self._load(path)
+            if problem is None:
+                return resumed
+            self._say(f"warning: skipping checkpoint {path.name}: {problem}")
+            partly_loaded = partly_loaded or (problem if wrote_engine else None)
+        if partly_loaded:  # the engine is no longer the one built: starting afresh takes a new launch
+            raise CheckpointError(f"cannot resume: {partly_loaded}, and no older checkpoint under {self.root} is "
+                                  "usable; relaunch with --resume none to start afresh")
+        return Resumed()
+
+    def _load(self, path: Path) -> tuple[Optional[Resumed], Optional[str], bool]:
+        """Load checkpoint `path` into the engine, the generators, the scheduler and the loader: where to go on
+        from, or the one line saying why it cannot be used, the same on every rank, and whether the engine
+        was written. Its files are verified first but for the blocks of the fragments, which each rank checks
+        as it loads them; their verdict comes once every rank has loaded its part (the ranks are in the load's
+        collectives together), and the engine then holds part of a damaged checkpoint: a full load of another
+        overwrites all of it."""
+        manifest, problem = self._verify_together(path)
+        if problem:
+            return None, problem, False
         client = storage.load_file(path / CLIENT)
         if client.get("version") != fmt.FORMAT_VERSION:
             raise CheckpointError(f"checkpoint {path} is in another Parallax format (version {client.get('version')}, "
                                   f"this code reads {fmt.FORMAT_VERSION}); start afresh with --resume none")
         self._check_same_model(path, client["config"])
-        shards = fmt.load_shards(path)
+        try:
+            shards, problem = fmt.load_shards(path, manifest, self._shards_to_open(manifest)), None
+        except CheckpointError as e:
+            shards, problem = None, str(e)
+        problem = self._agree(problem)
+        if problem:
+            return None, problem, False
         saved = fmt.SavedTensors(path, shards)
         fmt.restore(self.engine, self.topo, self.num_experts, saved, client["adam_step"])
+        problem = self._agree(saved.problem)
+        if problem:
+            return None, problem, True
         same_world = client["layout"]["world_size"] == self.topo.world_size
         # The generators of this very rank, or rank 0's when the world changed size (every rank is seeded alike).
-        _set_rng_state(shards[self.topo.rank if same_world else 0]["rng"])
+        _set_rng_state(shards[storage.shard_file_name(self.topo.rank if same_world else 0)]["rng"])
         if client["lr_scheduler"] is not None:
             scheduler = self.engine.lr_scheduler
             scheduler.load_state_dict(client["lr_scheduler"])
@@ -201,57 +245,47 @@ class Checkpointer:
             self.loader.load_state_dict(SavedDataStates(path, old["dp"]))
         self._say(f"resumed from {path} at step {client['step']} (saved at tp={old['tp']} dp={old['dp']} "
                   f"zero={old['zero_stage']})")
-        return Resumed(step=client["step"], tokens=client["tokens"], tensor_bytes_read=saved.bytes_read)
+        return Resumed(step=client["step"], tokens=client["tokens"], tensor_bytes_read=saved.bytes_read), None, True
 
-    def _choose(self) -> Optional[Path]:
-        choice = self.cfg.checkpoint.resume
-        if choice == "none":
-            return None
-        if choice != "auto":
-            path = Path(choice)
-            if not (path / MANIFEST).exists() and (path / LATEST).is_file():  # a checkpoint root was named
-                path = path / (path / LATEST).read_text().strip()
-            problem = self._verify_together(path)
-            if problem:
-                raise CheckpointError(f"cannot resume: {problem}; pass another checkpoint or --resume auto")
-            return path
-        for step in storage.checkpoint_steps(self.root):
-            path = self.root / step_dir_name(step)
-            problem = self._verify_together(path)
-            if problem is None:
-                return path
-            self._say(f"warning: skipping checkpoint {path.name}: {problem}")
-        return None
-
-    def _verify_together(self, path: Path) -> Optional[str]:
-        """Every rank checks its share of the files, so a large checkpoint verifies in parallel."""
-        try:
-            manifest = storage.read_manifest(path)
-            names = self._files_to_verify(sorted(manifest["files"]), manifest["layout"])
-        except (OSError, ValueError, KeyError, TypeError):
-            names = None
-        problem = storage.verify(path, names)
+    def _agree(self, problem: Optional[str]) -> Optional[str]:
+        """The first rank's problem, on every rank; None if no rank has one."""
         problems = [None] * self.topo.world_size
         dist.all_gather_object(problems, problem, group=self.topo.control_group)
         return next((p for p in problems if p), None)
 
-    def _files_to_verify(self, names: list[str], saved_layout: dict) -> list[str]:
-        """This rank's share of checkpoint files `names`: each file is checked by one rank, and where a rank
-        is about to read a file itself, by that rank. At the saved world size shard r is rank r's (at the
-        saved layout it holds all the fragments rank r reads), and at the saved DP size a DP rank's loader
-        state is its writer's; so a resume at the saved layout reads each of them from disk once, the load
-        finding them in the page cache, instead of also reading a peer's. The other files are dealt out."""
+    def _verify_together(self, path: Path) -> tuple[Optional[dict], Optional[str]]:
+        """The manifest, read once, and what is wrong with the files, agreed by every rank: each rank checks
+        its share of the small files whole, and the shards it opens by their size (it checks their blocks as
+        it loads them), so no rank reads a byte of a shard it does not load."""
+        try:
+            manifest = storage.read_manifest(path)
+            problem = (storage.verify(path, self._files_to_verify(manifest), manifest)
+                       or storage.verify(path, self._shards_to_open(manifest), manifest, whole=False))
+        except (OSError, ValueError, KeyError, TypeError):
+            manifest, problem = None, f"{path / MANIFEST} is missing or unreadable"
+        return manifest, self._agree(problem)
+
+    def _files_to_verify(self, manifest: dict) -> list[str]:
+        """This rank's share of the checkpoint's files other than shards: each is checked whole by one rank. At
+        the saved DP size a DP rank's loader state is checked by its writer, which then reads it itself, from the
+        page cache; the other files are dealt out."""
         topo = self.topo
-        shards = saved_layout["world_size"] == topo.world_size
-        data_states = saved_layout["dp"] == topo.dp
+        names = sorted(name for name in manifest["files"] if not name.startswith("shard-"))
+        data_states = manifest["layout"]["dp"] == topo.dp
+        own = storage.data_file_name(topo.dp_rank) if data_states and topo.tp_rank == 0 else None
+        dealt = [name for name in names if not (data_states and name.startswith("data-"))]
+        return [name for name in names if name == own] + dealt[topo.rank::topo.world_size]
 
-        def assigned(name: str) -> bool:
-            return (shards and name.startswith("shard-")) or (data_states and name.startswith("data-"))
-
-        own = {storage.shard_file_name(topo.rank) if shards else None,
-               storage.data_file_name(topo.dp_rank) if data_states and topo.tp_rank == 0 else None}
-        dealt = [name for name in names if not assigned(name)][topo.rank::topo.world_size]
-        return [name for name in names if name in own] + dealt
+    def _shards_to_open(self, manifest: dict) -> list[str]:
+        """The shard files this rank loads from. At the saved layout, its own and those of the peers that write
+        what it holds as well (layout_free.held_pieces): its TP group's, whose TP rank 0 writes the replicated
+        parameters, and at ZeRO-0 every rank's, as every DP replica holds every parameter. At another layout
+        every shard, since only their indexes say which hold parts of what this rank keeps."""
+        shards = sorted(name for name in manifest["files"] if name.startswith("shard-"))
+        if manifest["layout"] != self._layout() or self.cfg.parallel.zero_stage == 0:
+            return shards
+        peers = dist.get_process_group_ranks(self.topo.tp_group)
+        return [storage.shard_file_name(rank) for rank in sorted({self.topo.rank, *peers})]
 
     def _check_same_model(self, path: Path, saved_config: dict) -> None:
         ours = self.cfg.model.model_dump(mode="json")

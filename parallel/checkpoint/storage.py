@@ -1,7 +1,8 @@
 """Checkpoint files on disk: every byte checksummed as it is written, fsynced, committed by rename.
 
 A save is written to `.step-00000020.tmp/`; every file is fsynced and listed with its size and
-crc32 in `manifest.json`, written last once every rank reported success; then the directory is
+crc32 in `manifest.json` (a shard also with its index's checksum, checksums.py), written last once
+every rank reported success; then the directory is
 renamed into place and only then is `latest` rewritten. A crash at any moment leaves the previous
 checkpoint complete, and a reader uses only a directory whose files match its manifest.
 """
@@ -174,7 +175,9 @@ def prune(root: Path, keep: int) -> None:
             threading.Thread(target=shutil.rmtree, args=(doomed, True)).start()
 
 
-def _file_crc(path: Path) -> int:
+def file_crc(path: Path) -> int:
+    """The crc32 of a whole file; the one reader of files for their checksum, so a test can count what
+    verification reads."""
     crc = 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -182,11 +185,14 @@ def _file_crc(path: Path) -> int:
     return crc
 
 
-def verify(path: Path, files: Optional[list[str]] = None) -> Optional[str]:
-    """The first file of checkpoint `path` (or of `files` in it) that does not match the manifest, as
-    one line naming it; None if they all match. A missing or unreadable manifest names the manifest."""
+def verify(path: Path, files: Optional[list[str]] = None, manifest: Optional[dict] = None,
+           whole: bool = True) -> Optional[str]:
+    """The first file of checkpoint `path` (or of `files` in it) that does not match the manifest (`manifest`,
+    or read from `path`), as one line naming it; None if they all match. A missing or unreadable manifest
+    names the manifest. `whole=False` checks only that each file is there at its size: for shards, whose
+    reader checks every block of them it reads against the block checksums."""
     try:
-        listed = read_manifest(path)["files"]
+        listed = (manifest or read_manifest(path))["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"{path / MANIFEST} is missing or unreadable"
     for name in listed if files is None else files:
@@ -195,7 +201,7 @@ def verify(path: Path, files: Optional[list[str]] = None) -> Optional[str]:
             return f"{file} is missing"
         if file.stat().st_size != expected["size"]:
             return f"{file} has {file.stat().st_size} bytes, the manifest says {expected['size']} (truncated?)"
-        if _file_crc(file) != expected["crc32"]:
+        if whole and file_crc(file) != expected["crc32"]:
             return f"{file} does not match its checksum in the manifest (altered or corrupt)"
     return None
 

@@ -4,8 +4,13 @@ Every run trains the parity scenarios' tiny GPT on the same global batches for 2
 run saves at step 10 and 20 under $PARALLAX_SCENARIO_DIR; the other layouts (TP=2, DP=1, DP=4, in
 this world-size launch or a later one) reload its step-10 checkpoint and continue.
 """
+import contextlib
+import io
 import math
 import os
+import pickletools
+import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -17,6 +22,9 @@ from tests.distributed.scenarios import GLOBAL_BATCH, VOCAB, fixed_batches, full
 from tests.distributed.scenarios_moe import MOE
 
 STEPS, SAVED_AT = 20, 10
+# The tiny model's fragments are a few KB, so its checksum blocks are small: a load reads less than a
+# block more than it needs at each end of a range, and the read-count tests allow 5% over.
+CHECKSUM_BLOCK_BYTES = 1024
 
 
 class ResumableBatches:
@@ -61,7 +69,7 @@ def layout(tp: int, dp: int, zero: int) -> tuple[str, ...]:
 
 def train_run(name: str, *overrides: str) -> list[dict]:
     cfg = tiny_config(f"train.steps={STEPS}", f"checkpoint.interval={SAVED_AT}", f"logging.run_dir={run_dir(name)}",
-                      *overrides)
+                      f"checkpoint.checksum_block_bytes={CHECKSUM_BLOCK_BYTES}", *overrides)
     return train_records(cfg, batches=lambda topo: ResumableBatches(cfg, topo))
 
 
@@ -254,22 +262,35 @@ def reshard_ep2_to_ep1():
 def shard_tensor_bytes(source: str) -> list[int]:
     """The bytes of the fp32 fragments (masters and moments) in each shard file of `source`'s step-10
     checkpoint, by the rank that wrote it."""
-    from parallel.checkpoint import fragment_bytes, load_shards
+    from parallel.checkpoint import fragment_bytes, load_shards, read_manifest
 
-    return [fragment_bytes(shard) for shard in load_shards(saved_path(source))]
+    path = saved_path(source)
+    return [fragment_bytes(shard) for shard in load_shards(path, read_manifest(path)).values()]
 
 
 def tensor_bytes_read(source: str, *layout_overrides: str) -> dict:
-    """Reload `source`'s step-10 checkpoint at this layout. `read`: per rank, the bytes of saved fragments
-    the load copied out, as resume counts them; `keeps`: per rank, the fp32 bytes (master and two moments)
-    of a DP share of its TP rank's tensors, that is what it holds after the load; `saved`: per saving
-    rank, its shard's fragment bytes."""
+    """Reload `source`'s step-10 checkpoint at this layout. `read`: per rank, the bytes of the shard files its
+    resume read, to load or to verify: the fragment bytes resume counts (Resumed.tensor_bytes_read), plus any
+    shard file read whole for its checksum (storage.file_crc is the one whole-file checksum reader); `keeps`:
+    per rank, the fp32 bytes (master and two moments) of a DP share of its TP rank's tensors, that is what it
+    holds after the load; `saved`: per saving rank, its shard's fragment bytes."""
+    from parallel.checkpoint import storage
     from parallel.zero3 import full_shape as tp_local_shape
 
-    engine, topo, resumed = reload(source, *layout_overrides)
+    checksummed, file_crc = [], storage.file_crc
+
+    def counted(path):
+        if Path(path).name.startswith("shard-"):
+            checksummed.append(Path(path).stat().st_size)
+        return file_crc(path)
+    storage.file_crc = counted
+    try:
+        engine, topo, resumed = reload(source, *layout_overrides)
+    finally:
+        storage.file_crc = file_crc
     tp_numel = sum(tp_local_shape(param).numel() for param in engine.module.parameters())
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (resumed.tensor_bytes_read, 3 * 4 * tp_numel / topo.dp))
+    dist.all_gather_object(everyone, (resumed.tensor_bytes_read + sum(checksummed), 3 * 4 * tp_numel / topo.dp))
     return {"read": [read for read, _ in everyone], "keeps": [keeps for _, keeps in everyone],
             "saved": shard_tensor_bytes(source)}
 
@@ -331,15 +352,16 @@ def tensor_reads_at_dp4():
 @scenario(world_size=4)
 def verification_at_the_saved_layout():
     """A DP=4 run saves at step 10 and resumes there at its own layout: the checkpoint's files, and per rank
-    the files its resume checked against the manifest (storage.verify is the one checker)."""
+    the files its resume checked against the manifest, whole and by size only (storage.verify is the one
+    checker)."""
     from parallel.checkpoint import storage
 
     train_run("dp4-zero1", "checkpoint.resume=none", *layout(1, 4, 1))
-    checked, verify = [], storage.verify
+    checked, verify = {"whole": [], "size": []}, storage.verify
 
-    def recorded(path, files=None):
-        checked.extend(files or [])
-        return verify(path, files)
+    def recorded(path, files=None, manifest=None, whole=True):
+        checked["whole" if whole else "size"].extend(files or [])
+        return verify(path, files, manifest, whole)
     storage.verify = recorded
     try:
         reload("dp4-zero1", *layout(1, 4, 1))
@@ -348,6 +370,89 @@ def verification_at_the_saved_layout():
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, checked)
     return {"files": sorted(storage.read_manifest(saved_path("dp4-zero1"))["files"]), "checked": everyone}
+
+
+def file_offset(shard: Path, record: zipfile.ZipInfo) -> int:
+    """Where the bytes of `record` of a torch.save file (a zip of stored records) start in the file."""
+    with open(shard, "rb") as f:
+        f.seek(record.header_offset)
+        header = f.read(30)
+    return record.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+
+
+def flip_bit(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def flip_a_fragment_bit(shard: Path) -> None:
+    """Flip a bit in the middle of the shard's largest tensor: a fragment, in the middle of its values."""
+    with zipfile.ZipFile(shard) as archive:
+        record = max((r for r in archive.infolist() if "/data/" in r.filename), key=lambda r: r.file_size)
+    flip_bit(shard, file_offset(shard, record) + record.file_size // 2)
+
+
+def flip_an_offset_in_the_index(shard: Path) -> None:
+    """Flip the low bit of the first piece's `start` in the shard's pickled index: the file still loads, and
+    only the index's checksum tells that the offset changed."""
+    with zipfile.ZipFile(shard) as archive:
+        record = next(r for r in archive.infolist() if r.filename.endswith("/data.pkl"))
+    offset = file_offset(shard, record)  # read it raw: a save skips the zip's own crc32 (storage.save_file)
+    ops = list(pickletools.genops(shard.read_bytes()[offset:offset + record.file_size]))
+    key = next(i for i, (_, arg, _) in enumerate(ops) if arg == "start")
+    _, _, position = next(op for op in ops[key + 1:] if not op[0].name.endswith(("PUT", "MEMOIZE")))
+    flip_bit(shard, offset + position + 1)  # the first byte of the number's argument
+
+
+def resume_damaged(run: str, damage, resume: str, *layout_overrides: str, steps=(SAVED_AT, STEPS)) -> dict:
+    """Copy the DP=2 ZeRO-1 run's checkpoints of `steps`, let `damage` alter step 20's, and resume at this layout
+    with checkpoint.resume=`resume` ("auto", or "step-20" for that path). Per rank: the step it resumed at or the
+    error it raised, and the lines it printed; with the full tensors the engine then holds."""
+    from parallel.checkpoint import CheckpointError
+    from parallel.topology import init_topology
+
+    init_topology(tp=1)  # joins the world, if this launch has not yet
+    root = run_dir(run) / "checkpoints"
+    if dist.get_rank() == 0:
+        shutil.rmtree(root, ignore_errors=True)
+        for step in steps:
+            shutil.copytree(saved_path("dp2-zero1", step), root / f"step-{step:08d}")
+        damage(root / f"step-{STEPS:08d}")
+    dist.barrier()
+    printed, tensors = io.StringIO(), None
+    chosen = root / f"step-{STEPS:08d}" if resume == "step-20" else resume
+    try:
+        with contextlib.redirect_stdout(printed):
+            engine, topo, resumed = reload("dp2-zero1", f"checkpoint.dir={root}", f"checkpoint.resume={chosen}",
+                                           *layout_overrides)
+        outcome = resumed.step
+        tensors = {name: {key: full_tensor(engine, topo, param, key) for key in ("param", "exp_avg", "exp_avg_sq")}
+                   for name, param in engine.module.named_parameters()}
+    except CheckpointError as e:
+        outcome = str(e)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (outcome, printed.getvalue().splitlines()))
+    return {"outcomes": [outcome for outcome, _ in everyone], "printed": [lines for _, lines in everyone],
+            "tensors": tensors, "root": str(root)}
+
+
+@scenario(world_size=4, reads_from=2)
+def damaged_checkpoints_at_another_layout():
+    """Step 20 of the DP=2 ZeRO-1 run, damaged where only a rank reading the damaged bytes can see it, resumed
+    at DP=4 and at TP=2 DP=2: a bit of a fragment's values (every rank auto-resuming falls back to step 10; a
+    path is refused), a bit of an offset in a shard's index, and a damaged step 20 with no step 10 behind it
+    (auto stops: the engine holds part of step 20)."""
+    def shard_1_values(step: Path):
+        flip_a_fragment_bit(step / "shard-00001.pt")
+
+    def shard_0_index(step: Path):
+        flip_an_offset_in_the_index(step / "shard-00000.pt")
+    return {"values_auto": resume_damaged("damaged-values", shard_1_values, "auto", *layout(1, 4, 1)),
+            "values_path_tp2": resume_damaged("damaged-values", shard_1_values, "step-20", *layout(2, 2, 1)),
+            "index_path": resume_damaged("damaged-index", shard_0_index, "step-20", *layout(1, 4, 1)),
+            "values_auto_alone": resume_damaged("damaged-alone", shard_1_values, "auto", *layout(1, 4, 1),
+                                                steps=(STEPS,))}
 
 
 def read_full_tensors(path: Path) -> dict:
