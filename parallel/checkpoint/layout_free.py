@@ -263,7 +263,7 @@ def _copy_band(dst: torch.Tensor, dst_band: _Band, src: torch.Tensor, src_band: 
             src_band.start(last_row + last_count - 1) + last_end)
 
 
-def restore(engine, topo, num_experts: int, saved, adam_step: int) -> None:
+def restore(engine, topo, num_experts: int, saved: SavedTensors, adam_step: int) -> None:
     """Fill the engine's fp32 masters, Adam moments and weights at this layout from `saved`."""
     ds.prepare_adam_state(engine, adam_step)
     for name, param in engine.module.named_parameters():
