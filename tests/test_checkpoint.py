@@ -4,14 +4,18 @@ for the model, its optimizer and the data pipeline.
 The runs are real ranks on gloo under the real DeepSpeed engine (tests/distributed/scenarios_checkpoint.py);
 the checkpoints are real files, read back here without any of the code that wrote them.
 """
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-
-from pathlib import Path
 
 from data_pipeline import EOD
 from tests.data.corpora import doc_length, token_counts
 from tests.distributed.scenarios_checkpoint import ID_DOCS_PER_SHARD, ID_SHARDS, SAVED_AT, STEPS, read_full_tensors
+
+REPO = Path(__file__).resolve().parents[1]
 
 LOSS_CURVE_TOL = 1e-4
 
@@ -292,3 +296,25 @@ def test_a_deepspeed_other_than_the_tested_one_is_refused_in_one_line(monkeypatc
     with pytest.raises(CheckpointError, match=r"DeepSpeed 0\.20\.0 is installed; pip install deepspeed==") as refused:
         check_deepspeed_version()
     assert "\n" not in str(refused.value)
+
+
+def test_a_prune_begun_by_the_background_save_finishes_before_the_rank_exits(tmp_path):
+    """The save thread is a daemon (a rank that fails mid-save must not wait on gone peers), and a thread
+    inherits that flag: the deletion it started died with the process, and its half-deleted
+    `.step-*.pruned.tmp` stayed beside the checkpoints (seen once in the suite)."""
+    root = tmp_path / "checkpoints"
+    for step in (10, 20):
+        for i in range(3000):  # enough files that deleting them outlasts the process's exit
+            (root / f"step-{step:08d}" / f"file-{i // 100}" / f"{i}").parent.mkdir(parents=True, exist_ok=True)
+            (root / f"step-{step:08d}" / f"file-{i // 100}" / f"{i}").write_bytes(b"x")
+    probe = f"""
+import threading
+from pathlib import Path
+from parallel.checkpoint import storage
+saver = threading.Thread(target=storage.prune, args=(Path({str(root)!r}), 1), daemon=True)
+saver.start()
+saver.join()
+"""
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000020"]

@@ -172,7 +172,8 @@ def prune(root: Path, keep: int) -> None:
     for old in checkpoint_steps(root)[keep:]:
         doomed = root / f".{step_dir_name(old)}.pruned.tmp"
         if os_error(lambda: os.rename(root / step_dir_name(old), doomed)) is None:
-            threading.Thread(target=shutil.rmtree, args=(doomed, True)).start()
+            # not a daemon, though the save thread that prunes is one (a thread inherits the flag)
+            threading.Thread(target=shutil.rmtree, args=(doomed, True), daemon=False).start()
 
 
 def file_crc(path: Path) -> int:
