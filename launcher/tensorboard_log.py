@@ -33,9 +33,8 @@ import torch
 from launcher.config import RunConfig
 from launcher.plan.hardware import GPUS, GiB, TERA
 from launcher.plan.throughput import forward_flops_per_sequence
+from parallel.engine import PARAMS_DTYPE
 from parallel.topology import Topology
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TensorBoardLog:
@@ -125,7 +124,7 @@ def peak_flops_per_device(cfg: RunConfig, device: torch.device) -> tuple[Optiona
             if key.split("-")[0].upper() in name.upper() and precision in gpu.peak_tflops:
                 return gpu.peak_tflops[precision] * TERA, f"{gpu.name} {precision} dense peak"
         return None, f"no peak known for {name} at {precision}, so no MFU; set logging.peak_tflops"
-    return measure_cpu_flops(DTYPES[precision]), f"CPU matmul probe, {precision}, {torch.get_num_threads()} thread(s)"
+    return measure_cpu_flops(PARAMS_DTYPE[precision]), f"CPU matmul probe, {precision}, {torch.get_num_threads()} thread(s)"
 
 
 def measure_cpu_flops(dtype: torch.dtype, n: int = 512, seconds: float = 0.25) -> float:
