@@ -103,13 +103,18 @@ def held_pieces(engine, topo, num_experts: int) -> dict:
     return pieces
 
 
+def require_format(path: Path, version) -> None:
+    """Refuse, in one line, checkpoint `path` if its client.pt or manifest says another format `version`."""
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} is in another Parallax format (version {version}, "
+                              f"this code reads {FORMAT_VERSION}); start afresh with --resume none")
+
+
 def load_shards(path: Path, manifest: dict, names: Optional[list[str]] = None) -> dict[str, dict]:
     """The shard files `names` (default: every one) of checkpoint `path`, memory-mapped, by file name: a rank
     copies out only the fragments it reads. Each one's index (names, offsets, block checksums, generators)
     must match its checksum in the `manifest`, since the fragments' checks rest on it."""
-    if manifest.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} is in another Parallax format (version {manifest.get('version')}, "
-                              f"this code reads {FORMAT_VERSION}); start afresh with --resume none")
+    require_format(path, manifest.get("version"))
     shards = {}
     for name in names or sorted(name for name in manifest["files"] if name.startswith("shard-")):
         try:
@@ -191,7 +196,7 @@ class SavedTensors:
         rows, inner = math.prod(shape[:partition_dim]), math.prod(shape[partition_dim + 1:])
         width, saved_width = shape[partition_dim], saved_shape[partition_dim]
         lo, hi = wanted or (0, math.prod(shape))
-        kept = torch.zeros(max(hi - lo, 0), dtype=torch.float32)
+        kept = torch.empty(max(hi - lo, 0), dtype=torch.float32)  # every element is copied in, or this raises
         covered = 0
         for file, piece in pieces:
             # the columns of the full tensor along partition_dim that both this TP rank and the saved one hold

@@ -214,9 +214,7 @@ class Checkpointer:
         if problem:
             return None, problem, False
         client = storage.load_file(path / CLIENT)
-        if client.get("version") != fmt.FORMAT_VERSION:
-            raise CheckpointError(f"checkpoint {path} is in another Parallax format (version {client.get('version')}, "
-                                  f"this code reads {fmt.FORMAT_VERSION}); start afresh with --resume none")
+        fmt.require_format(path, client.get("version"))
         self._check_same_model(path, client["config"])
         try:
             shards, problem = fmt.load_shards(path, manifest, self._shards_to_open(manifest)), None
