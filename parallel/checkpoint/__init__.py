@@ -23,5 +23,4 @@ from parallel.checkpoint.storage import (CLIENT, LATEST, MANIFEST, CheckpointErr
 
 __all__ = ["CLIENT", "LATEST", "MANIFEST", "CheckpointError", "Checkpointer", "Resumed", "checkpoint_root",
            "checkpoint_steps", "consolidate", "find_checkpoint", "fragment_bytes", "load_full_state", "load_shards",
-           "read_manifest",
-           "read_tensors", "read_weights", "step_dir_name", "tp_slice", "verify"]
+           "read_manifest", "read_tensors", "read_weights", "step_dir_name", "tp_slice", "verify"]
