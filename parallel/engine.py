@@ -25,9 +25,11 @@ def deepspeed_config(cfg: RunConfig, topo: Topology) -> dict:
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * topo.dp,
+        # torch's AdamW with its fused kernel, one pass over masters, gradients and moments: DeepSpeed's default
+        # (foreach) took 13% of a GPT-2 XL step on an H200, and on the CPU the fused step is ~4x faster.
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "torch_adam": True},
+            "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "torch_adam": True, "fused": True},
         },
         "gradient_clipping": o.grad_clip,
         # ZeRO-3 makes its fp32 masters one sub-group at a time, each through a transient second copy:

@@ -40,10 +40,18 @@ def test_bf16_accumulates_and_reduces_gradients_in_fp32_at_zero_1_and_2(precisio
 def test_deepspeed_builds_fp32_gradients_for_bf16(scenario_results):
     import torch
 
-    built = scenario_results("bf16_gradient_dtypes")
-    assert built[1]["optimizer"] == "BF16_Optimizer"  # DeepSpeed's fp32-gradient path at ZeRO-1
+    built = scenario_results("engines_built")
+    assert built["bf16", 1]["optimizer"] == "BF16_Optimizer"  # DeepSpeed's fp32-gradient path at ZeRO-1
     for stage in (1, 2):
-        assert built[stage]["accumulate"] == torch.float32 and built[stage]["reduce"] == torch.float32, built
+        assert built["bf16", stage]["accumulate"] == torch.float32 and built["bf16", stage]["reduce"] == torch.float32, built
+
+
+def test_every_engine_steps_with_torchs_fused_adamw(scenario_results):
+    """DeepSpeed's default, torch's foreach AdamW, took 13% of a GPT-2 XL step on an H200 where a plain PyTorch
+    loop runs the fused kernel; fused, the step reads and writes masters and moments once."""
+    built = scenario_results("engines_built")
+    assert {layout: (b["adamw"], b["fused"]) for layout, b in built.items()} == {
+        layout: ("AdamW", True) for layout in built}, built
 
 
 def test_the_fp32_peak_is_ieee_fp32_not_tf32():

@@ -61,7 +61,7 @@ def _zero0_fp32(engine, param, key: str) -> torch.Tensor:
     opt, master = engine.optimizer, param
     for params, copies in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", [])):
         master = next((copy for p, copy in zip(params, copies) if p is param), master)
-    return (master.data if key == MASTER else _base_optimizer(engine).state[master][key]).flatten()
+    return (master.data if key == MASTER else base_optimizer(engine).state[master][key]).flatten()
 
 
 def kept_range(param) -> tuple[int, int]:
@@ -92,25 +92,28 @@ def write_local(engine, param, key: str, kept: torch.Tensor) -> None:
             param.data.copy_(kept.view_as(param))  # the bf16/fp16 weight the forward reads; in fp32 it is the master
 
 
-def _base_optimizer(engine) -> torch.optim.Optimizer:
+def base_optimizer(engine) -> torch.optim.Optimizer:
     """The torch AdamW underneath; ZeRO and the bf16 optimizer wrap it as `.optimizer`."""
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
 def adam_step(engine) -> int:
-    states = [s for s in _base_optimizer(engine).state.values() if "step" in s]
+    states = [s for s in base_optimizer(engine).state.values() if "step" in s]
     return int(states[0]["step"]) if states else 0
 
 
 def prepare_adam_state(engine, step: int) -> None:
     """Give a fresh optimizer the state torch's AdamW creates at its first step, so moments can be written into it."""
-    base = _base_optimizer(engine)
+    base = base_optimizer(engine)
     # ZeRO-3 hands its flat fp32 partitions to the torch optimizer only for the length of a step.
     stepped = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or [
         p for group in base.param_groups for p in group["params"]]
+    # Where torch's own first step puts it: a fused (or capturable) kernel reads `step` on the parameter's
+    # device, and a CUDA one refuses it on the CPU; the other kernels keep it on the CPU.
+    on_device = any(group.get("fused") or group.get("capturable") for group in base.param_groups)
     for p in stepped:
         state = base.state[p]
-        state["step"] = torch.tensor(float(step), dtype=torch.float32)
+        state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device if on_device else "cpu")
         for key in ADAM_MOMENTS:
             state.setdefault(key, torch.zeros_like(p, memory_format=torch.preserve_format))
     link_optimizer_state(engine)

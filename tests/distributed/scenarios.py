@@ -291,20 +291,26 @@ def dp2_zero1_bf16_training():
 
 
 @scenario(world_size=2)
-def bf16_gradient_dtypes():
-    """What DeepSpeed builds for bf16 at DP=2, ZeRO 1 and 2: its optimizer, and the dtypes in which it
-    accumulates and reduces gradients."""
+def engines_built():
+    """What DeepSpeed builds at DP=2 for fp32 at ZeRO-0 and for bf16 at every ZeRO stage: its optimizer, the
+    torch AdamW inside it and whether that runs the fused kernel, and the dtypes in which it accumulates and
+    reduces gradients."""
     from models.gpt import GPT
+    from parallel.checkpoint.deepspeed_adapter import base_optimizer
     from parallel.engine import build_engine
     from parallel.topology import init_topology
 
     built = {}
-    for stage in (1, 2):
-        cfg = tiny_config("train.precision=bf16", f"parallel.zero_stage={stage}", f"train.micro_batch_size={GLOBAL_BATCH // 2}")
+    for precision, stage in (("fp32", 0), ("bf16", 0), ("bf16", 1), ("bf16", 2), ("bf16", 3)):
+        cfg = tiny_config(f"train.precision={precision}", f"parallel.zero_stage={stage}",
+                          f"train.micro_batch_size={GLOBAL_BATCH // 2}")
         topo = init_topology(tp=1)
         engine = build_engine(GPT(cfg.model, VOCAB), cfg, topo)
-        built[stage] = {"optimizer": type(engine.optimizer).__name__, "accumulate": engine.get_data_types()[1],
-                        "reduce": engine.communication_data_type}
+        adamw = base_optimizer(engine)
+        built[precision, stage] = {
+            "optimizer": type(engine.optimizer).__name__, "adamw": type(adamw).__name__,
+            "fused": adamw.defaults["fused"], "accumulate": engine.get_data_types()[1],
+            "reduce": engine.communication_data_type}
     return built
 
 
