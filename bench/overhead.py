@@ -73,9 +73,9 @@ class BareGPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
 
 
-def adamw_like_parallax(model: nn.Module, cfg, fused: bool | None = None):
-    """AdamW, decay on matrices only, warmup+cosine: the optimizer and schedule Parallax's engine builds.
-    `fused` is torch's: one kernel for the whole step on a GPU (None lets torch choose)."""
+def adamw_like_parallax(model: nn.Module, cfg):
+    """AdamW (torch's fused kernel), decay on matrices only, warmup+cosine: the optimizer and schedule
+    Parallax's engine builds."""
     from parallel.engine import warmup_cosine
 
     o = cfg.optim
@@ -84,7 +84,7 @@ def adamw_like_parallax(model: nn.Module, cfg, fused: bool | None = None):
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, o, cfg.train.steps) / o.lr)
     return opt, schedule
 

@@ -407,7 +407,7 @@ def throughput_rows(device, topo, gpu: bool, micro_batch: int, steps: int) -> li
         return loss
 
     def plain(model, loss_fn):
-        opt, schedule = adamw_like_parallax(model, cfg, fused=True if gpu else None)
+        opt, schedule = adamw_like_parallax(model, cfg)
         return plain_step(model, opt, schedule, in_bf16(loss_fn), cfg.optim.grad_clip)
 
     def transformers():
