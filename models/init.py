@@ -88,6 +88,10 @@ def initialise(model: torch.nn.Module, seed: int) -> int:
 
 
 _CPU_FP32 = {"dtype": torch.float32, "device": "cpu"}  # where slices are drawn, whatever the default
+# A whole weight's slices are drawn into a host tile of about this many fp32 numbers (8 MiB), copied into the
+# parameter at once. A copy per slice (a row of 4256 numbers, or a strided column) made initialisation on a GPU
+# 1.3x slower than megatron's full matrices, and on the CPU the tile's one copy is 25% faster than those.
+DRAW_TILE_ELEMENTS = 2**21
 
 
 def _fill(held: torch.Tensor, start: int, slices: tuple[int, int, int], key, std: float,
@@ -96,32 +100,48 @@ def _fill(held: torch.Tensor, start: int, slices: tuple[int, int, int], key, std
     slices [:, i, :] are each drawn whole, contiguously, from generator `key(i)`; returns the
     elements drawn.
 
-    Slices are drawn on the CPU in fp32 (one buffer of one slice) and copied into the parameter's
-    device and dtype, so one seed is one model on a CPU and a GPU, and a bf16 parameter holds
-    exactly the rounded fp32 values. A rank that holds only part of the tensor (a ZeRO-3
-    partition) draws only the slices that part meets, into a tile of the part's rows."""
+    Slices are drawn on the CPU in fp32 and copied into the parameter's device and dtype, so one
+    seed is one model on a CPU and a GPU, and a bf16 parameter holds exactly the rounded fp32
+    values. A rank that holds the whole tensor draws a tile of slices at a time and copies each tile
+    once; one that holds only part of it (a ZeRO-3 partition) draws only the slices that part meets,
+    one at a time, into a tile of the part's rows."""
+    a_size, n_slices, b_size = slices
+    if held.numel() == 0:
+        return 0
+    if start == 0 and held.numel() == a_size * n_slices * b_size:
+        _fill_whole(held.view(a_size, n_slices, b_size), key, std, generator)
+        return held.numel()
+    return _fill_part(held, start, slices, key, std, generator)
+
+
+def _fill_whole(held: torch.Tensor, key, std: float, generator: torch.Generator) -> None:
+    a_size, n_slices, b_size = held.shape
+    per_tile = max(1, DRAW_TILE_ELEMENTS // (a_size * b_size))
+    tile = torch.empty(min(per_tile, n_slices), a_size, b_size, **_CPU_FP32)  # slice-major: each draw is contiguous
+    for first in range(0, n_slices, per_tile):
+        drawn = tile[:min(per_tile, n_slices - first)]
+        for i, slice_ in enumerate(drawn):
+            _draw(slice_, std, key(first + i), generator)
+        held[:, first:first + len(drawn)].copy_(drawn.transpose(0, 1))
+
+
+def _fill_part(held: torch.Tensor, start: int, slices: tuple[int, int, int], key, std: float,
+               generator: torch.Generator) -> int:
     a_size, n_slices, b_size = slices
     row = n_slices * b_size  # one index along A: every slice's part of it
     end = start + held.numel()
-    if end == start:
-        return 0
     first_row, last_row = start // row, (end - 1) // row
     if first_row == last_row:  # within one row: only the slices that row's part meets
         first, last = (start - first_row * row) // b_size, (end - 1 - first_row * row) // b_size
     else:
         first, last = 0, n_slices - 1
-    whole = start == 0 and end == a_size * row
-    if whole:
-        tile = held.view(a_size, n_slices, b_size)
-    else:
-        tile = torch.empty(last_row - first_row + 1, last - first + 1, b_size, **_CPU_FP32)
+    tile = torch.empty(last_row - first_row + 1, last - first + 1, b_size, **_CPU_FP32)
     buffer = torch.empty(a_size * b_size, **_CPU_FP32)
     for i in range(first, last + 1):
         _draw(buffer, std, key(i), generator)
         tile[:, i - first, :].copy_(buffer.view(a_size, b_size)[first_row:last_row + 1])
-    if not whole:
-        offset = start - (first_row * row + first * b_size)
-        held.copy_(tile.flatten()[offset:offset + held.numel()])
+    offset = start - (first_row * row + first * b_size)
+    held.copy_(tile.flatten()[offset:offset + held.numel()])
     return (last - first + 1) * buffer.numel()
 
 

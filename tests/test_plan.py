@@ -322,15 +322,16 @@ def test_search_shards_experts_only_over_ep_dividing_dp_and_the_experts():
 
 def test_startup_is_each_ranks_own_weights_as_built_and_their_draw_time():
     """A TP=4 rank of T-NLG builds and draws a quarter of the split weights, not the whole model, on
-    its GPU in bf16; the host holds only a slice being drawn. At ZeRO-3 it holds only its partition
-    and one layer."""
+    its GPU in bf16; the host holds only a tile of slices being drawn. At ZeRO-3 it holds only its
+    partition and one layer."""
     from launcher.plan.startup import CPU_NS_PER_ELEMENT, startup_per_rank
+    from models.init import DRAW_TILE_ELEMENTS
 
     cfg = load_config(TNLG, ["train.precision=bf16", "parallel.zero_stage=1"])
     whole, rank = (closed_form_count(cfg.model, 50257, tp) for tp in (1, 4))
     startup = startup_per_rank(cfg, rank, dp=8)
     assert startup.built_bytes == 2 * rank.per_rank < 2 * whole.per_rank / 3.9
-    assert startup.host_bytes == 4 * cfg.model.hidden_size
+    assert startup.host_bytes == (4 + 2) * DRAW_TILE_ELEMENTS  # fp32, and bf16 on its way to the GPU
     assert startup.init_seconds == pytest.approx(rank.per_rank * CPU_NS_PER_ELEMENT * 1e-9)
     zero3 = startup_per_rank(load_config(TNLG, ["train.precision=bf16", "parallel.zero_stage=3"]), rank, dp=8)
     assert zero3.built_bytes == 2 * (rank.per_rank / 8 + rank.per_layer_per_rank) < startup.built_bytes / 4

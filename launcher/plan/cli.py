@@ -97,7 +97,7 @@ def render(p: Plan) -> str:
         f"of {gpu.peak_tflops[precision]:g} TFLOP/s {precision} peak per {gpu.name}",
         f"start-up  weights built on the GPU in {precision}: {p.startup.built_bytes / GiB:.2f} GiB per rank"
         + (" (its ZeRO-3 partition and one layer)" if cfg.parallel.zero_stage == 3 else "")
-        + f"; host RAM per rank {p.startup.host_bytes / 2**20:.2f} MiB (the fp32 draw buffer)",
+        + f"; host RAM per rank {p.startup.host_bytes / 2**20:.2f} MiB (the draw tile)",
         f"          initialisation ~{p.startup.init_seconds:.0f} s per rank at {CPU_NS_PER_ELEMENT:g} ns per element "
         "on one CPU core (bench/startup.py)",
     ]
