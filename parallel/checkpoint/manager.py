@@ -85,6 +85,7 @@ class Checkpointer:
         self.root = checkpoint_root(cfg)
         self.num_experts = cfg.model.moe.num_experts if cfg.model.moe else 0
         self._pending: Optional[PendingSave] = None
+        self._staging: dict = {}  # the host copies of this rank's fragments, reused by every save
 
     def _say(self, line: str) -> None:
         if self.topo.is_logging_rank:
@@ -98,7 +99,7 @@ class Checkpointer:
         the returned save's `wait()` is their outcome. A save first waits for the one before it."""
         if self._pending is not None:
             self._pending.wait()
-        shard = {"pieces": fmt.held_pieces(self.engine, self.topo, self.num_experts), "rng": _rng_state()}
+        shard = {"pieces": fmt.held_pieces(self.engine, self.topo, self.num_experts, self._staging), "rng": _rng_state()}
         client = self._client_state(step, tokens)
         # TP peers share their DP rank's data state, so only TP rank 0 sends it
         data_state = copy.deepcopy(self.loader.state_dict()) if self.topo.tp_rank == 0 else None

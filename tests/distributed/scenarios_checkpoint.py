@@ -127,6 +127,42 @@ def full_tensor(engine, topo, param, key: str) -> torch.Tensor:
 # --- two ranks: exact resume at each layout, and the TP reshards ---------------------------------
 
 @scenario(world_size=2)
+def host_copies_of_two_saves():
+    """What two saves copy of this rank's fragments (DP=2, ZeRO-1), an optimizer step apart: whether the
+    second copies into the first's host memory, and whether it holds its own step's numbers (against
+    copies made afresh)."""
+    from models.gpt import GPT
+    from parallel.checkpoint.layout_free import held_pieces
+    from parallel.engine import build_engine
+    from parallel.topology import init_topology
+
+    cfg = tiny_config(*layout(tp=1, dp=2, zero=1))
+    topo = init_topology(tp=1)
+    engine = build_engine(GPT(cfg.model, VOCAB), cfg, topo)
+    batches = iter(fixed_batches(cfg)(topo))
+
+    def train_one_step():
+        tokens = next(batches)
+        engine.backward(engine(tokens[:, :-1], tokens[:, 1:]))
+        engine.step()
+
+    staging = {}
+    train_one_step()
+    first = held_pieces(engine, topo, 0, staging)
+    first_copies = {(name, key): (piece[key].data_ptr(), piece[key].clone())
+                    for name, piece in first.items() for key in ("param", "exp_avg", "exp_avg_sq")}
+    train_one_step()
+    second = held_pieces(engine, topo, 0, staging)
+    afresh = held_pieces(engine, topo, 0, {})
+    return {
+        "copies": len(first_copies),
+        "same_memory": sum(second[name][key].data_ptr() == ptr for (name, key), (ptr, _) in first_copies.items()),
+        "second_is_its_step": all(torch.equal(second[name][key], afresh[name][key]) for name, key in first_copies),
+        "steps_differ": sum(not torch.equal(second[name][key], value) for (name, key), (_, value) in first_copies.items()),
+    }
+
+
+@scenario(world_size=2)
 def exact_resume_dp2_zero0():
     return straight_and_resumed("dp2-zero0", *layout(1, 2, 0))
 
