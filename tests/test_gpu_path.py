@@ -43,7 +43,7 @@ def test_deepspeed_builds_fp32_gradients_for_bf16(scenario_results):
     built = scenario_results("engines_built")
     assert built["bf16", 1]["optimizer"] == "BF16_Optimizer"  # DeepSpeed's fp32-gradient path at ZeRO-1
     for stage in (1, 2):
-        assert built["bf16", stage]["accumulate"] == torch.float32 and built["bf16", stage]["reduce"] == torch.float32, built
+        assert (built["bf16", stage]["accumulate"], built["bf16", stage]["reduce"]) == (torch.float32,) * 2, built
 
 
 def test_every_engine_steps_with_torchs_fused_adamw(scenario_results):
