@@ -10,6 +10,7 @@ from launcher.cli import main
 from launcher.config import load_config
 from launcher.plan.count import built_count, checked_count, closed_form_count
 from launcher.plan.hardware import Cluster
+from launcher.plan.cli import render
 from launcher.plan.layout import advice, plan, search
 from launcher.plan.memory import activation_bytes
 from launcher.plan.throughput import dp_bytes_per_step, ep_bytes_per_step
@@ -145,6 +146,23 @@ def test_model_states_match_a_real_engine_within_15_percent(scenario_results):
         cfg = load_config(None, [*MODEL, "model.max_seq_len=32", "data.seq_len=32", *overrides])
         planned = closed_form_plan(cfg, Cluster.of(1, 1, "a100")).memory.model_states
         assert measured[name] == pytest.approx(planned, rel=0.15), (name, measured[name], planned)
+
+
+def test_checkpoint_host_ram_is_what_a_real_save_copies(scenario_results):
+    """A rank's saves keep host buffers of its fp32 masters and moments (DP=2, ZeRO-1: half of them), measured
+    by copying a real engine's fragments; and T-NLG at tp=4 dp=2 on one node keeps its optimizer's share of
+    GPU memory again in host RAM, 8 ranks' worth of it per node."""
+    from tests.distributed.scenarios import tiny_config
+    from tests.distributed.scenarios_checkpoint import layout
+
+    copied = scenario_results("host_copies_of_two_saves")["bytes"]
+    planned = closed_form_plan(tiny_config(*layout(tp=1, dp=2, zero=1)), Cluster.of(1, 2, "a100"))
+    assert copied == pytest.approx(planned.checkpoint_host_bytes, rel=0.01)
+    tnlg = closed_form_plan(load_config(TNLG, ["train.precision=bf16", "parallel.zero_stage=1"]),
+                            Cluster.of(1, 8, "h100"), vocab_size=50257)
+    assert tnlg.checkpoint_host_bytes == pytest.approx(tnlg.memory.optimizer) == 12 * tnlg.count.per_rank / tnlg.dp
+    out = render(tnlg)
+    assert f"{tnlg.checkpoint_host_bytes * 8 / 2**30:.2f} GiB per node" in out
 
 
 @pytest.mark.parametrize("name,cluster", [("gpt3-175b", Cluster.of(128, 8, "a100")),

@@ -100,6 +100,8 @@ def render(p: Plan) -> str:
         + f"; host RAM per rank {p.startup.host_bytes / 2**20:.2f} MiB (the draw tile)",
         f"          initialisation ~{p.startup.init_seconds:.0f} s per rank at {CPU_NS_PER_ELEMENT:g} ns per element "
         "on one CPU core (bench/startup.py)",
+        f"checkpoint each save copies {p.checkpoint_host_bytes / GiB:.2f} GiB per rank (fp32 masters, Adam m, v) into "
+        f"host RAM kept between saves: {p.checkpoint_host_bytes * p.cluster.gpus_per_node / GiB:.2f} GiB per node",
     ]
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ from typing import Iterator
 from pydantic import ValidationError
 
 from launcher.config import ConfigError, RunConfig
+from launcher.plan.checkpoint import checkpoint_host_bytes
 from launcher.plan.count import ParameterCount, checked_count, closed_form_count
 from launcher.plan.hardware import Cluster
 from launcher.plan.memory import Memory, memory_per_gpu
@@ -31,6 +32,7 @@ class Plan:
     memory: Memory
     step: Step
     startup: Startup
+    checkpoint_host_bytes: float  # per rank, kept between saves
 
     @property
     def fits(self) -> bool:
@@ -71,6 +73,7 @@ def plan(cfg: RunConfig, cluster: Cluster, *, count: ParameterCount | None = Non
         memory=memory_per_gpu(cfg, count, dp, vocab_size),
         step=step_estimate(cfg, cluster, count, dp, vocab_size, efficiency),
         startup=startup_per_rank(cfg, count, dp),
+        checkpoint_host_bytes=checkpoint_host_bytes(cfg, count, dp),
     )
 
 

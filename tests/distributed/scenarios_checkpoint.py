@@ -128,9 +128,9 @@ def full_tensor(engine, topo, param, key: str) -> torch.Tensor:
 
 @scenario(world_size=2)
 def host_copies_of_two_saves():
-    """What two saves copy of this rank's fragments (DP=2, ZeRO-1), an optimizer step apart: whether the
-    second copies into the first's host memory, and whether it holds its own step's numbers (against
-    copies made afresh)."""
+    """What two saves copy of this rank's fragments (DP=2, ZeRO-1), an optimizer step apart: how many
+    bytes, whether the second copies into the first's host memory, and whether it holds its own step's
+    numbers (against copies made afresh)."""
     from models.gpt import GPT
     from parallel.checkpoint.layout_free import held_pieces
     from parallel.engine import build_engine
@@ -155,6 +155,7 @@ def host_copies_of_two_saves():
     second = held_pieces(engine, topo, 0, staging)
     afresh = held_pieces(engine, topo, 0, {})
     return {
+        "bytes": sum(piece[key].nbytes for name, piece in second.items() for key in ("param", "exp_avg", "exp_avg_sq")),
         "copies": len(first_copies),
         "same_memory": sum(second[name][key].data_ptr() == ptr for (name, key), (ptr, _) in first_copies.items()),
         "second_is_its_step": all(torch.equal(second[name][key], afresh[name][key]) for name, key in first_copies),
