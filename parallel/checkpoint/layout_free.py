@@ -290,20 +290,18 @@ def restore(engine, topo, num_experts: int, saved: SavedTensors, adam_step: int)
     ds.refresh_model_weights(engine)
 
 
-def read_tensors(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """Every parameter of checkpoint `path` as full tensors: {name: {"param", "exp_avg", "exp_avg_sq"}}."""
+def read_tensors(path: Path, keys: tuple[str, ...] = KEYS) -> dict[str, dict[str, torch.Tensor]]:
+    """Every parameter of checkpoint `path` as full tensors: {name: {"param", "exp_avg", "exp_avg_sq"}}, or
+    only the `keys` asked for, whose fragments alone are read."""
     saved = SavedTensors(path, load_shards(path, read_manifest(path)))
-    tensors = {name: {key: saved.full(name, key) for key in KEYS} for name in saved.names()}
+    tensors = {name: {key: saved.full(name, key) for key in keys} for name in saved.names()}
     saved.require_intact()
     return tensors
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """The full fp32 model state dict of checkpoint `path` (no optimizer state), at any saved layout."""
-    saved = SavedTensors(path, load_shards(path, read_manifest(path)))
-    weights = {name: saved.full(name, MASTER) for name in saved.names()}
-    saved.require_intact()
-    return weights
+    return {name: tensors[MASTER] for name, tensors in read_tensors(path, keys=(MASTER,)).items()}
 
 
 def load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor], topo) -> None:
