@@ -211,14 +211,14 @@ class Checkpointer:
         as it loads them; their verdict comes once every rank has loaded its part (the ranks are in the load's
         collectives together), and the engine then holds part of a damaged checkpoint: a full load of another
         overwrites all of it."""
-        manifest, problem = self._verify_together(path)
+        manifest, to_open, problem = self._verify_together(path)
         if problem:
             return None, problem, False
         client = storage.load_file(path / CLIENT)
         fmt.require_format(path, client.get("version"))
         self._check_same_model(path, client["config"])
         try:
-            shards, problem = fmt.load_shards(path, manifest, self._shards_to_open(manifest)), None
+            shards, problem = fmt.load_shards(path, manifest, to_open), None
         except CheckpointError as e:
             shards, problem = None, str(e)
         problem = self._agree(problem)
@@ -252,17 +252,18 @@ class Checkpointer:
         dist.all_gather_object(problems, problem, group=self.topo.control_group)
         return next((p for p in problems if p), None)
 
-    def _verify_together(self, path: Path) -> tuple[Optional[dict], Optional[str]]:
-        """The manifest, read once, and what is wrong with the files, agreed by every rank: each rank checks
-        its share of the small files whole, and the shards it opens by their size (it checks their blocks as
-        it loads them), so no rank reads a byte of a shard it does not load."""
+    def _verify_together(self, path: Path) -> tuple[Optional[dict], list[str], Optional[str]]:
+        """The manifest, read once, the shards this rank opens, and what is wrong with the files, agreed by
+        every rank: each rank checks its share of the small files whole, and the shards it opens by their size
+        (it checks their blocks as it loads them), so no rank reads a byte of a shard it does not load."""
         try:
             manifest = storage.read_manifest(path)
+            to_open = self._shards_to_open(manifest)
             problem = (storage.verify(path, self._files_to_verify(manifest), manifest)
-                       or storage.verify(path, self._shards_to_open(manifest), manifest, whole=False))
+                       or storage.verify(path, to_open, manifest, whole=False))
         except (OSError, ValueError, KeyError, TypeError):
-            manifest, problem = None, f"{path / MANIFEST} is missing or unreadable"
-        return manifest, self._agree(problem)
+            manifest, to_open, problem = None, [], f"{path / MANIFEST} is missing or unreadable"
+        return manifest, to_open, self._agree(problem)
 
     def _files_to_verify(self, manifest: dict) -> list[str]:
         """This rank's share of the checkpoint's files other than shards: each is checked whole by one rank. At
