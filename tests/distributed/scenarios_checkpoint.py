@@ -132,6 +132,7 @@ def host_copies_of_two_saves():
     bytes, whether the second copies into the first's host memory, and whether it holds its own step's
     numbers (against copies made afresh)."""
     from models.gpt import GPT
+    from parallel.checkpoint import fragment_bytes
     from parallel.checkpoint.layout_free import held_pieces
     from parallel.engine import build_engine
     from parallel.topology import init_topology
@@ -155,7 +156,7 @@ def host_copies_of_two_saves():
     second = held_pieces(engine, topo, 0, staging)
     afresh = held_pieces(engine, topo, 0, {})
     return {
-        "bytes": sum(piece[key].nbytes for name, piece in second.items() for key in ("param", "exp_avg", "exp_avg_sq")),
+        "bytes": fragment_bytes({"pieces": second}),
         "copies": len(first_copies),
         "same_memory": sum(second[name][key].data_ptr() == ptr for (name, key), (ptr, _) in first_copies.items()),
         "second_is_its_step": all(torch.equal(second[name][key], afresh[name][key]) for name, key in first_copies),
