@@ -2,9 +2,9 @@
 
 A save is written to `.step-00000020.tmp/`; every file is fsynced and listed with its size and
 crc32 in `manifest.json` (a shard also with its index's checksum, checksums.py), written last once
-every rank reported success; then the directory is
-renamed into place and only then is `latest` rewritten. A crash at any moment leaves the previous
-checkpoint complete, and a reader uses only a directory whose files match its manifest.
+every rank reported success; then the directory is renamed into place and only then is `latest`
+rewritten. A crash at any moment leaves the previous checkpoint complete, and a reader uses only a
+directory whose files match its manifest.
 """
 from __future__ import annotations
 
