@@ -75,8 +75,9 @@ def building_model(cfg: RunConfig, topo: Topology) -> Iterator[None]:
 
                 check_deepspeed_version()
 
+                # mpu: DeepSpeed checks the config's batch size against the DP size it gives, else the world size
                 stack.enter_context(deepspeed.zero.Init(
-                    data_parallel_group=topo.dp_group, config_dict_or_path=deepspeed_config(cfg, topo),
+                    data_parallel_group=topo.dp_group, config_dict_or_path=deepspeed_config(cfg, topo), mpu=topo.mpu,
                     mem_efficient_linear=False, tensor_overrides=[]))
             yield
     finally:

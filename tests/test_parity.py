@@ -54,6 +54,7 @@ def test_llama_style_zero3_loss_curve_matches_one_process(scenario_results):
     "dp2_zero3_training",
     "dp2_zero1_grad_accum_training",
     "tp2_dp2_zero2_training",
+    "tp2_dp2_zero3_training",
 ])
 def test_five_step_loss_curve_matches_one_process(scenario_results, layout):
     reference = scenario_results("reference_training")

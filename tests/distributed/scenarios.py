@@ -319,3 +319,8 @@ def engines_built():
 @scenario(world_size=4)
 def tp2_dp2_zero2_training():
     return run_training("parallel.tp=2", f"train.micro_batch_size={GLOBAL_BATCH // 2}", "parallel.zero_stage=2")
+
+
+@scenario(world_size=4)
+def tp2_dp2_zero3_training():
+    return run_training("parallel.tp=2", f"train.micro_batch_size={GLOBAL_BATCH // 2}", "parallel.zero_stage=3")
