@@ -22,7 +22,8 @@ LOSS_CURVE_TOL = 1e-4
 
 @pytest.mark.parametrize("name", [
     "exact_resume_dp2_zero0", "exact_resume_dp2_zero1", "exact_resume_dp2_zero2", "exact_resume_dp2_zero3",
-    "exact_resume_dp2_zero0_bf16", "exact_resume_dp2_zero1_bf16", "exact_resume_tp2", "exact_resume_ep2",
+    "exact_resume_dp2_zero0_bf16", "exact_resume_dp2_zero1_bf16", "exact_resume_tp2", "exact_resume_tp2_zero3",
+    "exact_resume_ep2",
 ])
 def test_resumed_losses_are_bitwise_equal(scenario_results, name):
     runs = scenario_results(name)
@@ -36,6 +37,7 @@ def test_resumed_losses_are_bitwise_equal(scenario_results, name):
 
 @pytest.mark.parametrize("name,uninterrupted", [
     ("reshard_tp2_to_tp1", "exact_resume_tp2"),
+    ("reshard_tp2_zero3_to_dp2_zero1", "exact_resume_tp2_zero3"),
     ("reshard_tp1_to_tp2", "exact_resume_dp2_zero1"),
     ("reshard_ep2_to_ep1", "exact_resume_ep2"),
     ("reshard_dp2_to_dp1_zero1", "exact_resume_dp2_zero1"),

@@ -202,6 +202,12 @@ def exact_resume_tp2():
 
 
 @scenario(world_size=2)
+def exact_resume_tp2_zero3():
+    """ZeRO-3 over TP shards (MT-NLG's layout): each DP rank partitions its TP-local tensors."""
+    return straight_and_resumed("tp2-zero3", *layout(2, 1, 3))
+
+
+@scenario(world_size=2)
 def exact_resume_ep2():
     return straight_and_resumed("ep2-zero1", MOE, "parallel.ep=2", *layout(1, 2, 1))
 
@@ -284,6 +290,11 @@ def reshard(source: str, *layout_overrides: str) -> dict:
 @scenario(world_size=2)
 def reshard_tp2_to_tp1():
     return reshard("tp2-zero1", *layout(1, 2, 1))
+
+
+@scenario(world_size=2)
+def reshard_tp2_zero3_to_dp2_zero1():
+    return reshard("tp2-zero3", *layout(1, 2, 1))
 
 
 @scenario(world_size=2)
