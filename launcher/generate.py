@@ -57,7 +57,7 @@ def load(path: Path, step: Optional[int]) -> tuple[PreTrainedModel, PreTrainedTo
     import torch
     import transformers
 
-    from parallel.checkpoint import MANIFEST, CheckpointError, checkpoint_steps
+    from parallel.checkpoint import MANIFEST, CheckpointError, checkpoints_newest_first
 
     # stderr is for errors, stdout for the text alone: no progress bars, and none of transformers' warnings,
     # such as that a T5.1.1's own output matrix is left untied, which is right (models/huggingface/t5.py)
@@ -67,7 +67,7 @@ def load(path: Path, step: Optional[int]) -> tuple[PreTrainedModel, PreTrainedTo
         raise CheckpointError(f"{path}: no such file or directory")
     if (path / "config.json").is_file():
         model, tokenizer = _load_hf_directory(path, step)
-    elif (path / MANIFEST).is_file() or (path / "checkpoints").is_dir() or checkpoint_steps(path):
+    elif (path / MANIFEST).is_file() or (path / "checkpoints").is_dir() or checkpoints_newest_first(path):
         model, tokenizer = _load_checkpoint(path, step)
     else:
         raise CheckpointError(f"{path}: neither a Parallax run or checkpoint (no checkpoints/, step-*/ or "

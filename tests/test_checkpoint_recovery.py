@@ -162,6 +162,38 @@ def test_resume_auto_refuses_a_damaged_checkpoint_and_uses_the_previous_one(refe
     assert verify(checkpoints(run_dir) / "step-00000030") is None, "the damaged checkpoint is replaced by a good one"
 
 
+def test_a_run_started_afresh_below_an_earlier_runs_steps_keeps_and_resumes_its_own_checkpoints(reference, tmp_path):
+    """checkpoint.keep counts saves, newest saved first, not step numbers: a run started afresh (--resume none,
+    or past checkpoints it found damaged) where an earlier run saved steps 20-30 saved its own step 5 and 10,
+    and a save that pruned by step number deleted them as soon as they were written; auto then resumed step 30."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    root = checkpoints(run_dir)
+    proc = parallax_train(run_dir, "checkpoint.resume=none", "train.steps=10")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000005", "step-00000010", "step-00000030"]
+    assert (root / "latest").read_text() == "step-00000010"
+    proc = parallax_train(run_dir, "train.steps=15")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {root / 'step-00000010'} at step 10" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_a_save_whose_latest_cannot_be_rewritten_is_saved_and_says_so(reference, tmp_path):
+    """Renaming the checkpoint into place commits it; `latest` is only a pointer for people and tools. A save
+    that failed to rewrite it was reported failed (exit 74) though its checkpoint was there and resumable."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    root = checkpoints(run_dir)
+    (root / ".latest.tmp").mkdir()  # where `latest` is written before its rename: now it cannot be
+    proc = parallax_train(run_dir, f"train.steps={STEPS + INTERVAL}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = root / f"step-{STEPS + INTERVAL:08d}"
+    assert verify(saved) is None
+    warnings = [line for line in proc.stdout.splitlines() if "still names the one before" in line]
+    assert len(warnings) == 1 and str(saved) in warnings[0], proc.stdout[-3000:]
+    assert (root / "latest").read_text() == f"step-{STEPS:08d}"
+
+
 def test_sigterm_and_sigusr1_save_and_exit_requeue_then_resume(reference, tmp_path):
     run_dir = tmp_path / "run"
     launcher = start_training(run_dir)

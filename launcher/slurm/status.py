@@ -49,16 +49,15 @@ def _jobs(run_dir: Path) -> list[str]:
 
 
 def _checkpoint(run_dir: Path, cfg: Optional[RunConfig]) -> str:
-    from parallel.checkpoint import LATEST
+    from parallel.checkpoint import checkpoints_newest_first
 
     # The default checkpoint directory is inside the run directory; its logging.run_dir may be
     # relative to wherever the run was launched, so find it from the RUN_DIR given here.
     root = Path(cfg.checkpoint.dir) if cfg and cfg.checkpoint.dir else run_dir / "checkpoints"
-    latest = root / LATEST
-    if not latest.exists():
+    committed = checkpoints_newest_first(root)
+    if not committed:
         return "checkpoint  none yet"
-    name = latest.read_text().strip()
-    return f"checkpoint  step {int(name.removeprefix('step-'))} ({root / name})"
+    return f"checkpoint  step {int(committed[0].name.removeprefix('step-'))} ({committed[0]})"
 
 
 def _progress(records: list[dict], cfg: Optional[RunConfig]) -> str:

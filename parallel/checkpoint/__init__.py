@@ -18,9 +18,9 @@ Callers import from here; the modules are the package's own business.
 from parallel.checkpoint.layout_free import (consolidate, fragment_bytes, load_full_state, load_shards, read_tensors,
                                              read_weights, tp_slice)
 from parallel.checkpoint.manager import Checkpointer, Resumed, checkpoint_root
-from parallel.checkpoint.storage import (CLIENT, LATEST, MANIFEST, CheckpointError, checkpoint_steps,
+from parallel.checkpoint.storage import (CLIENT, LATEST, MANIFEST, CheckpointError, checkpoints_newest_first,
                                          find_checkpoint, read_manifest, step_dir_name, verify)
 
 __all__ = ["CLIENT", "LATEST", "MANIFEST", "CheckpointError", "Checkpointer", "Resumed", "checkpoint_root",
-           "checkpoint_steps", "consolidate", "find_checkpoint", "fragment_bytes", "load_full_state", "load_shards",
+           "checkpoints_newest_first", "consolidate", "find_checkpoint", "fragment_bytes", "load_full_state", "load_shards",
            "read_manifest", "read_tensors", "read_weights", "step_dir_name", "tp_slice", "verify"]

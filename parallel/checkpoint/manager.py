@@ -144,8 +144,8 @@ class Checkpointer:
         if error is None:
             self._say(f"checkpoint saved: {final}")
             return None
-        previous = storage.checkpoint_steps(self.root)
-        kept = f"{self.root / step_dir_name(previous[0])} is intact" if previous else "there is no earlier checkpoint"
+        previous = storage.checkpoints_newest_first(self.root)
+        kept = f"{previous[0]} is intact" if previous else "there is no earlier checkpoint"
         return f"checkpoint of step {step} failed ({error}); {kept}"
 
     def _client_state(self, step: int, tokens: int) -> dict:
@@ -173,27 +173,31 @@ class Checkpointer:
         error = storage.os_error(lambda: storage.commit(tmp, final, manifest))
         if error:
             return f"rank 0: {error}"
+        error = storage.os_error(lambda: storage.point_latest(final))
+        if error:  # the checkpoint is committed all the same: a resume finds it by its manifest
+            self._say(f"warning: {final} is saved, but {self.root / LATEST} still names the one before ({error})")
         storage.prune(self.root, self.cfg.checkpoint.keep)
         return None
 
     # --- resume ---
 
     def resume(self) -> Resumed:
-        """Load the checkpoint checkpoint.resume names (auto: the newest complete one) and say where to continue."""
+        """Load the checkpoint checkpoint.resume names (auto: the most recently saved complete one) and say where
+        to continue."""
         choice = self.cfg.checkpoint.resume
         if choice == "none":
             return Resumed()
         if choice != "auto":
             path = Path(choice)
-            if not (path / MANIFEST).exists() and (path / LATEST).is_file():  # a checkpoint root was named
-                path = path / (path / LATEST).read_text().strip()
+            committed = [] if (path / MANIFEST).exists() else storage.checkpoints_newest_first(path)
+            if committed:  # a checkpoint root was named
+                path = committed[0]
             resumed, problem, _ = self._load(path)
             if problem:
                 raise CheckpointError(f"cannot resume: {problem}; pass another checkpoint or --resume auto")
             return resumed
         partly_loaded = None  # a damaged checkpoint whose load wrote into the engine before the damage showed
-        for step in storage.checkpoint_steps(self.root):
-            path = self.root / step_dir_name(step)
+        for path in storage.checkpoints_newest_first(self.root):
             resumed, problem, wrote_engine = self._load(path)
             if problem is None:
                 return resumed

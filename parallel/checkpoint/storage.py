@@ -2,9 +2,9 @@
 
 A save is written to `.step-00000020.tmp/`; every file is fsynced and listed with its size and
 crc32 in `manifest.json` (a shard also with its index's checksum, checksums.py), written last once
-every rank reported success; then the directory is renamed into place and only then is `latest`
-rewritten. A crash at any moment leaves the previous checkpoint complete, and a reader uses only a
-directory whose files match its manifest.
+every rank reported success, numbered after every earlier commit; then the directory is renamed
+into place and only then is `latest` rewritten. A crash at any moment leaves the previous checkpoint
+complete, and a reader uses only a directory whose files match its manifest.
 """
 from __future__ import annotations
 
@@ -151,27 +151,36 @@ def fresh_directory(root: Path, tmp: Path) -> None:
 
 
 def commit(tmp: Path, final: Path, manifest: dict) -> None:
-    """Once every file of `tmp` is on disk: write the manifest, rename `tmp` to `final`, point `latest` at it."""
+    """Once every file of `tmp` is on disk: write the manifest, numbered after every commit under the
+    root, and rename `tmp` to `final`, the commit itself."""
     root = final.parent
-    save_text(json.dumps(manifest, indent=1), tmp / MANIFEST)
+    sequence = 1 + max((_commit_sequence(path) for path in _step_dirs(root)), default=0)
+    save_text(json.dumps({**manifest, "sequence": sequence}, indent=1), tmp / MANIFEST)
     _fsync_dir(tmp)
-    if final.exists():  # a damaged checkpoint of the same step, skipped when this run resumed
-        shutil.rmtree(final)
+    replaced = root / f".{final.name}.replaced.tmp"  # a checkpoint of the same step: damaged, or an abandoned run's
+    if final.exists():
+        os.rename(final, replaced)
     os.rename(tmp, final)
     _fsync_dir(root)
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+def point_latest(final: Path) -> None:
+    """Rewrite `latest`, for people and tools that look for the newest checkpoint by name."""
+    root = final.parent
     save_text(final.name, root / f".{LATEST}.tmp")
     os.replace(root / f".{LATEST}.tmp", root / LATEST)
     _fsync_dir(root)
 
 
 def prune(root: Path, keep: int) -> None:
-    """Keep the newest `keep` checkpoints. Renamed to a name no reader reads, a half-deleted directory
-    is harmless and the next save clears what is left; deleting hundreds of MB takes longer than
-    writing them, so it runs in its own thread, which is not a daemon: a rank that ends normally
-    finishes the deletion first."""
-    for old in checkpoint_steps(root)[keep:]:
-        doomed = root / f".{step_dir_name(old)}.pruned.tmp"
-        if os_error(lambda: os.rename(root / step_dir_name(old), doomed)) is None:
+    """Keep the `keep` most recently committed checkpoints. Renamed to a name no reader reads, a
+    half-deleted directory is harmless and the next save clears what is left; deleting hundreds of MB
+    takes longer than writing them, so it runs in its own thread, which is not a daemon: a rank that
+    ends normally finishes the deletion first."""
+    for old in checkpoints_newest_first(root)[keep:]:
+        doomed = root / f".{old.name}.pruned.tmp"
+        if os_error(lambda: os.rename(old, doomed)) is None:
             # not a daemon, though the save thread that prunes is one (a thread inherits the flag)
             threading.Thread(target=shutil.rmtree, args=(doomed, True), daemon=False).start()
 
@@ -211,26 +220,43 @@ def read_manifest(path: Path) -> dict:
     return json.loads((path / MANIFEST).read_text())
 
 
-def checkpoint_steps(root: Path) -> list[int]:
-    """Steps of the committed checkpoints under `root`, newest first (temporary directories are not committed)."""
+def checkpoints_newest_first(root: Path) -> list[Path]:
+    """The committed checkpoints under `root`, the most recently committed first. Commit order, not step
+    order: a run started afresh, or past a damaged checkpoint, in a directory that holds a later step of
+    an earlier run saves lower steps after that one, and its own are the ones to keep and to resume.
+    Checkpoints saved before manifests were numbered come after, by step; then those whose manifest
+    cannot be read."""
+    return sorted(_step_dirs(root), key=lambda path: (_commit_sequence(path), _step(path)), reverse=True)
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """The committed checkpoint directories under `root` (a temporary directory is not committed)."""
     if not root.is_dir():
         return []
-    steps = [int(p.name[5:]) for p in root.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit()]
-    return sorted(steps, reverse=True)
+    return [path for path in root.iterdir() if path.name.startswith("step-") and path.name[5:].isdigit()]
+
+
+def _step(path: Path) -> int:
+    return int(path.name[5:])
+
+
+def _commit_sequence(path: Path) -> int:
+    try:
+        return int(read_manifest(path).get("sequence", 0))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return -1
 
 
 def find_checkpoint(run_dir: Path, step: Optional[int] = None) -> Path:
-    """The checkpoint of `step` (default: the newest complete one) of a run directory or a checkpoint
-    root, or `run_dir` itself if it is a checkpoint."""
+    """The checkpoint of `step` (default: the most recently committed complete one) of a run directory or
+    a checkpoint root, or `run_dir` itself if it is a checkpoint."""
     if (run_dir / MANIFEST).exists() and step is None:
         problem = verify(run_dir)
         if problem:
             raise CheckpointError(f"cannot use checkpoint {run_dir}: {problem}")
         return run_dir
     root = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
-    steps = checkpoint_steps(root) if step is None else [step]
-    for s in steps:
-        path = root / step_dir_name(s)
+    for path in checkpoints_newest_first(root) if step is None else [root / step_dir_name(step)]:
         problem = verify(path)
         if problem is None:
             return path
