@@ -96,6 +96,24 @@ def test_the_weights_are_padded_as_the_run_pads(gpt2_dir):
     assert import_directory(gpt2_dir, cfg.model).state["embedding.weight"].shape == (VOCAB, 64)
 
 
+def test_a_checkpoint_resumes_once_its_directory_moved_and_refuses_another_model(gpt2_dir, tmp_path):
+    """A checkpoint's weights replace the directory's, so resuming compares the model, not where its step-0
+    weights came from: comparing `init_from` too refused every resume once the directory had moved."""
+    from parallel.checkpoint import CheckpointError
+    from parallel.checkpoint.manager import check_same_model
+
+    checkpoint = tmp_path / "step-00000010"
+    saved = load_config(None, [f"model.init_from={gpt2_dir}", f"data.seq_len={SEQ_LEN}"]).model_dump(mode="json")
+    moved = tmp_path / "moved"
+    shutil.copytree(gpt2_dir, moved)
+    ours = load_config(None, [f"model.init_from={moved}", f"data.seq_len={SEQ_LEN}"]).model
+    check_same_model(checkpoint, saved, ours)
+    deeper = {**saved, "model": {**saved["model"], "num_layers": 3}}
+    with pytest.raises(CheckpointError, match=f"^checkpoint {checkpoint} has model.num_layers=3 but this run has "
+                                              "model.num_layers=2; resume with the model it was trained with"):
+        check_same_model(checkpoint, deeper, ours)
+
+
 def test_damaged_weights_are_named(gpt2_dir, tmp_path):
     """Found only when a rank reads them, where the rank's one line says it (launcher/entry.py)."""
     from models.huggingface import HuggingFaceError, import_directory

@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Sequence
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from parallel.checkpoint import deepspeed_adapter as ds
 from parallel.checkpoint import layout_free as fmt
 from parallel.checkpoint import storage
 from parallel.checkpoint.storage import CLIENT, LATEST, MANIFEST, CheckpointError, step_dir_name
+
+if TYPE_CHECKING:
+    from models.config import ModelConfig
 
 
 class PendingSave:
@@ -220,7 +223,7 @@ class Checkpointer:
             return None, problem, False
         client = storage.load_file(path / CLIENT)
         fmt.require_format(path, client.get("version"))
-        self._check_same_model(path, client["config"])
+        check_same_model(path, client["config"], self.cfg.model)
         try:
             shards, problem = fmt.load_shards(path, manifest, to_open), None
         except CheckpointError as e:
@@ -291,14 +294,18 @@ class Checkpointer:
         peers = dist.get_process_group_ranks(self.topo.tp_group)
         return [storage.shard_file_name(rank) for rank in sorted({self.topo.rank, *peers})]
 
-    def _check_same_model(self, path: Path, saved_config: dict) -> None:
-        ours = self.cfg.model.model_dump(mode="json")
-        for key, value in saved_config["model"].items():
-            if ours.get(key) != value:
-                raise CheckpointError(
-                    f"checkpoint {path} has model.{key}={value} but this run has model.{key}={ours.get(key)}; "
-                    "resume with the model it was trained with, or --resume none to start afresh"
-                )
+
+def check_same_model(path: Path, saved_config: dict, model: ModelConfig) -> None:
+    """Refuse, in one line, a checkpoint of another model than the run's `model`. Where the
+    step-0 weights came from (`init_from`) is not compared: the checkpoint's replace them, and a Hugging
+    Face directory that has moved since must not stop the run from resuming."""
+    ours = model.model_dump(mode="json")
+    for key, value in saved_config["model"].items():
+        if key != "init_from" and ours.get(key) != value:
+            raise CheckpointError(
+                f"checkpoint {path} has model.{key}={value} but this run has model.{key}={ours.get(key)}; "
+                "resume with the model it was trained with, or --resume none to start afresh"
+            )
 
 
 class SavedDataStates(Sequence):
