@@ -91,8 +91,9 @@ class CheckpointConfig(_Section):
     keep: PositiveInt = Field(3, description="how many of the newest checkpoints to keep")
     resume: str = Field("auto", description="auto: the newest complete checkpoint of dir; none: start afresh; "
                         "or the path of a checkpoint (or of a checkpoints directory)")
-    checksum_block_bytes: PositiveInt = Field(
-        1 << 20, description="a save checksums each fragment in blocks of about this many bytes, and a load checks "
+    checksum_block_bytes: int = Field(
+        1 << 20, ge=4, description="a save checksums each fragment in blocks of about this many bytes (at least one "
+        "fp32 number), and a load checks "
         "each block it reads from, whole, so every byte it loads is verified while it reads about one block more "
         "than it needs at each end of each range it reads; smaller blocks, more checksums in each shard's index")
 

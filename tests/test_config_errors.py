@@ -20,6 +20,7 @@ TINY = "configs/gpt-tiny.yaml"
     (["optim.lr=fast"], "optim.lr: input should be a valid number"),
     (["parallel.zero_stage=4"], "parallel.zero_stage: input should be 0, 1, 2 or 3; got 4"),
     (["train.eval_batches=0"], "train.eval_batches: input should be greater than 0; got 0"),
+    (["checkpoint.checksum_block_bytes=2"], "checkpoint.checksum_block_bytes: input should be greater than or equal to 4; got 2"),
     (["model.norm=batchnorm"], "model.norm: input should be 'layernorm' or 'rmsnorm'; got 'batchnorm'"),
     (["data.seq_len=512"], "data.seq_len=512 exceeds model.max_seq_len=128"),
     (["model.num_heads=3"], "model.hidden_size=256 is not divisible by model.num_heads=3"),
