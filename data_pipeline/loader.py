@@ -14,6 +14,7 @@ import hashlib
 import os
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -130,7 +131,7 @@ class PipelineLoader:
         dataset = LaneDataset(self.plan, self.lane_states, self.next_lane, self.chunk_left, self.micro_batch_size)
         return DataLoader(
             dataset, batch_size=None, num_workers=self.num_workers, collate_fn=as_is,
-            prefetch_factor=PREFETCH if self.num_workers else None, worker_init_fn=partial(die_with_rank, os.getpid()),
+            prefetch_factor=PREFETCH if self.num_workers else None, worker_init_fn=partial(bind_to_rank, os.getpid()),
         )
 
     def state_dict(self) -> dict:
@@ -234,15 +235,40 @@ def as_is(item):
     return item
 
 
-def die_with_rank(rank_pid: int, worker_id: int) -> None:
+def bind_to_rank(rank_pid: int, worker_id: int) -> None:
+    """A DataLoader worker lives and stops as its rank decides (Linux only; elsewhere as torch does)."""
+    if sys.platform == "linux":
+        _die_with_rank(rank_pid)
+        _leave_stop_signals_to_the_rank(rank_pid)
+
+
+def _die_with_rank(rank_pid: int) -> None:
     """Have the kernel kill this worker when its rank dies. A rank killed outright (SIGKILL, the OOM
     killer) otherwise leaves its workers blocked for ever flushing batches nobody reads, each holding
     the dead rank's inherited sockets and memory while the job restarts beside them."""
-    if sys.platform == "linux":
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != rank_pid:  # the rank died before the request took effect
-            os._exit(1)
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != rank_pid:  # the rank died before the request took effect
+        os._exit(1)
+
+
+def _leave_stop_signals_to_the_rank(rank_pid: int) -> None:
+    """SIGTERM asks a rank to finish its step, save and stop (launcher/stopping.py), and it reaches its workers
+    too: torchrun passes it on to each rank's whole process group, SLURM's scancel and preemption signal
+    every process of the job step. torch's worker handler dies of a SIGTERM that its rank did not send, and
+    the rank then raised at once ("DataLoader worker is killed by signal") instead of saving. So a worker
+    ends on a SIGTERM only when its rank sent it (the DataLoader shutting it down) and ignores the others:
+    SIGTERM is blocked in every thread of the worker (threads started later inherit the mask) and one
+    thread takes each with its sender's pid. (SIGUSR1, SLURM's warning, is harmless: a worker inherits
+    the rank's handler, which only records it.)"""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def exit_when_the_rank_says():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != rank_pid:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=exit_when_the_rank_says, name="stop-on-rank-sigterm", daemon=True).start()
 
 
 def tokenizer_fingerprint(plan: Plan) -> str:

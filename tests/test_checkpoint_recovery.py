@@ -84,6 +84,15 @@ def reference(tmp_path_factory) -> Path:
     return run_dir
 
 
+def wait_for_workers(ranks, launcher: subprocess.Popen, timeout: float = 300) -> None:
+    """Until every rank has started its DataLoader workers (its child processes)."""
+    deadline = time.time() + timeout
+    while not all(rank.children() for rank in ranks):
+        assert launcher.poll() is None, f"the run ended before its workers started:\n{launcher.stdout.read()[-3000:]}"
+        assert time.time() < deadline, "the DataLoader workers never started"
+        time.sleep(0.05)
+
+
 def checkpoints(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
@@ -211,6 +220,29 @@ def test_sigterm_and_sigusr1_save_and_exit_requeue_then_resume(reference, tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from {checkpoints(run_dir) / f'step-{stopped:08d}'}" in proc.stdout
     assert final_loss(run_dir) == final_loss(reference)
+
+
+@pytest.mark.parametrize("sender", ["parallax train, which passes it on", "every process of each rank"])
+def test_a_sigterm_that_reaches_the_dataloader_workers_too_still_saves(tmp_path, sender):
+    """torchrun passes a SIGTERM on to each rank's whole process group, and SLURM's scancel and preemption
+    signal every process of the job step: the DataLoader worker (data.num_workers=1) gets it as well. It
+    died of it, and its rank raised "DataLoader worker is killed by signal" instead of saving, while the
+    launcher still exited 75, "saved, requeue me"."""
+    run_dir = tmp_path / "run"
+    launcher = start_training(run_dir, "train.steps=100000", "checkpoint.interval=100000", "data.num_workers=1")
+    ranks = rank_processes(launcher)
+    wait_for_workers(ranks.values(), launcher)
+    if sender.startswith("parallax"):
+        launcher.send_signal(signal.SIGTERM)
+    else:
+        for rank in ranks.values():
+            os.killpg(rank.pid, signal.SIGTERM)  # torchrun starts each rank as the leader of its own group
+    output, _ = launcher.communicate(timeout=600)
+    assert launcher.returncode == REQUEUE_EXIT_CODE, output[-3000:]
+    assert "killed by signal" not in output and "Traceback" not in output, output[-3000:]
+    stopped = int((checkpoints(run_dir) / "latest").read_text()[5:])
+    assert f"stopped after step {stopped} with a checkpoint" in output
+    assert verify(checkpoints(run_dir) / f"step-{stopped:08d}") is None
 
 
 def start_rank(run_dir: Path, rank: int, port: int) -> subprocess.Popen:
