@@ -171,6 +171,19 @@ def test_resume_auto_refuses_a_damaged_checkpoint_and_uses_the_previous_one(refe
     assert verify(checkpoints(run_dir) / "step-00000030") is None, "the damaged checkpoint is replaced by a good one"
 
 
+def test_resume_auto_with_no_usable_checkpoint_says_it_starts_afresh(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    for shard in checkpoints(run_dir).glob("step-*/shard-00001.pt"):
+        shard.write_bytes(shard.read_bytes()[:1000])
+    proc = parallax_train(run_dir, f"train.steps={INTERVAL}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sum("skipping checkpoint" in line for line in proc.stdout.splitlines()) == 3, proc.stdout[-3000:]
+    assert (f"warning: no checkpoint under {checkpoints(run_dir)} is usable (3 skipped): starting afresh at step 0"
+            in proc.stdout), proc.stdout[-3000:]
+    assert verify(checkpoints(run_dir) / f"step-{INTERVAL:08d}") is None
+
+
 def test_a_run_started_afresh_below_an_earlier_runs_steps_keeps_and_resumes_its_own_checkpoints(reference, tmp_path):
     """checkpoint.keep counts saves, newest saved first, not step numbers: a run started afresh (--resume none,
     or past checkpoints it found damaged) where an earlier run saved steps 20-30 saved its own step 5 and 10,

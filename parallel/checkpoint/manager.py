@@ -200,15 +200,21 @@ class Checkpointer:
                 raise CheckpointError(f"cannot resume: {problem}; pass another checkpoint or --resume auto")
             return resumed
         partly_loaded = None  # a damaged checkpoint whose load wrote into the engine before the damage showed
+        skipped = 0
         for path in storage.checkpoints_newest_first(self.root):
             resumed, problem, wrote_engine = self._load(path)
             if problem is None:
                 return resumed
             self._say(f"warning: skipping checkpoint {path.name}: {problem}")
+            skipped += 1
             partly_loaded = partly_loaded or (problem if wrote_engine else None)
         if partly_loaded:  # the engine is no longer the one built: starting afresh takes a new launch
             raise CheckpointError(f"cannot resume: {partly_loaded}, and no older checkpoint under {self.root} is "
                                   "usable; relaunch with --resume none to start afresh")
+        if skipped:
+            self._say(f"warning: no checkpoint under {self.root} is usable ({skipped} skipped): starting afresh at "
+                      f"step 0; the skipped ones are pruned as new ones are saved (checkpoint.keep="
+                      f"{self.cfg.checkpoint.keep})")
         return Resumed()
 
     def _load(self, path: Path) -> tuple[Optional[Resumed], Optional[str], bool]:
