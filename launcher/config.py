@@ -200,7 +200,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pass the path of a YAML file such as configs/gpt-tiny.yaml")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:  # a binary file, or text saved in another encoding
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                              f"{e.start}); pass a YAML file saved as UTF-8, such as configs/gpt-tiny.yaml") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""

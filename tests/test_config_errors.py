@@ -65,8 +65,12 @@ def test_bad_moe_layout_is_one_line_naming_the_field(capsys, config, args, expec
 def test_missing_and_malformed_files(capsys, tmp_path):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("model: [1,\n")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
     for path, expected in [(tmp_path / "nope.yaml", "nope.yaml does not exist"),
-                           (bad_yaml, "bad.yaml line 2 is not valid YAML")]:
+                           (bad_yaml, "bad.yaml line 2 is not valid YAML"),
+                           (binary, f"config file {binary} is not UTF-8 text (byte 0xff at offset 0); pass a YAML "
+                            "file saved as UTF-8, such as configs/gpt-tiny.yaml")]:
         with pytest.raises(SystemExit) as exit_info:
             main(["train", str(path)])
         err = capsys.readouterr().err
