@@ -311,15 +311,20 @@ def _check_tokenizer_fits(cfg: RunConfig) -> None:
 
 def _apply_override(raw: dict, item: str) -> None:
     key, sep, value = item.partition("=")
-    if not sep or not key:
+    names = key.split(".")
+    if not sep or not all(names):
         raise ConfigError(f"override '{item}' is not of the form section.field=value, e.g. parallel.tp=2")
-    *parents, leaf = key.split(".")
+    *parents, leaf = names
     node = raw
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
-    node[leaf] = yaml.safe_load(value)
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': its value is not valid YAML ({getattr(e, 'problem', e)}); write a "
+                          "YAML value, e.g. 8, 3e-4, true or [1, 2], quoting text that starts with a symbol") from None
 
 
 def _explain(error: dict, raw: dict) -> str:

@@ -32,6 +32,12 @@ TINY = "configs/gpt-tiny.yaml"
     (["model.mlp=relu"], "model.mlp: input should be 'gelu' or 'swiglu'; got 'relu'"),
     (["model.arch=t5", "model.norm=rmsnorm", "model.mlp=swiglu", "data.span_corruption={}"],
      "model.mlp applies to model.arch=gpt only; remove it"),
+    (["model.hidden_size=[1"], "override 'model.hidden_size=[1': its value is not valid YAML (expected ',' or ']', but "
+     "got '<stream end>'); write a YAML value, e.g. 8, 3e-4, true or [1, 2], quoting text that starts with a symbol"),
+    (["model.hidden_size=@x"], "override 'model.hidden_size=@x': its value is not valid YAML (found character '@' that "
+     "cannot start any token); write a YAML value, e.g. 8, 3e-4, true or [1, 2], quoting text that starts with a symbol"),
+    ([".=5"], "override '.=5' is not of the form section.field=value, e.g. parallel.tp=2"),
+    (["model..hidden_size=8"], "override 'model..hidden_size=8' is not of the form section.field=value, e.g. parallel.tp=2"),
 ])
 def test_bad_config_is_one_line_naming_the_field(capsys, args, expected):
     with pytest.raises(SystemExit) as exit_info:
