@@ -13,6 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
+from launcher.arg_types import non_negative_int, positive_int
 from launcher.console import quiet_third_party
 from launcher.plan.cli import add_plan_command
 from launcher.slurm.status import add_status_command
@@ -195,11 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="pretrain on local ranks started by torchrun")
     train.add_argument("config", help="run config YAML, e.g. configs/gpt-tiny.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 optim.lr=3e-4")
-    train.add_argument("--nproc", type=int, default=1, help="ranks to start on this machine (default 1)")
+    train.add_argument("--nproc", type=positive_int, default=1, help="ranks to start on this machine (default 1)")
     train.add_argument("--resume", metavar="auto|none|PATH", default=None,
                        help="auto (default): the newest complete checkpoint of the run; none: start afresh; "
                        "PATH: that checkpoint (same as checkpoint.resume=...)")
-    train.add_argument("--max-restarts", type=int, default=0, metavar="K",
+    train.add_argument("--max-restarts", type=non_negative_int, default=0, metavar="K",
                        help="when a rank dies, restart all ranks from the newest checkpoint, up to K times")
     train.set_defaults(run=_train)
 
@@ -210,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", nargs="+", metavar="PATH", help="validation data (data.validation); default: "
                           "the run's validation set")
     evaluate.add_argument("--batches", type=int, metavar="N", help="global batches to read (train.eval_batches)")
-    evaluate.add_argument("--nproc", type=int, default=1, help="ranks to start on this machine (default 1)")
+    evaluate.add_argument("--nproc", type=positive_int, default=1, help="ranks to start on this machine (default 1)")
     evaluate.add_argument("--step", type=int, default=None, help="that step's checkpoint of the run")
     evaluate.add_argument("--out", default=None, help="the JSON result (default: CHECKPOINT/eval.json)")
     evaluate.set_defaults(run=_eval)

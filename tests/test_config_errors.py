@@ -68,6 +68,23 @@ def test_bad_moe_layout_is_one_line_naming_the_field(capsys, config, args, expec
     assert exit_info.value.code == 2 and err.count("\n") == 1 and expected in err, err
 
 
+@pytest.mark.parametrize("argv,expected", [
+    (["train", TINY, "--nproc", "0"], "parallax train: error: argument --nproc: give a whole number of at least 1; got 0"),
+    (["train", TINY, "--nproc", "-2"], "parallax train: error: argument --nproc: give a whole number of at least 1; got -2"),
+    (["train", TINY, "--nproc", "two"], "parallax train: error: argument --nproc: give a whole number of at least 1; got two"),
+    (["train", TINY, "--max-restarts", "-1"],
+     "parallax train: error: argument --max-restarts: give a whole number of at least 0; got -1"),
+    (["eval", "runs/gpt-tiny", "--nproc", "0"],
+     "parallax eval: error: argument --nproc: give a whole number of at least 1; got 0"),
+])
+def test_bad_flag_is_refused_while_the_arguments_are_parsed(capsys, argv, expected):
+    """argparse's own error: the usage, then one line naming the flag, exit code 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.splitlines()[-1] == expected and "Traceback" not in err, err
+
+
 def test_missing_and_malformed_files(capsys, tmp_path):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("model: [1,\n")
