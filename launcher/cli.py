@@ -179,8 +179,10 @@ def _add_data_commands(commands) -> None:
 
     data = commands.add_parser("prepare-data", help="write the built-in corpus (stdlib source) as shard files")
     data.add_argument("out_dir", help="directory for the .jsonl shards")
-    data.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="text to sample (default %(default)s)")
-    data.add_argument("--num-shards", type=int, default=DEFAULT_NUM_SHARDS, help="files to write (default %(default)s)")
+    data.add_argument("--max-bytes", type=positive_int, default=DEFAULT_MAX_BYTES,
+                      help="text to sample (default %(default)s)")
+    data.add_argument("--num-shards", type=positive_int, default=DEFAULT_NUM_SHARDS,
+                      help="files to write (default %(default)s)")
     data.set_defaults(run=prepare_data)
     tokenizer = commands.add_parser("prepare-tokenizer", help="train a byte-level BPE tokenizer.json on local files")
     tokenizer.add_argument("sources", nargs="+", help="text/.jsonl/.parquet files or directories to train on")

@@ -85,6 +85,17 @@ def test_bad_flag_is_refused_while_the_arguments_are_parsed(capsys, argv, expect
     assert exit_info.value.code == 2 and err.splitlines()[-1] == expected and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("flag,value", [("--num-shards", "0"), ("--max-bytes", "0"), ("--max-bytes", "-5")])
+def test_prepare_data_refuses_a_bad_count_before_creating_anything(capsys, tmp_path, flag, value):
+    out = tmp_path / "corpus"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare-data", str(out), flag, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert err.splitlines()[-1] == f"parallax prepare-data: error: argument {flag}: give a whole number of at least 1; got {value}"
+    assert not out.exists()
+
+
 def test_missing_and_malformed_files(capsys, tmp_path):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("model: [1,\n")
