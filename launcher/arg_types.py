@@ -9,7 +9,7 @@ import argparse
 
 
 def positive_int(text: str) -> int:
-    """A count of which there must be at least one: ranks, shards, bytes, layouts to print."""
+    """A count of which there must be at least one: ranks, shards, bytes, layouts to print, seconds of warning."""
     return _whole_number_at_least(text, 1)
 
 

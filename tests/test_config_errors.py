@@ -8,6 +8,7 @@ from launcher.cli import main
 from launcher.config import load_config
 
 TINY = "configs/gpt-tiny.yaml"
+CPU_JOB = ["--nodes", "1", "--gpus-per-node", "0", "--dry-run"]
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -76,6 +77,11 @@ def test_bad_moe_layout_is_one_line_naming_the_field(capsys, config, args, expec
      "parallax train: error: argument --max-restarts: give a whole number of at least 0; got -1"),
     (["eval", "runs/gpt-tiny", "--nproc", "0"],
      "parallax eval: error: argument --nproc: give a whole number of at least 1; got 0"),
+    (["plan", TINY, "--search", "--top", "-1"], "parallax plan: error: argument --top: give a whole number of at least 1; got -1"),
+    (["submit", TINY, *CPU_JOB, "--tasks-per-node", "0"],
+     "parallax submit: error: argument --tasks-per-node: give a whole number of at least 1; got 0"),
+    (["submit", TINY, *CPU_JOB, "--warning-seconds", "-5"],
+     "parallax submit: error: argument --warning-seconds: give a whole number of at least 1; got -5"),
 ])
 def test_bad_flag_is_refused_while_the_arguments_are_parsed(capsys, argv, expected):
     """argparse's own error: the usage, then one line naming the flag, exit code 2."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
+from launcher.arg_types import positive_int
 from launcher.plan.hardware import GPUS, GiB, USABLE_FRACTION, Cluster
 from launcher.plan.startup import CPU_NS_PER_ELEMENT
 from launcher.plan.throughput import DEFAULT_EFFICIENCY, DP_COLLECTIVES, ep_within_node
@@ -26,7 +27,7 @@ def add_plan_command(commands) -> None:
     parser.add_argument("--efficiency", type=float, default=DEFAULT_EFFICIENCY,
                         help=f"fraction of peak FLOP/s the compute reaches (default {DEFAULT_EFFICIENCY})")
     parser.add_argument("--search", action="store_true", help="also rank every layout of the cluster that fits")
-    parser.add_argument("--top", type=int, default=10, help="layouts --search prints (default 10)")
+    parser.add_argument("--top", type=positive_int, default=10, help="layouts --search prints (default 10)")
     parser.set_defaults(run=_run)
 
 

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from launcher.arg_types import positive_int
 from launcher.plan.hardware import GPUS, GiB, Cluster
 from launcher.slurm.jobs import active_job, record_job
 
@@ -54,7 +55,7 @@ def add_submit_command(commands) -> None:
     parser.add_argument("--nodes", type=int, required=True, help="nodes to allocate")
     parser.add_argument("--gpus-per-node", type=int, required=True,
                         help="GPUs per node, one rank each; 0 submits a CPU job (gloo) and skips the GPU plan")
-    parser.add_argument("--tasks-per-node", type=int, default=None,
+    parser.add_argument("--tasks-per-node", type=positive_int, default=None,
                         help="ranks per node (default: --gpus-per-node, or 1 for a CPU job)")
     parser.add_argument("--cpus-per-task", type=int, default=None,
                         help="cores per rank, for its data workers and threads (default: each node's cores split "
@@ -63,7 +64,7 @@ def add_submit_command(commands) -> None:
     parser.add_argument("--partition", help="sbatch --partition")
     parser.add_argument("--time", help="sbatch --time, e.g. 04:00:00")
     parser.add_argument("--account", help="sbatch --account")
-    parser.add_argument("--warning-seconds", type=int, default=DEFAULT_WARNING_SECONDS,
+    parser.add_argument("--warning-seconds", type=positive_int, default=DEFAULT_WARNING_SECONDS,
                         help="ask SLURM for the warning signal this long before the time limit, to save and "
                         "requeue (default %(default)s; leave time for one step and a save)")
     parser.add_argument("--dry-run", action="store_true", help="print the script; submit and write nothing")
