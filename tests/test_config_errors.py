@@ -6,6 +6,7 @@ import pytest
 
 from launcher.cli import main
 from launcher.config import load_config
+from launcher.slurm.submit import time_limit_seconds
 
 TINY = "configs/gpt-tiny.yaml"
 CPU_JOB = ["--nodes", "1", "--gpus-per-node", "0", "--dry-run"]
@@ -100,6 +101,27 @@ def test_prepare_data_refuses_a_bad_count_before_creating_anything(capsys, tmp_p
     assert exit_info.value.code == 2, err
     assert err.splitlines()[-1] == f"parallax prepare-data: error: argument {flag}: give a whole number of at least 1; got {value}"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--time", "abc"], "--time=abc is not a SLURM time limit; give MINUTES, MINUTES:SECONDS, HOURS:MINUTES:SECONDS, "
+     "DAYS-HOURS, DAYS-HOURS:MINUTES or DAYS-HOURS:MINUTES:SECONDS, e.g. 04:00:00"),
+    (["--time", "1:2:3:4"], "--time=1:2:3:4 is not a SLURM time limit"),
+    (["--time", "00:01:00", "--warning-seconds", "300"], "--warning-seconds=300 is not shorter than --time=00:01:00 "
+     "(60 s): the job would be told to stop before it trained; lower --warning-seconds or raise --time"),
+    (["--time", "5"], "--warning-seconds=300 is not shorter than --time=5 (300 s)"),
+])
+def test_bad_submit_time_is_one_line(capsys, args, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["submit", TINY, *CPU_JOB, *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and expected in err, err
+
+
+@pytest.mark.parametrize("time,seconds", [("90", 5400), ("10:30", 630), ("04:00:00", 14400), ("2-12", 216000),
+                                          ("1-0:30", 88200), ("1-00:00:01", 86401), ("UNLIMITED", None), ("0", None)])
+def test_submit_reads_every_slurm_time_format(time, seconds):
+    assert time_limit_seconds(time) == seconds
 
 
 def test_missing_and_malformed_files(capsys, tmp_path):
