@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -123,7 +124,13 @@ class RunConfig(_Section):
         if m.ffn_size % tp:
             raise ValueError(f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tp={tp}")
         if m.vocab_multiple % tp:
-            raise ValueError(f"model.vocab_multiple={m.vocab_multiple} is not divisible by parallel.tp={tp}")
+            # the TP sizes that pass every check above (kv_heads divides num_heads)
+            fitting = _divisors(math.gcd(m.vocab_multiple, m.kv_heads, m.ffn_size))
+            raise ValueError(
+                f"model.vocab_multiple={m.vocab_multiple} is not divisible by parallel.tp={tp}: each TP rank holds an "
+                f"equal share of the padded vocabulary; choose parallel.tp from {fitting} or set "
+                f"model.vocab_multiple to a multiple of {tp}, e.g. {math.lcm(m.vocab_multiple, tp)}"
+            )
         if m.arch == "t5":
             self._fit_t5()
         elif self.data.span_corruption is not None:

@@ -38,6 +38,9 @@ CPU_JOB = ["--nodes", "1", "--gpus-per-node", "0", "--dry-run"]
      "got '<stream end>'); write a YAML value, e.g. 8, 3e-4, true or [1, 2], quoting text that starts with a symbol"),
     (["model.hidden_size=@x"], "override 'model.hidden_size=@x': its value is not valid YAML (found character '@' that "
      "cannot start any token); write a YAML value, e.g. 8, 3e-4, true or [1, 2], quoting text that starts with a symbol"),
+    (["parallel.tp=4", "model.vocab_multiple=6"], "model.vocab_multiple=6 is not divisible by parallel.tp=4: each TP "
+     "rank holds an equal share of the padded vocabulary; choose parallel.tp from [1, 2] or set "
+     "model.vocab_multiple to a multiple of 4, e.g. 12"),
     ([".=5"], "override '.=5' is not of the form section.field=value, e.g. parallel.tp=2"),
     (["model..hidden_size=8"], "override 'model..hidden_size=8' is not of the form section.field=value, e.g. parallel.tp=2"),
 ])
