@@ -157,7 +157,7 @@ def _add_generate_command(commands) -> None:
                           help="sample from the most likely tokens that hold probability P (default %(default)s: all)")
     generate.add_argument("--seed", type=int, default=default.seed, metavar="S",
                           help="the sampling's seed: the same seed, the same text (default %(default)s)")
-    generate.add_argument("--step", type=int, default=None, help="that step's checkpoint of the run")
+    generate.add_argument("--step", type=non_negative_int, default=None, help="that step's checkpoint of the run")
     generate.set_defaults(run=_generate)
 
 
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "the run's validation set")
     evaluate.add_argument("--batches", type=int, metavar="N", help="global batches to read (train.eval_batches)")
     evaluate.add_argument("--nproc", type=positive_int, default=1, help="ranks to start on this machine (default 1)")
-    evaluate.add_argument("--step", type=int, default=None, help="that step's checkpoint of the run")
+    evaluate.add_argument("--step", type=non_negative_int, default=None, help="that step's checkpoint of the run")
     evaluate.add_argument("--out", default=None, help="the JSON result (default: CHECKPOINT/eval.json)")
     evaluate.set_defaults(run=_eval)
 
@@ -223,14 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     consolidate = checkpoint_commands.add_parser(
         "consolidate", help="write one file holding the full fp32 model state dict of a checkpoint")
     consolidate.add_argument("run_dir", metavar="RUN", help="run directory (or its checkpoints directory)")
-    consolidate.add_argument("--step", type=int, default=None, help="default: the newest complete checkpoint")
+    consolidate.add_argument("--step", type=non_negative_int, default=None,
+                             help="default: the newest complete checkpoint")
     consolidate.add_argument("--out", default=None, help="default: RUN/consolidated-step-NNNNNNNN.pt")
     consolidate.set_defaults(run=_consolidate)
     export = commands.add_parser("export", help="write a checkpoint as a Hugging Face model directory (GPT-2, Llama, T5)")
     export.add_argument("path", metavar="RUN|CHECKPOINT", help="a run directory (its newest checkpoint), its "
                         "checkpoints directory, or one checkpoint")
     export.add_argument("--out", required=True, help="the directory to write (config.json, model.safetensors, tokenizer)")
-    export.add_argument("--step", type=int, default=None, help="that step's checkpoint of the run")
+    export.add_argument("--step", type=non_negative_int, default=None, help="that step's checkpoint of the run")
     export.add_argument("--dtype", default="fp32", metavar="fp32|bf16", help="weights' type (default %(default)s)")
     export.set_defaults(run=_export)
     _add_generate_command(commands)
