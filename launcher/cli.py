@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="pretrain on local ranks started by torchrun")
     train.add_argument("config", help="run config YAML, e.g. configs/gpt-tiny.yaml")
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 optim.lr=3e-4")
+    train.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. parallel.tp=2 optim.lr=3e-4")
     train.add_argument("--nproc", type=positive_int, default=1, help="ranks to start on this machine (default 1)")
     train.add_argument("--resume", metavar="auto|none|PATH", default=None,
                        help="auto (default): the newest complete checkpoint of the run; none: start afresh; "
@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="the validation loss of a checkpoint, at any layout")
     evaluate.add_argument("path", metavar="RUN|CHECKPOINT", help="a run directory (its newest checkpoint), its "
                           "checkpoints directory, or one checkpoint")
-    evaluate.add_argument("overrides", nargs="*", help="dotted overrides of the checkpoint's config, e.g. parallel.tp=2")
+    evaluate.add_argument("overrides", nargs="*", default=[],
+                          help="dotted overrides of the checkpoint's config, e.g. parallel.tp=2")
     evaluate.add_argument("--data", nargs="+", metavar="PATH", help="validation data (data.validation); default: "
                           "the run's validation set")
     evaluate.add_argument("--batches", type=int, metavar="N", help="global batches to read (train.eval_batches)")

@@ -74,6 +74,10 @@ def test_bad_moe_layout_is_one_line_naming_the_field(capsys, config, args, expec
 
 
 @pytest.mark.parametrize("argv,expected", [
+    (["train"], "parallax train: error: the following arguments are required: config"),
+    (["eval"], "parallax eval: error: the following arguments are required: RUN|CHECKPOINT"),
+    (["plan"], "parallax plan: error: the following arguments are required: config"),
+    (["submit", "--nodes", "1", "--gpus-per-node", "0"], "parallax submit: error: the following arguments are required: config"),
     (["train", TINY, "--nproc", "0"], "parallax train: error: argument --nproc: give a whole number of at least 1; got 0"),
     (["train", TINY, "--nproc", "-2"], "parallax train: error: argument --nproc: give a whole number of at least 1; got -2"),
     (["train", TINY, "--nproc", "two"], "parallax train: error: argument --nproc: give a whole number of at least 1; got two"),
@@ -95,7 +99,7 @@ def test_bad_moe_layout_is_one_line_naming_the_field(capsys, config, args, expec
     (["submit", TINY, *CPU_JOB, "--warning-seconds", "-5"],
      "parallax submit: error: argument --warning-seconds: give a whole number of at least 1; got -5"),
 ])
-def test_bad_flag_is_refused_while_the_arguments_are_parsed(capsys, argv, expected):
+def test_bad_arguments_are_refused_while_they_are_parsed(capsys, argv, expected):
     """argparse's own error: the usage, then one line naming the flag, exit code 2."""
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

@@ -20,7 +20,8 @@ if TYPE_CHECKING:  # the model, hence torch, is imported when a plan is made, no
 def add_plan_command(commands) -> None:
     parser = commands.add_parser("plan", help="check on paper that a layout fits the GPUs, and estimate its speed")
     parser.add_argument("config", help="run config YAML, e.g. configs/gpt3-175b.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=8 parallel.zero_stage=2")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="dotted overrides, e.g. parallel.tp=8 parallel.zero_stage=2")
     parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     parser.add_argument("--gpu", default="h100", help=f"one of {', '.join(GPUS)} (default h100)")

@@ -54,7 +54,8 @@ EXCLUSIVE_NODES = """\
 def add_submit_command(commands) -> None:
     parser = commands.add_parser("submit", help="submit a training run to SLURM (sbatch), requeued until it finishes")
     parser.add_argument("config", help="run config YAML, e.g. configs/gpt3-1.3b.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 train.steps=1000")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="dotted overrides, e.g. parallel.tp=2 train.steps=1000")
     parser.add_argument("--nodes", type=int, required=True, help="nodes to allocate")
     parser.add_argument("--gpus-per-node", type=int, required=True,
                         help="GPUs per node, one rank each; 0 submits a CPU job (gloo) and skips the GPU plan")
