@@ -195,6 +195,29 @@ class RunConfig(_Section):
             )
         return dp
 
+    def check_vocab_size(self, *, tokenized: bool = True) -> int:
+        """The vocabulary the model is built with: model.vocab_size, or the tokenizer's size when it is unset.
+
+        When the tokenizer makes the model's input (`tokenized`: the run's loader or validation set), every
+        id it has needs a row of the embedding, or the first step fails with an IndexError. The ranks check
+        it, loading the tokenizer before they read data or build the model; load_config cannot: reading a config
+        loads no tokenizer (`parallax plan` needs none). Batches of a caller's own need no tokenizer when
+        model.vocab_size is set."""
+        from data_pipeline import load_tokenizer
+        from data_pipeline.tokenizer import tokenizer_path
+
+        vocab_size = self.model.vocab_size
+        if vocab_size is not None and not tokenized:
+            return vocab_size
+        tokens = load_tokenizer(self.data).get_vocab_size()
+        if vocab_size is None:
+            return tokens
+        if vocab_size < tokens:
+            raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the {tokens} tokens of tokenizer "
+                              f"{tokenizer_path(self.data)}: ids from {vocab_size} up have no embedding row; raise "
+                              f"model.vocab_size to {tokens} or more, or remove it to take the tokenizer's")
+        return vocab_size
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

@@ -5,8 +5,9 @@ import sys
 import pytest
 
 from launcher.cli import main
-from launcher.config import load_config
+from launcher.config import ConfigError, load_config
 from launcher.slurm.submit import time_limit_seconds
+from tests.data.corpora import write_id_tokenizer
 
 TINY = "configs/gpt-tiny.yaml"
 CPU_JOB = ["--nodes", "1", "--gpus-per-node", "0", "--dry-run"]
@@ -152,6 +153,20 @@ def test_missing_and_malformed_files(capsys, tmp_path):
             main(["train", str(path)])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.count("\n") == 1 and expected in err, err
+
+
+def test_vocab_size_below_the_tokenizers_is_refused_before_the_model_is_built(tmp_path):
+    """Ids from model.vocab_size up have no embedding row: the first step died in an IndexError."""
+    tokenizer = write_id_tokenizer(tmp_path / "tokenizer.json", 397)  # 400 tokens with the 3 special ones
+    cfg = load_config(TINY, ["model.vocab_size=10", f"data.tokenizer={tokenizer}"])
+    with pytest.raises(ConfigError) as error:
+        cfg.check_vocab_size()
+    assert str(error.value) == (f"model.vocab_size=10 is smaller than the 400 tokens of tokenizer {tokenizer}: ids from "
+                                "10 up have no embedding row; raise model.vocab_size to 400 or more, or remove it to "
+                                "take the tokenizer's")
+    assert cfg.check_vocab_size(tokenized=False) == 10  # the caller's own batches, not the tokenizer's ids
+    assert load_config(TINY, [f"data.tokenizer={tokenizer}"]).check_vocab_size() == 400
+    assert load_config(TINY, ["model.vocab_size=512", f"data.tokenizer={tokenizer}"]).check_vocab_size() == 512
 
 
 def test_overrides_are_typed_and_nested():
