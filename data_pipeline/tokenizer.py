@@ -43,10 +43,15 @@ def prepare_tokenizer(sources: Iterable[str | Path | SourceConfig], out_path: st
     return out_path
 
 
+def tokenizer_path(cfg: DataConfig) -> Path:
+    """The configured tokenizer.json, or the built-in one (trained on the built-in corpus once, then cached)."""
+    return cfg.tokenizer.expanduser() if cfg.tokenizer else builtin_tokenizer_path(cfg)
+
+
 def load_tokenizer(cfg: DataConfig) -> Tokenizer:
-    """The configured tokenizer.json, or the built-in one (trained on the built-in corpus once, then cached).
-    Refused unless it has data.eod_token and data.pad_token, which the pipeline inserts by name."""
-    path = cfg.tokenizer.expanduser() if cfg.tokenizer else builtin_tokenizer_path(cfg)
+    """The tokenizer at `tokenizer_path`. Refused unless it has data.eod_token and data.pad_token, which the
+    pipeline inserts by name."""
+    path = tokenizer_path(cfg)
     if not path.is_file():
         raise DataError(f"{path}: tokenizer file not found; fix data.tokenizer or run `parallax prepare-tokenizer`")
     try:

@@ -13,6 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
+from launcher.arg_types import non_negative_int, positive_int
 from launcher.console import quiet_third_party
 from launcher.plan.cli import add_plan_command
 from launcher.slurm.status import add_status_command
@@ -156,7 +157,7 @@ def _add_generate_command(commands) -> None:
                           help="sample from the most likely tokens that hold probability P (default %(default)s: all)")
     generate.add_argument("--seed", type=int, default=default.seed, metavar="S",
                           help="the sampling's seed: the same seed, the same text (default %(default)s)")
-    generate.add_argument("--step", type=int, default=None, help="that step's checkpoint of the run")
+    generate.add_argument("--step", type=non_negative_int, default=None, help="that step's checkpoint of the run")
     generate.set_defaults(run=_generate)
 
 
@@ -178,8 +179,10 @@ def _add_data_commands(commands) -> None:
 
     data = commands.add_parser("prepare-data", help="write the built-in corpus (stdlib source) as shard files")
     data.add_argument("out_dir", help="directory for the .jsonl shards")
-    data.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="text to sample (default %(default)s)")
-    data.add_argument("--num-shards", type=int, default=DEFAULT_NUM_SHARDS, help="files to write (default %(default)s)")
+    data.add_argument("--max-bytes", type=positive_int, default=DEFAULT_MAX_BYTES,
+                      help="text to sample (default %(default)s)")
+    data.add_argument("--num-shards", type=positive_int, default=DEFAULT_NUM_SHARDS,
+                      help="files to write (default %(default)s)")
     data.set_defaults(run=prepare_data)
     tokenizer = commands.add_parser("prepare-tokenizer", help="train a byte-level BPE tokenizer.json on local files")
     tokenizer.add_argument("sources", nargs="+", help="text/.jsonl/.parquet files or directories to train on")
@@ -194,24 +197,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="pretrain on local ranks started by torchrun")
     train.add_argument("config", help="run config YAML, e.g. configs/gpt-tiny.yaml")
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 optim.lr=3e-4")
-    train.add_argument("--nproc", type=int, default=1, help="ranks to start on this machine (default 1)")
+    train.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. parallel.tp=2 optim.lr=3e-4")
+    train.add_argument("--nproc", type=positive_int, default=1, help="ranks to start on this machine (default 1)")
     train.add_argument("--resume", metavar="auto|none|PATH", default=None,
                        help="auto (default): the newest complete checkpoint of the run; none: start afresh; "
                        "PATH: that checkpoint (same as checkpoint.resume=...)")
-    train.add_argument("--max-restarts", type=int, default=0, metavar="K",
+    train.add_argument("--max-restarts", type=non_negative_int, default=0, metavar="K",
                        help="when a rank dies, restart all ranks from the newest checkpoint, up to K times")
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("eval", help="the validation loss of a checkpoint, at any layout")
     evaluate.add_argument("path", metavar="RUN|CHECKPOINT", help="a run directory (its newest checkpoint), its "
                           "checkpoints directory, or one checkpoint")
-    evaluate.add_argument("overrides", nargs="*", help="dotted overrides of the checkpoint's config, e.g. parallel.tp=2")
+    evaluate.add_argument("overrides", nargs="*", default=[],
+                          help="dotted overrides of the checkpoint's config, e.g. parallel.tp=2")
     evaluate.add_argument("--data", nargs="+", metavar="PATH", help="validation data (data.validation); default: "
                           "the run's validation set")
     evaluate.add_argument("--batches", type=int, metavar="N", help="global batches to read (train.eval_batches)")
-    evaluate.add_argument("--nproc", type=int, default=1, help="ranks to start on this machine (default 1)")
-    evaluate.add_argument("--step", type=int, default=None, help="that step's checkpoint of the run")
+    evaluate.add_argument("--nproc", type=positive_int, default=1, help="ranks to start on this machine (default 1)")
+    evaluate.add_argument("--step", type=non_negative_int, default=None, help="that step's checkpoint of the run")
     evaluate.add_argument("--out", default=None, help="the JSON result (default: CHECKPOINT/eval.json)")
     evaluate.set_defaults(run=_eval)
 
@@ -220,14 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
     consolidate = checkpoint_commands.add_parser(
         "consolidate", help="write one file holding the full fp32 model state dict of a checkpoint")
     consolidate.add_argument("run_dir", metavar="RUN", help="run directory (or its checkpoints directory)")
-    consolidate.add_argument("--step", type=int, default=None, help="default: the newest complete checkpoint")
+    consolidate.add_argument("--step", type=non_negative_int, default=None,
+                             help="default: the newest complete checkpoint")
     consolidate.add_argument("--out", default=None, help="default: RUN/consolidated-step-NNNNNNNN.pt")
     consolidate.set_defaults(run=_consolidate)
     export = commands.add_parser("export", help="write a checkpoint as a Hugging Face model directory (GPT-2, Llama, T5)")
     export.add_argument("path", metavar="RUN|CHECKPOINT", help="a run directory (its newest checkpoint), its "
                         "checkpoints directory, or one checkpoint")
     export.add_argument("--out", required=True, help="the directory to write (config.json, model.safetensors, tokenizer)")
-    export.add_argument("--step", type=int, default=None, help="that step's checkpoint of the run")
+    export.add_argument("--step", type=non_negative_int, default=None, help="that step's checkpoint of the run")
     export.add_argument("--dtype", default="fp32", metavar="fp32|bf16", help="weights' type (default %(default)s)")
     export.set_defaults(run=_export)
     _add_generate_command(commands)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -123,7 +124,13 @@ class RunConfig(_Section):
         if m.ffn_size % tp:
             raise ValueError(f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tp={tp}")
         if m.vocab_multiple % tp:
-            raise ValueError(f"model.vocab_multiple={m.vocab_multiple} is not divisible by parallel.tp={tp}")
+            # the TP sizes that pass every check above (kv_heads divides num_heads)
+            fitting = _divisors(math.gcd(m.vocab_multiple, m.kv_heads, m.ffn_size))
+            raise ValueError(
+                f"model.vocab_multiple={m.vocab_multiple} is not divisible by parallel.tp={tp}: each TP rank holds an "
+                f"equal share of the padded vocabulary; choose parallel.tp from {fitting} or set "
+                f"model.vocab_multiple to a multiple of {tp}, e.g. {math.lcm(m.vocab_multiple, tp)}"
+            )
         if m.arch == "t5":
             self._fit_t5()
         elif self.data.span_corruption is not None:
@@ -188,6 +195,29 @@ class RunConfig(_Section):
             )
         return dp
 
+    def check_vocab_size(self, *, tokenized: bool = True) -> int:
+        """The vocabulary the model is built with: model.vocab_size, or the tokenizer's size when it is unset.
+
+        When the tokenizer makes the model's input (`tokenized`: the run's loader or validation set), every
+        id it has needs a row of the embedding, or the first step fails with an IndexError. The ranks check
+        it, loading the tokenizer before they read data or build the model; load_config cannot: reading a config
+        loads no tokenizer (`parallax plan` needs none). Batches of a caller's own need no tokenizer when
+        model.vocab_size is set."""
+        from data_pipeline import load_tokenizer
+        from data_pipeline.tokenizer import tokenizer_path
+
+        vocab_size = self.model.vocab_size
+        if vocab_size is not None and not tokenized:
+            return vocab_size
+        tokens = load_tokenizer(self.data).get_vocab_size()
+        if vocab_size is None:
+            return tokens
+        if vocab_size < tokens:
+            raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the {tokens} tokens of tokenizer "
+                              f"{tokenizer_path(self.data)}: ids from {vocab_size} up have no embedding row; raise "
+                              f"model.vocab_size to {tokens} or more, or remove it to take the tokenizer's")
+        return vocab_size
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -200,7 +230,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pass the path of a YAML file such as configs/gpt-tiny.yaml")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:  # a binary file, or text saved in another encoding
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                              f"{e.start}); pass a YAML file saved as UTF-8, such as configs/gpt-tiny.yaml") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
@@ -308,15 +341,20 @@ def _check_tokenizer_fits(cfg: RunConfig) -> None:
 
 def _apply_override(raw: dict, item: str) -> None:
     key, sep, value = item.partition("=")
-    if not sep or not key:
+    names = key.split(".")
+    if not sep or not all(names):
         raise ConfigError(f"override '{item}' is not of the form section.field=value, e.g. parallel.tp=2")
-    *parents, leaf = key.split(".")
+    *parents, leaf = names
     node = raw
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
-    node[leaf] = yaml.safe_load(value)
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': its value is not valid YAML ({getattr(e, 'problem', e)}); write a "
+                          "YAML value, e.g. 8, 3e-4, true or [1, 2], quoting text that starts with a symbol") from None
 
 
 def _explain(error: dict, raw: dict) -> str:

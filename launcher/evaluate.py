@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data_pipeline import load_tokenizer
 from data_pipeline.validation import validation_batches
 from launcher.config import RunConfig
 from parallel.topology import Topology
@@ -69,9 +68,9 @@ def evaluate_checkpoint(cfg: RunConfig, out: Path) -> dict:
 
     p = cfg.parallel
     topo = init_topology(tp=p.tp, ep=p.ep, pp=p.pp, timeout_minutes=p.timeout_minutes)
+    vocab_size = cfg.check_vocab_size()
     evaluate = Evaluator.for_run(cfg, topo)
     torch.manual_seed(cfg.train.seed)
-    vocab_size = cfg.model.vocab_size or load_tokenizer(cfg.data).get_vocab_size()
     _, engine = build_model_and_engine(cfg, topo, vocab_size, init_from=None)  # the checkpoint has the weights
     resumed = Checkpointer(cfg, topo, engine, loader=None).resume()
     record = evaluate(engine, step=resumed.step)

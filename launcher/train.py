@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import torch
 
-from data_pipeline import build_dataloader, load_tokenizer
+from data_pipeline import build_dataloader
 from launcher.config import ConfigError, RunConfig
 from launcher.errors import SaveFailed
 from launcher.evaluate import Evaluator
@@ -48,9 +48,9 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
     topo = init_topology(tp=p.tp, ep=p.ep, pp=p.pp, timeout_minutes=p.timeout_minutes)
     if cfg.train.precision == "fp16" and topo.device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs CUDA (DeepSpeed's loss scaler); use bf16 or fp32 on CPU")
+    vocab_size = cfg.check_vocab_size(tokenized=batches is None or cfg.train.eval_interval > 0)
     evaluate = Evaluator.for_run(cfg, topo) if cfg.train.eval_interval else None
     _seed_everything(cfg.train.seed)
-    vocab_size = cfg.model.vocab_size or load_tokenizer(cfg.data).get_vocab_size()
     model, engine = build_model_and_engine(cfg, topo, vocab_size, init_from=cfg.model.init_from)
     if batches is None:
         loader = build_dataloader(

@@ -5,9 +5,12 @@ import sys
 import pytest
 
 from launcher.cli import main
-from launcher.config import load_config
+from launcher.config import ConfigError, load_config
+from launcher.slurm.submit import time_limit_seconds
+from tests.data.corpora import write_id_tokenizer
 
 TINY = "configs/gpt-tiny.yaml"
+CPU_JOB = ["--nodes", "1", "--gpus-per-node", "0", "--dry-run"]
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -32,6 +35,15 @@ TINY = "configs/gpt-tiny.yaml"
     (["model.mlp=relu"], "model.mlp: input should be 'gelu' or 'swiglu'; got 'relu'"),
     (["model.arch=t5", "model.norm=rmsnorm", "model.mlp=swiglu", "data.span_corruption={}"],
      "model.mlp applies to model.arch=gpt only; remove it"),
+    (["model.hidden_size=[1"], "override 'model.hidden_size=[1': its value is not valid YAML (expected ',' or ']', but "
+     "got '<stream end>'); write a YAML value, e.g. 8, 3e-4, true or [1, 2], quoting text that starts with a symbol"),
+    (["model.hidden_size=@x"], "override 'model.hidden_size=@x': its value is not valid YAML (found character '@' that "
+     "cannot start any token); write a YAML value, e.g. 8, 3e-4, true or [1, 2], quoting text that starts with a symbol"),
+    (["parallel.tp=4", "model.vocab_multiple=6"], "model.vocab_multiple=6 is not divisible by parallel.tp=4: each TP "
+     "rank holds an equal share of the padded vocabulary; choose parallel.tp from [1, 2] or set "
+     "model.vocab_multiple to a multiple of 4, e.g. 12"),
+    ([".=5"], "override '.=5' is not of the form section.field=value, e.g. parallel.tp=2"),
+    (["model..hidden_size=8"], "override 'model..hidden_size=8' is not of the form section.field=value, e.g. parallel.tp=2"),
 ])
 def test_bad_config_is_one_line_naming_the_field(capsys, args, expected):
     with pytest.raises(SystemExit) as exit_info:
@@ -62,15 +74,99 @@ def test_bad_moe_layout_is_one_line_naming_the_field(capsys, config, args, expec
     assert exit_info.value.code == 2 and err.count("\n") == 1 and expected in err, err
 
 
+@pytest.mark.parametrize("argv,expected", [
+    (["train"], "parallax train: error: the following arguments are required: config"),
+    (["eval"], "parallax eval: error: the following arguments are required: RUN|CHECKPOINT"),
+    (["plan"], "parallax plan: error: the following arguments are required: config"),
+    (["submit", "--nodes", "1", "--gpus-per-node", "0"], "parallax submit: error: the following arguments are required: config"),
+    (["train", TINY, "--nproc", "0"], "parallax train: error: argument --nproc: give a whole number of at least 1; got 0"),
+    (["train", TINY, "--nproc", "-2"], "parallax train: error: argument --nproc: give a whole number of at least 1; got -2"),
+    (["train", TINY, "--nproc", "two"], "parallax train: error: argument --nproc: give a whole number of at least 1; got two"),
+    (["train", TINY, "--max-restarts", "-1"],
+     "parallax train: error: argument --max-restarts: give a whole number of at least 0; got -1"),
+    (["eval", "runs/gpt-tiny", "--nproc", "0"],
+     "parallax eval: error: argument --nproc: give a whole number of at least 1; got 0"),
+    (["eval", "runs/gpt-tiny", "--step", "-1"],
+     "parallax eval: error: argument --step: give a whole number of at least 0; got -1"),
+    (["export", "runs/gpt-tiny", "--out", "hf", "--step", "-1"],
+     "parallax export: error: argument --step: give a whole number of at least 0; got -1"),
+    (["generate", "runs/gpt-tiny", "--prompt", "def", "--step", "-1"],
+     "parallax generate: error: argument --step: give a whole number of at least 0; got -1"),
+    (["checkpoint", "consolidate", "runs/gpt-tiny", "--step", "-1"],
+     "parallax checkpoint consolidate: error: argument --step: give a whole number of at least 0; got -1"),
+    (["plan", TINY, "--search", "--top", "-1"], "parallax plan: error: argument --top: give a whole number of at least 1; got -1"),
+    (["submit", TINY, *CPU_JOB, "--tasks-per-node", "0"],
+     "parallax submit: error: argument --tasks-per-node: give a whole number of at least 1; got 0"),
+    (["submit", TINY, *CPU_JOB, "--warning-seconds", "-5"],
+     "parallax submit: error: argument --warning-seconds: give a whole number of at least 1; got -5"),
+])
+def test_bad_arguments_are_refused_while_they_are_parsed(capsys, argv, expected):
+    """argparse's own error: the usage, then one line naming the flag, exit code 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.splitlines()[-1] == expected and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("flag,value", [("--num-shards", "0"), ("--max-bytes", "0"), ("--max-bytes", "-5")])
+def test_prepare_data_refuses_a_bad_count_before_creating_anything(capsys, tmp_path, flag, value):
+    out = tmp_path / "corpus"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare-data", str(out), flag, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert err.splitlines()[-1] == f"parallax prepare-data: error: argument {flag}: give a whole number of at least 1; got {value}"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--time", "abc"], "--time=abc is not a SLURM time limit; give MINUTES, MINUTES:SECONDS, HOURS:MINUTES:SECONDS, "
+     "DAYS-HOURS, DAYS-HOURS:MINUTES or DAYS-HOURS:MINUTES:SECONDS, e.g. 04:00:00"),
+    (["--time", "1:2:3:4"], "--time=1:2:3:4 is not a SLURM time limit"),
+    (["--time", "00:01:00", "--warning-seconds", "300"], "--warning-seconds=300 is not shorter than --time=00:01:00 "
+     "(60 s): the job would be told to stop before it trained; lower --warning-seconds or raise --time"),
+    (["--time", "5"], "--warning-seconds=300 is not shorter than --time=5 (300 s)"),
+])
+def test_bad_submit_time_is_one_line(capsys, args, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["submit", TINY, *CPU_JOB, *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and expected in err, err
+
+
+@pytest.mark.parametrize("time,seconds", [("90", 5400), ("10:30", 630), ("04:00:00", 14400), ("2-12", 216000),
+                                          ("1-0:30", 88200), ("1-00:00:01", 86401), ("UNLIMITED", None), ("0", None)])
+def test_submit_reads_every_slurm_time_format(time, seconds):
+    assert time_limit_seconds(time) == seconds
+
+
 def test_missing_and_malformed_files(capsys, tmp_path):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("model: [1,\n")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
     for path, expected in [(tmp_path / "nope.yaml", "nope.yaml does not exist"),
-                           (bad_yaml, "bad.yaml line 2 is not valid YAML")]:
+                           (bad_yaml, "bad.yaml line 2 is not valid YAML"),
+                           (binary, f"config file {binary} is not UTF-8 text (byte 0xff at offset 0); pass a YAML "
+                            "file saved as UTF-8, such as configs/gpt-tiny.yaml")]:
         with pytest.raises(SystemExit) as exit_info:
             main(["train", str(path)])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.count("\n") == 1 and expected in err, err
+
+
+def test_vocab_size_below_the_tokenizers_is_refused_before_the_model_is_built(tmp_path):
+    """Ids from model.vocab_size up have no embedding row: the first step died in an IndexError."""
+    tokenizer = write_id_tokenizer(tmp_path / "tokenizer.json", 397)  # 400 tokens with the 3 special ones
+    cfg = load_config(TINY, ["model.vocab_size=10", f"data.tokenizer={tokenizer}"])
+    with pytest.raises(ConfigError) as error:
+        cfg.check_vocab_size()
+    assert str(error.value) == (f"model.vocab_size=10 is smaller than the 400 tokens of tokenizer {tokenizer}: ids from "
+                                "10 up have no embedding row; raise model.vocab_size to 400 or more, or remove it to "
+                                "take the tokenizer's")
+    assert cfg.check_vocab_size(tokenized=False) == 10  # the caller's own batches, not the tokenizer's ids
+    assert load_config(TINY, [f"data.tokenizer={tokenizer}"]).check_vocab_size() == 400
+    assert load_config(TINY, ["model.vocab_size=512", f"data.tokenizer={tokenizer}"]).check_vocab_size() == 512
 
 
 def test_overrides_are_typed_and_nested():

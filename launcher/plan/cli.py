@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
+from launcher.arg_types import positive_int
 from launcher.plan.hardware import GPUS, GiB, USABLE_FRACTION, Cluster
 from launcher.plan.startup import CPU_NS_PER_ELEMENT
 from launcher.plan.throughput import DEFAULT_EFFICIENCY, DP_COLLECTIVES, ep_within_node
@@ -19,14 +20,15 @@ if TYPE_CHECKING:  # the model, hence torch, is imported when a plan is made, no
 def add_plan_command(commands) -> None:
     parser = commands.add_parser("plan", help="check on paper that a layout fits the GPUs, and estimate its speed")
     parser.add_argument("config", help="run config YAML, e.g. configs/gpt3-175b.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=8 parallel.zero_stage=2")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="dotted overrides, e.g. parallel.tp=8 parallel.zero_stage=2")
     parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     parser.add_argument("--gpu", default="h100", help=f"one of {', '.join(GPUS)} (default h100)")
     parser.add_argument("--efficiency", type=float, default=DEFAULT_EFFICIENCY,
                         help=f"fraction of peak FLOP/s the compute reaches (default {DEFAULT_EFFICIENCY})")
     parser.add_argument("--search", action="store_true", help="also rank every layout of the cluster that fits")
-    parser.add_argument("--top", type=int, default=10, help="layouts --search prints (default 10)")
+    parser.add_argument("--top", type=positive_int, default=10, help="layouts --search prints (default 10)")
     parser.set_defaults(run=_run)
 
 

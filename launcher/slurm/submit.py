@@ -20,8 +20,9 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
+from launcher.arg_types import positive_int
 from launcher.plan.hardware import GPUS, GiB, Cluster
 from launcher.slurm.jobs import active_job, record_job
 
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "job.sbatch"
 SCRIPT_NAME = "job.sbatch"
 DEFAULT_WARNING_SECONDS = 300
+TIME_FORMATS = ("MINUTES, MINUTES:SECONDS, HOURS:MINUTES:SECONDS, DAYS-HOURS, DAYS-HOURS:MINUTES or "
+                "DAYS-HOURS:MINUTES:SECONDS")  # sbatch --time's
+SLURM_TIME = re.compile(r"(?:([0-9]+)-)?([0-9]+)(?::([0-9]+))?(?::([0-9]+))?")
 CPU_ENVIRONMENT = "export DS_ACCELERATOR=cpu"
 GPU_ENVIRONMENT = """\
 export DS_ACCELERATOR=cuda
@@ -50,11 +54,12 @@ EXCLUSIVE_NODES = """\
 def add_submit_command(commands) -> None:
     parser = commands.add_parser("submit", help="submit a training run to SLURM (sbatch), requeued until it finishes")
     parser.add_argument("config", help="run config YAML, e.g. configs/gpt3-1.3b.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 train.steps=1000")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="dotted overrides, e.g. parallel.tp=2 train.steps=1000")
     parser.add_argument("--nodes", type=int, required=True, help="nodes to allocate")
     parser.add_argument("--gpus-per-node", type=int, required=True,
                         help="GPUs per node, one rank each; 0 submits a CPU job (gloo) and skips the GPU plan")
-    parser.add_argument("--tasks-per-node", type=int, default=None,
+    parser.add_argument("--tasks-per-node", type=positive_int, default=None,
                         help="ranks per node (default: --gpus-per-node, or 1 for a CPU job)")
     parser.add_argument("--cpus-per-task", type=int, default=None,
                         help="cores per rank, for its data workers and threads (default: each node's cores split "
@@ -63,7 +68,7 @@ def add_submit_command(commands) -> None:
     parser.add_argument("--partition", help="sbatch --partition")
     parser.add_argument("--time", help="sbatch --time, e.g. 04:00:00")
     parser.add_argument("--account", help="sbatch --account")
-    parser.add_argument("--warning-seconds", type=int, default=DEFAULT_WARNING_SECONDS,
+    parser.add_argument("--warning-seconds", type=positive_int, default=DEFAULT_WARNING_SECONDS,
                         help="ask SLURM for the warning signal this long before the time limit, to save and "
                         "requeue (default %(default)s; leave time for one step and a save)")
     parser.add_argument("--dry-run", action="store_true", help="print the script; submit and write nothing")
@@ -79,6 +84,11 @@ def _run(args) -> None:
     if args.cpus_per_task is not None and args.cpus_per_task < 1:
         raise ConfigError(f"--cpus-per-task={args.cpus_per_task}: give 1 or more, or leave it out to split each "
                           "node's cores between its ranks")
+    time_limit = time_limit_seconds(args.time) if args.time else None
+    if time_limit is not None and args.warning_seconds >= time_limit:
+        raise ConfigError(f"--warning-seconds={args.warning_seconds} is not shorter than --time={args.time} "
+                          f"({time_limit} s): the job would be told to stop before it trained; lower "
+                          "--warning-seconds or raise --time")
     tasks_per_node = args.tasks_per_node or args.gpus_per_node or 1
     if args.gpus_per_node and tasks_per_node != args.gpus_per_node:
         raise ConfigError(f"--tasks-per-node={tasks_per_node} must equal --gpus-per-node={args.gpus_per_node}: "
@@ -101,6 +111,27 @@ def _run(args) -> None:
     record_job(run_dir, job_id)
     print(f"parallax: submitted job {job_id}: {path}; output in {run_dir}/slurm-{job_id}.out; "
           f"`parallax status {cfg.logging.run_dir}` follows it")
+
+
+def time_limit_seconds(time: str) -> Optional[int]:
+    """sbatch --time in seconds, None for no limit. Read here, so that a malformed one is refused before the
+    plan rather than by sbatch after it, and the warning can be checked to come inside the job."""
+    from launcher.config import ConfigError
+
+    if time.lower() in ("infinite", "unlimited"):
+        return None
+    match = SLURM_TIME.fullmatch(time)
+    if match is None:
+        raise ConfigError(f"--time={time} is not a SLURM time limit; give {TIME_FORMATS}, e.g. 04:00:00")
+    days, *clock = match.groups()
+    numbers = [int(n) for n in clock if n is not None]
+    if days is not None:
+        hours, minutes, seconds = (*numbers, 0, 0)[:3]
+    elif len(numbers) == 3:
+        hours, minutes, seconds = numbers
+    else:
+        hours, (minutes, seconds) = 0, (*numbers, 0)[:2]
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds or None  # sbatch: 0 imposes no limit
 
 
 def _refuse_unless_it_fits(cfg: RunConfig, args) -> None:
