@@ -83,3 +83,17 @@ def test_a_run_dir_that_cannot_be_written_stops_the_run_in_one_line_before_it_bu
         f"parallax: error (rank 0): logging.run_dir {tmp_path / 'notes.txt'} is a file; name a directory"]
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
+
+@pytest.mark.parametrize("cache_dir,strerror", [("/proc/forbidden", "No such file or directory"),
+                                                ("{FILE}", "File exists")])
+def test_a_data_cache_that_cannot_be_written_is_one_line(places, cache_dir, strerror):
+    """Every rank builds the built-in corpus into data.cache_dir, and died with FileNotFoundError or
+    FileExistsError."""
+    from data_pipeline import DataError
+    from data_pipeline.corpus import builtin_corpus
+
+    cache_dir = cache_dir.format(**places)
+    with pytest.raises(DataError) as error:
+        builtin_corpus(Path(cache_dir))
+    assert str(error.value) == (f"cannot cache data in {cache_dir} ({strerror}); set data.cache_dir (or "
+                                "$PARALLAX_CACHE) to a directory you can write")
