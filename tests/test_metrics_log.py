@@ -2,6 +2,7 @@
 and `parallax status` reads the lines it can."""
 import json
 
+from launcher.cli import main
 from launcher.run_log import RunLog
 
 RECORDS = [{"step": 1, "loss": 9.0, "tokens_per_s": 100.0, "step_seconds": 0.5},
@@ -33,3 +34,11 @@ def test_a_whole_log_is_left_as_it_is(tmp_path, capsys):
     RunLog(tmp_path, total_steps=3, enabled=True).close("done")
     assert (tmp_path / "metrics.jsonl").read_bytes() == before and "warning" not in capsys.readouterr().out
 
+
+def test_status_skips_the_lines_it_cannot_read_and_says_how_many(tmp_path, capsys):
+    """A line that was not JSON (JSONDecodeError) or not UTF-8 (UnicodeDecodeError) used to crash it."""
+    write_metrics(tmp_path, b"\xff\xfe not text\n" + TORN)
+    main(["status", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert "progress    step 2/?, loss 8.5000, 120 tokens/s, 0.400 s/step (last logged step)" in captured.out
+    assert captured.err == f"parallax: warning: skipped 2 unreadable lines of {tmp_path / 'metrics.jsonl'}\n"
