@@ -39,9 +39,11 @@ def _eval(args) -> None:
     import json
 
     from launcher.config import load_config
+    from launcher.output_paths import output_file
     from parallel.checkpoint import find_checkpoint
 
     path = find_checkpoint(Path(args.path), args.step)
+    out = output_file(args.out, "--out", default=path / "eval.json")  # before the ranks work, not after
     overrides = [*args.overrides, f"checkpoint.resume={path.resolve()}"]
     if args.batches is not None:
         overrides.append(f"train.eval_batches={args.batches}")
@@ -49,7 +51,6 @@ def _eval(args) -> None:
         overrides.append(f"data.validation={json.dumps([{'path': str(Path(p).resolve())} for p in args.data])}")
     config = path / "config.yaml"
     load_config(config, overrides).check_world_size(args.nproc)
-    out = Path(args.out) if args.out else path / "eval.json"
     _launch(["--evaluate", str(out.resolve()), str(config), *overrides], args.nproc, max_restarts=0)
 
 
@@ -103,10 +104,11 @@ def _launch(entry_args: list[str], nproc: int, max_restarts: int) -> None:
 
 
 def _consolidate(args) -> None:
+    from launcher.output_paths import output_file
     from parallel.checkpoint import consolidate, find_checkpoint
 
     path = find_checkpoint(Path(args.run_dir), args.step)
-    out = Path(args.out) if args.out else Path(args.run_dir) / f"consolidated-{path.name}.pt"
+    out = output_file(args.out, "--out", default=Path(args.run_dir) / f"consolidated-{path.name}.pt")
     n_params = consolidate(path, out)
     print(f"parallax: wrote {out}: {n_params / 1e6:.2f}M fp32 parameters from {path}")
 
@@ -117,14 +119,16 @@ def _export(args) -> None:
 
     if args.dtype not in ("fp32", "bf16"):
         raise ConfigError(f"--dtype {args.dtype} is not supported; choose fp32 or bf16")
+    from launcher.output_paths import output_directory
     from launcher.twin_checkpoint import read_twin_checkpoint
     from models.huggingface import export
     from parallel.checkpoint import read_weights
 
+    out = output_directory(args.out, "--out", new_or_empty=True)
     checkpoint = read_twin_checkpoint(Path(args.path), args.step, "export")
     twin = export(read_weights(checkpoint.path), checkpoint.cfg.model, checkpoint.vocab_size, checkpoint.tokenizer,
-                  Path(args.out), args.dtype, checkpoint.cfg.data.special_tokens)
-    print(f"parallax: wrote {args.out}: {twin.NAME} ({args.dtype}, vocabulary {checkpoint.vocab_size}) "
+                  out, args.dtype, checkpoint.cfg.data.special_tokens)
+    print(f"parallax: wrote {out}: {twin.NAME} ({args.dtype}, vocabulary {checkpoint.vocab_size}) "
           f"from {checkpoint.path}")
 
 
@@ -167,14 +171,17 @@ def _add_data_commands(commands) -> None:
 
     def prepare_data(args) -> None:
         from data_pipeline import prepare_data
+        from launcher.output_paths import output_directory
 
-        shards = prepare_data(args.out_dir, max_bytes=args.max_bytes, num_shards=args.num_shards)
+        out_dir = output_directory(args.out_dir, "OUT_DIR")
+        shards = prepare_data(out_dir, max_bytes=args.max_bytes, num_shards=args.num_shards)
         print(f"parallax: wrote {len(shards)} JSON Lines shards of Python standard library source to {args.out_dir}")
 
     def prepare_tokenizer(args) -> None:
         from data_pipeline import prepare_tokenizer
+        from launcher.output_paths import output_file
 
-        out = prepare_tokenizer(args.sources, args.out, vocab_size=args.vocab_size)
+        out = prepare_tokenizer(args.sources, output_file(args.out, "--out"), vocab_size=args.vocab_size)
         print(f"parallax: wrote byte-level BPE tokenizer ({args.vocab_size} tokens) to {out}")
 
     data = commands.add_parser("prepare-data", help="write the built-in corpus (stdlib source) as shard files")

@@ -10,6 +10,7 @@ after the records of the step it follows (step 0: before the first).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,10 @@ class RunLog:
         self.total_steps, self.enabled, self.tensorboard = total_steps, enabled, tensorboard
         self.live = enabled and sys.stdout.isatty()
         self.started = time.perf_counter()
-        self.metrics = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        metrics = run_dir / "metrics.jsonl"
+        if enabled and (torn := _cut_torn_last_line(metrics)):
+            self.say(f"warning: cut a torn last line ({torn} bytes) off {metrics}: a run stopped while writing it")
+        self.metrics = open(metrics, "a") if enabled else None
         self.eval_seconds = 0.0
 
     def say(self, line: str) -> None:
@@ -67,6 +71,23 @@ class RunLog:
         if self.enabled:
             self.metrics.close()
             print(f"{summary} ({time.perf_counter() - self.started:.0f}s)", flush=True)
+
+
+def _cut_torn_last_line(path: Path) -> int:
+    """Cut off the end of `path` after its last newline, and say how many bytes that was: what a run
+    that died mid-write left of its last record, which the next record appended would join into one
+    line that no reader can parse."""
+    if not path.exists() or path.stat().st_size == 0:
+        return 0
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return 0
+        size = f.tell()
+        f.seek(0)
+        keep = f.read().rfind(b"\n") + 1  # the whole file is read only when it is torn
+        f.truncate(keep)
+    return size - keep
 
 
 def _fmt(value) -> str:

@@ -17,6 +17,7 @@ from data_pipeline import build_dataloader
 from launcher.config import ConfigError, RunConfig
 from launcher.errors import SaveFailed
 from launcher.evaluate import Evaluator
+from launcher.output_paths import output_directory
 from launcher.run_log import RunLog
 from launcher.step_metrics import StepMetrics
 from launcher.stopping import StopRequested, StopVote
@@ -48,6 +49,8 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
     topo = init_topology(tp=p.tp, ep=p.ep, pp=p.pp, timeout_minutes=p.timeout_minutes)
     if cfg.train.precision == "fp16" and topo.device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs CUDA (DeepSpeed's loss scaler); use bf16 or fp32 on CPU")
+    if topo.is_logging_rank:  # the one rank that writes it, before the seconds of building, not after
+        output_directory(cfg.logging.run_dir, "logging.run_dir")
     vocab_size = cfg.check_vocab_size(tokenized=batches is None or cfg.train.eval_interval > 0)
     evaluate = Evaluator.for_run(cfg, topo) if cfg.train.eval_interval else None
     _seed_everything(cfg.train.seed)

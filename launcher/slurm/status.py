@@ -3,6 +3,7 @@ last checkpoint, its last logged step with its throughput, and its last and best
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -37,8 +38,25 @@ def describe(run_dir: Path) -> str:
 
 
 def _records(run_dir: Path) -> list[dict]:
+    """The records of metrics.jsonl. A line that is not one (torn by a crash mid-write, garbled on disk) is
+    skipped with one warning for all of them: the others still tell where the run is."""
     metrics = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    if not metrics.exists():
+        return []
+    records, unreadable = [], 0
+    for line in metrics.read_bytes().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not UTF-8
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif line.strip():
+            unreadable += 1
+    if unreadable:
+        print(f"parallax: warning: skipped {unreadable} unreadable line{'s' if unreadable > 1 else ''} of {metrics}",
+              file=sys.stderr)
+    return records
 
 
 def _jobs(run_dir: Path) -> list[str]:

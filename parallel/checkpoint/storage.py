@@ -12,6 +12,7 @@ import ctypes
 import json
 import os
 import shutil
+import sys
 import threading
 import zlib
 from pathlib import Path
@@ -249,7 +250,9 @@ def _commit_sequence(path: Path) -> int:
 
 def find_checkpoint(run_dir: Path, step: Optional[int] = None) -> Path:
     """The checkpoint of `step` (default: the most recently committed complete one) of a run directory or
-    a checkpoint root, or `run_dir` itself if it is a checkpoint."""
+    a checkpoint root, or `run_dir` itself if it is a checkpoint. Each newer checkpoint found damaged is
+    skipped with one warning line naming it and why, as a resume does: a command must not use an older
+    checkpoint than the newest without saying so. On stderr: `parallax generate`'s stdout is its text alone."""
     if (run_dir / MANIFEST).exists() and step is None:
         problem = verify(run_dir)
         if problem:
@@ -262,4 +265,5 @@ def find_checkpoint(run_dir: Path, step: Optional[int] = None) -> Path:
             return path
         if step is not None:
             raise CheckpointError(f"cannot use checkpoint {path}: {problem}")
+        print(f"parallax: warning: skipping checkpoint {path.name}: {problem}", file=sys.stderr, flush=True)
     raise CheckpointError(f"no complete checkpoint under {root}; pass a run directory that has checkpoints/step-*")
