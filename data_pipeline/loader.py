@@ -8,6 +8,7 @@ the state attached to the last batch consumed from each lane, plus which lane
 is next and how many batches of its current chunk are still due.
 """
 
+import contextlib
 import copy
 import ctypes
 import hashlib
@@ -113,7 +114,8 @@ class PipelineLoader:
         if not self.ready:
             start = time.perf_counter()
             if self.chunks is None:
-                self.chunks = iter(self.torch_loader())  # starting the workers is waiting too
+                with _sigterm_held():  # starting the workers is waiting too
+                    self.chunks = iter(self.torch_loader())
             lane, chunk = next(self.chunks)
             self.data_wait_seconds += time.perf_counter() - start
             if isinstance(chunk, str):
@@ -235,6 +237,20 @@ def as_is(item):
     return item
 
 
+@contextlib.contextmanager
+def _sigterm_held():
+    """SIGTERM held back (pending, not lost) in this thread while it starts the DataLoader workers, which
+    inherit the mask: one that came before a worker had set up its own handling (bind_to_rank) killed it."""
+    if sys.platform != "linux":
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def bind_to_rank(rank_pid: int, worker_id: int) -> None:
     """A DataLoader worker lives and stops as its rank decides (Linux only; elsewhere as torch does)."""
     if sys.platform == "linux":
@@ -261,7 +277,7 @@ def _leave_stop_signals_to_the_rank(rank_pid: int) -> None:
     SIGTERM is blocked in every thread of the worker (threads started later inherit the mask) and one
     thread takes each with its sender's pid. (SIGUSR1, SLURM's warning, is harmless: a worker inherits
     the rank's handler, which only records it.)"""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # already, when started under _sigterm_held
 
     def exit_when_the_rank_says():
         while signal.sigwaitinfo({signal.SIGTERM}).si_pid != rank_pid:
