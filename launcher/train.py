@@ -51,6 +51,8 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
         raise ConfigError("train.precision=fp16 needs CUDA (DeepSpeed's loss scaler); use bf16 or fp32 on CPU")
     if topo.is_logging_rank:  # the one rank that writes it, before the seconds of building, not after
         output_directory(cfg.logging.run_dir, "logging.run_dir")
+    if cfg.checkpoint.dir:  # every rank writes its shard there, first at the first save: hours in, maybe
+        output_directory(cfg.checkpoint.dir, "checkpoint.dir")
     vocab_size = cfg.check_vocab_size(tokenized=batches is None or cfg.train.eval_interval > 0)
     evaluate = Evaluator.for_run(cfg, topo) if cfg.train.eval_interval else None
     _seed_everything(cfg.train.seed)

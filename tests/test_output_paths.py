@@ -72,15 +72,17 @@ def test_eval_keeps_its_default_result_beside_the_checkpoint_it_evaluates(places
     assert launched[0][:2] == ["--evaluate", str((places["CKPT"] / "eval.json").resolve())]
 
 
-def test_a_run_dir_that_cannot_be_written_stops_the_run_in_one_line_before_it_builds(tmp_path):
-    """rank 0 made it only after building the model, engine and data, and died with FileExistsError."""
+@pytest.mark.parametrize("field", ["logging.run_dir", "checkpoint.dir"])
+def test_a_run_or_checkpoint_dir_that_cannot_be_written_stops_the_run_in_one_line_before_it_builds(tmp_path, field):
+    """rank 0 made the run directory only after building the model, engine and data, and died with
+    FileExistsError; a checkpoint.dir was first written at the first save, a warning each interval and a
+    failed run (exit 74) at the last step."""
     (tmp_path / "notes.txt").write_text("keep me")
     proc = subprocess.run([*PARALLAX, "train", "configs/gpt-tiny.yaml", "--nproc", "2", "model.num_layers=2",
-                           "train.steps=2", f"logging.run_dir={tmp_path / 'notes.txt'}"],
+                           "train.steps=2", f"logging.run_dir={tmp_path / 'run'}", f"{field}={tmp_path / 'notes.txt'}"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.splitlines() == [
-        f"parallax: error (rank 0): logging.run_dir {tmp_path / 'notes.txt'} is a file; name a directory"]
+    assert proc.stderr.splitlines() == [f"parallax: error (rank 0): {field} {tmp_path / 'notes.txt'} is a file; name a directory"]
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
