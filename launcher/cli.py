@@ -198,8 +198,16 @@ def _add_data_commands(commands) -> None:
     tokenizer.set_defaults(run=prepare_tokenizer)
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """A bad argument is one line and exit code 2, as all bad input is; argparse printed its usage above
+    it. Every command's parser is one (argparse makes subcommands' parsers of their parent's class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="parallax", description=DESCRIPTION)
+    parser = _OneLineErrors(prog="parallax", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="pretrain on local ranks started by torchrun")
