@@ -32,7 +32,14 @@ class _Section(BaseModel):
 class ParallelConfig(_Section):
     tp: PositiveInt = Field(1, description="tensor-parallel size")
     ep: PositiveInt = Field(1, description="expert-parallel size, carved out of the data-parallel ranks")
-    pp: Literal[1] = Field(1, description="pipeline-parallel size (not yet supported beyond 1)")
+    pp: PositiveInt = Field(1, description="pipeline-parallel size: the layers are split into this many stages, "
+                            "each on its own ranks, and train.grad_accum micro-batches flow through them (1F1B)")
+    virtual_stages: PositiveInt = Field(
+        1, description="model chunks per pipeline rank: above 1, the interleaved 1F1B schedule (Narayanan et al. "
+        "2021), whose bubble is this many times smaller, for as many times more point-to-point messages")
+    pipeline_layers: Optional[list[PositiveInt]] = Field(
+        None, description="layers of each (virtual) stage, in order, pp x virtual_stages numbers summing to "
+        "model.num_layers; default: as even as can be, the first stages taking one more")
     zero_stage: Literal[0, 1, 2, 3] = 1
     sequence_parallel: bool = False
     activation_checkpointing: bool = False
@@ -150,11 +157,62 @@ class RunConfig(_Section):
             )
         if moe is not None and self.parallel.zero_stage == 3:
             raise ValueError("parallel.zero_stage=3 does not support MoE layers in DeepSpeed; use zero_stage 1 or 2")
+        self._fit_pipeline()
         if self.parallel.sequence_parallel and self.data.seq_len % tp:
             raise ValueError(
                 f"parallel.sequence_parallel needs data.seq_len={self.data.seq_len} divisible by parallel.tp={tp}"
             )
         return self
+
+    def _fit_pipeline(self) -> None:
+        """What a pipeline cannot do is refused here, with what to use instead; its layer split is checked."""
+        p, m = self.parallel, self.model
+        if p.virtual_stages > 1 and p.pp == 1:
+            raise ValueError(f"parallel.virtual_stages={p.virtual_stages} interleaves pipeline stages, but "
+                             "parallel.pp=1; set parallel.pp to 2 or more, or virtual_stages=1")
+        if p.pp == 1:
+            if p.pipeline_layers is not None and p.pipeline_layers != [m.num_layers]:
+                raise ValueError("parallel.pipeline_layers splits layers over pipeline stages, but parallel.pp=1; "
+                                 "remove it or set parallel.pp")
+            return
+        if m.arch == "t5":
+            raise ValueError(f"parallel.pp={p.pp}: pipelines are built for decoders (model.arch=gpt); split a T5 "
+                             "with parallel.tp and parallel.zero_stage=3 instead, and set parallel.pp=1")
+        if p.zero_stage > 1:
+            raise ValueError(f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: ZeRO-2/3 partition "
+                             "gradients as each backward runs, which a pipeline runs once per micro-batch and "
+                             "stage; use parallel.zero_stage=1 (optimizer states sharded over DP, as Megatron's "
+                             "distributed optimizer does with pipelines) or 0")
+        if self.train.precision == "fp16":
+            raise ValueError(f"train.precision=fp16 with parallel.pp={p.pp}: the loss scale is applied at the last "
+                             "stage only; use train.precision=bf16")
+        stages = p.pp * p.virtual_stages
+        if p.pipeline_layers is None:
+            if m.num_layers < stages:
+                raise ValueError(f"model.num_layers={m.num_layers} is fewer than parallel.pp x "
+                                 f"parallel.virtual_stages = {stages} stages; every stage needs a layer, so lower "
+                                 "parallel.pp or parallel.virtual_stages")
+        elif len(p.pipeline_layers) != stages or sum(p.pipeline_layers) != m.num_layers:
+            raise ValueError(f"parallel.pipeline_layers={p.pipeline_layers} must give {stages} stages (parallel.pp x "
+                             f"parallel.virtual_stages) whose layers sum to model.num_layers={m.num_layers}")
+        if p.virtual_stages > 1 and self.train.grad_accum % p.pp:
+            raise ValueError(f"train.grad_accum={self.train.grad_accum} micro-batches: the interleaved schedule "
+                             f"(parallel.virtual_stages={p.virtual_stages}) sends them through in groups of "
+                             f"parallel.pp={p.pp}; use a multiple of {p.pp}")
+
+    def stage_layers(self) -> list[range]:
+        """The global layer indices of each (virtual) pipeline stage, in order: [range(L)] without a pipeline."""
+        p, layers = self.parallel, self.model.num_layers
+        stages = p.pp * p.virtual_stages
+        counts = p.pipeline_layers or [layers // stages + (i < layers % stages) for i in range(stages)]
+        starts = [sum(counts[:i]) for i in range(stages)]
+        return [range(start, start + count) for start, count in zip(starts, counts)]
+
+    def pipeline_bubble(self) -> float:
+        """The idle fraction of a step that the pipeline schedule costs: (p - 1) / (v x m + p - 1) for p stages,
+        m micro-batches and v virtual stages per rank (Narayanan et al. 2021); 0 without a pipeline."""
+        p, v, m = self.parallel.pp, self.parallel.virtual_stages, self.train.grad_accum
+        return (p - 1) / (v * m + p - 1)
 
     def _fit_t5(self) -> None:
         """T5 trains by span corruption (its defaults unless the data section sets them) and has no
