@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from data_pipeline.validation import validation_batches
 from launcher.config import RunConfig
+from parallel.pipeline import StepRunner, step_runner
 from parallel.topology import Topology
 
 
@@ -40,18 +40,16 @@ class Evaluator:
                   f"(train.eval_batches={cfg.train.eval_batches})", flush=True)
         return cls(topo, batches)
 
-    def __call__(self, engine, step: int) -> dict:
+    def __call__(self, runner: StepRunner, step: int) -> dict:
         """The record of an evaluation after optimizer step `step` (0: before the first)."""
-        device, started = self.topo.device, time.perf_counter()
-        totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, tokens
+        device, started, engine = self.topo.device, time.perf_counter(), runner.engine
         engine.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
-            for batch in self.batches:
-                inputs = engine.module.batch_inputs(batch)
-                loss_sum, tokens = engine(**{name: t.to(device) for name, t in inputs.items()}, reduction="sum")
-                totals += torch.stack([loss_sum.double(), tokens.double()])
+            micro_batches = [{name: t.to(device) for name, t in engine.module.batch_inputs(batch).items()}
+                             for batch in self.batches]
+            totals = torch.stack(runner.evaluate(micro_batches))  # summed loss, tokens
         engine.train()
-        dist.all_reduce(totals, group=self.topo.dp_group)
+        self.topo.sum_scored(totals)
         loss_sum, tokens = totals.tolist()  # waits for the device, so the clock below includes its work
         loss = loss_sum / tokens
         return {"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": int(tokens),
@@ -73,7 +71,7 @@ def evaluate_checkpoint(cfg: RunConfig, out: Path) -> dict:
     torch.manual_seed(cfg.train.seed)
     _, engine = build_model_and_engine(cfg, topo, vocab_size, init_from=None)  # the checkpoint has the weights
     resumed = Checkpointer(cfg, topo, engine, loader=None).resume()
-    record = evaluate(engine, step=resumed.step)
+    record = evaluate(step_runner(engine, cfg, topo), step=resumed.step)
     result = {"checkpoint": cfg.checkpoint.resume, **record, "layout": topo.describe()}
     if topo.is_logging_rank:
         out.write_text(json.dumps(result, indent=1) + "\n")

@@ -13,7 +13,6 @@ import time
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from parallel.topology import Topology
 
@@ -43,8 +42,8 @@ class StepMetrics:
             torch.cuda.synchronize(self.topo.device)
         seconds = time.perf_counter() - self.started
         losses = torch.stack([p["loss_sum"] for p in self.pending])
-        # Every rank of a DP group holds its own shard's loss; the run's loss is their mean.
-        dist.all_reduce(losses, group=self.topo.dp_group)
+        # Every DP rank's last pipeline stage holds its own shard's loss; the run's loss is their mean.
+        self.topo.sum_scored(losses)
         losses = (losses / self.loss_divisor).tolist()
         records = [{"step": p["step"], "loss": loss, "lr": p["lr"], "grad_norm": _as_float(p["grad_norm"]),
                     "loss_scale": _as_float(p["loss_scale"])} for p, loss in zip(self.pending, losses)]

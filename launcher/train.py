@@ -26,6 +26,8 @@ from models import build_model
 from models.huggingface import import_directory
 from parallel.checkpoint import Checkpointer, Resumed, load_full_state
 from parallel.engine import build_engine, building_model, loss_scale
+from parallel.pipeline import stage_options, step_runner
+from parallel.pipeline.tied import mark_tied_copy
 from parallel.topology import Topology, init_topology
 
 BatchSource = Callable[[Topology], Iterable[torch.Tensor | dict[str, torch.Tensor]]]
@@ -57,6 +59,7 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
     evaluate = Evaluator.for_run(cfg, topo) if cfg.train.eval_interval else None
     _seed_everything(cfg.train.seed)
     model, engine = build_model_and_engine(cfg, topo, vocab_size, init_from=cfg.model.init_from)
+    runner = step_runner(engine, cfg, topo)
     if batches is None:
         loader = build_dataloader(
             cfg.data, micro_batch_size=cfg.train.micro_batch_size, dp_rank=topo.dp_rank, dp_size=topo.dp,
@@ -66,15 +69,20 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
         loader = batches(topo)
     checkpoints = Checkpointer(cfg, topo, engine, loader) if hasattr(loader, "state_dict") else None
     resumed = checkpoints.resume() if checkpoints else Resumed()
-    stream = iter(loader)
+    stream = iter(loader) if topo.reads_batches else None  # a pipeline stage between the ends reads no data
 
     run_dir = Path(cfg.logging.run_dir)
     if topo.is_logging_rank:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         total, active = model.parameter_counts()
-        print(f"parallax: {topo.describe()} zero={p.zero_stage} precision={cfg.train.precision} "
+        print(f"parallax: {topo.describe()}{_schedule(cfg)} zero={p.zero_stage} precision={cfg.train.precision} "
               f"parameters={total / 1e6:.2f}M active/token={active / 1e6:.2f}M run_dir={run_dir}", flush=True)
+        if p.pp > cfg.train.grad_accum:
+            print(f"parallax: warning: train.grad_accum={cfg.train.grad_accum} micro-batches fill fewer than the "
+                  f"parallel.pp={p.pp} stages: the pipeline idles {cfg.pipeline_bubble():.0%} of each step; raise "
+                  f"train.grad_accum to {4 * p.pp} or more (and lower train.micro_batch_size to keep the batch)",
+                  flush=True)
     log = RunLog(run_dir, cfg.train.steps, enabled=topo.is_logging_rank,
                  tensorboard=TensorBoardLog.open(cfg, topo, vocab_size, first_step=resumed.step + 1))
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * topo.dp * cfg.data.seq_len
@@ -84,18 +92,14 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
     first_loss = last_loss = None
     pending_save = None  # the checkpoint being written in the background while training goes on
     if evaluate and first_step == 1:
-        _log_evaluation(evaluate(engine, step=0), log, records)
+        _log_evaluation(evaluate(runner, step=0), log, records)
         metrics.restart_clock(_data_wait(loader))
     for step in range(first_step, cfg.train.steps + 1):
         stop_vote = StopVote(topo.control_group) if checkpoints else None  # travels while the step computes
         lr = engine.get_lr()[0]
-        loss_sum = torch.zeros((), device=topo.device)
-        for _ in range(cfg.train.grad_accum):
-            inputs = model.batch_inputs(next(stream))
-            loss = engine(**{name: tensor.to(topo.device) for name, tensor in inputs.items()})
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach().float()
+        micro_batches = [{name: tensor.to(topo.device) for name, tensor in model.batch_inputs(next(stream)).items()}
+                         for _ in range(cfg.train.grad_accum)] if stream is not None else []
+        loss_sum = runner.train_step(micro_batches)
         metrics.add(step, loss_sum, lr, engine.get_global_grad_norm(), loss_scale(engine))
         tokens_seen += tokens_per_step
 
@@ -108,7 +112,7 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
         if not (save or evaluating or last or step == first_step or step % cfg.logging.interval == 0):
             continue
         step_records = metrics.read(_data_wait(loader), model.moe_metrics())
-        evaluation = evaluate(engine, step) if evaluating else None
+        evaluation = evaluate(runner, step) if evaluating else None
         if stopping and not last:
             log.say(f"stopping after step {step} ({stop_signal.name if stop_signal else 'train.stop_at_step'}): "
                     "saving a checkpoint")
@@ -144,10 +148,22 @@ def build_model_and_engine(cfg: RunConfig, topo: Topology, vocab_size: int, *, i
         model = build_model(
             cfg.model, vocab_size, sequence_parallel=p.sequence_parallel,
             activation_checkpointing=p.activation_checkpointing, expert_parallel_size=p.ep,
+            **stage_options(cfg, topo),
         )
+    mark_tied_copy(model, topo)
     if init_from is not None:  # a checkpoint resumed later overwrites these weights: it wins
         load_full_state(model, import_directory(init_from, cfg.model).state, topo)
     return model, build_engine(model, cfg, topo)
+
+
+def _schedule(cfg: RunConfig) -> str:
+    """The pipeline schedule, for the run's first line; nothing without a pipeline."""
+    p = cfg.parallel
+    if p.pp == 1:
+        return ""
+    schedule = f"interleaved-1f1b(virtual_stages={p.virtual_stages})" if p.virtual_stages > 1 else "1f1b"
+    return (f" schedule={schedule} micro_batches={cfg.train.grad_accum} "
+            f"stage_layers={[len(layers) for layers in cfg.stage_layers()]} bubble={cfg.pipeline_bubble():.1%}")
 
 
 def _log_evaluation(record: dict, log: RunLog, records: Optional[list]) -> None:

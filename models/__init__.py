@@ -17,7 +17,8 @@ class LanguageModel(Protocol):
     """What training asks of a model (models.gpt.GPT, models.t5.T5): an nn.Module whose forward
     takes the keyword arguments `batch_inputs` makes of a batch."""
 
-    blocks: nn.ModuleList | list[nn.Module]  # the transformer layers, in order: the unit ZeRO-3 gathers
+    def layers(self) -> list[nn.Module]:
+        """The transformer layers this model holds, in order."""
 
     @staticmethod
     def batch_inputs(batch: Any) -> dict[str, torch.Tensor]:

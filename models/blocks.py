@@ -64,12 +64,13 @@ def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: s
     return total / scored.sum().clamp(min=1)
 
 
-def moe_metrics(feed_forwards: list[nn.Module]) -> list[dict]:
-    """Per MoE layer, numbered by its block's position among `feed_forwards` (one per block), from the
-    last forward: tokens routed to each expert, the dropped fraction and the router losses."""
+def moe_metrics(feed_forwards: dict[int, nn.Module]) -> list[dict]:
+    """Per MoE layer, numbered by its block's index in the model (`feed_forwards` maps it to the block's
+    feed-forward), from the last forward: tokens routed to each expert, the dropped fraction and the
+    router losses."""
     return [
         {"layer": layer, **{name: value.tolist() for name, value in ff.metrics.items()}}
-        for layer, ff in enumerate(feed_forwards) if isinstance(ff, MoEFeedForward)
+        for layer, ff in feed_forwards.items() if isinstance(ff, MoEFeedForward)
     ]
 
 

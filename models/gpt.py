@@ -26,6 +26,7 @@ Weights are a function of the seed, not of the layout: each rank draws only its 
 seed gives one model at every TP and EP size (models/init.py).
 """
 import math
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -177,6 +178,14 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """The decoder, or under pipeline parallelism one stage of it: the blocks `layers` names (global
+    indices, all by default), with the embedding on the stage that reads tokens (`pre_process`) and
+    the final norm, output layer and loss on the stage that scores them (`post_process`), as in
+    Megatron. Parameters keep the whole model's names (blocks.<global index>....), so a stage draws
+    the weights the whole model has, and a checkpoint does not depend on the split. A tied output
+    layer on a last stage that is not also the first holds its own copy of the embedding, which the
+    pipeline keeps equal to the first stage's (parallel/pipeline/tied.py)."""
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -185,12 +194,16 @@ class GPT(nn.Module):
         sequence_parallel: bool = False,
         activation_checkpointing: bool = False,
         expert_parallel_size: int = 1,
+        layers: Sequence[int] | None = None,
+        pre_process: bool = True,
+        post_process: bool = True,
     ):
         super().__init__()
         self.cfg = cfg
         self.sequence_parallel = sequence_parallel
         self.activation_checkpointing = activation_checkpointing
         self.expert_parallel_size = expert_parallel_size
+        self.pre_process, self.post_process = pre_process, post_process
         self.vocab_size = cfg.padded_vocab_size(vocab_size)
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -199,27 +212,31 @@ class GPT(nn.Module):
         # sqrt(2 x layers) so the residual stream's variance does not grow with depth.
         output_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
 
-        self.embedding = parallel_layer(
-            tensor_parallel.VocabParallelEmbedding, self.vocab_size, cfg.hidden_size, std=cfg.init_std, config=tp_config
-        )
-        self.position_embedding = None
-        if cfg.position_embedding == "learned":  # given a weight, nn.Embedding draws none of its own
+        self.embedding = self.position_embedding = self.final_norm = self.output_layer = None
+        if pre_process or (post_process and cfg.tied):
+            self.embedding = parallel_layer(
+                tensor_parallel.VocabParallelEmbedding, self.vocab_size, cfg.hidden_size, std=cfg.init_std,
+                config=tp_config,
+            )
+        if pre_process and cfg.position_embedding == "learned":  # given a weight, nn.Embedding draws none of its own
             shape = (cfg.max_seq_len, cfg.hidden_size)
             self.position_embedding = nn.Embedding(*shape, _weight=torch.empty(shape))
             draw_normal(self.position_embedding.weight, cfg.init_std)
         self.embedding_dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(
-            Block(cfg, tp_config, output_std, sequence_parallel,
-                  expert_parallel_size if cfg.is_moe_layer(layer) else None)
-            for layer in range(cfg.num_layers)
-        )
-        self.moe_layers = [block.mlp for block in self.blocks if isinstance(block.mlp, MoEFeedForward)]
-        self.final_norm = Norm(cfg, sequence_parallel)
-        # The output layer is the input embedding (tied, GPT-2) or a vocabulary-parallel matrix of its own (Llama).
-        self.output_layer = None if cfg.tied else parallel_layer(
-            tensor_parallel.ColumnParallelLinear, cfg.hidden_size, self.vocab_size, std=cfg.init_std,
-            config=tp_config, bias=False, gather_output=False,
-        )
+        self.blocks = nn.ModuleDict({
+            str(layer): Block(cfg, tp_config, output_std, sequence_parallel,
+                              expert_parallel_size if cfg.is_moe_layer(layer) else None)
+            for layer in (range(cfg.num_layers) if layers is None else layers)
+        })
+        self.moe_layers = [block.mlp for block in self.blocks.values() if isinstance(block.mlp, MoEFeedForward)]
+        if post_process:
+            self.final_norm = Norm(cfg, sequence_parallel)
+            # The output layer is the input embedding (tied, GPT-2) or a vocabulary-parallel matrix of its own (Llama).
+            if not cfg.tied:
+                self.output_layer = parallel_layer(
+                    tensor_parallel.ColumnParallelLinear, cfg.hidden_size, self.vocab_size, std=cfg.init_std,
+                    config=tp_config, bias=False, gather_output=False,
+                )
         initialise(self, torch.initial_seed())  # the seed the caller gave torch.manual_seed
 
     @staticmethod
@@ -230,40 +247,54 @@ class GPT(nn.Module):
     def parameter_counts(self) -> tuple[int, int]:
         return parameter_counts(self, self.cfg, self.expert_parallel_size)
 
-    def moe_metrics(self) -> list[dict]:
-        return moe_metrics([block.mlp for block in self.blocks])
+    def layers(self) -> list[Block]:
+        return list(self.blocks.values())
 
-    def _embed(self, input_ids: torch.Tensor, tp_group) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token embeddings [s, b, h], identical on every TP rank, and their positions; under sequence
-        parallelism the partial lookups are reduce-scattered instead of all-reduced, and this rank
-        gets its slice of the sequence and of the positions."""
-        s = input_ids.shape[1]
-        positions = torch.arange(s, device=input_ids.device)
-        if not self.sequence_parallel:
-            return self.embedding(input_ids).transpose(0, 1), positions
-        partial = vocab_parallel_embedding_partial(self.embedding, input_ids).transpose(0, 1)
-        return reduce_scatter_sequence(partial, tp_group), positions.chunk(self.tp, dim=0)[self.tp_rank]
+    def moe_metrics(self) -> list[dict]:
+        return moe_metrics({int(layer): block.mlp for layer, block in self.blocks.items()})
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean"):
         """input_ids, labels: [b, s]. With labels, the mean next-token loss plus the MoE router losses
         (the training objective), or with reduction="sum" (evaluation) the summed next-token loss and
         the number of tokens scored, so that a mean over any split of the data is exact. Without
         labels, this TP rank's vocabulary slice of the logits, [s, b, padded_vocab / tp]."""
-        tp_group = parallel_state.get_tensor_model_parallel_group()
-        x, positions = self._embed(input_ids, tp_group)  # [s, b, h], or this rank's [s/tp, b, h] under SP
+        x = self.run_layers(self.embed(input_ids), self.blocks)
+        if labels is None or reduction == "sum":
+            return self.head(x, labels, reduction)
+        return self.head(x, labels) + self.router_loss(self.blocks)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The input of the first block, [s, b, h]: token and (learned) position embeddings, identical
+        on every TP rank; under sequence parallelism the partial lookups are reduce-scattered instead of
+        all-reduced, and this rank gets its slice of the sequence, [s/tp, b, h]."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        if self.sequence_parallel:
+            partial = vocab_parallel_embedding_partial(self.embedding, input_ids).transpose(0, 1)
+            x = reduce_scatter_sequence(partial, parallel_state.get_tensor_model_parallel_group())
+            positions = positions.chunk(self.tp, dim=0)[self.tp_rank]
+        else:
+            x = self.embedding(input_ids).transpose(0, 1)
         if self.position_embedding is not None:
             weight = self.position_embedding.weight
             x = x + (replicated_parameter(weight) if self.sequence_parallel else weight)[positions][:, None, :]
-        x = self.embedding_dropout(x)
+        return self.embedding_dropout(x)
 
-        for block in self.blocks:
+    def run_layers(self, x: torch.Tensor, layers: Iterable[str | int]) -> torch.Tensor:
+        """x through the blocks `layers` names (global indices), in order."""
+        for layer in layers:
+            block = self.blocks[str(layer)]
             x = checkpoint(block, x, use_reentrant=False) if self.activation_checkpointing else block(x)
-        x = self.final_norm(x)
+        return x
 
+    def router_loss(self, layers: Iterable[str | int]) -> torch.Tensor | float:
+        """The MoE router losses of the blocks `layers` names, from their last forward (0 for dense blocks)."""
+        mlps = (self.blocks[str(layer)].mlp for layer in layers)
+        return sum(mlp.router_loss for mlp in mlps if isinstance(mlp, MoEFeedForward))
+
+    def head(self, x: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean"):
+        """The last block's output scored: this TP rank's slice of the logits without labels, else the
+        next-token loss (mean, or with reduction="sum" the sum and the number of tokens scored)."""
+        x = self.final_norm(x)
         head = self.embedding.weight if self.output_layer is None else self.output_layer.weight
         logits = vocab_parallel_logits(x, head, self.sequence_parallel)
-        if labels is None:
-            return logits
-        if reduction == "sum":
-            return language_model_loss(logits, labels, reduction)
-        return language_model_loss(logits, labels) + sum(moe.router_loss for moe in self.moe_layers)
+        return logits if labels is None else language_model_loss(logits, labels, reduction)

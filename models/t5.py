@@ -254,13 +254,12 @@ class T5(nn.Module):
     def parameter_counts(self) -> tuple[int, int]:
         return parameter_counts(self, self.cfg, self.expert_parallel_size)
 
-    @property
-    def blocks(self) -> list[Block]:
+    def layers(self) -> list[Block]:
         """The encoder's layers, then the decoder's."""
         return [*self.encoder.blocks, *self.decoder.blocks]
 
     def moe_metrics(self) -> list[dict]:
-        return moe_metrics([block.ff for block in self.blocks])
+        return moe_metrics(dict(enumerate(block.ff for block in self.layers())))
 
     def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 reduction: str = "mean"):

@@ -37,6 +37,9 @@ def deepspeed_config(cfg: RunConfig, topo: Topology) -> dict:
         "zero_optimization": {"stage": cfg.parallel.zero_stage, "sub_group_size": 10**8},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # A pipeline runs a backward per micro-batch and chunk, and steps once: the step, not a count of
+        # backwards, is where gradients are reduced (parallel/pipeline/runner.py).
+        **({"managed_gradient_accumulation": False} if topo.pp > 1 else {}),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

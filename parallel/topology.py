@@ -1,4 +1,4 @@
-"""Process-group topology: which TP, EP, DP (and later PP) groups this rank belongs to.
+"""Process-group topology: which TP, EP, DP and PP groups this rank belongs to.
 
 The TP and DP groups are megatron-core's `parallel_state`, so its tensor-parallel layers find them
 without being told; the expert groups are DeepSpeed's, because its MoE layer and engine look them
@@ -11,6 +11,11 @@ group, over which expert gradients are reduced, is the DP ranks at the same EP p
 are replicated over TP peers and compute identical gradients there, so no reduction crosses TP
 and DeepSpeed's TP-aware gradient norm counts them once. With tp=2, ep=2 on 4 ranks:
 TP {0,1} {2,3}; DP {0,2} {1,3}; EP {0,2} {1,3}; expert-DP {0} {1} {2} {3}.
+
+Pipeline stages are the slowest dimension, as in Megatron: stage s is ranks [s x W/pp, (s+1) x W/pp),
+so TP and DP sit inside a stage (on one node when it fits) and only activations cross between
+stages. The embedding group joins each first-stage rank to the last-stage rank at the same TP and DP
+position: a tied embedding has a copy on both, whose gradients it sums.
 
 Two planes. The groups above are the data plane: on GPUs they are NCCL, which moves device tensors
 and refuses CPU tensors and pickled objects. Everything else (the stop vote, barriers, gathers of
@@ -43,6 +48,7 @@ class Topology:
     tp_rank: int
     dp_rank: int
     ep_rank: int
+    pp_rank: int
     device: torch.device
     control_group: dist.ProcessGroup  # gloo, the whole world: see the module docstring
     save_group: dist.ProcessGroup  # gloo, the whole world, used only by the background save's thread
@@ -56,6 +62,35 @@ class Topology:
     def dp_group(self):
         from megatron.core import parallel_state
         return parallel_state.get_data_parallel_group()
+
+    @property
+    def pp_group(self):
+        from megatron.core import parallel_state
+        return parallel_state.get_pipeline_model_parallel_group()
+
+    @property
+    def embedding_group(self):
+        """This rank and its peer at the other end of the pipeline, when this rank is on either end."""
+        from megatron.core import parallel_state
+        return parallel_state.get_embedding_group()
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def reads_batches(self) -> bool:
+        """The first stage embeds the tokens and the last scores the labels; stages between need no data."""
+        return self.is_first_stage or self.is_last_stage
+
+    @property
+    def writes_loader_state(self) -> bool:
+        """One rank of each DP rank's TP and PP peers, which all read the same batches, saves where they are."""
+        return self.tp_rank == 0 and self.pp_rank == 0
 
     @property
     def ep_group(self):
@@ -76,6 +111,13 @@ class Topology:
     @property
     def is_logging_rank(self) -> bool:
         return self.rank == 0
+
+    def sum_scored(self, tensor: torch.Tensor) -> None:
+        """Sum, in place, a figure that each DP rank's last pipeline stage computes (its loss, its tokens
+        scored) over DP, and bring the sum to every stage: the other stages hold 0."""
+        dist.all_reduce(tensor, group=self.dp_group)
+        if self.pp > 1:
+            dist.all_reduce(tensor, group=self.pp_group)
 
     def describe(self) -> str:
         return f"world={self.world_size} tp={self.tp} ep={self.ep} pp={self.pp} dp={self.dp}"
@@ -165,6 +207,7 @@ def init_topology(tp: int, ep: int = 1, pp: int = 1, timeout_minutes: float = 30
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         ep_rank=deepspeed_groups._get_expert_parallel_rank(expert_group_name(ep)),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         device=device,
         control_group=_control_groups[0],
         save_group=_control_groups[1],
@@ -173,14 +216,22 @@ def init_topology(tp: int, ep: int = 1, pp: int = 1, timeout_minutes: float = 30
 
 class DeepSpeedMPU:
     """The `mpu` DeepSpeed asks for, answering from megatron's groups: DeepSpeed reduces gradients
-    over the data-parallel group and counts each tensor-parallel shard once in the global norm."""
+    over the data-parallel group, and sums the squares of the global gradient norm over the model-
+    parallel group (TP x PP: every stage's parameters) counting each parameter replicated over TP
+    once, by its tensor-parallel rank. The pipeline size places its expert groups within a stage."""
 
     def __init__(self):
         from megatron.core import parallel_state
 
-        self.get_model_parallel_rank = parallel_state.get_tensor_model_parallel_rank
-        self.get_model_parallel_world_size = parallel_state.get_tensor_model_parallel_world_size
-        self.get_model_parallel_group = parallel_state.get_tensor_model_parallel_group
+        self.get_tensor_model_parallel_rank = parallel_state.get_tensor_model_parallel_rank
+        self.get_tensor_model_parallel_world_size = parallel_state.get_tensor_model_parallel_world_size
+        self.get_tensor_model_parallel_group = parallel_state.get_tensor_model_parallel_group
+        self.get_pipeline_model_parallel_rank = parallel_state.get_pipeline_model_parallel_rank
+        self.get_pipeline_model_parallel_world_size = parallel_state.get_pipeline_model_parallel_world_size
+        self.get_pipeline_model_parallel_group = parallel_state.get_pipeline_model_parallel_group
+        self.get_model_parallel_rank = parallel_state.get_model_parallel_group().rank
+        self.get_model_parallel_world_size = parallel_state.get_model_parallel_group().size
+        self.get_model_parallel_group = parallel_state.get_model_parallel_group
         self.get_data_parallel_rank = parallel_state.get_data_parallel_rank
         self.get_data_parallel_world_size = parallel_state.get_data_parallel_world_size
         self.get_data_parallel_group = parallel_state.get_data_parallel_group

@@ -107,7 +107,7 @@ def test_save_keeps_the_last_k_and_points_latest_at_the_newest(reference):
         assert names == {"shard-00000.pt", "shard-00001.pt", "data-00000.pt", "data-00001.pt", "client.pt", "config.yaml"}
     client = torch.load(root / "step-00000030" / "client.pt", weights_only=True)
     assert client["step"] == STEPS and client["tokens"] == STEPS * 8 * 32  # micro-batch 4 x DP 2 x seq_len 32
-    assert "data" not in client and client["layout"] == {"world_size": 2, "tp": 1, "ep": 1, "dp": 2, "zero_stage": 1}
+    assert "data" not in client and client["layout"] == {"world_size": 2, "tp": 1, "ep": 1, "dp": 2, "pp": 1, "stage_layers": [2], "zero_stage": 1}
 
 
 def test_the_loop_logs_how_long_it_waited_for_data(reference):

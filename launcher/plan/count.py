@@ -143,7 +143,7 @@ def built_count(m: ModelConfig, vocab_size: int, tp: int, ep: int = 1) -> Parame
     return ParameterCount(
         per_rank=sum(p.numel() for p in parameters),
         total=total,
-        per_layer_per_rank=max(sum(p.numel() for p in block.parameters()) for block in model.blocks),
+        per_layer_per_rank=max(sum(p.numel() for p in block.parameters()) for block in model.layers()),
         experts_per_rank=experts,
         active=active if experts else None,
     )

@@ -142,3 +142,25 @@ def refresh_model_weights(engine) -> None:
             opt._reassign_or_swap_out_partitioned_parameters(sub_group)
     elif hasattr(opt, "update_lp_params"):
         opt.update_lp_params()
+
+
+def count_once_across_stages(param) -> None:
+    """Leave `param`, a copy of a parameter another pipeline stage holds, out of the global gradient
+    norm (DeepSpeed skips parameters so marked, as its PipelineEngine marks tied copies) and out of
+    checkpoints (held_pieces)."""
+    from deepspeed.runtime.constants import PIPE_REPLICATED
+
+    setattr(param, PIPE_REPLICATED, True)
+
+
+def is_copy_across_stages(param) -> bool:
+    from deepspeed.runtime.constants import PIPE_REPLICATED
+
+    return getattr(param, PIPE_REPLICATED, False)
+
+
+def accumulated_gradient(param) -> torch.Tensor:
+    """The gradient of `param` accumulated over the step's micro-batches, where the optimizer reduces
+    and steps from: the bf16 optimizer's fp32 copy, else the parameter's own `.grad`."""
+    fp32 = getattr(param, "_hp_grad", None)
+    return fp32 if fp32 is not None else param.grad

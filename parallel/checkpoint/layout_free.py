@@ -71,7 +71,8 @@ def saved_name(name: str, param, topo, num_experts: int) -> str:
 def held_pieces(engine, topo, num_experts: int, staging: dict) -> dict:
     """What this rank writes: a copy in CPU memory of the fragment its optimizer holds of each
     parameter, unless a peer holds the very same numbers and writes them instead (the TP peers of a
-    replicated parameter, the DP replicas at ZeRO-0). Every number is written once, and no rank
+    replicated parameter, the DP replicas at ZeRO-0, the first pipeline stage for the last stage's
+    copy of a tied embedding). Every number is written once, and no rank
     waits for another.
 
     The copies are made into `staging`, host buffers kept from the previous save (whose write the
@@ -86,7 +87,7 @@ def held_pieces(engine, topo, num_experts: int, staging: dict) -> dict:
     pieces = {}
     for (name, param), writer in zip(named, writers):
         dim = _tp_partition(param)
-        if dim is None and topo.tp_rank != 0:
+        if (dim is None and topo.tp_rank != 0) or ds.is_copy_across_stages(param):
             continue
         if ds.replicated_over_dp(param):
             group = topo.expert_dp_group if is_moe_param(param) else topo.dp_group

@@ -105,7 +105,7 @@ class Checkpointer:
         shard = {"pieces": fmt.held_pieces(self.engine, self.topo, self.num_experts, self._staging), "rng": _rng_state()}
         client = self._client_state(step, tokens)
         # TP peers share their DP rank's data state, so only TP rank 0 sends it
-        data_state = copy.deepcopy(self.loader.state_dict()) if self.topo.tp_rank == 0 else None
+        data_state = copy.deepcopy(self.loader.state_dict()) if self.topo.writes_loader_state else None
         self._pending = PendingSave(lambda: self._write_and_commit(step, shard, client, data_state))
         return self._pending
 
@@ -166,7 +166,8 @@ class Checkpointer:
 
     def _layout(self) -> dict:
         t = self.topo
-        return {"world_size": t.world_size, "tp": t.tp, "ep": t.ep, "dp": t.dp,
+        return {"world_size": t.world_size, "tp": t.tp, "ep": t.ep, "dp": t.dp, "pp": t.pp,
+                "stage_layers": [len(layers) for layers in self.cfg.stage_layers()],
                 "zero_stage": self.cfg.parallel.zero_stage}
 
     def _commit(self, tmp: Path, final: Path, client: dict, files: dict) -> Optional[str]:
@@ -285,7 +286,7 @@ class Checkpointer:
         topo = self.topo
         names = sorted(name for name in manifest["files"] if not name.startswith("shard-"))
         data_states = manifest["layout"]["dp"] == topo.dp
-        own = storage.data_file_name(topo.dp_rank) if data_states and topo.tp_rank == 0 else None
+        own = storage.data_file_name(topo.dp_rank) if data_states and topo.writes_loader_state else None
         dealt = [name for name in names if not (data_states and name.startswith("data-"))]
         return [name for name in names if name == own] + dealt[topo.rank::topo.world_size]
 

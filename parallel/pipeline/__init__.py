@@ -1,0 +1,72 @@
+"""How a rank runs the micro-batches of an optimizer step: through the whole model, or through its
+stage of a pipeline (runner.py, under schedule.py's 1F1B or interleaved 1F1B). The training loop and
+the evaluator call either through `StepRunner`, and do not know which they have."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from launcher.config import RunConfig
+    from parallel.topology import Topology
+
+
+class StepRunner(Protocol):
+    engine: object  # the DeepSpeed engine, whose module is this rank's model (or stage of it)
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Forward and backward every micro-batch (the model's keyword arguments, on the device) and take
+        the optimizer step; returns the summed loss of the micro-batches this rank scored (0 if none)."""
+
+    def evaluate(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The summed loss and number of tokens scored of the micro-batches this rank scored (0, 0 if none)."""
+
+
+class WholeModel:
+    """No pipeline: each micro-batch forward and backward through the engine, which accumulates gradients
+    and updates at the last one."""
+
+    def __init__(self, engine, device: torch.device):
+        self.engine, self.device = engine, device
+
+    def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
+        loss_sum = torch.zeros((), device=self.device)
+        for inputs in micro_batches:
+            loss = self.engine(**inputs)
+            self.engine.backward(loss)
+            self.engine.step()
+            loss_sum += loss.detach().float()
+        return loss_sum
+
+    def evaluate(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for inputs in micro_batches:
+            loss_sum, tokens = self.engine(**inputs, reduction="sum")
+            totals += torch.stack([loss_sum.double(), tokens.double()])
+        return totals[0], totals[1]
+
+
+def stage_chunks(cfg: RunConfig, pp_rank: int) -> list[range]:
+    """The global layers of each model chunk pipeline rank `pp_rank` holds: virtual stages pp_rank, pp_rank + pp, ..."""
+    stages, pp = cfg.stage_layers(), cfg.parallel.pp
+    return [stages[chunk * pp + pp_rank] for chunk in range(cfg.parallel.virtual_stages)]
+
+
+def stage_options(cfg: RunConfig, topo: Topology) -> dict:
+    """build_model's options for this rank's stage: which blocks, and whether it embeds or scores."""
+    if topo.pp == 1:
+        return {}
+    return {"layers": [layer for chunk in stage_chunks(cfg, topo.pp_rank) for layer in chunk],
+            "pre_process": topo.is_first_stage, "post_process": topo.is_last_stage}
+
+
+def step_runner(engine, cfg: RunConfig, topo: Topology) -> StepRunner:
+    if topo.pp == 1:
+        return WholeModel(engine, topo.device)
+    from parallel.engine import PARAMS_DTYPE
+    from parallel.pipeline.runner import Pipeline
+
+    seq_len = cfg.data.seq_len // (topo.tp if cfg.parallel.sequence_parallel else 1)
+    hidden = torch.Size([seq_len, cfg.train.micro_batch_size, cfg.model.hidden_size])
+    return Pipeline(engine, topo, stage_chunks(cfg, topo.pp_rank), hidden, PARAMS_DTYPE[cfg.train.precision])
