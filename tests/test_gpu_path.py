@@ -30,7 +30,7 @@ def test_a_rank_without_its_own_gpu_stops_in_one_line():
 ])
 def test_bf16_accumulates_and_reduces_gradients_in_fp32_at_zero_1_and_2(precision, zero_stage, fp32_gradients):
     cfg = load_config(None, [f"train.precision={precision}", f"parallel.zero_stage={zero_stage}"])
-    topo = Topology(world_size=1, rank=0, tp=1, ep=1, pp=1, dp=1, tp_rank=0, dp_rank=0, ep_rank=0, device=None,
+    topo = Topology(world_size=1, rank=0, tp=1, ep=1, pp=1, dp=1, tp_rank=0, dp_rank=0, ep_rank=0, pp_rank=0, device=None,
                     control_group=None, save_group=None)
     ds = deepspeed_config(cfg, topo)
     assert (ds.get("data_types") == {"grad_accum_dtype": "fp32"}) == fp32_gradients

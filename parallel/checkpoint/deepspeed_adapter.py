@@ -164,3 +164,12 @@ def accumulated_gradient(param) -> torch.Tensor:
     and steps from: the bf16 optimizer's fp32 copy, else the parameter's own `.grad`."""
     fp32 = getattr(param, "_hp_grad", None)
     return fp32 if fp32 is not None else param.grad
+
+
+def start_micro_batch_backward(engine) -> None:
+    """What DeepSpeed's forward hooks do before each backward, for a backward of outputs that did not
+    come out of `engine.forward` (a pipeline stage's): the bf16 optimizer adds `.grad` to its fp32 sum
+    after every backward, so `.grad` must start each one from zero, or a micro-batch is summed again at
+    every later one. DeepSpeed's PipelineEngine does the same (`clear_lp_grads`)."""
+    if hasattr(engine.optimizer, "clear_lp_grads"):
+        engine.optimizer.clear_lp_grads()

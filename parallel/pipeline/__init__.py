@@ -69,4 +69,5 @@ def step_runner(engine, cfg: RunConfig, topo: Topology) -> StepRunner:
 
     seq_len = cfg.data.seq_len // (topo.tp if cfg.parallel.sequence_parallel else 1)
     hidden = torch.Size([seq_len, cfg.train.micro_batch_size, cfg.model.hidden_size])
-    return Pipeline(engine, topo, stage_chunks(cfg, topo.pp_rank), hidden, PARAMS_DTYPE[cfg.train.precision])
+    return Pipeline(engine, topo, stage_chunks(cfg, topo.pp_rank), cfg.train.grad_accum, hidden,
+                    PARAMS_DTYPE[cfg.train.precision])

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from parallel.checkpoint import deepspeed_adapter as ds
 from parallel.pipeline.p2p import StageLink
 from parallel.pipeline.schedule import forward_only, one_f_one_b, virtual_stage
 from parallel.pipeline.tied import sum_tied_embedding_gradients
@@ -36,18 +37,20 @@ class Pipeline:
     layer indices of virtual stage c x pp + pp_rank), with the embedding on the first stage and the
     head on the last."""
 
-    def __init__(self, engine, topo: Topology, chunks: list[range], hidden_shape: torch.Size, dtype: torch.dtype):
+    def __init__(self, engine, topo: Topology, chunks: list[range], micro_batches: int, hidden_shape: torch.Size,
+                 dtype: torch.dtype):
         self.engine, self.model, self.topo, self.chunks = engine, engine.module, topo, chunks
+        self.micro_batches = micro_batches  # per step; the stages between the ends are handed none
         self.last_stage = topo.pp * len(chunks) - 1
         self.payload = [(hidden_shape, dtype), (torch.Size([]), torch.float32)]
 
     def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
         """Forward and backward every micro-batch and take the optimizer step. Returns this rank's
         summed loss of the micro-batches: the real one on the last stage, 0 elsewhere."""
-        link = StageLink(self.topo.pp_group, len(micro_batches), self.payload, self.topo.device)
+        link = StageLink(self.topo.pp_group, self.micro_batches, self.payload, self.topo.device)
         loss_sum = torch.zeros((), device=self.topo.device)
         in_flight: dict[tuple[int, int], _InFlight] = {}
-        for action in one_f_one_b(self.topo.pp, len(self.chunks), len(micro_batches), self.topo.pp_rank):
+        for action in one_f_one_b(self.topo.pp, len(self.chunks), self.micro_batches, self.topo.pp_rank):
             key = (action.micro_batch, action.chunk)
             if action.kind == "forward":
                 in_flight[key] = self._forward(link, micro_batches, *key)
@@ -63,7 +66,7 @@ class Pipeline:
     @torch.no_grad()
     def evaluate(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """The summed loss and the number of tokens scored of the micro-batches, on the last stage (0
-        elsewhere); forwards only."""
+        elsewhere); forwards only. Every stage is handed the validation batches (their number)."""
         link = StageLink(self.topo.pp_group, len(micro_batches), self.payload, self.topo.device)
         totals = torch.zeros(2, dtype=torch.float64, device=self.topo.device)
         for action in forward_only(self.topo.pp, len(self.chunks), len(micro_batches), self.topo.pp_rank):
@@ -98,7 +101,7 @@ class Pipeline:
         return hidden, router_loss + self.model.router_loss(layers), received
 
     def _forward(self, link: StageLink, micro_batches: list[dict], micro_batch: int, chunk: int) -> _InFlight:
-        inputs = micro_batches[micro_batch]
+        inputs = micro_batches[micro_batch] if micro_batches else None  # none between the ends
         hidden, router_loss, received = self._chunk(link, inputs, micro_batch, chunk, requires_grad=True)
         stage = self._stage(chunk)
         if stage == self.last_stage:
@@ -108,6 +111,7 @@ class Pipeline:
 
     def _backward(self, link: StageLink, done: _InFlight, micro_batch: int, chunk: int) -> None:
         stage = self._stage(chunk)
+        ds.start_micro_batch_backward(self.engine)
         if stage == self.last_stage:
             self.engine.backward(done.outputs[0])
         else:

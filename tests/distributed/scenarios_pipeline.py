@@ -31,3 +31,43 @@ def pp2_interleaved_training():
 @scenario(world_size=2)
 def pp2_training_llama_style():
     return run_training(*PIPELINED, "parallel.pp=2", *LLAMA_STYLE)
+
+
+@scenario(world_size=2)
+def pp2_activation_checkpointing_training():
+    return run_training(*PIPELINED, "parallel.pp=2", "parallel.activation_checkpointing=true")
+
+
+@scenario(world_size=2)
+def pp2_bf16_training():
+    return run_training(*PIPELINED, "parallel.pp=2", "train.precision=bf16")
+
+
+@scenario(world_size=4)
+def pp2_tp2_sequence_parallel_training():
+    return run_training(*PIPELINED, "parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true")
+
+
+@scenario(world_size=4)
+def pp2_dp2_zero1_training():
+    return run_training("train.micro_batch_size=2", "train.grad_accum=2", "parallel.zero_stage=1", "parallel.pp=2")
+
+
+@scenario(world_size=4)
+def pp4_training():
+    return run_training(*PIPELINED, "parallel.pp=4", FOUR_LAYERS)
+
+
+@scenario(world_size=4)
+def moe_pp2_ep2_training():
+    """The router's z-loss of the first stage's MoE layer rides the pipeline to the last stage's loss."""
+    return run_training(MOE, NO_AUX, STEPS, "train.micro_batch_size=2", "train.grad_accum=2", "parallel.zero_stage=1",
+                        "parallel.pp=2", "parallel.ep=2")
+
+
+@scenario(world_size=2)
+def dp2_zero1_bf16_grad_accum_training():
+    """bf16 without a pipeline, with the pipelined layouts' micro-batches: what their bf16 runs must match."""
+    return run_training("train.micro_batch_size=1", "train.grad_accum=4", "parallel.zero_stage=1",
+                        "train.precision=bf16")
+

@@ -1,0 +1,36 @@
+"""Issue 25: pipeline parallelism computes what one process computes, at every layout it composes with.
+
+The layouts run on real ranks (gloo, the real DeepSpeed engine) in the suite's scenario launches; see
+tests/distributed/scenarios_pipeline.py. Tolerances are the other parity tests' (fp32 on CPU).
+"""
+import pytest
+
+from tests.test_parity import LOSS_CURVE_TOL, assert_training_matches
+
+
+@pytest.mark.parametrize("layout,reference", [
+    ("pp2_training", "reference_training"),  # GPT-2 style: the embedding is tied, a copy on each end
+    ("pp2_tp2_sequence_parallel_training", "reference_training"),
+    ("pp2_dp2_zero1_training", "reference_training"),
+    ("pp2_activation_checkpointing_training", "reference_training"),
+    ("pp4_training", "reference_training_four_layers"),
+    ("pp2_interleaved_training", "reference_training_four_layers"),
+    ("pp2_training_llama_style", "reference_training_llama_style"),
+    ("moe_pp2_ep2_training", "moe_reference_training"),
+])
+def test_pipelined_loss_curve_matches_one_process(scenario_results, layout, reference):
+    """Loss (from the last stage), global grad norm (over every stage, the tied copy counted once) and lr."""
+    expected = scenario_results(reference)
+    assert expected[-1]["loss"] < expected[0]["loss"], "the reference itself must learn"
+    assert_training_matches(expected, scenario_results(layout), tol=LOSS_CURVE_TOL)
+
+
+def test_pipelined_bf16_trains_as_bf16_does_without_a_pipeline(scenario_results):
+    """bf16 at ZeRO-1 accumulates each micro-batch's gradients in fp32 through the pipeline as without one:
+    a micro-batch summed again at every later backward (DeepSpeed's bf16 optimizer, handed .grad not cleared)
+    trebled the gradient norm."""
+    fp32, bf16 = scenario_results("reference_training"), scenario_results("pp2_bf16_training")
+    plain_bf16 = scenario_results("dp2_zero1_bf16_grad_accum_training")
+    for ref, got, plain in zip(fp32, bf16, plain_bf16):
+        assert abs(got["loss"] - ref["loss"]) < 5e-3 * ref["loss"], f"step {ref['step']}"
+        assert abs(got["grad_norm"] - plain["grad_norm"]) < 0.01 * plain["grad_norm"], f"step {ref['step']}"
