@@ -26,7 +26,7 @@ from models import build_model
 from models.huggingface import import_directory
 from parallel.checkpoint import Checkpointer, Resumed, load_full_state
 from parallel.engine import build_engine, building_model, loss_scale
-from parallel.pipeline import stage_options, step_runner
+from parallel.pipeline import moe_metrics_of_every_stage, stage_options, step_runner, whole_model_parameter_counts
 from parallel.pipeline.tied import mark_tied_copy
 from parallel.topology import Topology, init_topology
 
@@ -72,10 +72,10 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
     stream = iter(loader) if topo.reads_batches else None  # a pipeline stage between the ends reads no data
 
     run_dir = Path(cfg.logging.run_dir)
+    total, active = whole_model_parameter_counts(model, topo)
     if topo.is_logging_rank:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        total, active = model.parameter_counts()
         print(f"parallax: {topo.describe()}{_schedule(cfg)} zero={p.zero_stage} precision={cfg.train.precision} "
               f"parameters={total / 1e6:.2f}M active/token={active / 1e6:.2f}M run_dir={run_dir}", flush=True)
         if p.pp > cfg.train.grad_accum:
@@ -111,7 +111,7 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
         evaluating = evaluate is not None and (last or step % cfg.train.eval_interval == 0)
         if not (save or evaluating or last or step == first_step or step % cfg.logging.interval == 0):
             continue
-        step_records = metrics.read(_data_wait(loader), model.moe_metrics())
+        step_records = metrics.read(_data_wait(loader), moe_metrics_of_every_stage(model, topo))
         evaluation = evaluate(runner, step) if evaluating else None
         if stopping and not last:
             log.say(f"stopping after step {step} ({stop_signal.name if stop_signal else 'train.stop_at_step'}): "

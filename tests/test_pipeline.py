@@ -34,3 +34,27 @@ def test_pipelined_bf16_trains_as_bf16_does_without_a_pipeline(scenario_results)
     for ref, got, plain in zip(fp32, bf16, plain_bf16):
         assert abs(got["loss"] - ref["loss"]) < 5e-3 * ref["loss"], f"step {ref['step']}"
         assert abs(got["grad_norm"] - plain["grad_norm"]) < 0.01 * plain["grad_norm"], f"step {ref['step']}"
+
+
+def test_tied_embedding_copies_stay_equal_and_count_once(scenario_results):
+    """The first stage's embedding and the last stage's copy get the summed gradient and stay the same
+    bits; the run reports the whole model's parameters, the copy counted once."""
+    tied = scenario_results("pp2_tied_embedding_copies")
+    assert tied["moved"] and tied["equal"]
+    assert tied["counts"] == tied["whole_model"]
+
+
+def test_moe_figures_of_every_stage_are_logged(scenario_results):
+    """Rank 0 (the first stage) logs the MoE layers of every stage, by their index in the model."""
+    record = scenario_results("moe_pp2_ep2_training")[0]
+    assert [layer["layer"] for layer in record["moe"]] == [0, 1]
+
+
+@pytest.mark.parametrize("layout", ["eval_gpt_pp2", "eval_gpt_pp2_tp2_sequence_parallel"])
+def test_held_out_loss_through_a_pipeline_matches_one_process(scenario_results, layout):
+    """The same checkpoint's validation loss, scored on the last stage and summed over DP, within 1e-5."""
+    from tests.test_evaluation import EVAL_TOL
+
+    expected, got = scenario_results("eval_gpt_reference"), scenario_results(layout)
+    assert got["eval_tokens"] == expected["eval_tokens"] > 0
+    assert abs(got["eval_loss"] - expected["eval_loss"]) <= EVAL_TOL, (got, expected)

@@ -61,6 +61,34 @@ def stage_options(cfg: RunConfig, topo: Topology) -> dict:
             "pre_process": topo.is_first_stage, "post_process": topo.is_last_stage}
 
 
+def whole_model_parameter_counts(model, topo: Topology) -> tuple[int, int]:
+    """(total, active per token) of the whole model, from any stage's rank: each stage counts its own
+    parameters (the last stage's copy of a tied embedding not again) and the stages add them up."""
+    total, active = model.parameter_counts()
+    if topo.pp == 1:
+        return total, active
+    from parallel.pipeline.tied import holds_tied_copy
+
+    if holds_tied_copy(model, topo):
+        copy = model.embedding.weight.numel() * topo.tp
+        total, active = total - copy, active - copy
+    counts = torch.tensor([total, active], dtype=torch.float64, device=topo.device)
+    torch.distributed.all_reduce(counts, group=topo.pp_group)
+    return int(counts[0]), int(counts[1])
+
+
+def moe_metrics_of_every_stage(model, topo: Topology) -> list[dict]:
+    """The MoE layers' figures of the last forward (LanguageModel.moe_metrics) of every stage of this rank's
+    pipeline, in layer order. A collective over the whole world at a pipeline: every rank calls it."""
+    metrics = model.moe_metrics()
+    if topo.pp == 1 or model.cfg.moe is None:
+        return metrics
+    gathered = [None] * topo.world_size  # Python objects: the control plane's gloo group (parallel/topology.py)
+    torch.distributed.all_gather_object(gathered, metrics, group=topo.control_group)
+    stages = torch.distributed.get_process_group_ranks(topo.pp_group)
+    return sorted((layer for rank in stages for layer in gathered[rank]), key=lambda layer: layer["layer"])
+
+
 def step_runner(engine, cfg: RunConfig, topo: Topology) -> StepRunner:
     if topo.pp == 1:
         return WholeModel(engine, topo.device)

@@ -20,36 +20,31 @@ from tests.distributed.scenarios_t5 import T5_V1_1, span_corrupted_batches, t5_c
 EVAL_BATCHES = 2
 
 
-def evaluate_at(cfg, model_class, batches) -> dict:
+def evaluate_at(cfg, batches) -> dict:
     """Build the model and engine at cfg's layout, load checkpoint.resume if it names one, and evaluate."""
     from launcher.evaluate import Evaluator
-    from launcher.train import _seed_everything
+    from launcher.train import _seed_everything, build_model_and_engine
     from parallel.checkpoint import Checkpointer
-    from parallel.engine import build_engine
+    from parallel.pipeline import step_runner
     from parallel.topology import init_topology
 
     p = cfg.parallel
-    topo = init_topology(tp=p.tp, ep=p.ep)
+    topo = init_topology(tp=p.tp, ep=p.ep, pp=p.pp)
     _seed_everything(cfg.train.seed)
-    model = model_class(cfg.model, VOCAB, sequence_parallel=p.sequence_parallel, expert_parallel_size=p.ep)
-    engine = build_engine(model, cfg, topo)
+    _, engine = build_model_and_engine(cfg, topo, VOCAB, init_from=None)
     if cfg.checkpoint.resume != "none":
         Checkpointer(cfg, topo, engine, loader=None).resume()
-    return Evaluator(topo, list(batches(topo)))(engine, step=10)
+    return Evaluator(topo, list(batches(topo)))(step_runner(engine, cfg, topo), step=10)
 
 
 def gpt_eval(source: str, *overrides: str) -> dict:
-    from models.gpt import GPT
-
     cfg = tiny_config(saved(source), f"train.steps={EVAL_BATCHES}", *overrides)
-    return evaluate_at(cfg, GPT, fixed_batches(cfg))
+    return evaluate_at(cfg, fixed_batches(cfg))
 
 
 def t5_eval(*overrides: str) -> dict:
-    from models.t5 import T5
-
     cfg = t5_config(*T5_V1_1, f"train.steps={EVAL_BATCHES}", "checkpoint.resume=none", *overrides)
-    return evaluate_at(cfg, T5, span_corrupted_batches(cfg))
+    return evaluate_at(cfg, span_corrupted_batches(cfg))
 
 
 def switch_t5(ep: int, dp: int) -> tuple[str, ...]:
