@@ -247,7 +247,7 @@ class RunConfig(_Section):
         if world_size % (p.tp * p.pp):
             raise ConfigError(
                 f"parallel: world size {world_size} is not divisible by tp x pp = {p.tp}x{p.pp}; "
-                f"use a multiple of {p.tp * p.pp} ranks or change parallel.tp"
+                f"use a multiple of {p.tp * p.pp} ranks or change parallel.tp or parallel.pp"
             )
         dp = world_size // (p.tp * p.pp)
         if dp % p.ep:

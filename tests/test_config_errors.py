@@ -74,6 +74,39 @@ def test_bad_moe_layout_is_one_line_naming_the_field(capsys, config, args, expec
     assert exit_info.value.code == 2 and err.count("\n") == 1 and expected in err, err
 
 
+@pytest.mark.parametrize("config,args,expected", [
+    (TINY, ["--nproc", "2", "parallel.pp=2", "parallel.zero_stage=2"],
+     "parallel.zero_stage=2 with parallel.pp=2: ZeRO-2/3 partition gradients as each backward runs, which a pipeline "
+     "runs once per micro-batch and stage; use parallel.zero_stage=1"),
+    (TINY, ["--nproc", "2", "parallel.pp=2", "parallel.zero_stage=3"], "parallel.zero_stage=3 with parallel.pp=2"),
+    ("configs/t5-tiny.yaml", ["--nproc", "2", "parallel.pp=2"],
+     "parallel.pp=2: pipelines are built for decoders (model.arch=gpt); split a T5 with parallel.tp and "
+     "parallel.zero_stage=3 instead, and set parallel.pp=1"),
+    (TINY, ["--nproc", "2", "parallel.pp=2", "train.precision=fp16"],
+     "train.precision=fp16 with parallel.pp=2: the loss scale is applied at the last stage only; use "
+     "train.precision=bf16"),
+    (TINY, ["--nproc", "2", "parallel.pp=2", "parallel.zero_stage=0", "train.precision=bf16"],
+     "train.precision=bf16 at parallel.zero_stage=0 with parallel.pp=2 and a tied embedding"),
+    (TINY, ["--nproc", "4", "parallel.pp=4", "parallel.virtual_stages=2"],
+     "model.num_layers=4 is fewer than parallel.pp x parallel.virtual_stages = 8 stages"),
+    (TINY, ["--nproc", "2", "parallel.pp=2", "parallel.pipeline_layers=[1,2]"],
+     "parallel.pipeline_layers=[1, 2] must give 2 stages (parallel.pp x parallel.virtual_stages) whose layers sum "
+     "to model.num_layers=4"),
+    (TINY, ["--nproc", "2", "parallel.virtual_stages=2"],
+     "parallel.virtual_stages=2 interleaves pipeline stages, but parallel.pp=1; set parallel.pp to 2 or more"),
+    (TINY, ["--nproc", "2", "parallel.pp=2", "parallel.virtual_stages=2", "train.grad_accum=3"],
+     "train.grad_accum=3 micro-batches: the interleaved schedule (parallel.virtual_stages=2) sends them through in "
+     "groups of parallel.pp=2; use a multiple of 2"),
+    (TINY, ["--nproc", "3", "parallel.pp=2"],
+     "world size 3 is not divisible by tp x pp = 1x2; use a multiple of 2 ranks or change parallel.tp or parallel.pp"),
+])
+def test_a_pipeline_that_cannot_work_is_one_line_saying_what_to_use(capsys, config, args, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", config, *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and expected in err, err
+
+
 @pytest.mark.parametrize("argv,expected", [
     (["train"], "parallax train: error: the following arguments are required: config"),
     (["eval"], "parallax eval: error: the following arguments are required: RUN|CHECKPOINT"),

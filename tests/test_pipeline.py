@@ -58,3 +58,37 @@ def test_held_out_loss_through_a_pipeline_matches_one_process(scenario_results, 
     expected, got = scenario_results("eval_gpt_reference"), scenario_results(layout)
     assert got["eval_tokens"] == expected["eval_tokens"] > 0
     assert abs(got["eval_loss"] - expected["eval_loss"]) <= EVAL_TOL, (got, expected)
+
+
+def test_a_pipelined_run_logs_the_last_stages_loss_once_as_one_process_logs_it(tmp_path):
+    """`parallax train` at PP=2 on the real data pipeline: its first line names the schedule, it warns that one
+    micro-batch leaves half of each step idle, and rank 0 (the first stage) logs the loss the last stage
+    computed, the held-out loss and the same figures to TensorBoard, equal to one process's run."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.test_tensorboard import events, scalars
+
+    def train(run_dir, *args):
+        proc = subprocess.run([sys.executable, "-c", "from launcher.cli import main; main()", "train",
+                               "configs/gpt-tiny.yaml", "model.num_layers=2", "train.steps=3", "train.micro_batch_size=2",
+                               "logging.interval=1", "checkpoint.interval=0", "train.eval_batches=2",
+                               f"logging.run_dir={run_dir}", *args], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return proc.stdout, records
+
+    _, alone = train(tmp_path / "one", "--nproc", "1")
+    out, piped = train(tmp_path / "pp2", "--nproc", "2", "parallel.pp=2")
+    assert "world=2 tp=1 ep=1 pp=2 dp=1 schedule=1f1b micro_batches=1 stage_layers=[1, 1] bubble=50.0%" in out
+    assert "warning: train.grad_accum=1 micro-batches fill fewer than the parallel.pp=2 stages: the pipeline idles " \
+           "50% of each step" in out
+    assert [r["step"] for r in piped] == [r["step"] for r in alone] == [0, 1, 2, 3, 3]  # eval, 3 steps, eval
+    tb = events(tmp_path / "pp2" / "tensorboard")
+    for ours, theirs in zip(piped, alone):
+        if "loss" in ours:
+            assert abs(ours["loss"] - theirs["loss"]) <= LOSS_CURVE_TOL and ours["loss"] > 0
+            assert scalars(tb, "train/loss")[ours["step"]] == pytest.approx(ours["loss"], rel=1e-6)
+        else:
+            assert abs(ours["eval_loss"] - theirs["eval_loss"]) <= 1e-5
