@@ -32,6 +32,7 @@ import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -52,6 +53,10 @@ class Topology:
     device: torch.device
     control_group: dist.ProcessGroup  # gloo, the whole world: see the module docstring
     save_group: dist.ProcessGroup  # gloo, the whole world, used only by the background save's thread
+    # The pipeline's ranks again, for gradients going back: NCCL matches a pair's point-to-point messages in the
+    # order they are posted, ignoring tags, and at pp=2 with virtual stages activations and gradients travel
+    # between the same two ranks in orders that differ at each end. A group of their own keeps them apart.
+    pp_gradient_group: Optional[dist.ProcessGroup] = None
 
     @property
     def tp_group(self):
@@ -197,6 +202,9 @@ def init_topology(tp: int, ep: int = 1, pp: int = 1, timeout_minutes: float = 30
         distributed_timeout_minutes=int(math.ceil(timeout_minutes)),
     )
     create_expert_groups(ep)
+    stage_size = world_size // pp
+    pp_gradient_groups = [dist.new_group([first + stage * stage_size for stage in range(pp)], timeout=timeout)
+                          for first in range(stage_size)] if pp > 1 else [None]
     return Topology(
         world_size=world_size,
         rank=dist.get_rank(),
@@ -211,6 +219,7 @@ def init_topology(tp: int, ep: int = 1, pp: int = 1, timeout_minutes: float = 30
         device=device,
         control_group=_control_groups[0],
         save_group=_control_groups[1],
+        pp_gradient_group=pp_gradient_groups[dist.get_rank() % stage_size],
     )
 
 

@@ -9,7 +9,10 @@ language-model loss, so that router losses of every stage reach the objective an
 
 Sends never wait: each is started and kept until the step ends, and a rank waits only for what it
 receives. Each message has a tag of its own (kind, micro-batch, virtual stage, tensor), so gloo
-matches it whatever order two ranks reach their sends and receives in.
+matches it whatever order two ranks reach their sends and receives in. NCCL ignores tags and matches
+a pair's messages in the order each end posts them: every rank runs its forwards (and its backwards)
+in the same order of (micro-batch, chunk), so one kind of message between two ranks is posted in the
+same order at both ends, and gradients travel on a group of their own (Topology.pp_gradient_group).
 """
 from __future__ import annotations
 
@@ -20,11 +23,11 @@ ACTIVATION, GRADIENT = 0, 1
 
 
 class StageLink:
-    def __init__(self, pp_group, micro_batches: int, payload: list[tuple[torch.Size, torch.dtype]],
-                 device: torch.device):
+    def __init__(self, topo, micro_batches: int, payload: list[tuple[torch.Size, torch.dtype]]):
         from megatron.core import parallel_state
 
-        self.group, self.micro_batches, self.payload, self.device = pp_group, micro_batches, payload, device
+        self.micro_batches, self.payload, self.device = micro_batches, payload, topo.device
+        self.groups = {ACTIVATION: topo.pp_group, GRADIENT: topo.pp_gradient_group}
         self.next_rank = parallel_state.get_pipeline_model_parallel_next_rank()
         self.prev_rank = parallel_state.get_pipeline_model_parallel_prev_rank()
         self.in_flight: list[tuple[dist.Work, torch.Tensor]] = []
@@ -54,12 +57,12 @@ class StageLink:
     def _send(self, tensors, kind, micro_batch, to_stage, peer) -> None:
         for index, tensor in enumerate(tensors):
             tensor = tensor.detach().contiguous()
-            work = dist.isend(tensor, dst=peer, group=self.group, tag=self._tag(kind, micro_batch, to_stage, index))
+            work = dist.isend(tensor, dst=peer, group=self.groups[kind], tag=self._tag(kind, micro_batch, to_stage, index))
             self.in_flight.append((work, tensor))
 
     def _receive(self, kind, micro_batch, stage, peer) -> list[torch.Tensor]:
         tensors = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in self.payload]
-        works = [dist.irecv(tensor, src=peer, group=self.group, tag=self._tag(kind, micro_batch, stage, index))
+        works = [dist.irecv(tensor, src=peer, group=self.groups[kind], tag=self._tag(kind, micro_batch, stage, index))
                  for index, tensor in enumerate(tensors)]
         for work in works:
             work.wait()

@@ -47,7 +47,7 @@ class Pipeline:
     def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
         """Forward and backward every micro-batch and take the optimizer step. Returns this rank's
         summed loss of the micro-batches: the real one on the last stage, 0 elsewhere."""
-        link = StageLink(self.topo.pp_group, self.micro_batches, self.payload, self.topo.device)
+        link = StageLink(self.topo, self.micro_batches, self.payload)
         loss_sum = torch.zeros((), device=self.topo.device)
         in_flight: dict[tuple[int, int], _InFlight] = {}
         for action in one_f_one_b(self.topo.pp, len(self.chunks), self.micro_batches, self.topo.pp_rank):
@@ -67,7 +67,7 @@ class Pipeline:
     def evaluate(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """The summed loss and the number of tokens scored of the micro-batches, on the last stage (0
         elsewhere); forwards only. Every stage is handed the validation batches (their number)."""
-        link = StageLink(self.topo.pp_group, len(micro_batches), self.payload, self.topo.device)
+        link = StageLink(self.topo, len(micro_batches), self.payload)
         totals = torch.zeros(2, dtype=torch.float64, device=self.topo.device)
         for action in forward_only(self.topo.pp, len(self.chunks), len(micro_batches), self.topo.pp_rank):
             inputs = micro_batches[action.micro_batch]
