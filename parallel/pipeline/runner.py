@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from parallel.checkpoint import deepspeed_adapter as ds
 from parallel.pipeline.p2p import StageLink
@@ -71,13 +70,12 @@ class Pipeline:
         totals = torch.zeros(2, dtype=torch.float64, device=self.topo.device)
         for action in forward_only(self.topo.pp, len(self.chunks), len(micro_batches), self.topo.pp_rank):
             inputs = micro_batches[action.micro_batch]
-            hidden, _, _ = self._chunk(link, inputs, action.micro_batch, action.chunk, requires_grad=False)
+            hidden, router_loss, _ = self._chunk(link, inputs, action.micro_batch, action.chunk, requires_grad=False)
             if self._stage(action.chunk) == self.last_stage:
                 loss_sum, tokens = self.model.head(hidden, inputs["labels"], reduction="sum")
                 totals += torch.stack([loss_sum.double(), tokens.double()])
             else:
-                link.send_activations([hidden, torch.zeros((), device=self.topo.device)], action.micro_batch,
-                                      self._stage(action.chunk) + 1)
+                link.send_activations([hidden, router_loss], action.micro_batch, self._stage(action.chunk) + 1)
         link.finish()
         return totals[0], totals[1]
 
