@@ -202,9 +202,9 @@ def init_topology(tp: int, ep: int = 1, pp: int = 1, timeout_minutes: float = 30
         distributed_timeout_minutes=int(math.ceil(timeout_minutes)),
     )
     create_expert_groups(ep)
-    stage_size = world_size // pp
+    stage_size = world_size // pp  # every rank makes every group, in the same order, as torch requires
     pp_gradient_groups = [dist.new_group([first + stage * stage_size for stage in range(pp)], timeout=timeout)
-                          for first in range(stage_size)] if pp > 1 else [None]
+                          if pp > 1 else None for first in range(stage_size)]
     return Topology(
         world_size=world_size,
         rank=dist.get_rank(),
