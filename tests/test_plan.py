@@ -535,3 +535,41 @@ def test_a_pipeline_the_world_cannot_hold_is_one_line_naming_tp_and_pp(capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1, err
     assert "world size 1024 is not divisible by tp x pp = 8x12; use a multiple of 96 ranks" in err
+
+
+@pytest.mark.parametrize("tp,pp,virtual_stages", [(1, 2, 1), (2, 3, 1), (2, 2, 2)])
+@pytest.mark.parametrize("arch", [(), LLAMA_STYLE, ("model.moe.num_experts=4",)], ids=["gpt2", "llama", "moe"])
+def test_meta_stage_build_matches_the_closed_form(tp, pp, virtual_stages, arch):
+    """Each pipeline rank's stage, as training builds it (its blocks; the embedding on the first; the
+    final norm and output layer, tied or not, on the last), holds what the closed form says."""
+    from launcher.plan.count import held
+    from launcher.plan.pipeline import pipeline_ranks
+
+    cfg = load_config(None, ["model.num_layers=6", "model.hidden_size=128", "model.num_heads=16",
+                             "model.ffn_hidden_size=320", "model.vocab_size=1000", *arch, "train.precision=bf16",
+                             f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.virtual_stages={virtual_stages}",
+                             "train.grad_accum=6"])
+    ep = 2 if cfg.model.moe else 1
+    ranks = pipeline_ranks(cfg)
+    built = [built_count(cfg.model, 1000, tp, ep, rank) for rank in ranks]
+    assert [held(b) for b in built] == [held(closed_form_count(cfg.model, 1000, tp, ep, rank)) for rank in ranks]
+    whole = closed_form_count(cfg.model, 1000, tp, ep)
+    copy = 0 if not cfg.model.tied else 1024 * 128 // tp  # the last stage's copy of a tied embedding
+    assert sum(b.per_rank for b in built) == whole.per_rank + copy
+
+
+@pytest.mark.parametrize("pp,virtual_stages,micro_batches", [(4, 1, 8), (4, 1, 2), (4, 2, 8), (3, 3, 6), (5, 2, 5)])
+def test_micro_batches_in_flight_are_the_real_schedules(pp, virtual_stages, micro_batches):
+    """The plan's count is the most forwards parallel/pipeline/schedule.py has run and not yet run back,
+    on every rank, in chunks of 1/v of the rank's layers."""
+    from launcher.plan.pipeline import micro_batches_in_flight
+    from parallel.pipeline.schedule import one_f_one_b
+
+    cfg = load_config(GPT3, [f"parallel.pp={pp}", f"parallel.virtual_stages={virtual_stages}",
+                             f"train.grad_accum={micro_batches}"])
+    for rank in range(pp):
+        outstanding = peak = 0
+        for action in one_f_one_b(pp, virtual_stages, micro_batches, rank):
+            outstanding += 1 if action.kind == "forward" else -1
+            peak = max(peak, outstanding)
+        assert micro_batches_in_flight(cfg, rank) == peak / virtual_stages, rank

@@ -75,8 +75,8 @@ def render(p: Plan) -> str:
                                         ("experts' capacity padding", cfg.model.moe)) if present])
     pp = cfg.parallel.pp
     lines = [
-        f"model     {p.count} (rank 0 of {built} built on the meta device"
-        + (f"; per GPU: the fullest pipeline rank's share, closed form)" if pp > 1 else ")"),
+        f"model     {p.count} (rank 0 of {built}" + (f" x pp={pp}, each stage" if pp > 1 else "")
+        + " built on the meta device)",
         f"layout    {p.layout()}; global batch {p.global_batch} x {cfg.data.seq_len} tokens, {precision}",
         *(_pipeline_lines(p) if pp > 1 else []),
         "memory per GPU                                                             GiB",

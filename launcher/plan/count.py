@@ -141,16 +141,22 @@ def _t5_closed_form_count(m: ModelConfig, vocab_size: int, tp: int, ep: int) -> 
     )
 
 
-def built_count(m: ModelConfig, vocab_size: int, tp: int, ep: int = 1) -> ParameterCount:
+def built_count(m: ModelConfig, vocab_size: int, tp: int, ep: int = 1,
+                rank: PipelineRank | None = None) -> ParameterCount:
     """Build rank 0 of a TP=`tp`, EP=`ep` layout on the meta device and count what it holds; the
-    model's own parameter_counts() gives the total and active figures a training run prints."""
+    model's own parameter_counts() gives the total and active figures a training run prints. With
+    `rank`, the stage that pipeline rank builds in training (parallel/pipeline's stage_options: its
+    blocks, the embedding on the first, the final norm and output layer on the last), whose
+    parameter_counts() are the stage's own."""
     import torch
 
     from models import build_model
     from models.moe import is_expert_parameter
 
+    stage = {} if rank is None else {"layers": list(rank.layers), "pre_process": rank.first,
+                                     "post_process": rank.last}
     with _fake_model_parallel_world(tp, ep if m.moe else None), torch.device("meta"):
-        model = build_model(m, vocab_size, expert_parallel_size=ep)
+        model = build_model(m, vocab_size, expert_parallel_size=ep, **stage)
         total, active = model.parameter_counts()
     parameters = list(model.parameters())
     experts = sum(p.numel() for p in parameters if is_expert_parameter(p))
@@ -163,12 +169,21 @@ def built_count(m: ModelConfig, vocab_size: int, tp: int, ep: int = 1) -> Parame
     )
 
 
-def checked_count(m: ModelConfig, vocab_size: int, tp: int, ep: int = 1) -> ParameterCount:
-    built = built_count(m, vocab_size, tp, ep)
-    expected = closed_form_count(m, vocab_size, tp, ep)
-    if built != expected:
+def checked_count(m: ModelConfig, vocab_size: int, tp: int, ep: int = 1,
+                  rank: PipelineRank | None = None) -> ParameterCount:
+    """The closed form, refused unless the meta build agrees. For a pipeline rank the build and the
+    closed form must agree on what the GPU holds; the closed form's total is the model's, the build's
+    its stage's."""
+    built = built_count(m, vocab_size, tp, ep, rank)
+    expected = closed_form_count(m, vocab_size, tp, ep, rank)
+    if (built if rank is None else held(built)) != (expected if rank is None else held(expected)):
         raise RuntimeError(f"the meta-built model ({built}) disagrees with the closed form ({expected})")
-    return built
+    return expected
+
+
+def held(count: ParameterCount) -> tuple[int, int, int]:
+    """What a GPU holds: its parameters, the largest block's share, its experts."""
+    return count.per_rank, count.per_layer_per_rank, count.experts_per_rank
 
 
 @contextmanager

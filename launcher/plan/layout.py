@@ -68,10 +68,10 @@ def plan(cfg: RunConfig, cluster: Cluster, *, count: ParameterCount | None = Non
     """Plan `cfg` on `cluster`. `count` is rank 0 of the TP x EP layout without a pipeline; without it,
     rank 0 is built on the meta device and counted, and checked against the closed form.
 
-    With a pipeline, each pipeline rank is planned from the closed form for its own layers and ends of
-    the model (the meta build has checked every per-layer term it sums): the plan shows the rank that
-    needs the most memory, which decides whether the layout fits, and the step of the slowest rank,
-    which the others wait for."""
+    With a pipeline, each pipeline rank is planned on its own: its stage as training builds it, on the
+    meta device and checked against the closed form, or given `count` (the search), the closed form
+    alone. The plan shows the rank that needs the most memory, which decides whether the layout fits,
+    and the step of the slowest rank, which the others wait for."""
     if not 0 < efficiency <= 1:
         raise ConfigError(f"--efficiency={efficiency} must be a fraction of peak in (0, 1], e.g. 0.5")
     dp = cfg.check_world_size(cluster.world_size)
@@ -83,7 +83,8 @@ def plan(cfg: RunConfig, cluster: Cluster, *, count: ParameterCount | None = Non
     if p.pp == 1:  # the unpipelined arithmetic, on the meta build's count
         planned = [(None, model_count)]
     else:
-        planned = [(rank, closed_form_count(cfg.model, vocab_size, p.tp, p.ep, rank)) for rank in ranks]
+        stage_count = closed_form_count if count else checked_count
+        planned = [(rank, stage_count(cfg.model, vocab_size, p.tp, p.ep, rank)) for rank in ranks]
     memories = [memory_per_gpu(cfg, c, dp, vocab_size, rank) for rank, c in planned]
     steps = [step_estimate(cfg, cluster, c, dp, vocab_size, efficiency, rank) for rank, c in planned]
     fullest = max(range(len(planned)), key=lambda i: memories[i].total)
