@@ -252,7 +252,8 @@ class RunConfig(_Section):
         dp = world_size // (p.tp * p.pp)
         if dp % p.ep:
             raise ConfigError(
-                f"parallel.ep={p.ep} does not divide the data-parallel size {dp} ({world_size} ranks / tp {p.tp}), "
+                f"parallel.ep={p.ep} does not divide the data-parallel size {dp} ({world_size} ranks / tp {p.tp}"
+                + (f" / pp {p.pp}" if p.pp > 1 else "") + "), "
                 f"which the experts are sharded over; choose parallel.ep from {_divisors(dp)} or use more ranks"
             )
         return dp

@@ -1,6 +1,8 @@
 """Issue 8: `parallax plan` counts the real model on the meta device, plans memory and step time, and
 reproduces published facts (GPT-3, T-NLG, T5 and Llama sizes, T-NLG's V100 layout, a real engine's
-memory). Issue 16: the same for the GPT's Llama-style options (GQA, SwiGLU, no biases, untied)."""
+memory). Issue 16: the same for the GPT's Llama-style options (GQA, SwiGLU, no biases, untied).
+Issue 25 point 7: pipelines (what a stage holds and keeps in flight, the bubble, point-to-point
+traffic, PP in the search) and the published 3D layouts of GPT-3 175B and MT-NLG 530B."""
 import re
 from pathlib import Path
 
@@ -165,7 +167,7 @@ def test_checkpoint_host_ram_is_what_a_real_save_copies(scenario_results):
     assert f"{tnlg.checkpoint_host_bytes * 8 / 2**30:.2f} GiB per node" in out
 
 
-@pytest.mark.parametrize("name,cluster", [("gpt3-175b", Cluster.of(128, 8, "a100")),
+@pytest.mark.parametrize("name,cluster", [("gpt3-175b", Cluster.of(96, 8, "a100")),  # its published cluster
                                           ("llama3-70b", Cluster.of(64, 8, "h100"))])
 def test_flops_are_six_per_parameter_per_token_plus_attention(name, cluster):
     """Kaplan et al.'s 6N per token, from the parameter count, against Megatron's FLOP count: GPT-3's
@@ -353,3 +355,221 @@ def test_startup_is_each_ranks_own_weights_as_built_and_their_draw_time():
     assert startup.init_seconds == pytest.approx(rank.per_rank * CPU_NS_PER_ELEMENT * 1e-9)
     zero3 = startup_per_rank(load_config(TNLG, ["train.precision=bf16", "parallel.zero_stage=3"]), rank, dp=8)
     assert zero3.built_bytes == 2 * (rank.per_rank / 8 + rank.per_layer_per_rank) < startup.built_bytes / 4
+
+# Issue 25 point 7: pipeline parallelism. Megatron's rank order, PP slowest; the first stage holds the
+# embedding, the last the final norm, output layer and loss, a tied embedding both.
+MTNLG, GPT3 = "configs/mtnlg-530b.yaml", "configs/gpt3-175b.yaml"
+MTNLG_CLUSTER, GPT3_CLUSTER = Cluster.of(280, 8, "a100"), Cluster.of(96, 8, "a100")  # their published clusters
+
+
+def test_the_published_3d_layouts_are_the_defaults_and_fit_their_clusters():
+    """MT-NLG (Smith et al. 2022): TP=8 x PP=35 x DP=8 on 280 DGX A100s, ZeRO-1, batch 1920, 3 layers per
+    stage. GPT-3 175B as Megatron-LM trained it (Narayanan et al. 2021): TP=8 x PP=12 x DP=8 on 96 nodes,
+    batch 1536, 8 layers per stage."""
+    for path, cluster, (tp, pp, dp, batch, layers) in ((MTNLG, MTNLG_CLUSTER, (8, 35, 8, 1920, 3)),
+                                                      (GPT3, GPT3_CLUSTER, (8, 12, 8, 1536, 8))):
+        cfg = load_config(path)
+        planned = closed_form_plan(cfg, cluster)
+        assert (cfg.parallel.tp, cfg.parallel.pp, planned.dp, cfg.parallel.zero_stage) == (tp, pp, dp, 1), path
+        assert planned.global_batch == batch and {len(stage) for stage in cfg.stage_layers()} == {layers}, path
+        assert planned.fits, path
+        # ZeRO-1's optimizer share over DP; the weights and gradients of one stage's layers only
+        assert planned.memory.parameters < 2 * planned.count.total / (tp * pp) * 1.1
+
+
+def test_cli_says_mtnlg_fits_its_published_cluster_with_its_bubble(capsys):
+    with pytest.raises(SystemExit) as fits:
+        main(["plan", MTNLG, "--nodes", "280", "--gpus-per-node", "8", "--gpu", "a100"])
+    out = capsys.readouterr().out
+    assert fits.value.code == 0, out
+    assert "tp=8 pp=35 dp=8 zero=1" in out and ": fits" in out
+    assert "35 stages of 3 layers; 1F1B, 240 micro-batches per step; bubble (p-1)/(v m+p-1) = 34/274 = 12.4%" in out
+    assert "pipeline rank 0 of 35: layers 0-2, the embedding; 35 micro-batches in flight" in out
+    assert re.search(r"PP sends +\d+\.\d+ GB per GPU over network", out) and "pipeline bubble 12.4%" in out
+
+
+def test_a_pipeline_rank_holds_its_stages_layers_over_tp_and_its_end_of_the_model():
+    """What a GPU holds: its stage's blocks / TP (replicated norms and biases whole), the first stage the
+    vocabulary-parallel word embedding and the learned positions, the last the final norm and, tied, a
+    copy of the word embedding; untied, the output layer instead."""
+    from launcher.plan.pipeline import pipeline_ranks
+
+    cfg = load_config(GPT3, ["parallel.pp=2"])
+    m, tp = cfg.model, 8
+    whole = closed_form_count(m, 50257, tp)
+    layer, word, positions, norm = whole.per_layer_per_rank, 50304 * 12288 // tp, 2048 * 12288, 2 * 12288
+    assert whole.per_rank == 96 * layer + word + positions + norm  # one rank, one tied matrix
+    first, last = (closed_form_count(m, 50257, tp, rank=rank) for rank in pipeline_ranks(cfg))
+    assert first.per_rank == 48 * layer + word + positions
+    assert last.per_rank == 48 * layer + norm + word
+    assert first.total == last.total == whole.total  # the model's size, the tied copy counted once
+    assert first.per_rank + last.per_rank - word == whole.per_rank  # the second copy is all PP adds
+    planned = closed_form_plan(cfg, GPT3_CLUSTER)
+    assert planned.count == first and planned.rank.index == 0  # the largest stage is the one planned
+    assert planned.memory.parameters == 2 * first.per_rank < 0.51 * 2 * whole.per_rank
+    untied = load_config(GPT3, ["parallel.pp=2", "model.tie_embeddings=false"])
+    first, last = (closed_form_count(untied.model, 50257, tp, rank=rank) for rank in pipeline_ranks(untied))
+    assert (first.per_rank, last.per_rank) == (48 * layer + word + positions, 48 * layer + norm + word)
+    assert first.total == whole.total + 50304 * 12288
+
+
+def test_the_first_stage_of_1f1b_keeps_p_micro_batches_and_interleaving_more():
+    """1F1B: rank r keeps p - r micro-batches (at most m); the first stage's p micro-batches of L/p layers
+    are L layers' worth, what one micro-batch keeps without a pipeline (Korthikanti et al. 2022, 4.2.3).
+    Interleaved: p (1 + (p - 1) / (p v)) on the first rank."""
+    from launcher.plan.pipeline import pipeline_ranks
+
+    def in_flight(*overrides):
+        return [rank.in_flight for rank in pipeline_ranks(load_config(GPT3, list(overrides)))]
+
+    assert in_flight("parallel.pp=4", "train.grad_accum=8") == [4, 3, 2, 1]
+    assert in_flight("parallel.pp=4", "train.grad_accum=2") == [2, 2, 2, 1]
+    assert in_flight("parallel.pp=4", "parallel.virtual_stages=2", "train.grad_accum=8")[0] == 4 * (1 + 3 / 8)
+    assert in_flight("parallel.pp=12", "parallel.virtual_stages=2")[0] == 12 * (1 + 11 / 24)
+    assert in_flight("parallel.pp=1") == [1]
+
+    base = ["parallel.activation_checkpointing=false", "parallel.sequence_parallel=false", "train.grad_accum=8"]
+    unpipelined = load_config(GPT3, [*base, "parallel.pp=1"])
+    piped = load_config(GPT3, [*base, "parallel.pp=4"])
+    first, *_, last = pipeline_ranks(piped)
+    s, b, h, v, t = 2048, 1, 12288, 50304, 8
+    embedding, output = 2 * s * b * h / t, 2 * s * b * h / t + 4 * s * b * v / t  # bf16: 2 bytes per 16-bit unit / 2
+    blocks = activation_bytes(unpipelined, 50257) - embedding - output
+    assert activation_bytes(piped, 50257, first) == pytest.approx(blocks + 4 * embedding)
+    assert activation_bytes(piped, 50257, last) == pytest.approx(blocks / 4 + output)
+    # Checkpointed, the in-flight micro-batches keep each block's input; one block is rebuilt at a time.
+    ckpt = load_config(GPT3, ["parallel.pp=4", "train.grad_accum=8"])
+    rebuilt_and_ends = activation_bytes(ckpt, 50257, first) - 4 * 24 * 2 * s * b * h / t
+    assert rebuilt_and_ends == pytest.approx(activation_bytes(ckpt, 50257) - 96 * 2 * s * b * h / t - output
+                                             + 3 * embedding)
+
+
+def test_the_plan_shows_the_pipeline_rank_that_needs_the_most_memory():
+    """With one micro-batch per step nothing waits in flight, and the last stage's fp32 logits of 192
+    sequences outweigh the first stage's positions: the last rank decides whether it fits."""
+    planned = closed_form_plan(load_config(GPT3, ["train.micro_batch_size=192", "train.grad_accum=1"]), GPT3_CLUSTER)
+    assert planned.rank.index == 11 and planned.rank.last and planned.rank.in_flight == 1
+    default = closed_form_plan(load_config(GPT3), GPT3_CLUSTER)
+    assert default.rank.index == 0 and default.rank.in_flight == 12
+
+
+@pytest.mark.parametrize("virtual_stages,bubble", [(1, 11 / 203), (2, 11 / 395), (4, 11 / 779)])
+def test_step_time_includes_the_bubble_and_interleaving_shrinks_it(virtual_stages, bubble):
+    """GPT-3 175B at p=12, m=192: bubble (p-1)/(v m+p-1). The micro-batch work of the slowest stage (the
+    last: its 8 blocks and the output layer) stretched to busy / (1 - bubble); MFU pays for the idle."""
+    cfg = load_config(GPT3, [f"parallel.virtual_stages={virtual_stages}"])
+    s = closed_form_plan(cfg, GPT3_CLUSTER).step
+    assert s.bubble == pytest.approx(bubble) == cfg.pipeline_bubble()
+    busy = s.compute_seconds + s.tp_seconds + s.ep_seconds
+    assert s.bubble_seconds == pytest.approx(busy * bubble / (1 - bubble))
+    assert s.seconds == pytest.approx(busy / (1 - bubble) + s.dp_seconds + s.p2p_seconds)
+    assert s.mfu == pytest.approx(s.model_flops / (s.seconds * s.peak_flops))
+    h, seq, v = 12288, 2048, 50304
+    last_stage = 8 * (24 * seq * h * h + 4 * seq * seq * h) * 4 + 2 * seq * h * v * 3  # recomputed blocks; output
+    assert s.compute_seconds == pytest.approx(192 * last_stage / 8 / (312e12 * 0.5), rel=1e-6)
+    unpiped = closed_form_plan(load_config(GPT3, ["parallel.pp=1", "parallel.zero_stage=3", "train.grad_accum=16"]),
+                               GPT3_CLUSTER).step
+    assert s.bubble_seconds > 0 and unpiped.bubble_seconds == 0 and unpiped.bubble == 0
+    assert s.compute_seconds > unpiped.compute_seconds  # the last stage's output layer paces the pipeline
+
+
+def test_point_to_point_volume_is_each_micro_batches_activations_and_gradients_per_chunk():
+    """2 v m messages of [s, b, h] per GPU, 1/t of it each under sequence parallelism, over the network
+    when the stages are on different nodes: GPT-3 at p=12, m=192, micro-batch 1, bf16, TP=8."""
+    message = 2048 * 1 * 12288 * 2
+    sp = closed_form_plan(load_config(GPT3), GPT3_CLUSTER).step
+    assert sp.p2p_bytes == pytest.approx(2 * 192 * message / 8)
+    assert sp.p2p_seconds == pytest.approx(sp.p2p_bytes / 25e9)  # HDR InfiniBand per A100
+    interleaved = closed_form_plan(load_config(GPT3, ["parallel.virtual_stages=2"]), GPT3_CLUSTER).step
+    assert interleaved.p2p_bytes == pytest.approx(2 * sp.p2p_bytes)
+    whole = closed_form_plan(load_config(GPT3, ["parallel.sequence_parallel=false"]), GPT3_CLUSTER).step
+    assert whole.p2p_bytes == pytest.approx(2 * 192 * message)
+    one_node = closed_form_plan(load_config(GPT3, ["model.num_layers=8", "parallel.pp=4", "parallel.tp=2",
+                                                   "train.grad_accum=4"]), Cluster.of(1, 8, "a100")).step
+    assert one_node.p2p_seconds == pytest.approx(one_node.p2p_bytes / 300e9)  # NVLink
+    assert closed_form_plan(load_config(GPT3, ["parallel.pp=1", "parallel.zero_stage=3", "train.grad_accum=16"]),
+                            GPT3_CLUSTER).step.p2p_bytes == 0
+
+
+def test_search_finds_pipelined_layouts_for_530b_with_tp_inside_a_node():
+    ranked = search(closed_form_plan(load_config(MTNLG), MTNLG_CLUSTER))
+    assert ranked and all(p.fits and p.global_batch == 1920 for p in ranked)
+    assert all(p.cfg.parallel.tp <= 8 for p in ranked)
+    assert ranked[0].cfg.parallel.pp > 1
+    # dp must divide the batch of 1920 = 2^7 x 15, so every pipeline takes the 7 of 2240 = 2^6 x 5 x 7
+    assert {7, 14, 28, 35} <= {p.cfg.parallel.pp for p in ranked} <= {7, 14, 28, 35, 56, 70}
+    assert all(p.cfg.parallel.zero_stage <= 1 for p in ranked if p.cfg.parallel.pp > 1)
+    assert any(p.layout() == "tp=8 pp=35 dp=8 zero=1 sp=on checkpointing=on micro-batch=1 grad-accum=240"
+               for p in ranked)
+
+
+def test_search_interleaves_where_the_layers_split_evenly():
+    """From an unpipelined layout, the search tries pipelines and, for 24 layers over p stages, the
+    virtual stages whose chunks are whole layers; an interleaved layout runs faster than plain 1F1B at
+    the same layout, its bubble being smaller."""
+    cfg = load_config(GPT3, ["model.num_layers=24", "train.micro_batch_size=1", "train.grad_accum=32",
+                             "parallel.pp=1"])
+    ranked = search(closed_form_plan(cfg, Cluster.of(4, 8, "a100")))
+    assert {p.cfg.parallel.pp for p in ranked} >= {1, 2, 4, 8}
+    interleaved = [p for p in ranked if p.cfg.parallel.virtual_stages > 1]
+    assert interleaved and all(24 % (p.cfg.parallel.pp * p.cfg.parallel.virtual_stages) == 0 for p in interleaved)
+    assert all(p.cfg.train.grad_accum % p.cfg.parallel.pp == 0 for p in interleaved)
+    one = next(p for p in interleaved if "vstages=2" in p.layout())
+    plain = next(p for p in ranked if p.layout() == one.layout().replace("vstages=2 ", ""))
+    assert one.step.bubble < plain.step.bubble and one.step.seconds < plain.step.seconds
+
+
+def test_advice_offers_a_pipeline_when_a_stage_must_hold_less():
+    """GPT-3 unpipelined at TP=8, ZeRO-1 holds 22B parameters per GPU in bf16 with their gradients: too
+    much for 80 GB. Two stages halve it; the gradient accumulation keeps the global batch."""
+    too_big = closed_form_plan(load_config(GPT3, ["parallel.pp=1", "train.grad_accum=16"]), GPT3_CLUSTER)
+    assert not too_big.fits
+    fixes = dict(advice(too_big))
+    assert "parallel.pp=2 train.grad_accum=32" in fixes and fixes["parallel.pp=2 train.grad_accum=32"].fits
+    assert fixes["parallel.pp=2 train.grad_accum=32"].global_batch == too_big.global_batch == 1536
+
+
+def test_a_pipeline_the_world_cannot_hold_is_one_line_naming_tp_and_pp(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", GPT3, "--nodes", "128", "--gpus-per-node", "8", "--gpu", "a100"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert "world size 1024 is not divisible by tp x pp = 8x12; use a multiple of 96 ranks" in err
+
+
+@pytest.mark.parametrize("tp,pp,virtual_stages", [(1, 2, 1), (2, 3, 1), (2, 2, 2)])
+@pytest.mark.parametrize("arch", [(), LLAMA_STYLE, ("model.moe.num_experts=4",)], ids=["gpt2", "llama", "moe"])
+def test_meta_stage_build_matches_the_closed_form(tp, pp, virtual_stages, arch):
+    """Each pipeline rank's stage, as training builds it (its blocks; the embedding on the first; the
+    final norm and output layer, tied or not, on the last), holds what the closed form says."""
+    from launcher.plan.count import held
+    from launcher.plan.pipeline import pipeline_ranks
+
+    cfg = load_config(None, ["model.num_layers=6", "model.hidden_size=128", "model.num_heads=16",
+                             "model.ffn_hidden_size=320", "model.vocab_size=1000", *arch, "train.precision=bf16",
+                             f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.virtual_stages={virtual_stages}",
+                             "train.grad_accum=6"])
+    ep = 2 if cfg.model.moe else 1
+    ranks = pipeline_ranks(cfg)
+    built = [built_count(cfg.model, 1000, tp, ep, rank) for rank in ranks]
+    assert [held(b) for b in built] == [held(closed_form_count(cfg.model, 1000, tp, ep, rank)) for rank in ranks]
+    whole = closed_form_count(cfg.model, 1000, tp, ep)
+    copy = 0 if not cfg.model.tied else 1024 * 128 // tp  # the last stage's copy of a tied embedding
+    assert sum(b.per_rank for b in built) == whole.per_rank + copy
+
+
+@pytest.mark.parametrize("pp,virtual_stages,micro_batches", [(4, 1, 8), (4, 1, 2), (4, 2, 8), (3, 3, 6), (5, 2, 5)])
+def test_micro_batches_in_flight_are_the_real_schedules(pp, virtual_stages, micro_batches):
+    """The plan's count is the most forwards parallel/pipeline/schedule.py has run and not yet run back,
+    on every rank, in chunks of 1/v of the rank's layers."""
+    from launcher.plan.pipeline import micro_batches_in_flight
+    from parallel.pipeline.schedule import one_f_one_b
+
+    cfg = load_config(GPT3, [f"parallel.pp={pp}", f"parallel.virtual_stages={virtual_stages}",
+                             f"train.grad_accum={micro_batches}"])
+    for rank in range(pp):
+        outstanding = peak = 0
+        for action in one_f_one_b(pp, virtual_stages, micro_batches, rank):
+            outstanding += 1 if action.kind == "forward" else -1
+            peak = max(peak, outstanding)
+        assert micro_batches_in_flight(cfg, rank) == peak / virtual_stages, rank

@@ -172,6 +172,34 @@ def test_submit_renders_a_gpu_layout_that_fits_with_one_rank_per_gpu_on_whole_no
     assert calls[1].startswith("scontrol requeue 7 "), calls
 
 
+def test_submit_renders_a_pipeline_layout_that_fits_its_published_cluster(tmp_path):
+    """Issue 25: MT-NLG's TP=8 x PP=35 x DP=8 on 280 DGX A100s goes through the plan (every stage built on
+    the meta device) and is rendered; the world size counts the pipeline stages."""
+    proc = parallax("submit", "configs/mtnlg-530b.yaml", "--nodes", "280", "--gpus-per-node", "8", "--gpu", "a100",
+                    f"logging.run_dir={tmp_path / 'run'}", "--dry-run")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "parallax submit: plan:" in proc.stderr and "fits" in proc.stderr
+    for line in ("#SBATCH --nodes=280", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8"):
+        assert line in proc.stdout, line
+
+
+@pytest.mark.parametrize("nodes,expected", [
+    ("3", "world size 3 is not divisible by tp x pp = 1x2; use a multiple of 2 ranks or change parallel.tp or "
+          "parallel.pp"),
+    ("2", None),
+])
+def test_submit_checks_a_cpu_pipelines_world_size_against_tp_x_pp(tmp_path, nodes, expected):
+    run_dir = tmp_path / "run"
+    proc = parallax("submit", *TINY, "parallel.pp=2", "--nodes", nodes, "--gpus-per-node", "0",
+                    f"logging.run_dir={run_dir}", "--dry-run")
+    if expected:
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and expected in proc.stderr, proc.stderr[-3000:]
+        assert not proc.stdout
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "#SBATCH --nodes=2" in proc.stdout and " parallel.pp=2" in proc.stdout
+
+
 def test_a_rank_whose_master_slurm_cannot_resolve_fails_in_one_line(cluster):
     """Under srun a rank asks slurmctld for the master's address; a node SLURM does not know is a clear error."""
     env = {**cluster.env, "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",

@@ -9,6 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from launcher.arg_types import positive_int
+from launcher.plan import pipeline
 from launcher.plan.hardware import GPUS, GiB, USABLE_FRACTION, Cluster
 from launcher.plan.startup import CPU_NS_PER_ELEMENT
 from launcher.plan.throughput import DEFAULT_EFFICIENCY, DP_COLLECTIVES, ep_within_node
@@ -65,15 +66,19 @@ def render(p: Plan) -> str:
     master = "fp32 master + " if m.optimizer and (precision != "fp32" or stage) else ""
     verdict = "fits" if p.fits else "does NOT fit"
     tp_link = "NVLink" if cfg.parallel.tp <= p.cluster.gpus_per_node else "network"
-    dp_link = "network" if p.cluster.nodes > 1 else "NVLink"
+    pp_link = "NVLink" if pipeline.p2p_within_node(p.cluster) else "network"
+    dp_link = "NVLink" if cfg.parallel.tp * dp <= p.cluster.gpus_per_node else "network"
     ep = cfg.parallel.ep
     built = f"tp={cfg.parallel.tp}" + (f" ep={ep}" if cfg.model.moe else "")
     extra_work = " and ".join(
         [reason for reason, present in (("recomputation", cfg.parallel.activation_checkpointing),
                                         ("experts' capacity padding", cfg.model.moe)) if present])
+    pp = cfg.parallel.pp
     lines = [
-        f"model     {p.count} (rank 0 of {built} built on the meta device)",
+        f"model     {p.count} (rank 0 of {built}" + (f" x pp={pp}, each stage" if pp > 1 else "")
+        + " built on the meta device)",
         f"layout    {p.layout()}; global batch {p.global_batch} x {cfg.data.seq_len} tokens, {precision}",
+        *(_pipeline_lines(p) if pp > 1 else []),
         "memory per GPU                                                             GiB",
         _row(f"  parameters   {precision}, {split(stage >= 3)}", m.parameters),
         _row(f"  gradients    {precision}, {split(stage >= 2)}", m.gradients),
@@ -95,6 +100,10 @@ def render(p: Plan) -> str:
         *([f"  EP all-to-alls {s.ep_bytes / 1e9:10.2f} GB per GPU over "
            f"{'NVLink' if ep_within_node(cfg, p.cluster) else 'network':8}                   {s.ep_seconds:9.3f} s"]
           if cfg.model.moe else []),
+        *([f"  PP sends       {s.p2p_bytes / 1e9:10.2f} GB per GPU over {pp_link:8}                   {s.p2p_seconds:9.3f} s",
+           f"  pipeline bubble {s.bubble:.1%}: idle while the stages fill and drain".ljust(63)
+           + f"{s.bubble_seconds:9.3f} s"]
+          if pp > 1 else []),
         f"  step time {s.seconds:.3f} s, {s.tokens_per_second:,.0f} tokens/s, MFU {s.mfu:.1%} "
         f"of {gpu.peak_tflops[precision]:g} TFLOP/s {precision} peak per {gpu.name}",
         f"start-up  weights built on the GPU in {precision}: {p.startup.built_bytes / GiB:.2f} GiB per rank"
@@ -106,6 +115,20 @@ def render(p: Plan) -> str:
         f"host RAM kept between saves: {p.checkpoint_host_bytes * p.cluster.gpus_per_node / GiB:.2f} GiB per node",
     ]
     return "\n".join(lines)
+
+
+def _pipeline_lines(p: Plan) -> list[str]:
+    """The split, the schedule and its bubble: what the memory and step figures below assume."""
+    cfg = p.cfg
+    pp, v, m = cfg.parallel.pp, cfg.parallel.virtual_stages, cfg.train.grad_accum
+    sizes = sorted({len(stage) for stage in cfg.stage_layers()})
+    schedule = f"interleaved 1F1B, {v} virtual stages per rank" if v > 1 else "1F1B"
+    return [
+        f"pipeline  {pp} stages" + (f" x {v} virtual = {pp * v} chunks" if v > 1 else "")
+        + f" of {' or '.join(map(str, sizes))} layers; {schedule}, {m} micro-batches per step; "
+        f"bubble (p-1)/(v m+p-1) = {pp - 1}/{v * m + pp - 1} = {p.step.bubble:.1%}",
+        f"          planned below: {p.rank.describe(pp)} (the most memory)",
+    ]
 
 
 def render_advice(fixes: list[tuple[str, Plan]]) -> str:

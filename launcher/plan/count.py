@@ -15,8 +15,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from launcher.plan.pipeline import PipelineRank
 
 
 @dataclass(frozen=True)
@@ -36,13 +40,19 @@ class ParameterCount:
         return f"{self.total / 1e9:.2f}B parameters{moe}, {self.per_rank / 1e9:.2f}B per GPU"
 
 
-def closed_form_count(m: ModelConfig, vocab_size: int, tp: int, ep: int = 1) -> ParameterCount:
+def closed_form_count(m: ModelConfig, vocab_size: int, tp: int, ep: int = 1,
+                      rank: PipelineRank | None = None) -> ParameterCount:
+    """What one rank of a TP=`tp`, EP=`ep` layout holds: of the whole model, or with `rank`, of that
+    pipeline rank's layers and the ends of the model it holds (pipelines are GPT-only)."""
     if m.arch == "t5":
+        if rank is not None:
+            raise ValueError("a T5 has no pipeline stages; count it without a pipeline rank")
         return _t5_closed_form_count(m, vocab_size, tp, ep)
-    return _gpt_closed_form_count(m, vocab_size, tp, ep)
+    return _gpt_closed_form_count(m, vocab_size, tp, ep, rank)
 
 
-def _gpt_closed_form_count(m: ModelConfig, vocab_size: int, tp: int, ep: int) -> ParameterCount:
+def _gpt_closed_form_count(m: ModelConfig, vocab_size: int, tp: int, ep: int,
+                           rank: PipelineRank | None) -> ParameterCount:
     """Parameters of models.gpt.GPT: which tensors are split over TP, which every rank replicates, and
     which are experts (num_experts / ep of them per MoE layer on each rank, replicated over TP).
 
@@ -50,7 +60,12 @@ def _gpt_closed_form_count(m: ModelConfig, vocab_size: int, tp: int, ep: int) ->
     (added after the all-reduce) and the norms are replicated. The Llama-style options change the
     shapes, not that rule: grouped-query attention narrows the K and V rows of QKV to num_kv_heads
     heads, SwiGLU adds a column-parallel fc_gate beside fc_in, linear_bias=false drops every bias,
-    and an untied output layer is a second vocabulary-sized matrix, column-parallel."""
+    and an untied output layer is a second vocabulary-sized matrix, column-parallel.
+
+    A pipeline rank holds its own blocks; the first the word embedding (vocabulary-parallel) and learned
+    positions, the last the final norm and the output layer, which when tied is a copy of the word
+    embedding there (one matrix when a single rank is both). The total and the active count are the
+    model's, the tied copy counted once."""
     h, f, L = m.hidden_size, m.ffn_size, m.num_layers
     norm = 2 * h if m.norm == "layernorm" else h
     row_bias = h if m.biased else 0
@@ -62,35 +77,34 @@ def _gpt_closed_form_count(m: ModelConfig, vocab_size: int, tp: int, ep: int) ->
     attention_split = column_parallel(h, qkv_rows) + h * h  # QKV; proj's weight
     mlp_split = (2 if m.swiglu else 1) * column_parallel(h, f) + f * h  # fc_in (and fc_gate); fc_out's weight
     dense_layer = (attention_split + mlp_split, 2 * row_bias + 2 * norm)  # (split, replicated)
-    # Vocabulary-parallel; untied, the output layer is a second such matrix, column-parallel.
-    embedding = m.padded_vocab_size(vocab_size) * h * (1 if m.tied else 2)
-    replicated = (m.max_seq_len * h if m.position_embedding == "learned" else 0) + norm  # + final norm
-    moe_layers = sum(m.is_moe_layer(layer) for layer in range(L))
-    if moe_layers == 0:
-        return ParameterCount(
-            per_rank=L * (dense_layer[0] // tp + dense_layer[1]) + embedding // tp + replicated,
-            total=L * sum(dense_layer) + embedding + replicated,
-            per_layer_per_rank=dense_layer[0] // tp + dense_layer[1],
-        )
     # An MoE layer swaps the MLP for a replicated router (h x experts, no bias) and unsplit experts,
     # each a GeLU MLP with both biases (models.moe.Expert), whatever model.mlp and linear_bias say.
-    e, k = m.moe.num_experts, m.moe.top_k
+    e, k = (m.moe.num_experts, m.moe.top_k) if m.moe else (0, 0)
     expert = 2 * h * f + f + h
     moe_layer = (attention_split, row_bias + 2 * norm + h * e)
-    dense = ParameterCount(
-        per_rank=(L - moe_layers) * (dense_layer[0] // tp + dense_layer[1])
-        + moe_layers * (moe_layer[0] // tp + moe_layer[1]) + embedding // tp + replicated,
-        total=(L - moe_layers) * sum(dense_layer) + moe_layers * sum(moe_layer) + embedding + replicated,
-        per_layer_per_rank=0,
-    )
-    experts_per_rank = moe_layers * e // ep * expert
+
+    def held(layer: int) -> tuple[int, int]:
+        """(parameters, of which experts) this rank holds of block `layer`."""
+        if not m.is_moe_layer(layer):
+            return dense_layer[0] // tp + dense_layer[1], 0
+        experts = e // ep * expert
+        return moe_layer[0] // tp + moe_layer[1] + experts, experts
+
+    word = m.padded_vocab_size(vocab_size) * h  # vocabulary-parallel
+    positions = m.max_seq_len * h if m.position_embedding == "learned" else 0  # replicated
+    layers, first, last = (range(L), True, True) if rank is None else (rank.layers, rank.first, rank.last)
+    ends = ((word // tp + positions if first else 0)
+            + (norm + (0 if m.tied and first else word // tp) if last else 0))
+    blocks = [held(layer) for layer in layers]
+    moe_layers = sum(m.is_moe_layer(layer) for layer in range(L))
+    dense_total = ((L - moe_layers) * sum(dense_layer) + moe_layers * sum(moe_layer)
+                   + word * (1 if m.tied else 2) + positions + norm)
     return ParameterCount(
-        per_rank=dense.per_rank + experts_per_rank,
-        total=dense.total + moe_layers * e * expert,
-        per_layer_per_rank=max(dense_layer[0] // tp + dense_layer[1] if moe_layers < L else 0,
-                               moe_layer[0] // tp + moe_layer[1] + e // ep * expert),
-        experts_per_rank=experts_per_rank,
-        active=dense.total + moe_layers * k * expert,
+        per_rank=sum(n for n, _ in blocks) + ends,
+        total=dense_total + moe_layers * e * expert,
+        per_layer_per_rank=max((n for n, _ in blocks), default=0),
+        experts_per_rank=sum(x for _, x in blocks),
+        active=dense_total + moe_layers * k * expert if moe_layers else None,
     )
 
 
@@ -127,16 +141,22 @@ def _t5_closed_form_count(m: ModelConfig, vocab_size: int, tp: int, ep: int) -> 
     )
 
 
-def built_count(m: ModelConfig, vocab_size: int, tp: int, ep: int = 1) -> ParameterCount:
+def built_count(m: ModelConfig, vocab_size: int, tp: int, ep: int = 1,
+                rank: PipelineRank | None = None) -> ParameterCount:
     """Build rank 0 of a TP=`tp`, EP=`ep` layout on the meta device and count what it holds; the
-    model's own parameter_counts() gives the total and active figures a training run prints."""
+    model's own parameter_counts() gives the total and active figures a training run prints. With
+    `rank`, the stage that pipeline rank builds in training (parallel/pipeline's stage_options: its
+    blocks, the embedding on the first, the final norm and output layer on the last), whose
+    parameter_counts() are the stage's own."""
     import torch
 
     from models import build_model
     from models.moe import is_expert_parameter
 
+    stage = {} if rank is None else {"layers": list(rank.layers), "pre_process": rank.first,
+                                     "post_process": rank.last}
     with _fake_model_parallel_world(tp, ep if m.moe else None), torch.device("meta"):
-        model = build_model(m, vocab_size, expert_parallel_size=ep)
+        model = build_model(m, vocab_size, expert_parallel_size=ep, **stage)
         total, active = model.parameter_counts()
     parameters = list(model.parameters())
     experts = sum(p.numel() for p in parameters if is_expert_parameter(p))
@@ -149,12 +169,21 @@ def built_count(m: ModelConfig, vocab_size: int, tp: int, ep: int = 1) -> Parame
     )
 
 
-def checked_count(m: ModelConfig, vocab_size: int, tp: int, ep: int = 1) -> ParameterCount:
-    built = built_count(m, vocab_size, tp, ep)
-    expected = closed_form_count(m, vocab_size, tp, ep)
-    if built != expected:
+def checked_count(m: ModelConfig, vocab_size: int, tp: int, ep: int = 1,
+                  rank: PipelineRank | None = None) -> ParameterCount:
+    """The closed form, refused unless the meta build agrees. For a pipeline rank the build and the
+    closed form must agree on what the GPU holds; the closed form's total is the model's, the build's
+    its stage's."""
+    built = built_count(m, vocab_size, tp, ep, rank)
+    expected = closed_form_count(m, vocab_size, tp, ep, rank)
+    if (built if rank is None else held(built)) != (expected if rank is None else held(expected)):
         raise RuntimeError(f"the meta-built model ({built}) disagrees with the closed form ({expected})")
-    return built
+    return expected
+
+
+def held(count: ParameterCount) -> tuple[int, int, int]:
+    """What a GPU holds: its parameters, the largest block's share, its experts."""
+    return count.per_rank, count.per_layer_per_rank, count.experts_per_rank
 
 
 @contextmanager

@@ -17,6 +17,10 @@ narrower K and V, a SwiGLU MLP four [s, b, f] tensors where GeLU keeps two. In a
 share is the experts' on their capacity buffer (top_k x capacity factor x tokens, split over TP
 peers, which each send a share through the all-to-all), plus DeepSpeed's einsum dispatch: two
 16-bit [tokens, experts, capacity] masks kept for backward, quadratic in the micro-batch's tokens.
+
+With a pipeline, a GPU holds the model states of its pipeline rank's parameters (launcher/plan/count.py)
+and the activations of its own layers for as many micro-batches as the schedule keeps in flight there
+(launcher/plan/pipeline.py): on the first rank of 1F1B p micro-batches, L layers' worth.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # annotations only: imported at run time, they would make `parallax --help` import torch
     from launcher.config import RunConfig
     from launcher.plan.count import ParameterCount
+    from launcher.plan.pipeline import PipelineRank
 
 # DeepSpeed's default reduce_bucket_size (parallel/engine.py keeps it): from stage 1 the gradients
 # are reduced through a contiguous bucket of this many elements, alive during backward.
@@ -59,7 +64,9 @@ def optimizer_bytes_per_parameter(precision: str, zero_stage: int) -> int:
     return 8 + master
 
 
-def memory_per_gpu(cfg: RunConfig, count: ParameterCount, dp: int, vocab_size: int) -> Memory:
+def memory_per_gpu(cfg: RunConfig, count: ParameterCount, dp: int, vocab_size: int,
+                   rank: PipelineRank | None = None) -> Memory:
+    """Of the rank holding `count`; with a pipeline, of pipeline rank `rank`, whose parameters `count` is."""
     stage, precision = cfg.parallel.zero_stage, cfg.train.precision
     width = BYTES[precision]
     dense, experts = count.per_rank - count.experts_per_rank, count.experts_per_rank
@@ -79,18 +86,22 @@ def memory_per_gpu(cfg: RunConfig, count: ParameterCount, dp: int, vocab_size: i
     return Memory(
         **{name: states(dense, dp, *how) + states(experts, expert_dp, *how) for name, how in per_state.items()},
         buffers=buffers,
-        activations=activation_bytes(cfg, vocab_size),
+        activations=activation_bytes(cfg, vocab_size, rank),
         experts=sum(states(experts, expert_dp, *how) for how in per_state.values()),
     )
 
 
-def activation_bytes(cfg: RunConfig, vocab_size: int) -> float:
-    """Activations one micro-batch keeps for backward (Korthikanti et al. 2022, section 4)."""
+def activation_bytes(cfg: RunConfig, vocab_size: int, rank: PipelineRank | None = None) -> float:
+    """Activations kept for backward (Korthikanti et al. 2022, section 4): of one micro-batch through the
+    whole model, or with `rank`, what that pipeline rank keeps at its peak: rank.in_flight micro-batches'
+    worth of its own layers (launcher/plan/pipeline.py says how many its schedule keeps)."""
     m, p = cfg.model, cfg.parallel
     if m.arch == "t5":
         return _t5_activation_bytes(cfg, vocab_size)
     s, b, h, a, L, t = cfg.data.seq_len, cfg.train.micro_batch_size, m.hidden_size, m.num_heads, m.num_layers, p.tp
     v = m.padded_vocab_size(vocab_size)
+    layers, first, last, in_flight = ((range(L), True, True, 1) if rank is None
+                                      else (rank.layers, rank.first, rank.last, rank.in_flight))
     # Inside the TP region: Q and the projection's input (2sbh each), K and V (2sbh each, narrowed to
     # num_kv_heads heads), scores, softmax and its dropout mask (5as^2b), the MLP's inner tensors.
     # Outside it: both norms' inputs, both sub-layers' inputs and residual dropout masks (10sbh).
@@ -101,15 +112,18 @@ def activation_bytes(cfg: RunConfig, vocab_size: int) -> float:
         one_layer = (10 * s * b * h + inside_tp) / t
     else:
         one_layer = 10 * s * b * h + inside_tp / t
-    moe_layers = sum(m.is_moe_layer(layer) for layer in range(L))
-    moe_layer = one_layer + (_moe_mlp_minus_dense_mlp(cfg) if moe_layers else 0)
+    moe_layer = one_layer + (_moe_mlp_minus_dense_mlp(cfg) if m.moe else 0)
+    whole = [moe_layer if m.is_moe_layer(layer) else one_layer for layer in layers]
     if p.activation_checkpointing:
         # Each block's 16-bit input is kept; one block at a time is rebuilt in full during backward.
-        kept = L * 2 * s * b * h / (t if p.sequence_parallel else 1) + max(one_layer if moe_layers < L else 0, moe_layer)
+        kept = in_flight * len(whole) * 2 * s * b * h / (t if p.sequence_parallel else 1) + max(whole, default=0)
     else:
-        kept = (L - moe_layers) * one_layer + moe_layers * moe_layer
-    # Embedding dropout and final norm (4sbh/t) and the fp32 logits for the cross-entropy (4sbv/t).
-    head = 4 * s * b * h / t * (1 + v / h)
+        kept = in_flight * sum(whole)
+    # Korthikanti's 4sbh/t (1 + v/h) beside the blocks, split between the ends of the model: the
+    # embedding's output and dropout (2sbh/t) on the first stage, for each micro-batch in flight there;
+    # the final norm's and output layer's inputs (2sbh/t) and the fp32 logits for the cross-entropy
+    # (4sbv/t) on the last, whose loss backward frees each micro-batch as soon as it is computed.
+    head = (2 * s * b * h / t * in_flight if first else 0) + (2 * s * b * h / t + 4 * s * b * v / t if last else 0)
     return (kept + head) * BYTES[cfg.train.precision] / 2
 
 

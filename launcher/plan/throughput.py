@@ -16,18 +16,25 @@ Time is compute at an assumed fraction of the GPU's peak plus communication at l
 overlap: TP's collectives sit on the critical path by construction, and parallel/engine.py leaves
 DeepSpeed's overlap_comm at its default (off for stages 1-2). It is an estimate to rank layouts and
 catch hopeless ones, not a promise.
+
+With a pipeline (launcher/plan/pipeline.py) each rank computes its own blocks, the last also the output
+layer, and sends activations and gradients to its neighbouring stages; the slowest rank paces the
+others, and the schedule's bubble idles every rank for (p-1)/(v m+p-1) of the step: a step is the
+micro-batch work / (1 - bubble), so the bubble lowers the MFU it reports.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
+from launcher.plan import pipeline
 from launcher.plan.memory import BYTES
 
 if TYPE_CHECKING:  # annotations only: imported at run time, they would make `parallax --help` import torch
     from launcher.config import RunConfig
     from launcher.plan.count import ParameterCount
     from launcher.plan.hardware import Cluster
+    from launcher.plan.pipeline import PipelineRank
 
 DEFAULT_EFFICIENCY = 0.5  # Megatron-LM reports 44-52% of A100 peak for GPT-3-scale runs
 
@@ -46,10 +53,15 @@ class Step:
     peak_flops: float  # of the whole cluster
     efficiency: float  # the assumed fraction of peak the compute reaches
     tokens: int
+    p2p_bytes: float = 0.0  # sent by one GPU to its neighbouring pipeline stages
+    p2p_seconds: float = 0.0
+    bubble: float = 0.0  # the pipeline's idle fraction of the step
+    bubble_seconds: float = 0.0
 
     @property
     def seconds(self) -> float:
-        return self.compute_seconds + self.tp_seconds + self.dp_seconds + self.ep_seconds
+        return (self.compute_seconds + self.tp_seconds + self.dp_seconds + self.ep_seconds + self.p2p_seconds
+                + self.bubble_seconds)
 
     @property
     def mfu(self) -> float:
@@ -64,19 +76,25 @@ def forward_flops_per_sequence(cfg: RunConfig, vocab_size: int, *, padded: bool 
     """(all blocks, output layer) forward FLOPs for one sequence. An MoE layer's MLP is its router
     plus top_k experts per token, or with `padded`, top_k x capacity factor: what the GPUs compute."""
     m, s = cfg.model, cfg.data.seq_len
-    h, f, L = m.hidden_size, m.ffn_size, m.num_layers
     if m.arch == "t5":
         return _t5_forward_flops(cfg, vocab_size, padded)
+    blocks = sum(layer_forward_flops(cfg, range(m.num_layers), padded))
+    return blocks, 2 * s * m.hidden_size * m.padded_vocab_size(vocab_size)
+
+
+def layer_forward_flops(cfg: RunConfig, layers: Sequence[int], padded: bool = False) -> list[float]:
+    """Forward FLOPs for one sequence of each GPT block in `layers`, by forward_flops_per_sequence's rule."""
+    m, s = cfg.model, cfg.data.seq_len
+    h, f = m.hidden_size, m.ffn_size
     qkv_rows = (m.num_heads + 2 * m.kv_heads) * m.head_dim
     attention = 2 * s * (qkv_rows + h) * h + 4 * s * s * h  # QKV, proj; QK^T and attention x V
     mlp = 2 * s * (3 if m.swiglu else 2) * h * f  # fc_in (fc_gate), fc_out
-    moe_layers = _moe_layers(cfg)
-    blocks = L * attention + (L - moe_layers) * mlp
-    if moe_layers:
+    moe_mlp = 0.0
+    if m.moe:
         expert = 2 * s * 2 * h * f  # models.moe.Expert is a GeLU MLP whatever model.mlp says
         experts_per_token = m.moe.top_k * (m.moe.capacity_factor if padded else 1)
-        blocks += moe_layers * (experts_per_token * expert + 2 * s * h * m.moe.num_experts)
-    return blocks, 2 * s * h * m.padded_vocab_size(vocab_size)
+        moe_mlp = experts_per_token * expert + 2 * s * h * m.moe.num_experts  # and the router
+    return [attention + (moe_mlp if m.is_moe_layer(layer) else mlp) for layer in layers]
 
 
 def _t5_forward_flops(cfg: RunConfig, vocab_size: int, padded: bool) -> tuple[float, float]:
@@ -102,12 +120,14 @@ def _t5_forward_flops(cfg: RunConfig, vocab_size: int, padded: bool) -> tuple[fl
     return encoder + decoder, 2 * s_out * h * m.padded_vocab_size(vocab_size)
 
 
-def tp_bytes_per_step(cfg: RunConfig) -> float:
+def tp_bytes_per_step(cfg: RunConfig, rank: PipelineRank | None = None) -> float:
     """Each block all-reduces its [s, b, h] output twice forward and twice backward (the Megatron f/g
     pair per sub-layer), twice more when recomputed; the embedding and the logits' input add one each.
     Sequence parallelism swaps each all-reduce for a reduce-scatter plus an all-gather: same volume.
     An MoE layer's MLP has no all-reduce: DeepSpeed all-gathers the TP peers' shares of the capacity
-    buffer (top_k x capacity factor x the message) once forward (again when recomputed), once backward."""
+    buffer (top_k x capacity factor x the message) once forward (again when recomputed), once backward.
+    With a pipeline, a rank does this for its own blocks, the embedding's on the first, the logits' on
+    the last."""
     t, p = cfg.parallel.tp, cfg.parallel
     if t == 1:
         return 0.0
@@ -117,27 +137,37 @@ def tp_bytes_per_step(cfg: RunConfig) -> float:
         m = cfg.model
         messages = (2 * m.num_layers * per_sublayer + 1) * s_in + (3 * m.decoder_layers * per_sublayer + 2) * s_out
         return cfg.train.grad_accum * messages * 2 * (t - 1) / t * _message_bytes(cfg) / cfg.data.seq_len
-    moe_layers = _moe_layers(cfg)
-    all_reduces = (2 * cfg.model.num_layers - moe_layers) * per_sublayer + 2
+    layers, ends = _held(cfg, rank)
+    moe_layers = _moe_layers(cfg, layers)
+    all_reduces = (2 * len(layers) - moe_layers) * per_sublayer + ends
     all_gathers = moe_layers * per_sublayer * _capacity_per_token(cfg)  # in messages
     message = _message_bytes(cfg)
     return cfg.train.grad_accum * (all_reduces * 2 + all_gathers) * (t - 1) / t * message
 
 
-def ep_bytes_per_step(cfg: RunConfig) -> float:
+def ep_bytes_per_step(cfg: RunConfig, rank: PipelineRank | None = None) -> float:
     """Each MoE layer sends its capacity buffer (tokens x hidden x top_k x capacity factor, this TP
     rank's 1/t share of it) through two all-to-alls forward (to the experts and back) and two
-    backward, two more when recomputed; (ep-1)/ep of each leaves the GPU."""
+    backward, two more when recomputed; (ep-1)/ep of each leaves the GPU. With a pipeline, a rank's
+    own MoE layers."""
     ep = cfg.parallel.ep
     if ep == 1:
         return 0.0
-    all_to_alls = _moe_layers(cfg) * (6 if cfg.parallel.activation_checkpointing else 4)
+    all_to_alls = _moe_layers(cfg, _held(cfg, rank)[0]) * (6 if cfg.parallel.activation_checkpointing else 4)
     buffer = _capacity_per_token(cfg) * _message_bytes(cfg) / cfg.parallel.tp
     return cfg.train.grad_accum * all_to_alls * (ep - 1) / ep * buffer
 
 
-def _moe_layers(cfg: RunConfig) -> int:
-    return sum(cfg.model.is_moe_layer(layer) for layer in range(cfg.model.num_layers))
+def _moe_layers(cfg: RunConfig, layers: Sequence[int] | None = None) -> int:
+    layers = range(cfg.model.num_layers) if layers is None else layers
+    return sum(cfg.model.is_moe_layer(layer) for layer in layers)
+
+
+def _held(cfg: RunConfig, rank: PipelineRank | None) -> tuple[Sequence[int], int]:
+    """The blocks a rank runs, and how many ends of the model (embedding, output layer) it holds."""
+    if rank is None:
+        return range(cfg.model.num_layers), 2
+    return rank.layers, int(rank.first) + int(rank.last)
 
 
 def _capacity_per_token(cfg: RunConfig) -> float:
@@ -174,35 +204,61 @@ def dp_bytes_per_step(cfg: RunConfig, count: ParameterCount, dp: int) -> float:
 
 
 def step_estimate(cfg: RunConfig, cluster: Cluster, count: ParameterCount, dp: int, vocab_size: int,
-                  efficiency: float = DEFAULT_EFFICIENCY) -> Step:
+                  efficiency: float = DEFAULT_EFFICIENCY, rank: PipelineRank | None = None) -> Step:
+    """The step as the rank holding `count` sees it; with a pipeline, pipeline rank `rank`, whose
+    parameters `count` is. Its compute is its own blocks' (and on the last rank the output layer's)
+    FLOPs over its TP group; its micro-batch work (compute, TP, EP) is stretched by the pipeline's bubble
+    to busy / (1 - bubble); then its stage's gradients cross DP."""
     sequences = cfg.train.micro_batch_size * cfg.train.grad_accum * dp
     blocks, output = forward_flops_per_sequence(cfg, vocab_size)
     computed, _ = forward_flops_per_sequence(cfg, vocab_size, padded=True)
     model_flops = 3 * sequences * (blocks + output)
-    hardware_flops = sequences * ((4 if cfg.parallel.activation_checkpointing else 3) * computed + 3 * output)
+    passes = 4 if cfg.parallel.activation_checkpointing else 3
+    hardware_flops = sequences * (passes * computed + 3 * output)
     peak = cluster.peak_flops(cfg.train.precision) * cluster.world_size
-    tp_bytes, dp_bytes, ep_bytes = tp_bytes_per_step(cfg), dp_bytes_per_step(cfg, count, dp), ep_bytes_per_step(cfg)
+    tp_bytes, dp_bytes = tp_bytes_per_step(cfg, rank), dp_bytes_per_step(cfg, count, dp)
+    ep_bytes = ep_bytes_per_step(cfg, rank)
+    p2p_bytes = pipeline.p2p_bytes_per_step(cfg, _message_bytes(cfg))
     gpu = cluster.gpu
     # TP peers are adjacent ranks, on one node while tp <= gpus_per_node; an EP group is ep
-    # consecutive DP ranks strided by tp, on one node while tp x ep <= gpus_per_node; DP spans nodes
-    # when there are several.
+    # consecutive DP ranks strided by tp, on one node while tp x ep <= gpus_per_node; a stage's DP
+    # group is its tp x dp ranks strided by tp, on one node while they fit one.
     tp_gbs = gpu.intra_node_gbs if cfg.parallel.tp <= cluster.gpus_per_node else gpu.inter_node_gbs
     ep_gbs = gpu.intra_node_gbs if ep_within_node(cfg, cluster) else gpu.inter_node_gbs
-    dp_gbs = gpu.inter_node_gbs if cluster.nodes > 1 else gpu.intra_node_gbs
+    dp_gbs = gpu.intra_node_gbs if cfg.parallel.tp * dp <= cluster.gpus_per_node else gpu.inter_node_gbs
+    p2p_gbs = gpu.intra_node_gbs if pipeline.p2p_within_node(cluster) else gpu.inter_node_gbs
+    compute_seconds = _gpu_flops(cfg, vocab_size, rank, passes) / (peak / cluster.world_size * efficiency)
+    tp_seconds, ep_seconds = tp_bytes / (tp_gbs * 1e9), ep_bytes / (ep_gbs * 1e9)
     return Step(
         model_flops=model_flops,
         hardware_flops=hardware_flops,
-        compute_seconds=hardware_flops / (peak * efficiency),
+        compute_seconds=compute_seconds,
         tp_bytes=tp_bytes,
-        tp_seconds=tp_bytes / (tp_gbs * 1e9),
+        tp_seconds=tp_seconds,
         dp_bytes=dp_bytes,
         dp_seconds=dp_bytes / (dp_gbs * 1e9),
         ep_bytes=ep_bytes,
-        ep_seconds=ep_bytes / (ep_gbs * 1e9),
+        ep_seconds=ep_seconds,
         peak_flops=peak,
         efficiency=efficiency,
         tokens=sequences * cfg.data.seq_len,
+        p2p_bytes=p2p_bytes,
+        p2p_seconds=p2p_bytes / (p2p_gbs * 1e9),
+        bubble=pipeline.bubble(cfg),
+        bubble_seconds=pipeline.bubble_seconds(cfg, compute_seconds + tp_seconds + ep_seconds),
     )
+
+
+def _gpu_flops(cfg: RunConfig, vocab_size: int, rank: PipelineRank | None, passes: int) -> float:
+    """FLOPs one GPU computes per step: a DP replica's micro-batches through the blocks (and output layer)
+    it holds, shared by its TP group. Without a pipeline, the whole step's hardware FLOPs / (tp x dp)."""
+    sequences = cfg.train.micro_batch_size * cfg.train.grad_accum
+    if rank is None or cfg.model.arch == "t5":
+        blocks, output = forward_flops_per_sequence(cfg, vocab_size, padded=True)[0], True
+    else:
+        blocks, output = sum(layer_forward_flops(cfg, rank.layers, padded=True)), rank.last
+    output_flops = forward_flops_per_sequence(cfg, vocab_size)[1] if output else 0
+    return sequences * (passes * blocks + 3 * output_flops) / cfg.parallel.tp
 
 
 def ep_within_node(cfg: RunConfig, cluster: Cluster) -> bool:

@@ -5,7 +5,7 @@ next to what it produced; `--dry-run` prints it and submits nothing. Before a GP
 layout goes through `parallax plan` (issue 8): a layout that cannot fit is refused with the plan's
 advice. `--gpus-per-node 0` submits a CPU job (gloo, `--tasks-per-node` ranks per node), for which
 there is no GPU memory to plan: the plan is skipped and the world size is only checked against the
-config. A GPU job takes whole nodes and shows every GPU of a node to each of its ranks; a node's
+config (a multiple of tp x pp: each pipeline stage is a whole group of tp x dp ranks). A GPU job takes whole nodes and shows every GPU of a node to each of its ranks; a node's
 cores are split evenly between its ranks unless --cpus-per-task says otherwise; srun ends every rank
 when one fails (the rendered script says why, in its comments). Every job id submitted for a run is
 appended to RUN_DIR/slurm-jobs, which `parallax status` reads; while one of them is queued or
