@@ -167,7 +167,7 @@ def test_checkpoint_host_ram_is_what_a_real_save_copies(scenario_results):
     assert f"{tnlg.checkpoint_host_bytes * 8 / 2**30:.2f} GiB per node" in out
 
 
-@pytest.mark.parametrize("name,cluster", [("gpt3-175b", Cluster.of(96, 8, "a100")),  # its published cluster
+@pytest.mark.parametrize("name,cluster", [("gpt3-175b", Cluster.of(192, 8, "a100")),  # its published cluster
                                           ("llama3-70b", Cluster.of(64, 8, "h100"))])
 def test_flops_are_six_per_parameter_per_token_plus_attention(name, cluster):
     """Kaplan et al.'s 6N per token, from the parameter count, against Megatron's FLOP count: GPT-3's
@@ -359,15 +359,18 @@ def test_startup_is_each_ranks_own_weights_as_built_and_their_draw_time():
 # Issue 25 point 7: pipeline parallelism. Megatron's rank order, PP slowest; the first stage holds the
 # embedding, the last the final norm, output layer and loss, a tied embedding both.
 MTNLG, GPT3 = "configs/mtnlg-530b.yaml", "configs/gpt3-175b.yaml"
-MTNLG_CLUSTER, GPT3_CLUSTER = Cluster.of(280, 8, "a100"), Cluster.of(96, 8, "a100")  # their published clusters
+MTNLG_CLUSTER, GPT3_CLUSTER = Cluster.of(280, 8, "a100"), Cluster.of(192, 8, "a100")  # their published clusters
+# The tests of the pipeline's arithmetic below take GPT-3 175B at 12 stages of 8 layers and 192 micro-batches on
+# 96 nodes (768 GPUs, DP=8), figures they were worked out for by hand.
+PP12, CLUSTER_768 = ["parallel.pp=12", "train.grad_accum=192"], Cluster.of(96, 8, "a100")
 
 
 def test_the_published_3d_layouts_are_the_defaults_and_fit_their_clusters():
     """MT-NLG (Smith et al. 2022): TP=8 x PP=35 x DP=8 on 280 DGX A100s, ZeRO-1, batch 1920, 3 layers per
-    stage. GPT-3 175B as Megatron-LM trained it (Narayanan et al. 2021): TP=8 x PP=12 x DP=8 on 96 nodes,
-    batch 1536, 8 layers per stage."""
+    stage. GPT-3 175B as Megatron-LM trained it (Narayanan et al. 2021, table 1): TP=8 x PP=16 x DP=12 on
+    1536 GPUs, batch 1536, 6 layers per stage."""
     for path, cluster, (tp, pp, dp, batch, layers) in ((MTNLG, MTNLG_CLUSTER, (8, 35, 8, 1920, 3)),
-                                                      (GPT3, GPT3_CLUSTER, (8, 12, 8, 1536, 8))):
+                                                      (GPT3, GPT3_CLUSTER, (8, 16, 12, 1536, 6))):
         cfg = load_config(path)
         planned = closed_form_plan(cfg, cluster)
         assert (cfg.parallel.tp, cfg.parallel.pp, planned.dp, cfg.parallel.zero_stage) == (tp, pp, dp, 1), path
@@ -394,7 +397,7 @@ def test_a_pipeline_rank_holds_its_stages_layers_over_tp_and_its_end_of_the_mode
     copy of the word embedding; untied, the output layer instead."""
     from launcher.plan.pipeline import pipeline_ranks
 
-    cfg = load_config(GPT3, ["parallel.pp=2"])
+    cfg = load_config(GPT3, [*PP12, "parallel.pp=2"])
     m, tp = cfg.model, 8
     whole = closed_form_count(m, 50257, tp)
     layer, word, positions, norm = whole.per_layer_per_rank, 50304 * 12288 // tp, 2048 * 12288, 2 * 12288
@@ -404,10 +407,10 @@ def test_a_pipeline_rank_holds_its_stages_layers_over_tp_and_its_end_of_the_mode
     assert last.per_rank == 48 * layer + norm + word
     assert first.total == last.total == whole.total  # the model's size, the tied copy counted once
     assert first.per_rank + last.per_rank - word == whole.per_rank  # the second copy is all PP adds
-    planned = closed_form_plan(cfg, GPT3_CLUSTER)
+    planned = closed_form_plan(cfg, CLUSTER_768)
     assert planned.count == first and planned.rank.index == 0  # the largest stage is the one planned
     assert planned.memory.parameters == 2 * first.per_rank < 0.51 * 2 * whole.per_rank
-    untied = load_config(GPT3, ["parallel.pp=2", "model.tie_embeddings=false"])
+    untied = load_config(GPT3, [*PP12, "parallel.pp=2", "model.tie_embeddings=false"])
     first, last = (closed_form_count(untied.model, 50257, tp, rank=rank) for rank in pipeline_ranks(untied))
     assert (first.per_rank, last.per_rank) == (48 * layer + word + positions, 48 * layer + norm + word)
     assert first.total == whole.total + 50304 * 12288
@@ -420,7 +423,7 @@ def test_the_first_stage_of_1f1b_keeps_p_micro_batches_and_interleaving_more():
     from launcher.plan.pipeline import pipeline_ranks
 
     def in_flight(*overrides):
-        return [rank.in_flight for rank in pipeline_ranks(load_config(GPT3, list(overrides)))]
+        return [rank.in_flight for rank in pipeline_ranks(load_config(GPT3, [*PP12, *overrides]))]
 
     assert in_flight("parallel.pp=4", "train.grad_accum=8") == [4, 3, 2, 1]
     assert in_flight("parallel.pp=4", "train.grad_accum=2") == [2, 2, 2, 1]
@@ -429,8 +432,8 @@ def test_the_first_stage_of_1f1b_keeps_p_micro_batches_and_interleaving_more():
     assert in_flight("parallel.pp=1") == [1]
 
     base = ["parallel.activation_checkpointing=false", "parallel.sequence_parallel=false", "train.grad_accum=8"]
-    unpipelined = load_config(GPT3, [*base, "parallel.pp=1"])
-    piped = load_config(GPT3, [*base, "parallel.pp=4"])
+    unpipelined = load_config(GPT3, [*PP12, *base, "parallel.pp=1"])
+    piped = load_config(GPT3, [*PP12, *base, "parallel.pp=4"])
     first, *_, last = pipeline_ranks(piped)
     s, b, h, v, t = 2048, 1, 12288, 50304, 8
     embedding, output = 2 * s * b * h / t, 2 * s * b * h / t + 4 * s * b * v / t  # bf16: 2 bytes per 16-bit unit / 2
@@ -438,7 +441,7 @@ def test_the_first_stage_of_1f1b_keeps_p_micro_batches_and_interleaving_more():
     assert activation_bytes(piped, 50257, first) == pytest.approx(blocks + 4 * embedding)
     assert activation_bytes(piped, 50257, last) == pytest.approx(blocks / 4 + output)
     # Checkpointed, the in-flight micro-batches keep each block's input; one block is rebuilt at a time.
-    ckpt = load_config(GPT3, ["parallel.pp=4", "train.grad_accum=8"])
+    ckpt = load_config(GPT3, [*PP12, "parallel.pp=4", "train.grad_accum=8"])
     rebuilt_and_ends = activation_bytes(ckpt, 50257, first) - 4 * 24 * 2 * s * b * h / t
     assert rebuilt_and_ends == pytest.approx(activation_bytes(ckpt, 50257) - 96 * 2 * s * b * h / t - output
                                              + 3 * embedding)
@@ -447,9 +450,10 @@ def test_the_first_stage_of_1f1b_keeps_p_micro_batches_and_interleaving_more():
 def test_the_plan_shows_the_pipeline_rank_that_needs_the_most_memory():
     """With one micro-batch per step nothing waits in flight, and the last stage's fp32 logits of 192
     sequences outweigh the first stage's positions: the last rank decides whether it fits."""
-    planned = closed_form_plan(load_config(GPT3, ["train.micro_batch_size=192", "train.grad_accum=1"]), GPT3_CLUSTER)
+    planned = closed_form_plan(load_config(GPT3, [*PP12, "train.micro_batch_size=192", "train.grad_accum=1"]),
+                               CLUSTER_768)
     assert planned.rank.index == 11 and planned.rank.last and planned.rank.in_flight == 1
-    default = closed_form_plan(load_config(GPT3), GPT3_CLUSTER)
+    default = closed_form_plan(load_config(GPT3, PP12), CLUSTER_768)
     assert default.rank.index == 0 and default.rank.in_flight == 12
 
 
@@ -457,8 +461,8 @@ def test_the_plan_shows_the_pipeline_rank_that_needs_the_most_memory():
 def test_step_time_includes_the_bubble_and_interleaving_shrinks_it(virtual_stages, bubble):
     """GPT-3 175B at p=12, m=192: bubble (p-1)/(v m+p-1). The micro-batch work of the slowest stage (the
     last: its 8 blocks and the output layer) stretched to busy / (1 - bubble); MFU pays for the idle."""
-    cfg = load_config(GPT3, [f"parallel.virtual_stages={virtual_stages}"])
-    s = closed_form_plan(cfg, GPT3_CLUSTER).step
+    cfg = load_config(GPT3, [*PP12, f"parallel.virtual_stages={virtual_stages}"])
+    s = closed_form_plan(cfg, CLUSTER_768).step
     assert s.bubble == pytest.approx(bubble) == cfg.pipeline_bubble()
     busy = s.compute_seconds + s.tp_seconds + s.ep_seconds
     assert s.bubble_seconds == pytest.approx(busy * bubble / (1 - bubble))
@@ -467,8 +471,8 @@ def test_step_time_includes_the_bubble_and_interleaving_shrinks_it(virtual_stage
     h, seq, v = 12288, 2048, 50304
     last_stage = 8 * (24 * seq * h * h + 4 * seq * seq * h) * 4 + 2 * seq * h * v * 3  # recomputed blocks; output
     assert s.compute_seconds == pytest.approx(192 * last_stage / 8 / (312e12 * 0.5), rel=1e-6)
-    unpiped = closed_form_plan(load_config(GPT3, ["parallel.pp=1", "parallel.zero_stage=3", "train.grad_accum=16"]),
-                               GPT3_CLUSTER).step
+    unpiped = closed_form_plan(load_config(GPT3, [*PP12, "parallel.pp=1", "parallel.zero_stage=3", "train.grad_accum=16"]),
+                               CLUSTER_768).step
     assert s.bubble_seconds > 0 and unpiped.bubble_seconds == 0 and unpiped.bubble == 0
     assert s.compute_seconds > unpiped.compute_seconds  # the last stage's output layer paces the pipeline
 
@@ -477,18 +481,18 @@ def test_point_to_point_volume_is_each_micro_batches_activations_and_gradients_p
     """2 v m messages of [s, b, h] per GPU, 1/t of it each under sequence parallelism, over the network
     when the stages are on different nodes: GPT-3 at p=12, m=192, micro-batch 1, bf16, TP=8."""
     message = 2048 * 1 * 12288 * 2
-    sp = closed_form_plan(load_config(GPT3), GPT3_CLUSTER).step
+    sp = closed_form_plan(load_config(GPT3, PP12), CLUSTER_768).step
     assert sp.p2p_bytes == pytest.approx(2 * 192 * message / 8)
     assert sp.p2p_seconds == pytest.approx(sp.p2p_bytes / 25e9)  # HDR InfiniBand per A100
-    interleaved = closed_form_plan(load_config(GPT3, ["parallel.virtual_stages=2"]), GPT3_CLUSTER).step
+    interleaved = closed_form_plan(load_config(GPT3, [*PP12, "parallel.virtual_stages=2"]), CLUSTER_768).step
     assert interleaved.p2p_bytes == pytest.approx(2 * sp.p2p_bytes)
-    whole = closed_form_plan(load_config(GPT3, ["parallel.sequence_parallel=false"]), GPT3_CLUSTER).step
+    whole = closed_form_plan(load_config(GPT3, [*PP12, "parallel.sequence_parallel=false"]), CLUSTER_768).step
     assert whole.p2p_bytes == pytest.approx(2 * 192 * message)
-    one_node = closed_form_plan(load_config(GPT3, ["model.num_layers=8", "parallel.pp=4", "parallel.tp=2",
+    one_node = closed_form_plan(load_config(GPT3, [*PP12, "model.num_layers=8", "parallel.pp=4", "parallel.tp=2",
                                                    "train.grad_accum=4"]), Cluster.of(1, 8, "a100")).step
     assert one_node.p2p_seconds == pytest.approx(one_node.p2p_bytes / 300e9)  # NVLink
-    assert closed_form_plan(load_config(GPT3, ["parallel.pp=1", "parallel.zero_stage=3", "train.grad_accum=16"]),
-                            GPT3_CLUSTER).step.p2p_bytes == 0
+    assert closed_form_plan(load_config(GPT3, [*PP12, "parallel.pp=1", "parallel.zero_stage=3", "train.grad_accum=16"]),
+                            CLUSTER_768).step.p2p_bytes == 0
 
 
 def test_search_finds_pipelined_layouts_for_530b_with_tp_inside_a_node():
@@ -507,7 +511,7 @@ def test_search_interleaves_where_the_layers_split_evenly():
     """From an unpipelined layout, the search tries pipelines and, for 24 layers over p stages, the
     virtual stages whose chunks are whole layers; an interleaved layout runs faster than plain 1F1B at
     the same layout, its bubble being smaller."""
-    cfg = load_config(GPT3, ["model.num_layers=24", "train.micro_batch_size=1", "train.grad_accum=32",
+    cfg = load_config(GPT3, [*PP12, "model.num_layers=24", "train.micro_batch_size=1", "train.grad_accum=32",
                              "parallel.pp=1"])
     ranked = search(closed_form_plan(cfg, Cluster.of(4, 8, "a100")))
     assert {p.cfg.parallel.pp for p in ranked} >= {1, 2, 4, 8}
@@ -522,7 +526,7 @@ def test_search_interleaves_where_the_layers_split_evenly():
 def test_advice_offers_a_pipeline_when_a_stage_must_hold_less():
     """GPT-3 unpipelined at TP=8, ZeRO-1 holds 22B parameters per GPU in bf16 with their gradients: too
     much for 80 GB. Two stages halve it; the gradient accumulation keeps the global batch."""
-    too_big = closed_form_plan(load_config(GPT3, ["parallel.pp=1", "train.grad_accum=16"]), GPT3_CLUSTER)
+    too_big = closed_form_plan(load_config(GPT3, [*PP12, "parallel.pp=1", "train.grad_accum=16"]), CLUSTER_768)
     assert not too_big.fits
     fixes = dict(advice(too_big))
     assert "parallel.pp=2 train.grad_accum=32" in fixes and fixes["parallel.pp=2 train.grad_accum=32"].fits
@@ -531,7 +535,7 @@ def test_advice_offers_a_pipeline_when_a_stage_must_hold_less():
 
 def test_a_pipeline_the_world_cannot_hold_is_one_line_naming_tp_and_pp(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["plan", GPT3, "--nodes", "128", "--gpus-per-node", "8", "--gpu", "a100"])
+        main(["plan", GPT3, *PP12, "--nodes", "128", "--gpus-per-node", "8", "--gpu", "a100"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1, err
     assert "world size 1024 is not divisible by tp x pp = 8x12; use a multiple of 96 ranks" in err
@@ -565,7 +569,7 @@ def test_micro_batches_in_flight_are_the_real_schedules(pp, virtual_stages, micr
     from launcher.plan.pipeline import micro_batches_in_flight
     from parallel.pipeline.schedule import one_f_one_b
 
-    cfg = load_config(GPT3, [f"parallel.pp={pp}", f"parallel.virtual_stages={virtual_stages}",
+    cfg = load_config(GPT3, [*PP12, f"parallel.pp={pp}", f"parallel.virtual_stages={virtual_stages}",
                              f"train.grad_accum={micro_batches}"])
     for rank in range(pp):
         outstanding = peak = 0
