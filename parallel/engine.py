@@ -127,9 +127,10 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology):
 
 def _adapt_plain_fp32_path(engine, dp: int) -> None:
     """At ZeRO-0 in fp32 no DeepSpeed optimizer wrapper sits between the engine and AdamW, and
-    that path has two gaps:
+    that path has three gaps:
     - the engine computes the TP-aware global gradient norm to clip and drops it, while every other
       stage and precision records it for `get_global_grad_norm()`: keep it;
+    - that norm counts a pipeline's tied-embedding copy a second time (the optimizers skip it);
     - with one data-parallel rank it still copies every gradient into a bucket and all-reduces it
       over a group of one (measured: ~1.6% of a step): skip that.
     """
@@ -137,10 +138,17 @@ def _adapt_plain_fp32_path(engine, dp: int) -> None:
         return
     from deepspeed.runtime.utils import clip_grad_norm_
 
+    from parallel.checkpoint.deepspeed_adapter import is_copy_across_stages
+
+    params = list(engine.module.parameters())
+    copies = [p for p in params if is_copy_across_stages(p)]  # a pipeline's last-stage copy of a tied embedding
+    originals = [p for p in params if not is_copy_across_stages(p)]
+
     def clip_and_keep_norm():
-        engine._global_grad_norm = clip_grad_norm_(
-            engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu
-        )
+        # DeepSpeed's clip counts every parameter it is given: the copy is left out of the norm and then clipped
+        # by the coefficient its original was clipped by, so the two stay equal.
+        engine._global_grad_norm = clip_grad_norm_(originals, max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+        torch.nn.utils.clip_grads_with_norm_(copies, engine.gradient_clipping(), engine._global_grad_norm)
 
     engine.clip_fp32_gradients = clip_and_keep_norm
     if dp == 1:

@@ -238,7 +238,9 @@ class DeepSpeedMPU:
         self.get_pipeline_model_parallel_rank = parallel_state.get_pipeline_model_parallel_rank
         self.get_pipeline_model_parallel_world_size = parallel_state.get_pipeline_model_parallel_world_size
         self.get_pipeline_model_parallel_group = parallel_state.get_pipeline_model_parallel_group
-        self.get_model_parallel_rank = parallel_state.get_model_parallel_group().rank
+        # DeepSpeed reads the model-parallel rank only to count a parameter replicated over TP once (its fp32
+        # ZeRO-0 clip, ZeRO-3): that is the rank within the stage's TP group, not within the TP x PP group.
+        self.get_model_parallel_rank = parallel_state.get_tensor_model_parallel_rank
         self.get_model_parallel_world_size = parallel_state.get_model_parallel_group().size
         self.get_model_parallel_group = parallel_state.get_model_parallel_group
         self.get_data_parallel_rank = parallel_state.get_data_parallel_rank

@@ -10,6 +10,7 @@ from tests.test_parity import LOSS_CURVE_TOL, assert_training_matches
 
 @pytest.mark.parametrize("layout,reference", [
     ("pp2_training", "reference_training"),  # GPT-2 style: the embedding is tied, a copy on each end
+    ("pp2_zero0_training", "reference_training"),
     ("pp2_tp2_sequence_parallel_training", "reference_training"),
     ("pp2_dp2_zero1_training", "reference_training"),
     ("pp2_activation_checkpointing_training", "reference_training"),

@@ -27,6 +27,11 @@ def pp2_training():
 
 
 @scenario(world_size=2)
+def pp2_zero0_training():
+    return run_training(*PIPELINED, "parallel.pp=2", "parallel.zero_stage=0")
+
+
+@scenario(world_size=2)
 def pp2_interleaved_training():
     return run_training(*PIPELINED, "parallel.pp=2", "parallel.virtual_stages=2", FOUR_LAYERS)
 
