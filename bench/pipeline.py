@@ -97,7 +97,7 @@ def _rank_main(args) -> None:
                                                      "cpu": sum(rank[name] for rank in ranks_cpu)} for name in steps}))
 
 
-def _launch(args, nproc: int, out: Path) -> dict[str, float]:
+def _launch(args, nproc: int, out: Path) -> dict[str, dict[str, float]]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", __file__,
            "--rank-main", f"--out={out}", *(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
