@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench gpu-wheels clean
+.PHONY: demo test bench bench-pipeline gpu-wheels clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(VENV)/bin/python bench/overhead.py
+
+# PP=2 over 2 gloo ranks against one rank: measured efficiency beside the bubble model (docs/pipeline-bench.md).
+bench-pipeline: $(STAMP)
+	$(VENV)/bin/python bench/pipeline.py
 
 # What bench/gpu/smoke.sh needs on a bare one-GPU machine, in .gpu/carry (docs/gpu-smoke.md). The
 # wheels are pinned to the venv's versions; an existing venv is used as it is, never reinstalled.
