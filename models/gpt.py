@@ -203,7 +203,6 @@ class GPT(nn.Module):
         self.sequence_parallel = sequence_parallel
         self.activation_checkpointing = activation_checkpointing
         self.expert_parallel_size = expert_parallel_size
-        self.pre_process, self.post_process = pre_process, post_process
         self.vocab_size = cfg.padded_vocab_size(vocab_size)
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -228,7 +227,6 @@ class GPT(nn.Module):
                               expert_parallel_size if cfg.is_moe_layer(layer) else None)
             for layer in (range(cfg.num_layers) if layers is None else layers)
         })
-        self.moe_layers = [block.mlp for block in self.blocks.values() if isinstance(block.mlp, MoEFeedForward)]
         if post_process:
             self.final_norm = Norm(cfg, sequence_parallel)
             # The output layer is the input embedding (tied, GPT-2) or a vocabulary-parallel matrix of its own (Llama).

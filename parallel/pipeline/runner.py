@@ -13,7 +13,7 @@ already divided, so it is not divided again.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional, Protocol
 
 import torch
 
@@ -22,6 +22,23 @@ from parallel.pipeline.p2p import StageLink
 from parallel.pipeline.schedule import forward_only, one_f_one_b, virtual_stage
 from parallel.pipeline.tied import sum_tied_embedding_gradients
 from parallel.topology import Topology
+
+
+class StageModel(Protocol):
+    """What the pipeline asks of a model stage (models.gpt.GPT built with `layers`, `pre_process`,
+    `post_process`): its forward cut where stages meet."""
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The first block's input (first stage)."""
+
+    def run_layers(self, x: torch.Tensor, layers: Iterable[int]) -> torch.Tensor:
+        """x through the blocks of these global layer indices, which this stage holds."""
+
+    def router_loss(self, layers: Iterable[int]) -> torch.Tensor | float:
+        """The MoE router losses of those blocks' last forward (0 for dense blocks)."""
+
+    def head(self, x: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
+        """The next-token loss of the last block's output (last stage): its mean, or its sum and tokens scored."""
 
 
 @dataclass
@@ -38,7 +55,8 @@ class Pipeline:
 
     def __init__(self, engine, topo: Topology, chunks: list[range], micro_batches: int, hidden_shape: torch.Size,
                  dtype: torch.dtype):
-        self.engine, self.model, self.topo, self.chunks = engine, engine.module, topo, chunks
+        self.engine, self.topo, self.chunks = engine, topo, chunks
+        self.model: StageModel = engine.module
         self.micro_batches = micro_batches  # per step; the stages between the ends are handed none
         self.last_stage = topo.pp * len(chunks) - 1
         self.payload = [(hidden_shape, dtype), (torch.Size([]), torch.float32)]
