@@ -256,8 +256,8 @@ class Checkpointer:
         old = client["layout"]
         if self.loader is not None:  # None: weights only, to evaluate them
             self.loader.load_state_dict(SavedDataStates(path, old["dp"]))
-        self._say(f"resumed from {path} at step {client['step']} (saved at tp={old['tp']} dp={old['dp']} "
-                  f"zero={old['zero_stage']})")
+        self._say(f"resumed from {path} at step {client['step']} (saved at tp={old['tp']} pp={old.get('pp', 1)} "
+                  f"dp={old['dp']} zero={old['zero_stage']})")
         return Resumed(step=client["step"], tokens=client["tokens"], tensor_bytes_read=saved.bytes_read), None, True
 
     def _agree(self, problem: Optional[str]) -> Optional[str]:
@@ -293,12 +293,16 @@ class Checkpointer:
     def _shards_to_open(self, manifest: dict) -> list[str]:
         """The shard files this rank loads from. At the saved layout, its own and those of the peers that write
         what it holds as well (layout_free.held_pieces): its TP group's, whose TP rank 0 writes the replicated
-        parameters, and at ZeRO-0 every rank's, as every DP replica holds every parameter. At another layout
-        every shard, since only their indexes say which hold parts of what this rank keeps."""
+        parameters, on a last pipeline stage holding a copy of the tied embedding the first stage's, which
+        write the embedding (partitioned over their DP group, not as the copy is), and at ZeRO-0 every rank's,
+        as every DP replica holds every parameter. At another layout every shard, since only their indexes say
+        which hold parts of what this rank keeps."""
         shards = sorted(name for name in manifest["files"] if name.startswith("shard-"))
         if manifest["layout"] != self._layout() or self.cfg.parallel.zero_stage == 0:
             return shards
-        peers = dist.get_process_group_ranks(self.topo.tp_group)
+        peers = set(dist.get_process_group_ranks(self.topo.tp_group))
+        if any(ds.is_copy_across_stages(param) for param in self.engine.module.parameters()):
+            peers |= set(range(self.topo.world_size // self.topo.pp))  # stage 0 (parallel/topology.py's rank order)
         return [storage.shard_file_name(rank) for rank in sorted({self.topo.rank, *peers})]
 
 
