@@ -31,6 +31,10 @@ TINY = ["configs/gpt-tiny.yaml", "--nproc", "2", "model.num_layers=2", "model.hi
         "logging.interval=1000"]
 
 
+# Issue 25: the same model and global batch (2 micro-batches of 4) through a 2-stage pipeline, one layer a stage
+PP2 = ("parallel.pp=2", "train.grad_accum=2")
+
+
 def parallax_train(run_dir: Path, *extra: str, shell_prefix: str = "") -> subprocess.CompletedProcess:
     cmd = [*PARALLAX, "train", *TINY, f"logging.run_dir={run_dir}", *extra]
     if shell_prefix:  # e.g. a file-size limit the ranks inherit
@@ -84,6 +88,20 @@ def reference(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def pp2_reference(tmp_path_factory) -> Path:
+    """The reference run at PP=2: its checkpoints are those of a pipeline, and its final loss what a PP=2
+    run that was interrupted must end on."""
+    run_dir = tmp_path_factory.mktemp("pp2-reference")
+    proc = parallax_train(run_dir, *PP2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+# The uninterrupted run of each layout the crash and preemption tests run at, and its overrides.
+LAYOUTS = {"pp1": ("reference", ()), "pp2": ("pp2_reference", PP2)}
+
+
 def wait_for_workers(ranks, launcher: subprocess.Popen, timeout: float = 300) -> None:
     """Until every rank has started its DataLoader workers (its child processes)."""
     deadline = time.time() + timeout
@@ -123,18 +141,30 @@ def test_the_loop_logs_how_long_it_waited_for_data(reference):
     assert all(r["data_wait_seconds"] < r["step_seconds"] for r in timed)
 
 
-def test_parallax_eval_of_a_checkpoint_at_another_layout_equals_the_runs_own_evaluation(reference, tmp_path):
-    """Issue 15 point 5: the run evaluated its step-30 weights at DP=2 ZeRO-1; `parallax eval` loads its
-    step-30 checkpoint at TP=2 (the same global batch of 8 windows) and must find the same loss."""
+@pytest.mark.parametrize("run,nproc,overrides,layout", [
+    pytest.param("reference", 2, ("parallel.tp=2", "train.micro_batch_size=8"), "world=2 tp=2 ep=1 pp=1 dp=1",
+                 id="at-tp2"),
+    # issue 25: `parallax eval` runs the pipeline's forward-only schedule, scored on the last stage
+    pytest.param("reference", 2, PP2, "world=2 tp=1 ep=1 pp=2 dp=1", id="at-pp2"),
+    # issue 25: a PP=2 checkpoint (and the PP=2 run's own evaluation) against one process
+    pytest.param("pp2_reference", 1, ("parallel.pp=1",), "world=1 tp=1 ep=1 pp=1 dp=1",
+                 id="pp2-checkpoint-at-one-rank"),
+])
+def test_parallax_eval_of_a_checkpoint_at_another_layout_equals_the_runs_own_evaluation(request, tmp_path, run, nproc,
+                                                                                         overrides, layout):
+    """Issue 15 point 5: the run evaluated its step-30 weights at its own layout (DP=2 ZeRO-1, or PP=2);
+    `parallax eval` loads its step-30 checkpoint at another (the same global batch of 8 windows) and must
+    find the same loss."""
+    reference = request.getfixturevalue(run)
     out = tmp_path / "eval.json"
-    proc = subprocess.run([*PARALLAX, "eval", str(reference), "--nproc", "2", "parallel.tp=2",
-                           "train.micro_batch_size=8", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*PARALLAX, "eval", str(reference), "--nproc", str(nproc), *overrides, "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     in_training = [r for r in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines())
                    if "eval_loss" in r]
     assert [r["step"] for r in in_training] == [0, STEPS]
     result = json.loads(out.read_text())
-    assert result["step"] == STEPS and result["layout"] == "world=2 tp=2 ep=1 pp=1 dp=1"
+    assert result["step"] == STEPS and result["layout"] == layout
     assert result["eval_tokens"] == in_training[-1]["eval_tokens"]
     assert abs(result["eval_loss"] - in_training[-1]["eval_loss"]) <= 1e-5
     assert f"loss {result['eval_loss']:.4f}" in proc.stdout
@@ -216,9 +246,13 @@ def test_a_save_whose_latest_cannot_be_rewritten_is_saved_and_says_so(reference,
     assert (root / "latest").read_text() == f"step-{STEPS:08d}"
 
 
-def test_sigterm_and_sigusr1_save_and_exit_requeue_then_resume(reference, tmp_path):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sigterm_and_sigusr1_save_and_exit_requeue_then_resume(request, tmp_path, layout):
+    """At PP=2 the two ranks are the two stages: each gets its own signal, they vote, and both save."""
+    uninterrupted, overrides = LAYOUTS[layout]
+    reference = request.getfixturevalue(uninterrupted)
     run_dir = tmp_path / "run"
-    launcher = start_training(run_dir)
+    launcher = start_training(run_dir, *overrides)
     ranks = rank_processes(launcher)
     wait_for(checkpoints(run_dir) / "step-00000005", launcher)
     ranks[0].send_signal(signal.SIGTERM)  # as SLURM delivers them, to each rank and not all at the same instant
@@ -229,7 +263,7 @@ def test_sigterm_and_sigusr1_save_and_exit_requeue_then_resume(reference, tmp_pa
     assert 5 <= stopped < STEPS and f"stopping after step {stopped}" in output
     assert f"stopped after step {stopped}" in output and "Traceback" not in output
 
-    proc = parallax_train(run_dir)
+    proc = parallax_train(run_dir, *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from {checkpoints(run_dir) / f'step-{stopped:08d}'}" in proc.stdout
     assert final_loss(run_dir) == final_loss(reference)
@@ -304,9 +338,13 @@ def test_a_warning_signal_during_start_up_is_kept_and_stops_after_the_first_step
     assert verify(checkpoints(run_dir) / "step-00000026") is None  # resuming from it is the SIGTERM test's
 
 
-def test_a_rank_killed_mid_run_restarts_the_job_from_its_last_checkpoint(reference, tmp_path):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_rank_killed_mid_run_restarts_the_job_from_its_last_checkpoint(request, tmp_path, layout):
+    """At PP=2 the rank killed is the last stage, which scores the loss and holds the tied embedding's copy."""
+    uninterrupted, overrides = LAYOUTS[layout]
+    reference = request.getfixturevalue(uninterrupted)
     run_dir = tmp_path / "run"
-    launcher = start_training(run_dir, "--max-restarts", "1")
+    launcher = start_training(run_dir, *overrides, "--max-restarts", "1")
     ranks = rank_processes(launcher)
     wait_for(checkpoints(run_dir) / "step-00000010", launcher)
     workers = ranks[1].children()  # its DataLoader worker must not outlive it
@@ -400,3 +438,66 @@ def test_consolidate_refuses_a_damaged_checkpoint_in_one_line(reference, tmp_pat
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert "client.pt is missing" in err and "step-00000030" in err
+
+
+# --- issue 25: a PP=2 run's checkpoints, and the commands that read them ---------------------------
+
+def test_a_pipelines_checkpoint_holds_each_tensor_once_and_one_loader_state(reference, pp2_reference):
+    """Each stage writes its own layers' shard, the tied embedding once (the first stage's; the last stage's
+    copy is not written), and the first stage alone the loader state both stages read from: the same names
+    and shapes as the PP=1 run's checkpoint."""
+    step_dir = checkpoints(pp2_reference) / "step-00000030"
+    assert verify(step_dir) is None
+    assert set(json.loads((step_dir / "manifest.json").read_text())["files"]) == {
+        "shard-00000.pt", "shard-00001.pt", "data-00000.pt", "client.pt", "config.yaml"}
+    client = torch.load(step_dir / "client.pt", weights_only=True)
+    assert client["layout"] == {"world_size": 2, "tp": 1, "ep": 1, "dp": 1, "pp": 2, "stage_layers": [1, 1],
+                                "zero_stage": 1}
+    shards = [set(torch.load(step_dir / f"shard-0000{rank}.pt", weights_only=True)["pieces"]) for rank in (0, 1)]
+    assert not shards[0] & shards[1]
+    assert {"embedding.weight", "position_embedding.weight"} <= shards[0] and "final_norm.weight" in shards[1]
+    assert all(name.startswith(("blocks.0.", "embedding", "position")) for name in shards[0])
+    pipelined, whole = read_full_tensors(step_dir), read_full_tensors(checkpoints(reference) / "step-00000030")
+    assert {k: v["param"].shape for k, v in pipelined.items()} == {k: v["param"].shape for k, v in whole.items()}
+
+
+def test_consolidate_export_and_generate_read_a_pipelines_checkpoint(pp2_reference, tmp_path, capsys):
+    """`parallax checkpoint consolidate` writes the PP=2 checkpoint's full model; `parallax export` makes it
+    a GPT2LMHeadModel whose held-out loss, computed by transformers on the run's validation windows, is the
+    loss the PP=2 run's own evaluation (through the pipeline, scored on the last stage with its copy of the
+    tied embedding) found; and `parallax generate` from the checkpoint prints what it prints from the export."""
+    from transformers import GPT2LMHeadModel
+
+    from data_pipeline.validation import validation_batches
+    from launcher.config import load_config
+
+    out = tmp_path / "model.pt"
+    main(["checkpoint", "consolidate", str(pp2_reference), "--out", str(out)])
+    assert f"wrote {out}" in capsys.readouterr().out
+    state = torch.load(out, weights_only=True)
+    saved = read_full_tensors(checkpoints(pp2_reference) / f"step-{STEPS:08d}")
+    assert state.keys() == saved.keys()
+    assert all(torch.equal(state[name], saved[name]["param"]) for name in state)
+
+    hf_dir = tmp_path / "hf"
+    main(["export", str(pp2_reference), "--out", str(hf_dir)])
+    assert "GPT-2" in capsys.readouterr().out
+    hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    assert torch.equal(hf.transformer.wte.weight, state["embedding.weight"][:8192])
+    assert torch.equal(hf.transformer.ln_f.weight, state["final_norm.weight"])  # the last stage's
+    cfg = load_config(checkpoints(pp2_reference) / f"step-{STEPS:08d}" / "config.yaml")
+    windows = torch.cat(validation_batches(cfg.data, batches=cfg.train.eval_batches, micro_batch_size=8, grad_accum=1,
+                                           dp_rank=0, dp_size=1, seed=cfg.train.seed))
+    with torch.no_grad():
+        logits = hf(windows[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), windows[:, 1:].flatten()).item()
+    in_training = [r for r in map(json.loads, (pp2_reference / "metrics.jsonl").read_text().splitlines())
+                   if r.get("step") == STEPS and "eval_loss" in r]
+    assert in_training[0]["eval_tokens"] == windows[:, 1:].numel()
+    assert abs(loss - in_training[0]["eval_loss"]) <= 1e-5, (loss, in_training)
+
+    texts = []
+    for source in (pp2_reference, hf_dir):
+        main(["generate", str(source), "--prompt", "def main(", "--temperature", "0", "--max-new-tokens", "8"])
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].startswith("def main(")
