@@ -72,6 +72,12 @@ def test_first_step_computes_what_transformers_computes(scenario_results, name, 
     assert ours["loss"] == pytest.approx(theirs["loss"], abs=TOL)
 
 
+def test_a_pipelined_run_starts_from_the_directory(scenario_results):
+    """Issue 25: each stage took its own layers from the directory (a stage refused the weights of the others)."""
+    result = scenario_results("init_from_gpt2_at_pp2")
+    assert result["loss"] == pytest.approx(result["transformers"]["loss"], abs=TOL)
+
+
 # --- the config: the directory's model and tokenizer ------------------------------------------------
 
 def test_unset_fields_and_the_tokenizer_come_from_the_directory(gpt2_dir):

@@ -309,11 +309,14 @@ def load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor], topo
     """Fill a freshly built model (before DeepSpeed's engine takes it) from full tensors under TP=1
     names, such as a Hugging Face directory's (model.init_from): each rank keeps its TP slice, and the
     engine then partitions the weights over DP as it would random ones, at any ZeRO stage (at
-    ZeRO-3 they were partitioned as they were built, and each rank writes its partition)."""
+    ZeRO-3 they were partitioned as they were built, and each rank writes its partition). A pipeline
+    stage holds only its own layers (and a last stage's copy of a tied embedding, filled from the same
+    tensor as the first stage's embedding), so at PP > 1 the weights may hold tensors it does not."""
     ours = dict(model.named_parameters())
-    if ours.keys() != state.keys():
+    mine = state.keys() if topo.pp == 1 else state.keys() & ours.keys()
+    if ours.keys() != mine:
         raise ValueError(f"the model and the weights differ in tensors: the model alone has "
-                         f"{sorted(ours.keys() - state.keys())}, the weights alone {sorted(state.keys() - ours.keys())}")
+                         f"{sorted(ours.keys() - state.keys())}, the weights alone {sorted(mine - ours.keys())}")
     with torch.no_grad():
         for name, param in ours.items():
             _, start, held = held_values(param)

@@ -189,3 +189,21 @@ def init_from_llama():
 @scenario(world_size=2)
 def init_from_t5():
     return init_from_runs("init-from-t5", write_t5_directory, span_corrupted(), T5_LAYOUTS)
+
+
+@scenario(world_size=2)
+def init_from_gpt2_at_pp2():
+    """Issue 25: at PP=2 each stage fills only its own layers from the directory, and the last stage its copy
+    of the tied embedding; the first step's loss (2 micro-batches of 2 through the stages) is transformers'."""
+    from parallel.topology import init_topology
+
+    directory = Path(os.environ["PARALLAX_SCENARIO_DIR"]) / "init-from-gpt2-pp2"
+    init_topology(tp=1)  # joins the process group the barrier below needs
+    if dist.get_rank() == 0:
+        write_gpt2_directory(directory)
+    dist.barrier()
+    cfg = init_from_config(directory, "parallel.pp=2", f"train.micro_batch_size={GLOBAL_BATCH // 2}",
+                           "train.grad_accum=2")
+    batch = windows()
+    return {"transformers": transformers_outputs(directory, batch),
+            "loss": train_records(cfg, lambda topo: iter(batch.split(GLOBAL_BATCH // 2)))[0]["loss"]}
