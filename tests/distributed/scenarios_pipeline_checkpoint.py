@@ -13,8 +13,8 @@ import torch.distributed as dist
 
 from tests.distributed.harness import scenario
 from tests.distributed.scenarios import GLOBAL_BATCH, VOCAB, tiny_config, train_records
-from tests.distributed.scenarios_checkpoint import (CHECKSUM_BLOCK_BYTES, SAVED_AT, STEPS, ResumableBatches,
-                                                    full_tensor, layout, run_dir, saved, saved_path,
+from tests.distributed.scenarios_checkpoint import (CHECKSUM_BLOCK_BYTES, SAVED_AT, STEPS, RecordingLoader,
+                                                    ResumableBatches, full_tensor, layout, run_dir, saved, saved_path,
                                                     straight_and_resumed, train_run)
 
 FOUR_LAYERS = "model.num_layers=4"
@@ -149,24 +149,6 @@ def reshard_pp2_to_pp4():
 
 # --- four ranks: the real data pipeline at PP=2 x DP=2, stopped by train.stop_at_step and resumed ---
 
-class RecordedLoader:
-    """The real loader, keeping a copy of every batch it hands out."""
-
-    def __init__(self, loader):
-        self.loader, self.batches = loader, []
-
-    def __iter__(self):
-        for batch in self.loader:
-            self.batches.append(batch.clone())
-            yield batch
-
-    def state_dict(self) -> dict:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, states) -> None:
-        self.loader.load_state_dict(states)
-
-
 def real_data_run(name: str, *overrides: str) -> dict:
     """6 steps of the 4-layer GPT at PP=2 x DP=2 on the id corpus through the real data loader, evaluating
     every 2 steps. Its records, and per rank (pp_rank, dp_rank, the batches its loader handed out)."""
@@ -182,7 +164,7 @@ def real_data_run(name: str, *overrides: str) -> dict:
     loaders, records = [], []
 
     def source(topo):
-        loaders.append((topo, RecordedLoader(build_dataloader(
+        loaders.append((topo, RecordingLoader(build_dataloader(
             cfg.data, micro_batch_size=cfg.train.micro_batch_size, dp_rank=topo.dp_rank, dp_size=topo.dp,
             seed=cfg.train.seed))))
         return loaders[-1][1]
