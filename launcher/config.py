@@ -142,6 +142,8 @@ class RunConfig(_Section):
             self._fit_t5()
         elif self.data.span_corruption is not None:
             raise ValueError("data.span_corruption is T5's objective; remove it or set model.arch=t5")
+        elif m.memory is not None:
+            self._fit_memory()
         elif self.data.seq_len > m.max_seq_len:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
@@ -163,6 +165,23 @@ class RunConfig(_Section):
                 f"parallel.sequence_parallel needs data.seq_len={self.data.seq_len} divisible by parallel.tp={tp}"
             )
         return self
+
+    def _fit_memory(self) -> None:
+        """A memory model reads data.seq_len tokens as whole segments (the model bounds each segment by
+        model.max_seq_len); what it cannot do yet is refused."""
+        mem, p = self.model.memory, self.parallel
+        if self.data.seq_len % mem.segment_len:
+            raise ValueError(f"data.seq_len={self.data.seq_len} is not a multiple of model.memory.segment_len="
+                             f"{mem.segment_len}: a training window is a whole number of segments")
+        if p.pp > 1:
+            raise ValueError(f"model.memory with parallel.pp={p.pp}: recurrent memory is not yet built for pipelines; "
+                             "set parallel.pp=1")
+        if p.sequence_parallel:
+            raise ValueError("model.memory with parallel.sequence_parallel: not yet supported; set "
+                             "parallel.sequence_parallel=false")
+        if self.model.moe is not None:
+            raise ValueError("model.memory with model.moe: not yet supported (router losses are per segment); "
+                             "remove one of them")
 
     def _fit_pipeline(self) -> None:
         """What a pipeline cannot do is refused here, with what to use instead; its layer split is checked."""

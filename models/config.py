@@ -32,11 +32,26 @@ class MoEConfig(BaseModel):
         return self
 
 
+class MemoryConfig(BaseModel):
+    """Recurrent memory (RMT, Bulatov et al. 2022, decoder form of LM-RMT): a window of data.seq_len tokens is
+    split into segments of segment_len, each run as [read memory; tokens; write memory], the memory the next
+    segment reads being the last block's output at the write positions (docs/memory.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_mem_tokens: PositiveInt = Field(10, description="memory tokens read (and written) by each segment")
+    segment_len: PositiveInt = Field(description="ordinary tokens per segment; data.seq_len is a multiple of it")
+    bptt_segments: int = Field(
+        -1, ge=-1, description="how many segments back the last segment's loss reaches through the memory: the "
+        "memory a segment reads carries gradient only into the last bptt_segments segments; -1: all (full BPTT)",
+    )
+
+
 # Fields that only the T5 encoder-decoder reads; a GPT config must leave them unset (None).
 T5_ONLY = ("num_decoder_layers", "kv_channels", "relative_attention_num_buckets", "relative_attention_max_distance",
            "feed_forward")
 # Fields that only the GPT family reads; a T5 config must leave them unset (None).
-GPT_ONLY = ("mlp", "num_kv_heads", "linear_bias")
+GPT_ONLY = ("mlp", "num_kv_heads", "linear_bias", "memory")
 
 
 class ModelConfig(BaseModel):
@@ -91,6 +106,10 @@ class ModelConfig(BaseModel):
     )
     linear_bias: Optional[bool] = Field(None, description="gpt: linear layers with biases (GPT) or without (Llama); "
                                         "default true")
+    memory: Optional[MemoryConfig] = Field(
+        None, description="gpt: recurrent memory tokens carried from segment to segment (docs/memory.md); none: a "
+        "plain decoder",
+    )
     # T5 only (arch: t5); see T5_ONLY.
     num_decoder_layers: Optional[PositiveInt] = Field(None, description="t5: decoder depth; default num_layers")
     kv_channels: Optional[PositiveInt] = Field(
@@ -131,6 +150,17 @@ class ModelConfig(BaseModel):
         if self.num_heads % self.kv_heads:
             raise ValueError(f"model.num_kv_heads={self.kv_heads} does not divide model.num_heads={self.num_heads}: "
                              "each key/value head serves a whole group of query heads")
+        return self
+
+    @model_validator(mode="after")
+    def _memory_segment_fits(self):
+        mem = self.memory
+        if mem is not None and mem.segment_len + 2 * mem.num_mem_tokens > self.max_seq_len:
+            raise ValueError(
+                f"model.memory: a segment is model.memory.segment_len={mem.segment_len} tokens between "
+                f"2 x model.memory.num_mem_tokens={mem.num_mem_tokens} memory tokens, more than "
+                f"model.max_seq_len={self.max_seq_len} positions; raise max_seq_len or shorten the segment"
+            )
         return self
 
     def is_moe_layer(self, layer: int) -> bool:

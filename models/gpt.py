@@ -91,7 +91,9 @@ class Attention(nn.Module):
             Rotary(self.head_dim, cfg.max_seq_len, cfg.rotary_base) if cfg.position_embedding == "rotary" else None
         )
 
-    def forward(self, x):  # x: [s, b, h], the whole sequence; returns this rank's slice under sequence parallelism
+    def forward(self, x, attn_mask=None):
+        """x: [s, b, h], the whole sequence; returns this rank's slice under sequence parallelism. attn_mask
+        (recurrent memory only): [s, s] booleans, True where a query may attend to a key; None: causal."""
         s, b, _ = x.shape
         qkv, _ = self.qkv(x)
         groups = qkv.view(s, b, self.local_kv_heads, (self.group_size + 2) * self.head_dim).permute(1, 2, 0, 3)
@@ -100,9 +102,13 @@ class Attention(nn.Module):
         q = q.reshape(b, self.local_kv_heads, s, self.group_size, self.head_dim).transpose(2, 3).flatten(1, 2)
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.group_size > 1
-        )
+        dropout_p = self.dropout if self.training else 0.0
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p,
+                                               enable_gqa=self.group_size > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False, dropout_p=dropout_p,
+                                               enable_gqa=self.group_size > 1)
         y = y.permute(2, 0, 1, 3).reshape(s, b, -1)
         return _row_parallel(self.proj, y, self.sequence_parallel)
 
@@ -162,8 +168,11 @@ class Block(nn.Module):
             self.mlp = MoEFeedForward(cfg, moe_expert_parallel_size, output_std)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x):
-        x = x + self.dropout(self.attn(self._whole_sequence(self.attn_norm(x))))
+    def forward(self, x, attn_mask=None):
+        if attn_mask is None:
+            x = x + self.dropout(self.attn(self._whole_sequence(self.attn_norm(x))))
+        else:
+            x = x + self.dropout(self.attn(self._whole_sequence(self.attn_norm(x)), attn_mask))
         return x + self.dropout(self._mlp(self._whole_sequence(self.mlp_norm(x))))
 
     def _whole_sequence(self, x):
@@ -175,6 +184,32 @@ class Block(nn.Module):
         if self.sequence_parallel and isinstance(self.mlp, MoEFeedForward):
             return split_sequence(out, parallel_state.get_tensor_model_parallel_group())
         return out
+
+
+class MemoryTokens(nn.Module):
+    """The recurrent memory's initial state: num_mem_tokens learned vectors, distinct (LM-RMT repeats one),
+    drawn like the embedding, N(0, init_std), whole on every TP rank (models/init.py draws a replicated tensor
+    from the seed and its name, so every layout has the same). A module of its own, so ZeRO-3 gathers it
+    when it is used."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        shape = (cfg.memory.num_mem_tokens, cfg.hidden_size)
+        self.weight = draw_normal(nn.Parameter(torch.empty(shape)), cfg.init_std)
+
+    def forward(self, batch_size: int) -> torch.Tensor:  # [M, b, h]
+        return self.weight[:, None, :].expand(-1, batch_size, -1)
+
+
+def memory_attention_mask(num_mem_tokens: int, num_tokens: int, device) -> torch.Tensor:
+    """Who sees whom in a segment [read memory; tokens; write memory] (True: may attend): read memory sees
+    all read memory, a token sees the read memory and the tokens up to itself, write memory sees the whole
+    segment. [s, s] with s = num_tokens + 2 x num_mem_tokens."""
+    m, s = num_mem_tokens, num_tokens + 2 * num_mem_tokens
+    mask = torch.ones(s, s, dtype=torch.bool, device=device).tril()
+    mask[:m, :m] = True
+    mask[m + num_tokens:, :] = True
+    return mask
 
 
 class GPT(nn.Module):
@@ -222,6 +257,7 @@ class GPT(nn.Module):
             self.position_embedding = nn.Embedding(*shape, _weight=torch.empty(shape))
             draw_normal(self.position_embedding.weight, cfg.init_std)
         self.embedding_dropout = nn.Dropout(cfg.dropout)
+        self.memory = MemoryTokens(cfg) if cfg.memory is not None else None
         self.blocks = nn.ModuleDict({
             str(layer): Block(cfg, tp_config, output_std, sequence_parallel,
                               expert_parallel_size if cfg.is_moe_layer(layer) else None)
@@ -255,7 +291,10 @@ class GPT(nn.Module):
         """input_ids, labels: [b, s]. With labels, the mean next-token loss plus the MoE router losses
         (the training objective), or with reduction="sum" (evaluation) the summed next-token loss and
         the number of tokens scored, so that a mean over any split of the data is exact. Without
-        labels, this TP rank's vocabulary slice of the logits, [s, b, padded_vocab / tp]."""
+        labels, this TP rank's vocabulary slice of the logits, [s, b, padded_vocab / tp]. With recurrent
+        memory (model.memory), the same over the segments of input_ids (forward_with_memory)."""
+        if self.memory is not None:
+            return self.forward_with_memory(input_ids, labels, reduction)
         x = self.run_layers(self.embed(input_ids), self.blocks)
         if labels is None or reduction == "sum":
             return self.head(x, labels, reduction)
@@ -277,12 +316,51 @@ class GPT(nn.Module):
             x = x + (replicated_parameter(weight) if self.sequence_parallel else weight)[positions][:, None, :]
         return self.embedding_dropout(x)
 
-    def run_layers(self, x: torch.Tensor, layers: Iterable[str | int]) -> torch.Tensor:
-        """x through the blocks `layers` names (global indices), in order."""
+    def run_layers(self, x: torch.Tensor, layers: Iterable[str | int], attn_mask: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """x through the blocks `layers` names (global indices), in order; attn_mask: see Attention.forward."""
+        arguments = (x,) if attn_mask is None else (x, attn_mask)
         for layer in layers:
             block = self.blocks[str(layer)]
-            x = checkpoint(block, x, use_reentrant=False) if self.activation_checkpointing else block(x)
+            x = checkpoint(block, *arguments, use_reentrant=False) if self.activation_checkpointing else block(*arguments)
+            arguments = (x,) if attn_mask is None else (x, attn_mask)
         return x
+
+    def forward_with_memory(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                            reduction: str = "mean"):
+        """The recurrent memory transformer's forward (decoder form of LM-RMT; docs/memory.md), with forward's
+        arguments and results. input_ids [b, s] is cut into segments of model.memory.segment_len tokens (the
+        last may be shorter); segment i runs as [read memory; its tokens; write memory], at positions
+        0..M-1, M..M+L-1 and M+L..L+2M-1 (M memory tokens, L tokens), and the memory segment i+1 reads is the
+        last block's output at segment i's write positions, before the final norm. The first segment reads
+        the learned initial memory. Memory positions are never scored: the loss is the mean over every
+        scored token of every segment. Only the memory read by the last `bptt_segments` segments carries
+        gradient back into the segment that wrote it (all of them for -1)."""
+        mem_cfg, m = self.cfg.memory, self.cfg.memory.num_mem_tokens
+        segments = input_ids.split(mem_cfg.segment_len, dim=1)
+        label_segments = labels.split(mem_cfg.segment_len, dim=1) if labels is not None else [None] * len(segments)
+        bptt = len(segments) if mem_cfg.bptt_segments == -1 else mem_cfg.bptt_segments
+        memory = self.memory(input_ids.shape[0])  # [M, b, h]
+        logits, total, scored = [], 0.0, 0
+        for i, (ids, seg_labels) in enumerate(zip(segments, label_segments)):
+            if i > 0 and i < len(segments) - bptt:
+                memory = memory.detach()  # truncated BPTT: this segment's loss stops at the memory it reads
+            tokens = self.embedding(ids).transpose(0, 1)  # [L, b, h], whole on every TP rank
+            x = torch.cat([memory, tokens, memory], dim=0)
+            if self.position_embedding is not None:
+                x = x + self.position_embedding.weight[:x.shape[0]][:, None, :]
+            x = self.run_layers(self.embedding_dropout(x), self.blocks, memory_attention_mask(m, ids.shape[1], x.device))
+            memory, x = x[m + ids.shape[1]:], x[m:m + ids.shape[1]]
+            if seg_labels is None:
+                logits.append(self.head(x))
+            else:
+                seg_total, seg_scored = self.head(x, seg_labels, reduction="sum")
+                total, scored = total + seg_total, scored + seg_scored
+        if labels is None:
+            return torch.cat(logits, dim=0)
+        if reduction == "sum":
+            return total, scored
+        return total / scored.clamp(min=1)
 
     def router_loss(self, layers: Iterable[str | int]) -> torch.Tensor | float:
         """The MoE router losses of the blocks `layers` names, from their last forward (0 for dense blocks)."""
