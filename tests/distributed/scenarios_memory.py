@@ -1,0 +1,167 @@
+"""Issue 26's distributed scenarios: the recurrent memory transformer (model.memory) at one process and at
+TP=2 and DP=2 ZeRO-3, and the single-process checks behind tests/test_memory.py.
+
+The memory model is the parity scenarios' tiny GPT with 4 memory tokens and segments of 8 tokens, trained
+on 3-segment windows (data.seq_len=24): a segment with its memory is 16 of the model's 32 positions.
+"""
+import importlib.util
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tests.distributed.harness import REPO, scenario
+from tests.distributed.scenarios import (GLOBAL_BATCH, LLAMA_STYLE, VOCAB, fixed_batches, run_training,
+                                         tiny_config, train_records)
+
+MEM_TOKENS, SEGMENT_LEN, SEGMENTS, STEPS = 4, 8, 3, 3
+MEMORY = (f"model.memory.num_mem_tokens={MEM_TOKENS}", f"model.memory.segment_len={SEGMENT_LEN}",
+          f"data.seq_len={SEGMENTS * SEGMENT_LEN}", f"train.steps={STEPS}")
+# The last commit before model.memory: its models/gpt.py is the plain decoder a memory-less model must still be.
+BEFORE_MEMORY = "4f5cf6c"
+
+
+def _model(cfg, topo, module=None):
+    from models.gpt import GPT
+
+    torch.manual_seed(cfg.train.seed)
+    return (module.GPT if module else GPT)(cfg.model, VOCAB)
+
+
+def _gpt_before_memory():
+    """models/gpt.py as it was before model.memory, imported from git; None where the history is not there."""
+    try:
+        source = subprocess.run(["git", "-C", str(REPO), "show", f"{BEFORE_MEMORY}:models/gpt.py"],
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    path = Path(tempfile.mkdtemp()) / "gpt_before_memory.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("gpt_before_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@scenario(world_size=1)
+def memory_off_forward():
+    """A model without model.memory, GPT-2 and Llama style: how its attention was called (the causal path,
+    no mask), whether the memory path ran, and whether its logits, loss and gradients are bitwise those of
+    models/gpt.py before model.memory (None where git history is missing)."""
+    import models.gpt as gpt
+    from parallel.topology import init_topology
+
+    before = _gpt_before_memory()
+    results = {}
+    for style, extra in (("gpt2", ()), ("llama_style", LLAMA_STYLE)):
+        cfg = tiny_config(*extra)
+        topo = init_topology(tp=1)
+        tokens = next(iter(fixed_batches(cfg)(topo)))
+        calls, memory_path_ran = [], []
+        sdpa, with_memory = gpt.F.scaled_dot_product_attention, gpt.GPT.forward_with_memory
+
+        def recorded(*args, **kwargs):
+            calls.append({"is_causal": kwargs.get("is_causal"), "attn_mask": kwargs.get("attn_mask")})
+            return sdpa(*args, **kwargs)
+
+        gpt.F.scaled_dot_product_attention = recorded
+        gpt.GPT.forward_with_memory = lambda *a, **k: memory_path_ran.append(True) or with_memory(*a, **k)
+        try:
+            model = _model(cfg, topo)
+            logits = model(tokens[:, :-1]).detach()
+            loss = model(tokens[:, :-1], tokens[:, 1:])
+            loss.backward()
+        finally:
+            gpt.F.scaled_dot_product_attention, gpt.GPT.forward_with_memory = sdpa, with_memory
+        result = {"calls": calls, "memory_path_ran": bool(memory_path_ran),
+                  "names": [name for name, _ in model.named_parameters()], "bitwise_as_before": None}
+        if before is not None:
+            old = _model(cfg, topo, before)
+            old_logits = old(tokens[:, :-1]).detach()
+            old_loss = old(tokens[:, :-1], tokens[:, 1:])
+            old_loss.backward()
+            old_params = dict(old.named_parameters())
+            result["bitwise_as_before"] = (
+                torch.equal(logits, old_logits) and torch.equal(loss, old_loss)
+                and list(old_params) == result["names"]
+                and all(torch.equal(p, old_params[n]) and torch.equal(p.grad, old_params[n].grad)
+                        for n, p in model.named_parameters()))
+        results[style] = result
+    return results
+
+
+def _segment_input_gradients(bptt: int, *extra: str) -> dict:
+    """One forward and backward of the memory model in which only the last segment is scored: the gradient
+    that reaches each segment's token embeddings (an added zero perturbation per segment) and the initial
+    memory. Plus the logits' causality: changing the window's last token changes no earlier logit."""
+    from models.blocks import IGNORE_INDEX
+    from parallel.topology import init_topology
+
+    cfg = tiny_config(*MEMORY, f"model.memory.bptt_segments={bptt}", *extra)
+    topo = init_topology(tp=1)
+    model = _model(cfg, topo)
+    tokens = next(iter(fixed_batches(cfg)(topo)))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:].clone()
+    labels[:, :(SEGMENTS - 1) * SEGMENT_LEN] = IGNORE_INDEX  # the last segment's loss only
+    perturbations = []
+
+    def perturb(module, args, output):
+        delta = torch.zeros_like(output, requires_grad=True)
+        perturbations.append(delta)
+        return output + delta
+
+    hook = model.embedding.register_forward_hook(perturb)
+    model(inputs, labels).backward()
+    hook.remove()
+    with torch.no_grad():
+        logits = model(inputs)
+        changed = inputs.clone()
+        changed[:, -1] = (changed[:, -1] + 1) % VOCAB
+        logits_changed = model(changed)
+    return {
+        "segment_grads": [None if d.grad is None else d.grad.abs().sum().item() for d in perturbations],
+        "memory_grad": model.memory.weight.grad.abs().sum().item() if model.memory.weight.grad is not None else None,
+        "logits_shape": tuple(logits.shape),
+        "earlier_logits_unchanged": torch.equal(logits[:-1], logits_changed[:-1]),
+        "last_logits_changed": not torch.equal(logits[-1], logits_changed[-1]),
+    }
+
+
+@scenario(world_size=1)
+def memory_bptt_gradients():
+    return {bptt: _segment_input_gradients(bptt) for bptt in (-1, 1, 0)} | {
+        "llama_style_bptt1": _segment_input_gradients(1, *LLAMA_STYLE)}
+
+
+@scenario(world_size=1)
+def memory_reference_training():
+    return run_training("parallel.zero_stage=0", *MEMORY)
+
+
+@scenario(world_size=2)
+def memory_tp2_training():
+    return run_training("parallel.tp=2", "parallel.zero_stage=1", *MEMORY)
+
+
+@scenario(world_size=2)
+def memory_dp2_zero3_training():
+    """3 steps at DP=2 ZeRO-3, saving at step 2; the same layout resumed from that checkpoint for step 3; the
+    tensors the step-2 checkpoint holds (the memory's initial state among them, a parameter like any other)."""
+    from parallel.checkpoint.layout_free import read_weights
+    from tests.distributed.scenarios_checkpoint import ResumableBatches
+
+    root = Path(os.environ["PARALLAX_SCENARIO_DIR"]) / "memory-runs"
+
+    def train(name: str, *overrides: str) -> list[dict]:
+        cfg = tiny_config(f"train.micro_batch_size={GLOBAL_BATCH // 2}", "parallel.zero_stage=3", *MEMORY,
+                          "checkpoint.interval=2", f"logging.run_dir={root / name}", *overrides)
+        return train_records(cfg, batches=lambda topo: ResumableBatches(cfg, topo))
+
+    straight = train("straight", "checkpoint.resume=none")
+    saved = root / "straight" / "checkpoints" / "step-00000002"
+    resumed = train("resumed", f"checkpoint.resume={saved}")
+    weights = read_weights(saved)
+    return {"straight": straight, "resumed": resumed,
+            "saved_memory": weights.get("memory.weight"), "saved_names": sorted(weights)}
