@@ -103,3 +103,14 @@ def test_a_memory_window_may_exceed_max_seq_len_when_each_segment_fits():
     cfg = load_config(TINY, [*MEMORY, "data.seq_len=512"])
     assert cfg.model.memory.bptt_segments == -1 and cfg.data.seq_len == 8 * cfg.model.memory.segment_len
     assert load_config(TINY, []).model.memory is None
+
+
+def test_a_memory_model_has_no_hugging_face_twin():
+    """export (and generate, which goes through the twin) refuse a memory model in one line instead of
+    writing a plain GPT-2 that silently drops the memory."""
+    from models.huggingface import HuggingFaceError, twin_for
+
+    with pytest.raises(HuggingFaceError, match="model.memory: a recurrent memory model has no Hugging Face twin") as e:
+        twin_for(load_config(TINY, MEMORY).model)
+    assert "\n" not in str(e.value)
+    assert twin_for(load_config(TINY, []).model).NAME
