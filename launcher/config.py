@@ -207,8 +207,8 @@ class RunConfig(_Section):
                              "stage only; use train.precision=bf16")
         if self.train.precision == "bf16" and p.zero_stage == 0 and m.tied:
             raise ValueError(f"train.precision=bf16 at parallel.zero_stage=0 with parallel.pp={p.pp} and a tied "
-                             "embedding: DeepSpeed's bf16 ZeRO-0 optimizer norms gradients flattened, so it would count "
-                             "the last stage's copy of the embedding twice; use parallel.zero_stage=1")
+                             "embedding: DeepSpeed's bf16 ZeRO-0 optimizer norms gradients flattened, so it would "
+                             "count the last stage's copy of the embedding twice; use parallel.zero_stage=1")
         stages = p.pp * p.virtual_stages
         if p.pipeline_layers is None:
             if m.num_layers < stages:

