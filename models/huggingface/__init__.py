@@ -66,7 +66,7 @@ def _twins() -> list[Twin]:
 
 def twin_for(cfg: ModelConfig) -> Twin:
     """The twin that `cfg` maps to exactly; HuggingFaceError naming what differs from the closest one."""
-    if getattr(cfg, "memory", None) is not None:
+    if cfg.memory is not None:
         raise HuggingFaceError("model.memory: a recurrent memory model has no Hugging Face twin (transformers has no "
                                "RMT), so it cannot be exported, generated from or started from through one")
     differences = {twin: twin.differences(cfg) for twin in _twins() if twin.ARCH == cfg.arch}

@@ -104,7 +104,7 @@ class Checkpointer:
             self._pending.wait()
         shard = {"pieces": fmt.held_pieces(self.engine, self.topo, self.num_experts, self._staging), "rng": _rng_state()}
         client = self._client_state(step, tokens)
-        # TP peers share their DP rank's data state, so only TP rank 0 sends it
+        # A DP rank's TP and pipeline peers read the same batches: one of them saves where they are
         data_state = copy.deepcopy(self.loader.state_dict()) if self.topo.writes_loader_state else None
         self._pending = PendingSave(lambda: self._write_and_commit(step, shard, client, data_state))
         return self._pending
