@@ -35,7 +35,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.blocks import Norm, language_model_loss, moe_metrics, parameter_counts, vocab_parallel_logits
+from models.blocks import IGNORE_INDEX, Norm, language_model_loss, moe_metrics, parameter_counts, vocab_parallel_logits
 from models.config import ModelConfig
 from models.init import draw_normal, initialise, layer_config, parallel_layer
 from models.moe import MoEFeedForward
@@ -325,38 +325,58 @@ class GPT(nn.Module):
                             reduction: str = "mean"):
         """The recurrent memory transformer's forward (decoder form of LM-RMT; docs/memory.md), with forward's
         arguments and results. input_ids [b, s] is cut into segments of model.memory.segment_len tokens (the
-        last may be shorter); segment i runs as [read memory; its tokens; write memory], at positions
-        0..M-1, M..M+L-1 and M+L..L+2M-1 (M memory tokens, L tokens), and the memory segment i+1 reads is the
-        last block's output at segment i's write positions, before the final norm. The first segment reads
-        the learned initial memory. Memory positions are never scored: the loss is the mean over every
-        scored token of every segment. Only the memory read by the last `bptt_segments` segments carries
-        gradient back into the segment that wrote it (all of them for -1)."""
-        mem_cfg, m = self.cfg.memory, self.cfg.memory.num_mem_tokens
+        last may be shorter), each read by read_segment; the first reads the learned initial memory. Memory
+        positions are never scored: the loss is the mean over every scored token of every segment. Only the
+        memory read by the last `bptt_segments` segments carries gradient back into the segment that wrote it
+        (all of them for -1)."""
+        mem_cfg = self.cfg.memory
         segments = input_ids.split(mem_cfg.segment_len, dim=1)
         label_segments = labels.split(mem_cfg.segment_len, dim=1) if labels is not None else [None] * len(segments)
         bptt = len(segments) if mem_cfg.bptt_segments == -1 else mem_cfg.bptt_segments
-        memory = self.memory(input_ids.shape[0])  # [M, b, h]
+        memory = self.initial_memory(input_ids.shape[0])
         logits, total, scored = [], 0.0, 0
         for i, (ids, seg_labels) in enumerate(zip(segments, label_segments)):
             if i > 0 and i < len(segments) - bptt:
                 memory = memory.detach()  # truncated BPTT: this segment's loss stops at the memory it reads
-            tokens = self.embedding(ids).transpose(0, 1)  # [L, b, h], whole on every TP rank
-            x = torch.cat([memory, tokens, memory], dim=0)
-            if self.position_embedding is not None:
-                x = x + self.position_embedding.weight[:x.shape[0]][:, None, :]
-            mask = memory_attention_mask(m, ids.shape[1], x.device)
-            x = self.run_layers(self.embedding_dropout(x), self.blocks, mask)
-            memory, x = x[m + ids.shape[1]:], x[m:m + ids.shape[1]]
+            x, memory = self.read_segment(ids, memory)
             if seg_labels is None:
                 logits.append(self.head(x))
             else:
-                seg_total, seg_scored = self.head(x, seg_labels, reduction="sum")
+                seg_total, seg_scored = self.score_segment(x, seg_labels)
                 total, scored = total + seg_total, scored + seg_scored
         if labels is None:
             return torch.cat(logits, dim=0)
         if reduction == "sum":
             return total, scored
         return total / scored.clamp(min=1)
+
+    def initial_memory(self, batch_size: int) -> torch.Tensor:
+        """The memory the first segment reads, [M, b, h]."""
+        return self.memory(batch_size)
+
+    def read_segment(self, ids: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One segment of tokens ids [b, L] with the memory it reads [M, b, h], run as [read memory; tokens;
+        write memory] at positions 0..M-1, M..M+L-1 and M+L..L+2M-1: the last block's output at its tokens,
+        [L, b, h], and the memory it writes, the last block's output at the write positions before the final
+        norm, [M, b, h]. Evaluation and generation call it a segment at a time, so their memory does not grow
+        with the input."""
+        m, length = self.cfg.memory.num_mem_tokens, ids.shape[1]
+        tokens = self.embedding(ids).transpose(0, 1)  # [L, b, h], whole on every TP rank
+        x = torch.cat([memory, tokens, memory], dim=0)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding.weight[:x.shape[0]][:, None, :]
+        x = self.run_layers(self.embedding_dropout(x), self.blocks, memory_attention_mask(m, length, x.device))
+        return x[m:m + length], x[m + length:]
+
+    def score_segment(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The summed next-token loss of a segment's outputs x [L, b, h] and how many tokens it scores. Only
+        the scored positions reach the output layer: a task that scores one answer token in thousands
+        (data.fact_task) would otherwise spend most of its time on logits nobody reads."""
+        scored = labels != IGNORE_INDEX
+        if bool(scored.all()):
+            return self.head(x, labels, reduction="sum")
+        picked = scored.transpose(0, 1)  # [L, b], as x
+        return self.head(x[picked][:, None, :], labels.transpose(0, 1)[picked][None, :], reduction="sum")
 
     def router_loss(self, layers: Iterable[str | int]) -> torch.Tensor | float:
         """The MoE router losses of the blocks `layers` names, from their last forward (0 for dense blocks)."""
