@@ -56,6 +56,30 @@ class SpanCorruptionConfig(BaseModel):
     mean_noise_span_length: float = Field(3.0, ge=1, description="average tokens per masked span")
 
 
+class FactTaskConfig(BaseModel):
+    """The built-in long-context task for recurrent memory (data_pipeline/fact_task.py): retrieve a fact
+    planted in corpus text from the question at the end. Replaces the corpus windows as training data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    values: int = Field(10, ge=2, le=10, description="the answer is one of the digits 0..values-1, so a model that "
+                        "cannot see the fact is right 1/values of the time")
+    position: Literal["random", "start"] = Field(
+        "random", description="random: the fact sits anywhere in any segment but the last (Detect & Memorize); "
+        "start: at the start of the first segment (Memorize)")
+    eval_samples: int = Field(200, ge=1, description="held-out samples each evaluation scores, per segment count")
+    eval_segments: list[int] | None = Field(
+        None, description="the segment counts each evaluation scores (`parallax eval --segments`); default: the "
+        "longest input training reaches")
+
+    @field_validator("eval_segments")
+    @classmethod
+    def _counts_positive(cls, counts: list[int] | None) -> list[int] | None:
+        if counts is not None and (not counts or min(counts) < 1):
+            raise ValueError(f"eval_segments={counts}: give one or more segment counts, each 1 or more")
+        return counts
+
+
 class DataConfig(BaseModel):
     """Everything the pipeline needs; the run YAML's `data:` section validates into this."""
 
@@ -84,6 +108,9 @@ class DataConfig(BaseModel):
     span_corruption: SpanCorruptionConfig | None = Field(
         default=None, description="T5's objective; model.arch=t5 sets the defaults when absent. None: next-token windows."
     )
+    fact_task: FactTaskConfig | None = Field(
+        default=None, description="Train and evaluate on the built-in long-context task (needs model.memory); "
+        "its filler text comes from the sources. None: next-token windows of the sources.")
     validation: list[SourceConfig] | None = Field(
         default=None, description="Held-out sources for evaluation; None holds out validation_fraction of the "
         "training sources' documents instead (the built-in corpus included)."

@@ -14,10 +14,26 @@ import torch
 
 from .config import DataConfig
 from .errors import DataError
-from .lane import Lane
+from .lane import Lane, Plan
 from .loader import training_plan
 from .sources import discover
 from .work import new_cursor
+
+
+def validation_plan(cfg: DataConfig, seed: int) -> Plan:
+    """The held-out documents (data.validation, else the training sources' held-out share), read once."""
+    plan = training_plan(cfg, seed)
+    if cfg.validation is not None:
+        plan = replace(plan, sources=tuple(discover(source, "data.validation") for source in cfg.validation))
+    elif not plan.holdout:
+        raise DataError("evaluation needs held-out data: set data.validation, or data.validation_fraction above 0")
+    return replace(plan, validation=True, epochs=1, shuffle_buffer=1)
+
+
+def in_order(plan: Plan) -> Lane:
+    """One lane reading `plan`'s sources from their start, the order the first epoch of training would."""
+    return Lane(plan, {"sources": [new_cursor(plan.seed, s, 0, 1, 0) for s in range(len(plan.sources))],
+                       "emitted": [0] * len(plan.sources)})
 
 
 def validation_batches(cfg: DataConfig, *, batches: int, micro_batch_size: int, grad_accum: int, dp_rank: int,
@@ -25,14 +41,8 @@ def validation_batches(cfg: DataConfig, *, batches: int, micro_batch_size: int, 
     """This rank's micro-batches of the first `batches` global batches of the validation windows (fewer
     if the set is smaller), in the training batches' format: LongTensor[micro_batch, seq_len + 1], or
     dicts of input_ids, decoder_input_ids and labels under span corruption."""
-    plan = training_plan(cfg, seed)
-    if cfg.validation is not None:
-        plan = replace(plan, sources=tuple(discover(source, "data.validation") for source in cfg.validation))
-    elif not plan.holdout:
-        raise DataError("evaluation needs held-out data: set data.validation, or data.validation_fraction above 0")
-    plan = replace(plan, validation=True, epochs=1, shuffle_buffer=1)
-    lane = Lane(plan, {"sources": [new_cursor(seed, s, 0, 1, 0) for s in range(len(plan.sources))],
-                       "emitted": [0] * len(plan.sources)})
+    plan = validation_plan(cfg, seed)
+    lane = in_order(plan)
     global_batch = micro_batch_size * grad_accum * dp_size
     wanted = batches * global_batch
     windows = []

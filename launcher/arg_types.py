@@ -26,3 +26,8 @@ def _whole_number_at_least(text: str, minimum: int) -> int:
     if value is None or value < minimum:
         raise argparse.ArgumentTypeError(f"give a whole number of at least {minimum}; got {text}")
     return value
+
+
+def segment_counts(text: str) -> list[int]:
+    """A comma-separated list of segment counts, e.g. 1,2,4,8."""
+    return [_whole_number_at_least(part.strip(), 1) for part in text.split(",")]

@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from launcher.arg_types import non_negative_int, positive_int
+from launcher.arg_types import non_negative_int, positive_int, segment_counts
 from launcher.console import quiet_third_party
 from launcher.plan.cli import add_plan_command
 from launcher.slurm.status import add_status_command
@@ -38,7 +38,7 @@ def _eval(args) -> None:
     """`parallax eval`: the checkpoint's own config, at the layout and on the data the overrides give."""
     import json
 
-    from launcher.config import load_config
+    from launcher.config import ConfigError, load_config
     from launcher.output_paths import output_file
     from parallel.checkpoint import find_checkpoint
 
@@ -49,8 +49,16 @@ def _eval(args) -> None:
         overrides.append(f"train.eval_batches={args.batches}")
     if args.data:
         overrides.append(f"data.validation={json.dumps([{'path': str(Path(p).resolve())} for p in args.data])}")
+    if args.segments:
+        overrides.append(f"data.fact_task.eval_segments={json.dumps(args.segments)}")
+    if args.samples:
+        overrides.append(f"data.fact_task.eval_samples={args.samples}")
     config = path / "config.yaml"
-    load_config(config, overrides).check_world_size(args.nproc)
+    cfg = load_config(config, overrides)
+    if (args.segments or args.samples) and cfg.data.fact_task is None:
+        raise ConfigError(f"--segments and --samples score data.fact_task, which {config} does not train on; "
+                          "remove them to evaluate the validation loss")
+    cfg.check_world_size(args.nproc)
     _launch(["--evaluate", str(out.resolve()), str(config), *overrides], args.nproc, max_restarts=0)
 
 
@@ -229,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", nargs="+", metavar="PATH", help="validation data (data.validation); default: "
                           "the run's validation set")
     evaluate.add_argument("--batches", type=int, metavar="N", help="global batches to read (train.eval_batches)")
+    evaluate.add_argument("--segments", type=segment_counts, metavar="1,2,4,...", help="data.fact_task: the "
+                          "accuracy and loss at each of these segment counts")
+    evaluate.add_argument("--samples", type=positive_int, metavar="N", help="data.fact_task: held-out samples per "
+                          "segment count (data.fact_task.eval_samples)")
     evaluate.add_argument("--nproc", type=positive_int, default=1, help="ranks to start on this machine (default 1)")
     evaluate.add_argument("--step", type=non_negative_int, default=None, help="that step's checkpoint of the run")
     evaluate.add_argument("--out", default=None, help="the JSON result (default: CHECKPOINT/eval.json)")

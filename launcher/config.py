@@ -80,6 +80,28 @@ class TrainConfig(_Section):
         "the last; 0: never")
     eval_batches: PositiveInt = Field(
         10, description="global batches of the validation set each evaluation reads (the same ones every time)")
+    memory_curriculum: Optional[MemoryCurriculumConfig] = Field(
+        None, description="recurrent memory: grow the segments of a training sample over training; none: every "
+        "sample has data.seq_len / model.memory.segment_len segments")
+
+
+class MemoryCurriculumConfig(_Section):
+    """How many segments a training sample of a recurrent-memory model has as training goes (launcher/curriculum.py)."""
+
+    segments: list[PositiveInt] = Field(description="the segment counts, in order, e.g. [1, 2, 3, 4]")
+    at_steps: list[PositiveInt] = Field(description="the step from which each count applies, the first 1")
+    vary_n_segments: bool = Field(
+        False, description="each step draws its count uniformly from 1 to the current one (BABILong), so short "
+        "inputs stay in the mix")
+
+    @model_validator(mode="after")
+    def _steps_fit_segments(self):
+        if len(self.segments) != len(self.at_steps):
+            raise ValueError(f"train.memory_curriculum: {len(self.segments)} segment counts but {len(self.at_steps)} "
+                             "at_steps; give one step for each count")
+        if self.at_steps[0] != 1 or any(a >= b for a, b in zip(self.at_steps, self.at_steps[1:])):
+            raise ValueError(f"train.memory_curriculum.at_steps={self.at_steps} must start at 1 and increase")
+        return self
 
 
 class LoggingConfig(_Section):
@@ -138,12 +160,17 @@ class RunConfig(_Section):
                 f"equal share of the padded vocabulary; choose parallel.tp from {fitting} or set "
                 f"model.vocab_multiple to a multiple of {tp}, e.g. {math.lcm(m.vocab_multiple, tp)}"
             )
+        if self.data.fact_task is not None and m.arch == "t5":
+            raise ValueError("data.fact_task is a task for decoders (model.arch=gpt, with model.memory); remove it")
         if m.arch == "t5":
             self._fit_t5()
         elif self.data.span_corruption is not None:
             raise ValueError("data.span_corruption is T5's objective; remove it or set model.arch=t5")
         elif m.memory is not None:
             self._fit_memory()
+        elif self.train.memory_curriculum is not None and self.data.fact_task is None:
+            raise ValueError("train.memory_curriculum grows the segments of model.memory; add a model.memory section "
+                             "(or data.fact_task, for a baseline without memory), or remove the curriculum")
         elif self.data.seq_len > m.max_seq_len:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
@@ -173,6 +200,11 @@ class RunConfig(_Section):
         if self.data.seq_len % mem.segment_len:
             raise ValueError(f"data.seq_len={self.data.seq_len} is not a multiple of model.memory.segment_len="
                              f"{mem.segment_len}: a training window is a whole number of segments")
+        curriculum = self.train.memory_curriculum
+        if curriculum is not None and max(curriculum.segments) * mem.segment_len > self.data.seq_len:
+            raise ValueError(f"train.memory_curriculum reaches {max(curriculum.segments)} segments of "
+                             f"model.memory.segment_len={mem.segment_len} tokens, more than data.seq_len="
+                             f"{self.data.seq_len}; raise data.seq_len to {max(curriculum.segments) * mem.segment_len}")
         if p.pp > 1:
             raise ValueError(f"model.memory with parallel.pp={p.pp}: recurrent memory is not yet built for pipelines; "
                              "set parallel.pp=1")
@@ -222,6 +254,10 @@ class RunConfig(_Section):
             raise ValueError(f"train.grad_accum={self.train.grad_accum} micro-batches: the interleaved schedule "
                              f"(parallel.virtual_stages={p.virtual_stages}) sends them through in groups of "
                              f"parallel.pp={p.pp}; use a multiple of {p.pp}")
+
+    def task_segment_len(self) -> int:
+        """The segment of data.fact_task: model.memory's, or without memory the model's window, data.seq_len."""
+        return self.model.memory.segment_len if self.model.memory is not None else self.data.seq_len
 
     def stage_layers(self) -> list[range]:
         """The global layer indices of each (virtual) pipeline stage, in order: [range(L)] without a pipeline."""

@@ -56,6 +56,15 @@ class Evaluator:
                 "eval_seconds": time.perf_counter() - started}
 
 
+def evaluator_for_run(cfg: RunConfig, topo: Topology):
+    """The run's evaluation: the validation loss, or data.fact_task's answers by segment count."""
+    if cfg.data.fact_task is not None:
+        from launcher.evaluate_fact_task import FactTaskEvaluator
+
+        return FactTaskEvaluator.for_run(cfg, topo)
+    return Evaluator.for_run(cfg, topo)
+
+
 def evaluate_checkpoint(cfg: RunConfig, out: Path) -> dict:
     """`parallax eval` on this rank: the weights of the checkpoint cfg.checkpoint.resume names, at
     cfg's layout (any: checkpoints do not depend on it), evaluated on cfg's validation set. Rank 0
@@ -67,7 +76,7 @@ def evaluate_checkpoint(cfg: RunConfig, out: Path) -> dict:
     p = cfg.parallel
     topo = init_topology(tp=p.tp, ep=p.ep, pp=p.pp, timeout_minutes=p.timeout_minutes)
     vocab_size = cfg.check_vocab_size()
-    evaluate = Evaluator.for_run(cfg, topo)
+    evaluate = evaluator_for_run(cfg, topo)
     torch.manual_seed(cfg.train.seed)
     _, engine = build_model_and_engine(cfg, topo, vocab_size, init_from=None)  # the checkpoint has the weights
     resumed = Checkpointer(cfg, topo, engine, loader=None).resume()
@@ -75,6 +84,9 @@ def evaluate_checkpoint(cfg: RunConfig, out: Path) -> dict:
     result = {"checkpoint": cfg.checkpoint.resume, **record, "layout": topo.describe()}
     if topo.is_logging_rank:
         out.write_text(json.dumps(result, indent=1) + "\n")
+        for count in record.get("by_segments", []):
+            print(f"parallax: {count['segments']:>6} segments: accuracy {count['accuracy']:.1%}  loss "
+                  f"{count['loss']:.4f}  ({count['samples']} samples, {count['seconds']:.1f}s)", flush=True)
         print(f"parallax: eval of {cfg.checkpoint.resume} (step {record['step']}, {topo.describe()}): "
               f"loss {record['eval_loss']:.4f}  ppl {record['eval_ppl']:.2f}  {record['eval_tokens']:,} tokens  "
               f"{record['eval_seconds']:.1f}s; written to {out}", flush=True)

@@ -61,9 +61,13 @@ class RunLog:
         self.metrics.flush()
         share = "" if record["step"] == 0 else \
             f"; evaluation is {self.eval_seconds / (time.perf_counter() - self.started):.1%} of the run so far"
+        if "eval_accuracy" in record:  # data.fact_task: the answers, at eval_segments segments
+            figures = (f"accuracy {record['eval_accuracy']:.1%} at {record['eval_segments']} segments  ({record['eval_tokens']:,} "
+                       "answers")
+        else:
+            figures = f"ppl {record['eval_ppl']:.2f}  ({record['eval_tokens']:,} tokens"
         print(f"{chr(10) if self.live else ''}eval after step {record['step']}: loss {record['eval_loss']:.4f}  "
-              f"ppl {record['eval_ppl']:.2f}  ({record['eval_tokens']:,} tokens in {record['eval_seconds']:.1f}s{share})",
-              flush=True)
+              f"{figures} in {record['eval_seconds']:.1f}s{share})", flush=True)
 
     def close(self, summary: str) -> None:
         if self.tensorboard:

@@ -18,8 +18,8 @@ from parallel.topology import Topology
 
 
 class StepMetrics:
-    def __init__(self, topo: Topology, tokens_per_step: int, micro_batches_per_step: int, data_wait: float):
-        self.topo, self.tokens_per_step = topo, tokens_per_step
+    def __init__(self, topo: Topology, micro_batches_per_step: int, data_wait: float):
+        self.topo = topo
         self.loss_divisor = micro_batches_per_step * topo.dp  # the loss sums of every micro-batch of every DP rank
         self.pending: list[dict] = []
         self.restart_clock(data_wait)
@@ -28,12 +28,15 @@ class StepMetrics:
         """Start timing the next interval here: the loop calls it once it has logged, evaluated and saved."""
         self.started, self.data_wait_at_start = time.perf_counter(), data_wait
 
-    def add(self, step: int, loss_sum: torch.Tensor, lr: float, grad_norm, loss_scale) -> None:
-        """One step's figures as the engine left them: `loss_sum` and `grad_norm` may be device tensors."""
+    def add(self, step: int, loss_sum: torch.Tensor, lr: float, grad_norm, loss_scale, tokens: int,
+            segments: Optional[int] = None) -> None:
+        """One step's figures as the engine left them: `loss_sum` and `grad_norm` may be device tensors.
+        `tokens`: what the step trained on, all ranks together; `segments`: a memory model's segments per sample,
+        which its curriculum may change from step to step."""
         if isinstance(grad_norm, torch.Tensor):
             grad_norm = grad_norm.detach().clone()  # the engine may reuse its tensor next step
         self.pending.append({"step": step, "loss_sum": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                             "loss_scale": loss_scale})
+                             "loss_scale": loss_scale, "tokens": tokens, "segments": segments})
 
     def read(self, data_wait: float, moe: list[dict]) -> list[dict]:
         """Every pending step's record; the last one also carries the interval's throughput, the
@@ -46,10 +49,12 @@ class StepMetrics:
         self.topo.sum_scored(losses)
         losses = (losses / self.loss_divisor).tolist()
         records = [{"step": p["step"], "loss": loss, "lr": p["lr"], "grad_norm": _as_float(p["grad_norm"]),
-                    "loss_scale": _as_float(p["loss_scale"])} for p, loss in zip(self.pending, losses)]
+                    "loss_scale": _as_float(p["loss_scale"]),
+                    **({"segments": p["segments"]} if p["segments"] is not None else {})}
+                   for p, loss in zip(self.pending, losses)]
         steps = len(records)
         records[-1].update({
-            "tokens_per_s": self.tokens_per_step * steps / seconds,
+            "tokens_per_s": sum(p["tokens"] for p in self.pending) / seconds,
             "step_seconds": seconds / steps,
             "data_wait_seconds": (data_wait - self.data_wait_at_start) / steps,
             "moe": moe,

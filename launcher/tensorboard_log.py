@@ -92,6 +92,8 @@ class TensorBoardLog:
     def evaluation(self, record: dict) -> None:
         self.writer.add_scalar("eval/loss", record["eval_loss"], record["step"])
         self.writer.add_scalar("eval/ppl", record["eval_ppl"], record["step"])
+        if "eval_accuracy" in record:
+            self.writer.add_scalar("eval/accuracy", record["eval_accuracy"], record["step"])
         self.writer.flush()
 
     def _interval_scalars(self, record: dict) -> dict:

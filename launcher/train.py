@@ -14,9 +14,11 @@ import numpy as np
 import torch
 
 from data_pipeline import build_dataloader
+from data_pipeline.fact_task import FactTask, FactTaskLoader
 from launcher.config import ConfigError, RunConfig
 from launcher.errors import SaveFailed
-from launcher.evaluate import Evaluator
+from launcher.curriculum import MemoryCurriculum
+from launcher.evaluate import evaluator_for_run
 from launcher.output_paths import output_directory
 from launcher.run_log import RunLog
 from launcher.step_metrics import StepMetrics
@@ -56,11 +58,17 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
     if cfg.checkpoint.dir:  # every rank writes its shard there, first at the first save: hours in, maybe
         output_directory(cfg.checkpoint.dir, "checkpoint.dir")
     vocab_size = cfg.check_vocab_size(tokenized=batches is None or cfg.train.eval_interval > 0)
-    evaluate = Evaluator.for_run(cfg, topo) if cfg.train.eval_interval else None
+    evaluate = evaluator_for_run(cfg, topo) if cfg.train.eval_interval else None
+    curriculum = MemoryCurriculum(cfg) if cfg.model.memory is not None or cfg.data.fact_task is not None else None
     _seed_everything(cfg.train.seed)
     model, engine = build_model_and_engine(cfg, topo, vocab_size, init_from=cfg.model.init_from)
     runner = step_runner(engine, cfg, topo)
-    if batches is None:
+    if batches is None and cfg.data.fact_task is not None:
+        loader = FactTaskLoader(
+            FactTask.build(cfg.data, cfg.task_segment_len(), cfg.train.seed, held_out=False), curriculum.segments_at,
+            micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum, dp_rank=topo.dp_rank,
+            dp_size=topo.dp, last_tokens=None if cfg.model.memory is not None else cfg.data.seq_len)
+    elif batches is None:
         loader = build_dataloader(
             cfg.data, micro_batch_size=cfg.train.micro_batch_size, dp_rank=topo.dp_rank, dp_size=topo.dp,
             seed=cfg.train.seed,
@@ -85,8 +93,8 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
                   flush=True)
     log = RunLog(run_dir, cfg.train.steps, enabled=topo.is_logging_rank,
                  tensorboard=TensorBoardLog.open(cfg, topo, vocab_size, first_step=resumed.step + 1))
-    tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * topo.dp * cfg.data.seq_len
-    metrics = StepMetrics(topo, tokens_per_step, micro_batches_per_step=cfg.train.grad_accum, data_wait=_data_wait(loader))
+    sequences_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * topo.dp
+    metrics = StepMetrics(topo, micro_batches_per_step=cfg.train.grad_accum, data_wait=_data_wait(loader))
 
     first_step, tokens_seen = resumed.step + 1, resumed.tokens
     first_loss = last_loss = None
@@ -97,11 +105,14 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
     for step in range(first_step, cfg.train.steps + 1):
         stop_vote = StopVote(topo.control_group) if checkpoints else None  # travels while the step computes
         lr = engine.get_lr()[0]
-        micro_batches = [{name: tensor.to(topo.device) for name, tensor in model.batch_inputs(next(stream)).items()}
-                         for _ in range(cfg.train.grad_accum)] if stream is not None else []
+        micro_batches = [{name: tensor.to(topo.device) for name, tensor in model.batch_inputs(
+            curriculum.window(next(stream), step) if curriculum else next(stream)).items()}
+            for _ in range(cfg.train.grad_accum)] if stream is not None else []
         loss_sum = runner.train_step(micro_batches)
-        metrics.add(step, loss_sum, lr, engine.get_global_grad_norm(), loss_scale(engine))
-        tokens_seen += tokens_per_step
+        segments = curriculum.segments_at(step) if curriculum else None
+        tokens = sequences_per_step * (segments * curriculum.segment_len if curriculum else cfg.data.seq_len)
+        metrics.add(step, loss_sum, lr, engine.get_global_grad_norm(), loss_scale(engine), tokens, segments)
+        tokens_seen += tokens
 
         stop_signal = stop_vote.received() if stop_vote else None
         stopping = checkpoints is not None and (stop_signal is not None or step == cfg.train.stop_at_step)

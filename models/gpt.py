@@ -268,8 +268,11 @@ class GPT(nn.Module):
         initialise(self, torch.initial_seed())  # the seed the caller gave torch.manual_seed
 
     @staticmethod
-    def batch_inputs(batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """A GPT batch is token windows [b, s + 1]: every position is trained to predict the next token."""
+    def batch_inputs(batch: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A GPT batch is token windows [b, s + 1], every position trained to predict the next token, or
+        input_ids and labels already (a task that scores some tokens only, data_pipeline/fact_task.py)."""
+        if isinstance(batch, dict):
+            return batch
         return {"input_ids": batch[:, :-1], "labels": batch[:, 1:]}
 
     def parameter_counts(self) -> tuple[int, int]:
