@@ -49,16 +49,15 @@ def _eval(args) -> None:
         overrides.append(f"train.eval_batches={args.batches}")
     if args.data:
         overrides.append(f"data.validation={json.dumps([{'path': str(Path(p).resolve())} for p in args.data])}")
+    config = path / "config.yaml"
+    if (args.segments or args.samples) and load_config(config, overrides).data.fact_task is None:
+        raise ConfigError(f"--segments and --samples score data.fact_task, which {config} does not train on; "
+                          "remove them to evaluate the validation loss")
     if args.segments:
         overrides.append(f"data.fact_task.eval_segments={json.dumps(args.segments)}")
     if args.samples:
         overrides.append(f"data.fact_task.eval_samples={args.samples}")
-    config = path / "config.yaml"
-    cfg = load_config(config, overrides)
-    if (args.segments or args.samples) and cfg.data.fact_task is None:
-        raise ConfigError(f"--segments and --samples score data.fact_task, which {config} does not train on; "
-                          "remove them to evaluate the validation loss")
-    cfg.check_world_size(args.nproc)
+    load_config(config, overrides).check_world_size(args.nproc)
     _launch(["--evaluate", str(out.resolve()), str(config), *overrides], args.nproc, max_restarts=0)
 
 
