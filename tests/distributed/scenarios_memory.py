@@ -140,14 +140,16 @@ def memory_dp2_zero3_training():
 
 @scenario(world_size=1)
 def memory_reference_model():
-    return model_outputs(*MEMORY)
+    return {"gpt2": model_outputs(*MEMORY), "llama_style": model_outputs(*MEMORY, *LLAMA_STYLE)}
 
 
 @scenario(world_size=2)
 def memory_tp2_sequence_parallel_model():
     """Every parameter's gradient, not only the loss curve: Adam's update hardly changes if one gradient is
-    scaled, so a memory or position gradient summed over TP twice would pass a loss-curve comparison."""
-    return model_outputs(*SEQUENCE_PARALLEL, *MEMORY)
+    scaled, so a memory or position gradient summed over TP twice would pass a loss-curve comparison. The
+    Llama style adds rotary positions and an output layer of its own."""
+    return {"gpt2": model_outputs(*SEQUENCE_PARALLEL, *MEMORY),
+            "llama_style": model_outputs(*SEQUENCE_PARALLEL, *MEMORY, *LLAMA_STYLE)}
 
 
 @scenario(world_size=2)
