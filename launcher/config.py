@@ -187,7 +187,7 @@ class RunConfig(_Section):
         if moe is not None and self.parallel.zero_stage == 3:
             raise ValueError("parallel.zero_stage=3 does not support MoE layers in DeepSpeed; use zero_stage 1 or 2")
         self._fit_pipeline()
-        if self.parallel.sequence_parallel and self.data.seq_len % tp:
+        if self.parallel.sequence_parallel and self.data.seq_len % tp and m.memory is None:
             raise ValueError(
                 f"parallel.sequence_parallel needs data.seq_len={self.data.seq_len} divisible by parallel.tp={tp}"
             )
@@ -195,7 +195,8 @@ class RunConfig(_Section):
 
     def _fit_memory(self) -> None:
         """A memory model reads data.seq_len tokens as whole segments (the model bounds each segment by
-        model.max_seq_len); what it cannot do yet is refused."""
+        model.max_seq_len), and sequence parallelism splits a segment, not the window, over TP. Pipelines are
+        refused: the memory would cross every stage in both directions once per segment."""
         mem, p = self.model.memory, self.parallel
         if self.data.seq_len % mem.segment_len:
             raise ValueError(f"data.seq_len={self.data.seq_len} is not a multiple of model.memory.segment_len="
@@ -208,12 +209,11 @@ class RunConfig(_Section):
         if p.pp > 1:
             raise ValueError(f"model.memory with parallel.pp={p.pp}: recurrent memory is not yet built for pipelines; "
                              "set parallel.pp=1")
-        if p.sequence_parallel:
-            raise ValueError("model.memory with parallel.sequence_parallel: not yet supported; set "
-                             "parallel.sequence_parallel=false")
-        if self.model.moe is not None:
-            raise ValueError("model.memory with model.moe: not yet supported (router losses are per segment); "
-                             "remove one of them")
+        segment = mem.segment_len + 2 * mem.num_mem_tokens
+        if p.sequence_parallel and segment % p.tp:
+            raise ValueError(f"parallel.sequence_parallel splits each segment of model.memory.segment_len="
+                             f"{mem.segment_len} + 2 x model.memory.num_mem_tokens={mem.num_mem_tokens} = {segment} "
+                             f"positions over parallel.tp={p.tp} ranks; make that sum divisible by it")
 
     def _fit_pipeline(self) -> None:
         """What a pipeline cannot do is refused here, with what to use instead; its layer split is checked."""

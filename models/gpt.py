@@ -186,13 +186,16 @@ class MemoryTokens(nn.Module):
     from the seed and its name, so every layout has the same). A module of its own, so ZeRO-3 gathers it
     when it is used."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, sequence_parallel: bool):
         super().__init__()
         shape = (cfg.memory.num_mem_tokens, cfg.hidden_size)
         self.weight = draw_normal(nn.Parameter(torch.empty(shape)), cfg.init_std)
+        self.sequence_parallel = sequence_parallel
 
     def forward(self, batch_size: int) -> torch.Tensor:  # [M, b, h]
-        return self.weight[:, None, :].expand(-1, batch_size, -1)
+        # Under sequence parallelism each TP rank's gradient of the memory is partial (GPT.read_segment): sum it.
+        weight = replicated_parameter(self.weight) if self.sequence_parallel else self.weight
+        return weight[:, None, :].expand(-1, batch_size, -1)
 
 
 def memory_attention_mask(num_mem_tokens: int, num_tokens: int, device) -> torch.Tensor:
@@ -251,7 +254,7 @@ class GPT(nn.Module):
             self.position_embedding = nn.Embedding(*shape, _weight=torch.empty(shape))
             draw_normal(self.position_embedding.weight, cfg.init_std)
         self.embedding_dropout = nn.Dropout(cfg.dropout)
-        self.memory = MemoryTokens(cfg) if cfg.memory is not None else None
+        self.memory = MemoryTokens(cfg, sequence_parallel) if cfg.memory is not None else None
         self.blocks = nn.ModuleDict({
             str(layer): Block(cfg, tp_config, output_std, sequence_parallel,
                               expert_parallel_size if cfg.is_moe_layer(layer) else None)
@@ -301,17 +304,23 @@ class GPT(nn.Module):
         """The input of the first block, [s, b, h]: token and (learned) position embeddings, identical
         on every TP rank; under sequence parallelism the partial lookups are reduce-scattered instead of
         all-reduced, and this rank gets its slice of the sequence, [s/tp, b, h]."""
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         if self.sequence_parallel:
             partial = vocab_parallel_embedding_partial(self.embedding, input_ids).transpose(0, 1)
             x = reduce_scatter_sequence(partial, parallel_state.get_tensor_model_parallel_group())
-            positions = positions.chunk(self.tp, dim=0)[self.tp_rank]
         else:
             x = self.embedding(input_ids).transpose(0, 1)
-        if self.position_embedding is not None:
-            weight = self.position_embedding.weight
-            x = x + (replicated_parameter(weight) if self.sequence_parallel else weight)[positions][:, None, :]
-        return self.embedding_dropout(x)
+        return self.embedding_dropout(self._add_positions(x, input_ids.shape[1]))
+
+    def _add_positions(self, x: torch.Tensor, length: int) -> torch.Tensor:
+        """x, a sequence of `length` positions (this rank's slice of it under sequence parallelism), plus its
+        learned position embeddings, if the model has them."""
+        if self.position_embedding is None:
+            return x
+        positions = torch.arange(length, device=x.device)
+        weight = self.position_embedding.weight
+        if self.sequence_parallel:
+            positions, weight = positions.chunk(self.tp, dim=0)[self.tp_rank], replicated_parameter(weight)
+        return x + weight[positions][:, None, :]
 
     def run_layers(self, x: torch.Tensor, layers: Iterable[str | int], attn_mask: torch.Tensor | None = None
                    ) -> torch.Tensor:
@@ -329,29 +338,32 @@ class GPT(nn.Module):
         """The recurrent memory transformer's forward (decoder form of LM-RMT; docs/memory.md), with forward's
         arguments and results. input_ids [b, s] is cut into segments of model.memory.segment_len tokens (the
         last may be shorter), each read by read_segment; the first reads the learned initial memory. Memory
-        positions are never scored: the loss is the mean over every scored token of every segment. Only the
-        memory read by the last `bptt_segments` segments carries gradient back into the segment that wrote it
-        (all of them for -1)."""
+        positions are never scored: the loss is the mean over every scored token of every segment, plus the
+        MoE router losses of every segment's forward (each segment routes its own tokens). Only the memory
+        read by the last `bptt_segments` segments carries gradient back into the segment that wrote it (all of
+        them for -1)."""
         mem_cfg = self.cfg.memory
         segments = input_ids.split(mem_cfg.segment_len, dim=1)
         label_segments = labels.split(mem_cfg.segment_len, dim=1) if labels is not None else [None] * len(segments)
         bptt = len(segments) if mem_cfg.bptt_segments == -1 else mem_cfg.bptt_segments
         memory = self.initial_memory(input_ids.shape[0])
-        logits, total, scored = [], 0.0, 0
+        logits, total, scored, router_loss = [], 0.0, 0, 0.0
         for i, (ids, seg_labels) in enumerate(zip(segments, label_segments)):
             if i > 0 and i < len(segments) - bptt:
                 memory = memory.detach()  # truncated BPTT: this segment's loss stops at the memory it reads
             x, memory = self.read_segment(ids, memory)
             if seg_labels is None:
-                logits.append(self.head(x))
+                logits.append(self.head(x, from_segment=True))
             else:
                 seg_total, seg_scored = self.score_segment(x, seg_labels)
                 total, scored = total + seg_total, scored + seg_scored
+                if reduction == "mean":
+                    router_loss = router_loss + self.router_loss(self.blocks)
         if labels is None:
             return torch.cat(logits, dim=0)
         if reduction == "sum":
             return total, scored
-        return total / scored.clamp(min=1)
+        return total / scored.clamp(min=1) + router_loss
 
     def initial_memory(self, batch_size: int) -> torch.Tensor:
         """The memory the first segment reads, [M, b, h]."""
@@ -362,34 +374,60 @@ class GPT(nn.Module):
         write memory] at positions 0..M-1, M..M+L-1 and M+L..L+2M-1: the last block's output at its tokens,
         [L, b, h], and the memory it writes, the last block's output at the write positions before the final
         norm, [M, b, h]. Evaluation and generation call it a segment at a time, so their memory does not grow
-        with the input."""
+        with the input; score its token outputs with score_segment or head(x, from_segment=True).
+
+        Under sequence parallelism the segment, not the window, is split over the TP ranks (L + 2M must be
+        divisible by tp): each rank puts in its vocabulary slice's token rows and 1/tp of the memory, and one
+        reduce-scatter sums them into each rank's slice of the segment, as embed does for the plain model. The
+        last block's slices are all-gathered on the way out, so both outputs are whole on every rank; the
+        gather's backward sums the ranks' gradients, so what a rank computes from the outputs (its vocabulary
+        slice of the logits, its share of the next segment) gives a partial gradient, and the initial memory,
+        whole on every rank, has its gradient summed over TP (MemoryTokens)."""
         m, length = self.cfg.memory.num_mem_tokens, ids.shape[1]
-        tokens = self.embedding(ids).transpose(0, 1)  # [L, b, h], whole on every TP rank
-        x = torch.cat([memory, tokens, memory], dim=0)
-        if self.position_embedding is not None:
-            x = x + self.position_embedding.weight[:x.shape[0]][:, None, :]
-        x = self.run_layers(self.embedding_dropout(x), self.blocks, memory_attention_mask(m, length, x.device))
+        if self.sequence_parallel:
+            if (length + 2 * m) % self.tp:
+                raise ValueError(f"a segment of {length} tokens and 2 x {m} memory tokens cannot be split over "
+                                 f"{self.tp} sequence-parallel ranks")
+            tp_group = parallel_state.get_tensor_model_parallel_group()
+            share = memory / self.tp
+            tokens = vocab_parallel_embedding_partial(self.embedding, ids).transpose(0, 1)
+            x = reduce_scatter_sequence(torch.cat([share, tokens, share], dim=0), tp_group)
+        else:
+            x = torch.cat([memory, self.embedding(ids).transpose(0, 1), memory], dim=0)  # whole on every TP rank
+        x = self.embedding_dropout(self._add_positions(x, length + 2 * m))
+        x = self.run_layers(x, self.blocks, memory_attention_mask(m, length, x.device))
+        if self.sequence_parallel:
+            x = gather_sequence(x, tp_group)
         return x[m:m + length], x[m + length:]
 
     def score_segment(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The summed next-token loss of a segment's outputs x [L, b, h] and how many tokens it scores. Only
-        the scored positions reach the output layer: a task that scores one answer token in thousands
-        (data.fact_task) would otherwise spend most of its time on logits nobody reads."""
+        """The summed next-token loss of a segment's outputs x [L, b, h] (read_segment's) and how many tokens it
+        scores. Only the scored positions reach the output layer: a task that scores one answer token in
+        thousands (data.fact_task) would otherwise spend most of its time on logits nobody reads. Under sequence
+        parallelism x is whole (read_segment gathers it), so picking positions needs no collective, and the
+        scored positions, however few, need not divide over the TP ranks."""
         scored = labels != IGNORE_INDEX
         if bool(scored.all()):
-            return self.head(x, labels, reduction="sum")
+            return self.head(x, labels, reduction="sum", from_segment=True)
         picked = scored.transpose(0, 1)  # [L, b], as x
-        return self.head(x[picked][:, None, :], labels.transpose(0, 1)[picked][None, :], reduction="sum")
+        return self.head(x[picked][:, None, :], labels.transpose(0, 1)[picked][None, :], reduction="sum",
+                         from_segment=True)
 
     def router_loss(self, layers: Iterable[str | int]) -> torch.Tensor | float:
         """The MoE router losses of the blocks `layers` names, from their last forward (0 for dense blocks)."""
         mlps = (self.blocks[str(layer)].mlp for layer in layers)
         return sum(mlp.router_loss for mlp in mlps if isinstance(mlp, MoEFeedForward))
 
-    def head(self, x: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean"):
+    def head(self, x: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean", *,
+             from_segment: bool = False):
         """The last block's output scored: this TP rank's slice of the logits without labels, else the
-        next-token loss (mean, or with reduction="sum" the sum and the number of tokens scored)."""
+        next-token loss (mean, or with reduction="sum" the sum and the number of tokens scored). from_segment:
+        x is read_segment's output, which under sequence parallelism is already whole, its gradient summed over
+        TP by read_segment's gather, so the logits are x times this rank's rows, with neither gather nor copy."""
         x = self.final_norm(x)
         head = self.embedding.weight if self.output_layer is None else self.output_layer.weight
-        logits = vocab_parallel_logits(x, head, self.sequence_parallel)
+        if from_segment and self.sequence_parallel:
+            logits = F.linear(x, head)
+        else:
+            logits = vocab_parallel_logits(x, head, self.sequence_parallel)
         return logits if labels is None else language_model_loss(logits, labels, reduction)

@@ -1,15 +1,19 @@
 """Issue 26, its core: the recurrent memory transformer (model.memory) for the GPT family.
 
 The scenarios are in tests/distributed/scenarios_memory.py: a model without memory is the decoder it was,
-truncated BPTT really cuts the gradient, TP=2 and DP=2 at ZeRO-3 train as one process does over 3 steps
-of 3-segment windows, and a checkpoint holds and resumes the memory parameter. Config errors are one line.
+truncated BPTT really cuts the gradient, every layout (DP at ZeRO-0 to 3, TP=2 with and without sequence
+parallelism, TP=2 x DP=2, MoE at EP=2) trains as one process does over 3 steps of 3-segment windows, the
+MoE objective holds every segment's router loss, and a checkpoint holds and resumes the memory parameter.
+Config errors are one line.
 """
 import pytest
 import torch
 
 from launcher.cli import main
 from launcher.config import load_config
-from tests.test_parity import assert_training_matches
+from tests.distributed.scenarios_memory import MEM_TOKENS, SEGMENT_LEN, SEGMENTS
+from tests.test_moe import MOE_TOL
+from tests.test_parity import assert_model_matches, assert_training_matches
 
 TINY = "configs/gpt-tiny.yaml"
 MEMORY = ["model.memory.num_mem_tokens=8", "model.memory.segment_len=64"]
@@ -48,12 +52,55 @@ def test_memory_logits_are_causal_over_the_whole_window(scenario_results):
         assert result["earlier_logits_unchanged"] and result["last_logits_changed"]
 
 
-@pytest.mark.parametrize("layout", ["memory_tp2_training", "memory_dp2_zero3_training"])
-def test_memory_trains_at_tp2_and_dp2_zero3_as_one_process(scenario_results, layout):
+@pytest.mark.parametrize("layout,run", [
+    ("memory_tp2_training", None),
+    ("memory_tp2_sequence_parallel_training", None),
+    ("memory_tp2_dp2_training", None),
+    ("memory_dp2_training", 0),
+    ("memory_dp2_training", 1),
+    ("memory_dp2_training", 2),
+    ("memory_dp2_zero3_training", "straight"),
+])
+def test_memory_trains_at_every_layout_as_one_process(scenario_results, layout, run):
     reference = scenario_results("memory_reference_training")
     assert len(reference) == 3 and reference[-1]["loss"] < reference[0]["loss"], "the reference itself must learn"
-    run = scenario_results(layout)
-    assert_training_matches(reference, run["straight"] if isinstance(run, dict) else run)
+    records = scenario_results(layout)
+    assert_training_matches(reference, records if run is None else records[run])
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama_style"])
+def test_sequence_parallel_memory_gradients_match_one_process(scenario_results, style):
+    """Logits, loss and every parameter's gradient (the initial memory's and the position embedding's among
+    them) at TP=2 with sequence parallelism, as one process computes them."""
+    reference = scenario_results("memory_reference_model")[style]
+    assert "memory.weight" in reference["grads"]
+    assert ("position_embedding.weight" in reference["grads"]) == (style == "gpt2")
+    assert_model_matches(reference, scenario_results("memory_tp2_sequence_parallel_model")[style])
+
+
+def test_moe_memory_trains_at_ep2_as_one_process(scenario_results):
+    reference = scenario_results("memory_moe_reference_training")
+    assert len(reference) == 3 and reference[-1]["loss"] < reference[0]["loss"], "the reference itself must learn"
+    assert_training_matches(reference, scenario_results("memory_moe_ep2_training"), tol=MOE_TOL)
+
+
+def test_moe_memory_objective_holds_every_segments_router_loss(scenario_results):
+    """Each segment routes its own tokens, so the objective is the language-model loss plus the router loss of
+    every MoE layer's forward in every segment, not only the last segment's."""
+    result = scenario_results("memory_moe_router_losses")
+    assert len(result["router_losses"]) == SEGMENTS * result["moe_layers"] == 6
+    assert min(result["router_losses"]) > 0
+    assert result["loss"] - result["language_model_loss"] == pytest.approx(sum(result["router_losses"]), abs=1e-6)
+
+
+def test_moe_metrics_of_a_memory_model_are_its_last_segments(scenario_results):
+    """As for any model, the figures of the last forward of each MoE layer: with memory, the last segment's,
+    its memory positions routed like its tokens."""
+    metrics = scenario_results("memory_moe_router_losses")["metrics"]
+    assert [layer["layer"] for layer in metrics] == [0, 1]
+    top_k, batch = 2, 8
+    for layer in metrics:
+        assert sum(layer["tokens_per_expert"]) == (SEGMENT_LEN + 2 * MEM_TOKENS) * batch * top_k
 
 
 def test_memory_parameter_is_saved_and_resumed_like_any_other(scenario_results):
@@ -76,8 +123,10 @@ def test_memory_parameter_is_saved_and_resumed_like_any_other(scenario_results):
      "to -1; got -2"),
     (["--nproc", "2", "parallel.pp=2", *MEMORY], "model.memory with parallel.pp=2: recurrent memory is not yet built "
      "for pipelines"),
-    (["--nproc", "2", "parallel.tp=2", "parallel.sequence_parallel=true", *MEMORY],
-     "model.memory with parallel.sequence_parallel: not yet supported"),
+    (["--nproc", "4", "parallel.tp=4", "parallel.sequence_parallel=true", "model.memory.num_mem_tokens=7",
+      "model.memory.segment_len=64"],
+     "parallel.sequence_parallel splits each segment of model.memory.segment_len=64 + 2 x "
+     "model.memory.num_mem_tokens=7 = 78 positions over parallel.tp=4 ranks; make that sum divisible by it"),
     (["model.arch=t5", "model.norm=rmsnorm", "data.span_corruption={}", *MEMORY],
      "model.memory applies to model.arch=gpt only; remove it"),
 ])
@@ -89,17 +138,19 @@ def test_bad_memory_config_is_one_line_naming_the_field(capsys, args, expected):
     assert expected in err, err
 
 
-def test_moe_with_memory_is_refused_in_one_line(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "configs/gpt-moe-tiny.yaml", *MEMORY])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.count("\n") == 1 and "model.memory with model.moe: not yet" in err, err
-
-
 def test_a_memory_window_may_exceed_max_seq_len_when_each_segment_fits():
     cfg = load_config(TINY, [*MEMORY, "data.seq_len=512"])
     assert cfg.model.memory.bptt_segments == -1 and cfg.data.seq_len == 8 * cfg.model.memory.segment_len
     assert load_config(TINY, []).model.memory is None
+
+
+def test_memory_layouts_are_accepted():
+    """Sequence parallelism splits a segment (62 + 2 x 9 positions), not the window, so the window need not
+    divide over TP; MoE with memory loads at EP=2."""
+    cfg = load_config(TINY, ["parallel.tp=4", "parallel.sequence_parallel=true", "model.memory.num_mem_tokens=9",
+                             "model.memory.segment_len=62", "data.seq_len=186"])
+    assert cfg.parallel.sequence_parallel and cfg.data.seq_len % 4
+    assert load_config("configs/gpt-moe-tiny.yaml", ["parallel.ep=2", *MEMORY]).model.moe is not None
 
 
 def test_a_memory_model_has_no_hugging_face_twin():

@@ -1,5 +1,6 @@
 """Issue 26's distributed scenarios: the recurrent memory transformer (model.memory) at one process and at
-TP=2 and DP=2 ZeRO-3, and the single-process checks behind tests/test_memory.py.
+every layout it runs at (DP at each ZeRO stage, TP with and without sequence parallelism, TP x DP, MoE at
+EP=2), and the single-process checks behind tests/test_memory.py.
 
 The memory model is the parity scenarios' tiny GPT with 4 memory tokens and segments of 8 tokens, trained
 on 3-segment windows (data.seq_len=24): a segment with its memory is 16 of the model's 32 positions.
@@ -10,12 +11,17 @@ from pathlib import Path
 import torch
 
 from tests.distributed.harness import scenario
-from tests.distributed.scenarios import (GLOBAL_BATCH, LLAMA_STYLE, VOCAB, fixed_batches, run_training,
-                                         tiny_config, train_records)
+from tests.distributed.scenarios import (GLOBAL_BATCH, LLAMA_STYLE, VOCAB, fixed_batches, model_outputs,
+                                         run_training, tiny_config, train_records)
+from tests.distributed.scenarios_moe import MOE, NO_AUX
 
 MEM_TOKENS, SEGMENT_LEN, SEGMENTS, STEPS = 4, 8, 3, 3
 MEMORY = (f"model.memory.num_mem_tokens={MEM_TOKENS}", f"model.memory.segment_len={SEGMENT_LEN}",
           f"data.seq_len={SEGMENTS * SEGMENT_LEN}", f"train.steps={STEPS}")
+DP2 = f"train.micro_batch_size={GLOBAL_BATCH // 2}"
+SEQUENCE_PARALLEL = ("parallel.tp=2", "parallel.sequence_parallel=true")
+
+
 def _model(cfg, topo):
     from models.gpt import GPT
 
@@ -130,3 +136,68 @@ def memory_dp2_zero3_training():
     weights = read_weights(saved)
     return {"straight": straight, "resumed": resumed,
             "saved_memory": weights.get("memory.weight"), "saved_names": sorted(weights)}
+
+
+@scenario(world_size=1)
+def memory_reference_model():
+    return {"gpt2": model_outputs(*MEMORY), "llama_style": model_outputs(*MEMORY, *LLAMA_STYLE)}
+
+
+@scenario(world_size=2)
+def memory_tp2_sequence_parallel_model():
+    """Every parameter's gradient, not only the loss curve: Adam's update hardly changes if one gradient is
+    scaled, so a memory or position gradient summed over TP twice would pass a loss-curve comparison. The
+    Llama style adds rotary positions and an output layer of its own."""
+    return {"gpt2": model_outputs(*SEQUENCE_PARALLEL, *MEMORY),
+            "llama_style": model_outputs(*SEQUENCE_PARALLEL, *MEMORY, *LLAMA_STYLE)}
+
+
+@scenario(world_size=2)
+def memory_tp2_sequence_parallel_training():
+    return run_training(*SEQUENCE_PARALLEL, "parallel.zero_stage=1", *MEMORY)
+
+
+@scenario(world_size=2)
+def memory_dp2_training():
+    """DP=2 at ZeRO-0, 1 and 2 (ZeRO-3: memory_dp2_zero3_training)."""
+    return {zero: run_training(DP2, f"parallel.zero_stage={zero}", *MEMORY) for zero in (0, 1, 2)}
+
+
+@scenario(world_size=4)
+def memory_tp2_dp2_training():
+    return run_training("parallel.tp=2", DP2, "parallel.zero_stage=2", *MEMORY)
+
+
+@scenario(world_size=1)
+def memory_moe_reference_training():
+    """The MoE memory model at one process, without the load-balancing loss, which is computed over each DP
+    rank's own tokens (tests/distributed/scenarios_moe.py); the z-loss stays, so the router loss is in."""
+    return run_training(MOE, NO_AUX, "parallel.zero_stage=0", *MEMORY)
+
+
+@scenario(world_size=2)
+def memory_moe_ep2_training():
+    return run_training(MOE, NO_AUX, DP2, "parallel.ep=2", "parallel.zero_stage=1", *MEMORY)
+
+
+@scenario(world_size=1)
+def memory_moe_router_losses():
+    """One training forward of the MoE memory model: its loss, the language-model loss alone, and the router
+    loss of every MoE layer's every forward (one per segment), recorded as each forward ends."""
+    from models.moe import MoEFeedForward
+    from parallel.topology import init_topology
+
+    cfg = tiny_config(MOE, *MEMORY)
+    topo = init_topology(tp=1)
+    model = _model(cfg, topo)
+    tokens = next(iter(fixed_batches(cfg)(topo)))
+    router_losses = []
+    hooks = [module.register_forward_hook(lambda mlp, args, out: router_losses.append(mlp.router_loss.item()))
+             for module in model.modules() if isinstance(module, MoEFeedForward)]
+    with torch.no_grad():
+        loss = model(tokens[:, :-1], tokens[:, 1:]).item()
+        for hook in hooks:
+            hook.remove()
+        total, scored = model(tokens[:, :-1], tokens[:, 1:], reduction="sum")
+    return {"loss": loss, "language_model_loss": (total / scored).item(), "router_losses": router_losses,
+            "moe_layers": len(hooks), "metrics": model.moe_metrics()}
