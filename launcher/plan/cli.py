@@ -61,7 +61,7 @@ def render(p: Plan) -> str:
         return f"/ dp={dp}" if partitioned else "replicated over DP"
 
     w = window(cfg)
-    sequence = (f"{w.passes} segments x {w.span} positions" if cfg.model.memory else f"{cfg.data.seq_len} tokens")
+    sequence = f"{w.passes} segments x {w.span} positions" if cfg.model.memory else f"{w.tokens} tokens"
     activations = (f"micro-batch {cfg.train.micro_batch_size} x {sequence}, "
                    + ("checkpointed" if cfg.parallel.activation_checkpointing else "all kept")
                    + (", sequence-parallel" if cfg.parallel.sequence_parallel else ""))
@@ -80,7 +80,7 @@ def render(p: Plan) -> str:
     lines = [
         f"model     {p.count} (rank 0 of {built}" + (f" x pp={pp}, each stage" if pp > 1 else "")
         + " built on the meta device)",
-        f"layout    {p.layout()}; global batch {p.global_batch} x {cfg.data.seq_len} tokens, {precision}",
+        f"layout    {p.layout()}; global batch {p.global_batch} x {w.tokens} tokens, {precision}",
         *(_pipeline_lines(p) if pp > 1 else []),
         *(_memory_lines(p) if cfg.model.memory else []),
         "memory per GPU                                                             GiB",
@@ -146,6 +146,10 @@ def _memory_lines(p: Plan) -> list[str]:
         "backward",
         *([f"          (bptt_segments={mem.bptt_segments} cuts gradients, not what is kept)"]
           if mem.bptt_segments != -1 else []),
+        *([f"          train.memory_curriculum: planned at its longest input; it starts at "
+           f"{p.cfg.train.memory_curriculum.segments[0]}"] if p.cfg.train.memory_curriculum else []),
+        *(["          data.fact_task: the output layer runs on the one answer token of each sample"]
+          if p.cfg.data.fact_task else []),
     ]
 
 

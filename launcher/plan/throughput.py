@@ -144,8 +144,8 @@ def tp_bytes_per_step(cfg: RunConfig, rank: PipelineRank | None = None) -> float
     An MoE layer's MLP has no all-reduce: DeepSpeed all-gathers the TP peers' shares of the capacity
     buffer (top_k x capacity factor x the message) once forward (again when recomputed), once backward.
     With a pipeline, a rank does this for its own blocks, the embedding's on the first, the logits' on
-    the last. With recurrent memory a block's messages are its segments' L + 2M positions each, the ends'
-    the tokens."""
+    the last. With recurrent memory a block's messages are its segments' L + 2M positions each; the
+    embedding's carry the tokens, the logits' input the scored positions."""
     t, p = cfg.parallel.tp, cfg.parallel
     if t == 1:
         return 0.0
@@ -160,7 +160,7 @@ def tp_bytes_per_step(cfg: RunConfig, rank: PipelineRank | None = None) -> float
     block_all_reduces = (2 * len(layers) - moe_layers) * per_sublayer
     all_gathers = moe_layers * per_sublayer * _capacity_per_token(cfg)  # in messages
     blocks = (block_all_reduces * 2 + all_gathers) * _message_bytes(cfg, window(cfg).positions)
-    return cfg.train.grad_accum * (t - 1) / t * (blocks + ends * 2 * _message_bytes(cfg))
+    return cfg.train.grad_accum * (t - 1) / t * (blocks + 2 * _message_bytes(cfg, ends))
 
 
 def ep_bytes_per_step(cfg: RunConfig, rank: PipelineRank | None = None) -> float:
@@ -182,10 +182,12 @@ def _moe_layers(cfg: RunConfig, layers: Sequence[int] | None = None) -> int:
 
 
 def _held(cfg: RunConfig, rank: PipelineRank | None) -> tuple[Sequence[int], int]:
-    """The blocks a rank runs, and how many ends of the model (embedding, output layer) it holds."""
+    """The blocks a rank runs, and the positions its ends of the model carry: the embedding's tokens, the
+    output layer's scored positions."""
+    w = window(cfg)
     if rank is None:
-        return range(cfg.model.num_layers), 2
-    return rank.layers, int(rank.first) + int(rank.last)
+        return range(cfg.model.num_layers), w.tokens + w.scored
+    return rank.layers, w.tokens * rank.first + w.scored * rank.last
 
 
 def _capacity_per_token(cfg: RunConfig) -> float:
@@ -260,7 +262,7 @@ def step_estimate(cfg: RunConfig, cluster: Cluster, count: ParameterCount, dp: i
         ep_seconds=ep_seconds,
         peak_flops=peak,
         efficiency=efficiency,
-        tokens=sequences * cfg.data.seq_len,
+        tokens=sequences * window(cfg).tokens,
         p2p_bytes=p2p_bytes,
         p2p_seconds=p2p_bytes / (p2p_gbs * 1e9),
         bubble=pipeline.bubble(cfg),

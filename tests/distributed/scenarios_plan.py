@@ -71,6 +71,7 @@ WORK_CASES = {  # name -> overrides of WORK_MODEL
     "memory_bptt1": (*RMT, "model.memory.bptt_segments=1"),
     "memory_bptt0": (*RMT, "model.memory.bptt_segments=0"),
     "memory_one_segment": (*RMT, "data.seq_len=16"),
+    "memory_answer_only": (*RMT, "data.fact_task.position=start"),  # only each sample's last label is scored
     "memory_llama_style": (*RMT, "model.position_embedding=rotary", "model.norm=rmsnorm", "model.mlp=swiglu",
                            "model.num_kv_heads=2", "model.linear_bias=false", "model.tie_embeddings=false"),
 }
@@ -84,6 +85,7 @@ def _work(*overrides: str) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from launcher.config import load_config
+    from models.blocks import IGNORE_INDEX
     from models.gpt import GPT
     from parallel.topology import init_topology
 
@@ -101,8 +103,11 @@ def _work(*overrides: str) -> dict:
         return tensor
 
     tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len + 1))
+    labels = tokens[:, 1:].clone()
+    if cfg.data.fact_task is not None:  # its samples' labels, as data_pipeline/fact_task.py gives them
+        labels[:, :-1] = IGNORE_INDEX
     with FlopCounterMode(display=False) as forward, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss = model(tokens[:, :-1], labels)
     with FlopCounterMode(display=False) as backward:
         loss.backward()
     return {"forward_flops": forward.get_total_flops(), "backward_flops": backward.get_total_flops(),
