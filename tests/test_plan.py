@@ -2,7 +2,8 @@
 reproduces published facts (GPT-3, T-NLG, T5 and Llama sizes, T-NLG's V100 layout, a real engine's
 memory). Issue 16: the same for the GPT's Llama-style options (GQA, SwiGLU, no biases, untied).
 Issue 25 point 7: pipelines (what a stage holds and keeps in flight, the bubble, point-to-point
-traffic, PP in the search) and the published 3D layouts of GPT-3 175B and MT-NLG 530B."""
+traffic, PP in the search) and the published 3D layouts of GPT-3 175B and MT-NLG 530B. Issue 26 point 6:
+recurrent memory's FLOPs and activations, against the formula and a real model's."""
 import re
 from pathlib import Path
 
@@ -15,8 +16,9 @@ from launcher.plan.hardware import Cluster
 from launcher.plan.cli import render
 from launcher.plan.layout import advice, plan, search
 from launcher.plan.memory import activation_bytes
-from launcher.plan.throughput import dp_bytes_per_step, ep_bytes_per_step
-from tests.distributed.scenarios_plan import MEMORY_CASES, MODEL
+from launcher.plan.throughput import (dp_bytes_per_step, ep_bytes_per_step, forward_flops_per_sequence,
+                                      memory_token_overhead, tp_bytes_per_step)
+from tests.distributed.scenarios_plan import MEMORY_CASES, MODEL, WORK_CASES, WORK_MODEL
 
 PUBLISHED = sorted(p for p in Path("configs").glob("*.yaml") if not p.stem.endswith("-tiny"))  # -tiny: CPU-sized
 TNLG = "configs/tnlg-17b.yaml"
@@ -38,8 +40,9 @@ def closed_form_plan(cfg, cluster, vocab_size=None):
 
 
 @pytest.mark.parametrize("tp", [1, 2, 8])
-@pytest.mark.parametrize("arch", [(), ("model.position_embedding=rotary", "model.norm=rmsnorm"), LLAMA_STYLE],
-                         ids=["gpt2", "rotary-rmsnorm", "llama"])
+@pytest.mark.parametrize("arch", [(), ("model.position_embedding=rotary", "model.norm=rmsnorm"), LLAMA_STYLE,
+                                  ("model.memory.num_mem_tokens=4", "model.memory.segment_len=32")],
+                         ids=["gpt2", "rotary-rmsnorm", "llama", "memory"])
 def test_meta_build_matches_the_closed_form(tp, arch):
     m = load_config(None, ["model.num_layers=3", "model.hidden_size=128", "model.num_heads=8",
                            "model.ffn_hidden_size=320", "model.vocab_size=1000", *arch]).model
@@ -577,3 +580,98 @@ def test_micro_batches_in_flight_are_the_real_schedules(pp, virtual_stages, micr
             outstanding += 1 if action.kind == "forward" else -1
             peak = max(peak, outstanding)
         assert micro_batches_in_flight(cfg, rank) == peak / virtual_stages, rank
+
+
+# configs/gpt-tiny.yaml as docs/memory.md trains it: 4 segments of 64 tokens, 8 memory tokens.
+TINY_MEMORY = ["model.vocab_size=8192", "model.memory.num_mem_tokens=8", "model.memory.segment_len=64",
+               "data.seq_len=256"]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_memory_tokens_cost_what_l_plus_2m_positions_per_segment_cost(capsys, checkpointing):
+    """Each of the n segments runs L + 2M positions through every block, attending over its own L + 2M keys;
+    the output layer runs the n L tokens. Megatron's count per pass of s' = L + 2M positions and block is
+    24 s' h^2 (QKV, projection, 4h MLP) + 4 s'^2 h (scores and their product with V), the output layer's
+    2 n L h V. Korthikanti's activations per pass and block: 34 s' b h + 5 a s'^2 b, every segment's kept
+    (or with checkpointing every segment's block inputs, 2 s' b h, and one pass rebuilt); beside the blocks
+    the embedding's 2 n s' b h, the output's 2 n L b h + 4 n L b V. So the blocks' linear terms grow by
+    (L + 2M) / L, the scores are n s'^2 where a plain window's are (n L)^2, the output side is unchanged."""
+    cfg = load_config("configs/gpt-tiny.yaml", [*TINY_MEMORY, f"parallel.activation_checkpointing={checkpointing}"])
+    n, length, m, layers, h, a, b = 4, 64, 8, 4, 256, 4, 4
+    span, v = length + 2 * m, cfg.model.padded_vocab_size(8192)
+
+    def blocks(s):
+        return n * layers * (24 * s * h * h + 4 * s * s * h)
+
+    output = 2 * n * length * h * v
+    overhead = (blocks(span) - blocks(length)) / (blocks(length) + output)
+    p = closed_form_plan(cfg, Cluster.of(1, 1, "h100"))
+    assert p.step.model_flops == pytest.approx(3 * b * (blocks(span) + output))
+    assert memory_token_overhead(cfg, 8192) == pytest.approx(overhead) and 0.15 < overhead < 0.17
+    one_pass = 34 * span * b * h + 5 * a * span * span * b
+    kept = layers * (2 * n * span * b * h) + one_pass if checkpointing else n * layers * one_pass
+    head = 2 * n * span * b * h + 2 * n * length * b * h + 4 * n * length * b * v
+    fp32 = 2  # Korthikanti's units are 16-bit bytes
+    assert p.memory.activations == pytest.approx((kept + head) * fp32)
+    for bptt in (1, 0):  # truncated BPTT cuts gradients, not what the window's one backward keeps
+        truncated = load_config("configs/gpt-tiny.yaml", [*TINY_MEMORY, f"model.memory.bptt_segments={bptt}",
+                                                         f"parallel.activation_checkpointing={checkpointing}"])
+        assert closed_form_plan(truncated, Cluster.of(1, 1, "h100")).memory.activations == p.memory.activations
+    with pytest.raises(SystemExit) as fits:
+        main(["plan", "configs/gpt-tiny.yaml", *TINY_MEMORY, f"parallel.activation_checkpointing={checkpointing}",
+              "--gpus-per-node", "1"])
+    out = capsys.readouterr().out
+    assert fits.value.code == 0, out
+    assert "segments  4 x (64 tokens + 2 x 8 memory) = 320 positions per sequence through every block, " \
+           "each over 80 keys" in out
+    assert f"memory tokens: +{overhead:.1%} FLOPs ({3 * (blocks(span) + output) / (n * length):.3g} per token)" in out
+    assert re.search(rf"activations  micro-batch 4 x 4 segments x 80 positions, "
+                     rf"{'checkpointed' if checkpointing else 'all kept'} +{(kept + head) * fp32 / 2**30:.2f}\n", out)
+
+
+def test_an_answer_only_task_is_planned_at_its_curriculums_longest_input():
+    """configs/rmt-fact-tiny.yaml, its curriculum reaching 4 of the 8 segments data.seq_len holds: a sample is
+    4 segments of 32 tokens, and the output layer runs on its one answer token (2 h V FLOPs, 2 b h + 4 b V
+    activations), not on 128."""
+    cfg = load_config("configs/rmt-fact-tiny.yaml", ["model.vocab_size=8192", "data.seq_len=256"])
+    n, length, span, layers, h, a, b = 4, 32, 48, 2, 128, 4, 32
+    v = cfg.model.padded_vocab_size(8192)
+    blocks, output = n * layers * (24 * span * h * h + 4 * span * span * h), 2 * h * v
+    p = closed_form_plan(cfg, Cluster.of(1, 1, "h100"))
+    assert p.step.model_flops == pytest.approx(3 * b * (blocks + output)) and p.step.tokens == b * n * length
+    kept = n * layers * (34 * span * b * h + 5 * a * span * span * b)
+    head = 2 * n * span * b * h + 2 * b * h + 4 * b * v
+    assert p.memory.activations == pytest.approx((kept + head) * 2)  # fp32
+    out = render(p)
+    assert "global batch 32 x 128 tokens" in out and "train.memory_curriculum: planned at its longest input" in out
+
+
+def test_memory_tp_traffic_is_every_segments_positions_through_the_blocks():
+    """Each block all-reduces its output twice forward and twice backward over n (L + 2M) positions; the
+    embedding and the logits' input once each over the n L tokens."""
+    cfg = load_config("configs/gpt-tiny.yaml", [*TINY_MEMORY, "parallel.tp=2"])
+    sbh_bytes = 4 * 256 * 4  # micro-batch 4, hidden 256, fp32
+    blocks, ends = 4 * 2 * 2 * 2 * (4 * 80) * sbh_bytes, 2 * 2 * 256 * sbh_bytes
+    assert tp_bytes_per_step(cfg) == pytest.approx((blocks + ends) / 2)
+
+
+def test_memory_plan_is_what_a_real_model_computes_and_keeps(scenario_results):
+    """A real GPT's matrix multiplies (torch's FlopCounterMode) are the plan's FLOPs exactly, plain, with
+    memory, Llama-style, answer-only: backward twice the forward, whatever bptt_segments. What autograd keeps
+    for backward is the plan's activations within 20% (dropout on, fp32; answer-only is the farthest, as the
+    plan's 8 bytes per fp32 logit, twice what the model keeps, no longer offsets what it misses in the
+    blocks); with memory against without, within 3% of the planned ratio; the same at any bptt_segments, and
+    n segments keep n times one segment's."""
+    measured = scenario_results("plan_measured_work")
+    planned = {}
+    for name, overrides in WORK_CASES.items():
+        cfg = load_config(None, [*WORK_MODEL, *overrides])
+        forward = cfg.train.micro_batch_size * sum(forward_flops_per_sequence(cfg, 512))
+        assert (measured[name]["forward_flops"], measured[name]["backward_flops"]) == (forward, 2 * forward), name
+        planned[name] = activation_bytes(cfg, 512)
+        assert measured[name]["kept_bytes"] == pytest.approx(planned[name], rel=0.2), name
+    kept = {name: result["kept_bytes"] for name, result in measured.items()}
+    assert kept["memory"] / kept["plain"] == pytest.approx(planned["memory"] / planned["plain"], rel=0.03)
+    assert kept["memory"] / kept["plain"] > 1.1, "the memory tokens' activations must show"
+    assert kept["memory_bptt1"] == kept["memory_bptt0"] == kept["memory"]
+    assert kept["memory"] == pytest.approx(4 * kept["memory_one_segment"], rel=0.01)

@@ -12,7 +12,8 @@ from launcher.arg_types import positive_int
 from launcher.plan import pipeline
 from launcher.plan.hardware import GPUS, GiB, USABLE_FRACTION, Cluster
 from launcher.plan.startup import CPU_NS_PER_ELEMENT
-from launcher.plan.throughput import DEFAULT_EFFICIENCY, DP_COLLECTIVES, ep_within_node
+from launcher.plan.throughput import DEFAULT_EFFICIENCY, DP_COLLECTIVES, ep_within_node, memory_token_overhead
+from launcher.plan.window import window
 
 if TYPE_CHECKING:  # the model, hence torch, is imported when a plan is made, not for `parallax --help`
     from launcher.plan.layout import Plan
@@ -59,7 +60,9 @@ def render(p: Plan) -> str:
     def split(partitioned: bool) -> str:
         return f"/ dp={dp}" if partitioned else "replicated over DP"
 
-    activations = (f"micro-batch {cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens, "
+    w = window(cfg)
+    sequence = f"{w.passes} segments x {w.span} positions" if cfg.model.memory else f"{w.tokens} tokens"
+    activations = (f"micro-batch {cfg.train.micro_batch_size} x {sequence}, "
                    + ("checkpointed" if cfg.parallel.activation_checkpointing else "all kept")
                    + (", sequence-parallel" if cfg.parallel.sequence_parallel else ""))
     buffers = "DeepSpeed reduce bucket" + (" + 2 gathered layers" if stage == 3 else "") if stage else "none"
@@ -77,8 +80,9 @@ def render(p: Plan) -> str:
     lines = [
         f"model     {p.count} (rank 0 of {built}" + (f" x pp={pp}, each stage" if pp > 1 else "")
         + " built on the meta device)",
-        f"layout    {p.layout()}; global batch {p.global_batch} x {cfg.data.seq_len} tokens, {precision}",
+        f"layout    {p.layout()}; global batch {p.global_batch} x {w.tokens} tokens, {precision}",
         *(_pipeline_lines(p) if pp > 1 else []),
+        *(_memory_lines(p) if cfg.model.memory else []),
         "memory per GPU                                                             GiB",
         _row(f"  parameters   {precision}, {split(stage >= 3)}", m.parameters),
         _row(f"  gradients    {precision}, {split(stage >= 2)}", m.gradients),
@@ -128,6 +132,24 @@ def _pipeline_lines(p: Plan) -> list[str]:
         + f" of {' or '.join(map(str, sizes))} layers; {schedule}, {m} micro-batches per step; "
         f"bubble (p-1)/(v m+p-1) = {pp - 1}/{v * m + pp - 1} = {p.step.bubble:.1%}",
         f"          planned below: {p.rank.describe(pp)} (the most memory)",
+    ]
+
+
+def _memory_lines(p: Plan) -> list[str]:
+    """The passes recurrent memory runs per window, what its memory tokens cost, and what backward keeps."""
+    mem, w = p.cfg.model.memory, window(p.cfg)
+    return [
+        f"segments  {w.passes} x ({mem.segment_len} tokens + 2 x {mem.num_mem_tokens} memory) = {w.positions} "
+        f"positions per sequence through every block, each over {w.span} keys",
+        f"          memory tokens: +{memory_token_overhead(p.cfg, p.vocab_size):.1%} FLOPs "
+        f"({p.step.model_flops / p.step.tokens:.3g} per token); all {w.passes} segments' activations kept for one "
+        "backward",
+        *([f"          (bptt_segments={mem.bptt_segments} cuts gradients, not what is kept)"]
+          if mem.bptt_segments != -1 else []),
+        *([f"          train.memory_curriculum: planned at its longest input; it starts at "
+           f"{p.cfg.train.memory_curriculum.segments[0]}"] if p.cfg.train.memory_curriculum else []),
+        *(["          data.fact_task: the output layer runs on the one answer token of each sample"]
+          if p.cfg.data.fact_task else []),
     ]
 
 

@@ -62,10 +62,11 @@ def _gpt_closed_form_count(m: ModelConfig, vocab_size: int, tp: int, ep: int,
     heads, SwiGLU adds a column-parallel fc_gate beside fc_in, linear_bias=false drops every bias,
     and an untied output layer is a second vocabulary-sized matrix, column-parallel.
 
-    A pipeline rank holds its own blocks; the first the word embedding (vocabulary-parallel) and learned
-    positions, the last the final norm and the output layer, which when tied is a copy of the word
-    embedding there (one matrix when a single rank is both). The total and the active count are the
-    model's, the tied copy counted once."""
+    A pipeline rank holds its own blocks; the first the word embedding (vocabulary-parallel), learned
+    positions and the initial recurrent memory (M x h, replicated; memory models have no pipeline yet), the
+    last the final norm and the output layer, which when tied is a copy of the word embedding there (one
+    matrix when a single rank is both). The total and the active count are the model's, the tied copy
+    counted once."""
     h, f, L = m.hidden_size, m.ffn_size, m.num_layers
     norm = 2 * h if m.norm == "layernorm" else h
     row_bias = h if m.biased else 0
@@ -92,13 +93,14 @@ def _gpt_closed_form_count(m: ModelConfig, vocab_size: int, tp: int, ep: int,
 
     word = m.padded_vocab_size(vocab_size) * h  # vocabulary-parallel
     positions = m.max_seq_len * h if m.position_embedding == "learned" else 0  # replicated
+    initial_memory = m.memory.num_mem_tokens * h if m.memory else 0  # replicated
     layers, first, last = (range(L), True, True) if rank is None else (rank.layers, rank.first, rank.last)
-    ends = ((word // tp + positions if first else 0)
+    ends = ((word // tp + positions + initial_memory if first else 0)
             + (norm + (0 if m.tied and first else word // tp) if last else 0))
     blocks = [held(layer) for layer in layers]
     moe_layers = sum(m.is_moe_layer(layer) for layer in range(L))
     dense_total = ((L - moe_layers) * sum(dense_layer) + moe_layers * sum(moe_layer)
-                   + word * (1 if m.tied else 2) + positions + norm)
+                   + word * (1 if m.tied else 2) + positions + initial_memory + norm)
     return ParameterCount(
         per_rank=sum(n for n, _ in blocks) + ends,
         total=dense_total + moe_layers * e * expert,

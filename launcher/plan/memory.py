@@ -21,11 +21,18 @@ peers, which each send a share through the all-to-all), plus DeepSpeed's einsum 
 With a pipeline, a GPU holds the model states of its pipeline rank's parameters (launcher/plan/count.py)
 and the activations of its own layers for as many micro-batches as the schedule keeps in flight there
 (launcher/plan/pipeline.py): on the first rank of 1F1B p micro-batches, L layers' worth.
+
+With recurrent memory (launcher/plan/window.py) a block keeps the activations of every segment's pass, n
+passes of L + 2M positions, each with its own (L + 2M)^2 attention scores, whatever bptt_segments says: the
+linear terms grow by (L + 2M) / L, the scores are n (L + 2M)^2 where a plain window's are (n L)^2. The output
+layer keeps those of the scored tokens, as without memory.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from launcher.plan.window import window
 
 if TYPE_CHECKING:  # annotations only: imported at run time, they would make `parallax --help` import torch
     from launcher.config import RunConfig
@@ -98,7 +105,8 @@ def activation_bytes(cfg: RunConfig, vocab_size: int, rank: PipelineRank | None 
     m, p = cfg.model, cfg.parallel
     if m.arch == "t5":
         return _t5_activation_bytes(cfg, vocab_size)
-    s, b, h, a, L, t = cfg.data.seq_len, cfg.train.micro_batch_size, m.hidden_size, m.num_heads, m.num_layers, p.tp
+    w = window(cfg)  # with recurrent memory, each block's activations are those of every segment's pass
+    s, b, h, a, L, t = w.span, cfg.train.micro_batch_size, m.hidden_size, m.num_heads, m.num_layers, p.tp
     v = m.padded_vocab_size(vocab_size)
     layers, first, last, in_flight = ((range(L), True, True, 1) if rank is None
                                       else (rank.layers, rank.first, rank.last, rank.in_flight))
@@ -109,21 +117,25 @@ def activation_bytes(cfg: RunConfig, vocab_size: int, rank: PipelineRank | None 
     inside_tp = (s * b * h * (4 + 4 * m.kv_heads / a) + 5 * a * s * s * b
                  + _feed_forward_inner(m.swiglu) * s * b * m.ffn_size)
     if p.sequence_parallel:  # every tensor of the block is split over TP, norms and dropout included
-        one_layer = (10 * s * b * h + inside_tp) / t
+        one_pass = (10 * s * b * h + inside_tp) / t
     else:
-        one_layer = 10 * s * b * h + inside_tp / t
-    moe_layer = one_layer + (_moe_mlp_minus_dense_mlp(cfg) if m.moe else 0)
-    whole = [moe_layer if m.is_moe_layer(layer) else one_layer for layer in layers]
+        one_pass = 10 * s * b * h + inside_tp / t
+    moe_pass = one_pass + (_moe_mlp_minus_dense_mlp(cfg) if m.moe else 0)
+    per_pass = [moe_pass if m.is_moe_layer(layer) else one_pass for layer in layers]  # each block's, per segment
     if p.activation_checkpointing:
-        # Each block's 16-bit input is kept; one block at a time is rebuilt in full during backward.
-        kept = in_flight * len(whole) * 2 * s * b * h / (t if p.sequence_parallel else 1) + max(whole, default=0)
+        # Each block's 16-bit input is kept, every segment's; one block's pass at a time is rebuilt in full
+        # during backward.
+        inputs = 2 * w.positions * b * h / (t if p.sequence_parallel else 1)
+        kept = in_flight * len(per_pass) * inputs + max(per_pass, default=0)
     else:
-        kept = in_flight * sum(whole)
+        kept = in_flight * w.passes * sum(per_pass)
     # Korthikanti's 4sbh/t (1 + v/h) beside the blocks, split between the ends of the model: the
-    # embedding's output and dropout (2sbh/t) on the first stage, for each micro-batch in flight there;
-    # the final norm's and output layer's inputs (2sbh/t) and the fp32 logits for the cross-entropy
-    # (4sbv/t) on the last, whose loss backward frees each micro-batch as soon as it is computed.
-    head = (2 * s * b * h / t * in_flight if first else 0) + (2 * s * b * h / t + 4 * s * b * v / t if last else 0)
+    # embedding's output and dropout (2sbh/t, every position a block reads) on the first stage, for each
+    # micro-batch in flight there; the final norm's and output layer's inputs (2sbh/t) and the fp32 logits for
+    # the cross-entropy (4sbv/t), of the scored positions, on the last, whose loss backward frees each
+    # micro-batch as soon as it is computed.
+    head = ((2 * w.positions * b * h / t * in_flight if first else 0)
+            + (2 * w.scored * b * h / t + 4 * w.scored * b * v / t if last else 0))
     return (kept + head) * BYTES[cfg.train.precision] / 2
 
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from launcher.plan import pipeline
 from launcher.plan.memory import BYTES
+from launcher.plan.window import Window, window
 
 if TYPE_CHECKING:  # annotations only: imported at run time, they would make `parallax --help` import torch
     from launcher.config import RunConfig
@@ -74,17 +75,33 @@ class Step:
 
 def forward_flops_per_sequence(cfg: RunConfig, vocab_size: int, *, padded: bool = False) -> tuple[float, float]:
     """(all blocks, output layer) forward FLOPs for one sequence. An MoE layer's MLP is its router
-    plus top_k experts per token, or with `padded`, top_k x capacity factor: what the GPUs compute."""
-    m, s = cfg.model, cfg.data.seq_len
+    plus top_k experts per token, or with `padded`, top_k x capacity factor: what the GPUs compute.
+    With recurrent memory the blocks run every segment with its memory tokens (launcher/plan/window.py),
+    the output layer only the scored tokens."""
+    m = cfg.model
     if m.arch == "t5":
         return _t5_forward_flops(cfg, vocab_size, padded)
     blocks = sum(layer_forward_flops(cfg, range(m.num_layers), padded))
-    return blocks, 2 * s * m.hidden_size * m.padded_vocab_size(vocab_size)
+    return blocks, 2 * window(cfg).scored * m.hidden_size * m.padded_vocab_size(vocab_size)
 
 
 def layer_forward_flops(cfg: RunConfig, layers: Sequence[int], padded: bool = False) -> list[float]:
     """Forward FLOPs for one sequence of each GPT block in `layers`, by forward_flops_per_sequence's rule."""
-    m, s = cfg.model, cfg.data.seq_len
+    return _layer_flops(cfg, window(cfg), layers, padded)
+
+
+def memory_token_overhead(cfg: RunConfig, vocab_size: int) -> float:
+    """The memory tokens' extra model FLOPs, as a fraction of what the same segments cost without them: each
+    block runs L + 2M positions per segment instead of L, over L + 2M keys; the output layer is unchanged."""
+    blocks, output = forward_flops_per_sequence(cfg, vocab_size)
+    bare = sum(_layer_flops(cfg, window(cfg, memory_tokens=False), range(cfg.model.num_layers)))
+    return (blocks - bare) / (bare + output)
+
+
+def _layer_flops(cfg: RunConfig, w: Window, layers: Sequence[int], padded: bool = False) -> list[float]:
+    """Each block's FLOPs for `w`'s passes of `w.span` positions, every query over every key of its pass
+    (causal and memory masks counted in full, as Megatron counts causal attention)."""
+    m, s = cfg.model, w.span
     h, f = m.hidden_size, m.ffn_size
     qkv_rows = (m.num_heads + 2 * m.kv_heads) * m.head_dim
     attention = 2 * s * (qkv_rows + h) * h + 4 * s * s * h  # QKV, proj; QK^T and attention x V
@@ -94,7 +111,7 @@ def layer_forward_flops(cfg: RunConfig, layers: Sequence[int], padded: bool = Fa
         expert = 2 * s * 2 * h * f  # models.moe.Expert is a GeLU MLP whatever model.mlp says
         experts_per_token = m.moe.top_k * (m.moe.capacity_factor if padded else 1)
         moe_mlp = experts_per_token * expert + 2 * s * h * m.moe.num_experts  # and the router
-    return [attention + (moe_mlp if m.is_moe_layer(layer) else mlp) for layer in layers]
+    return [w.passes * (attention + (moe_mlp if m.is_moe_layer(layer) else mlp)) for layer in layers]
 
 
 def _t5_forward_flops(cfg: RunConfig, vocab_size: int, padded: bool) -> tuple[float, float]:
@@ -127,7 +144,8 @@ def tp_bytes_per_step(cfg: RunConfig, rank: PipelineRank | None = None) -> float
     An MoE layer's MLP has no all-reduce: DeepSpeed all-gathers the TP peers' shares of the capacity
     buffer (top_k x capacity factor x the message) once forward (again when recomputed), once backward.
     With a pipeline, a rank does this for its own blocks, the embedding's on the first, the logits' on
-    the last."""
+    the last. With recurrent memory a block's messages are its segments' L + 2M positions each; the
+    embedding's carry the tokens, the logits' input the scored positions."""
     t, p = cfg.parallel.tp, cfg.parallel
     if t == 1:
         return 0.0
@@ -139,10 +157,10 @@ def tp_bytes_per_step(cfg: RunConfig, rank: PipelineRank | None = None) -> float
         return cfg.train.grad_accum * messages * 2 * (t - 1) / t * _message_bytes(cfg) / cfg.data.seq_len
     layers, ends = _held(cfg, rank)
     moe_layers = _moe_layers(cfg, layers)
-    all_reduces = (2 * len(layers) - moe_layers) * per_sublayer + ends
+    block_all_reduces = (2 * len(layers) - moe_layers) * per_sublayer
     all_gathers = moe_layers * per_sublayer * _capacity_per_token(cfg)  # in messages
-    message = _message_bytes(cfg)
-    return cfg.train.grad_accum * (all_reduces * 2 + all_gathers) * (t - 1) / t * message
+    blocks = (block_all_reduces * 2 + all_gathers) * _message_bytes(cfg, window(cfg).positions)
+    return cfg.train.grad_accum * (t - 1) / t * (blocks + 2 * _message_bytes(cfg, ends))
 
 
 def ep_bytes_per_step(cfg: RunConfig, rank: PipelineRank | None = None) -> float:
@@ -164,19 +182,22 @@ def _moe_layers(cfg: RunConfig, layers: Sequence[int] | None = None) -> int:
 
 
 def _held(cfg: RunConfig, rank: PipelineRank | None) -> tuple[Sequence[int], int]:
-    """The blocks a rank runs, and how many ends of the model (embedding, output layer) it holds."""
+    """The blocks a rank runs, and the positions its ends of the model carry: the embedding's tokens, the
+    output layer's scored positions."""
+    w = window(cfg)
     if rank is None:
-        return range(cfg.model.num_layers), 2
-    return rank.layers, int(rank.first) + int(rank.last)
+        return range(cfg.model.num_layers), w.tokens + w.scored
+    return rank.layers, w.tokens * rank.first + w.scored * rank.last
 
 
 def _capacity_per_token(cfg: RunConfig) -> float:
     return cfg.model.moe.top_k * cfg.model.moe.capacity_factor if cfg.model.moe else 0.0
 
 
-def _message_bytes(cfg: RunConfig) -> float:
-    """One micro-batch's [s, b, h] activations."""
-    return cfg.data.seq_len * cfg.train.micro_batch_size * cfg.model.hidden_size * BYTES[cfg.train.precision]
+def _message_bytes(cfg: RunConfig, positions: int | None = None) -> float:
+    """One micro-batch's [s, b, h] activations, or [positions, b, h]."""
+    s = cfg.data.seq_len if positions is None else positions
+    return s * cfg.train.micro_batch_size * cfg.model.hidden_size * BYTES[cfg.train.precision]
 
 
 DP_COLLECTIVES = {
@@ -241,7 +262,7 @@ def step_estimate(cfg: RunConfig, cluster: Cluster, count: ParameterCount, dp: i
         ep_seconds=ep_seconds,
         peak_flops=peak,
         efficiency=efficiency,
-        tokens=sequences * cfg.data.seq_len,
+        tokens=sequences * window(cfg).tokens,
         p2p_bytes=p2p_bytes,
         p2p_seconds=p2p_bytes / (p2p_gbs * 1e9),
         bubble=pipeline.bubble(cfg),

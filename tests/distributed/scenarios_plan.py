@@ -58,3 +58,62 @@ def _model_state_bytes(*overrides: str) -> int:
 @scenario(world_size=1)
 def plan_measured_memory():
     return {name: _model_state_bytes(*overrides) for name, overrides in MEMORY_CASES.items()}
+
+
+# What a real GPT computes and keeps for backward, plain and with recurrent memory (n = 4 segments of L = 16
+# tokens between 2 x M = 4 memory tokens), for tests/test_plan.py to hold the FLOP and activation plans against.
+WORK_MODEL = ("model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.vocab_size=512",
+              "model.max_seq_len=64", "model.dropout=0.1", "train.micro_batch_size=2", "data.seq_len=64")
+RMT = ("model.memory.num_mem_tokens=4", "model.memory.segment_len=16")
+WORK_CASES = {  # name -> overrides of WORK_MODEL
+    "plain": (),
+    "memory": RMT,
+    "memory_bptt1": (*RMT, "model.memory.bptt_segments=1"),
+    "memory_bptt0": (*RMT, "model.memory.bptt_segments=0"),
+    "memory_one_segment": (*RMT, "data.seq_len=16"),
+    "memory_answer_only": (*RMT, "data.fact_task.position=start"),  # only each sample's last label is scored
+    "memory_llama_style": (*RMT, "model.position_embedding=rotary", "model.norm=rmsnorm", "model.mlp=swiglu",
+                           "model.num_kv_heads=2", "model.linear_bias=false", "model.tie_embeddings=false"),
+}
+
+
+def _work(*overrides: str) -> dict:
+    """One training micro-batch's forward and backward FLOPs, as torch's FlopCounterMode counts the matrix
+    multiplies the model really runs, and the bytes autograd keeps for backward: every distinct storage a
+    saved tensor lives in, parameters excepted (saved by the matmuls, but model states, not activations)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from launcher.config import load_config
+    from models.blocks import IGNORE_INDEX
+    from models.gpt import GPT
+    from parallel.topology import init_topology
+
+    cfg = load_config(None, [*WORK_MODEL, *overrides])
+    init_topology(tp=1)
+    torch.manual_seed(0)
+    model = GPT(cfg.model, cfg.model.vocab_size).train()
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len + 1))
+    labels = tokens[:, 1:].clone()
+    if cfg.data.fact_task is not None:  # its samples' labels, as data_pipeline/fact_task.py gives them
+        labels[:, :-1] = IGNORE_INDEX
+    with FlopCounterMode(display=False) as forward, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(tokens[:, :-1], labels)
+    with FlopCounterMode(display=False) as backward:
+        loss.backward()
+    return {"forward_flops": forward.get_total_flops(), "backward_flops": backward.get_total_flops(),
+            "kept_bytes": sum(kept.values())}
+
+
+@scenario(world_size=1)
+def plan_measured_work():
+    return {name: _work(*overrides) for name, overrides in WORK_CASES.items()}
