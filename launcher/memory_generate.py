@@ -53,11 +53,11 @@ def continuation(model: MemoryModel, prompt_ids: list[int], sampling: Sampling, 
     Sampling draws from torch's global generator, which the caller seeds."""
     gpt, segment_len = model.gpt, model.gpt.cfg.memory.segment_len
     as_input = lambda ids: torch.tensor([ids], device=gpt.memory.weight.device)  # noqa: E731
-    memory, segment = gpt.initial_memory(1), list(prompt_ids)
-    while len(segment) > segment_len:  # the prompt's segments before its last token's only write memory
-        memory = gpt.read_segment(as_input(segment[:segment_len]), memory)[1]
-        segment = segment[segment_len:]
-    new = []
+    last = (len(prompt_ids) - 1) // segment_len * segment_len  # where the prompt's last token's segment starts
+    memory = gpt.initial_memory(1)
+    for start in range(0, last, segment_len):  # the segments before it only write memory
+        memory = gpt.read_segment(as_input(prompt_ids[start:start + segment_len]), memory)[1]
+    segment, new = list(prompt_ids[last:]), []
     while len(new) < sampling.max_new_tokens and (not new or new[-1] != end):
         x, written = gpt.read_segment(as_input(segment), memory)
         new.append(sample(gpt.head(x[-1:])[0, 0, :model.vocab_size], sampling))
