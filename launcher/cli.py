@@ -145,8 +145,8 @@ def _generate(args) -> None:
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     sampling.check()
-    model, tokenizer = load(Path(args.path), args.step)
-    print(generate(model, tokenizer, args.prompt, sampling))
+    with load(Path(args.path), args.step) as (model, tokenizer):
+        print(generate(model, tokenizer, args.prompt, sampling))
 
 
 def _add_generate_command(commands) -> None:

@@ -5,7 +5,9 @@ the tokens are the ones `generate` gives on the directory `parallax export` writ
 (greedy, temperature, top-k, top-p, the KV cache, stopping at the end-of-text token) is the one
 Hugging Face users know rather than a second one to keep equal to it. A Hugging Face directory loads
 as transformers loads it. An encoder-decoder (T5) reads the prompt as its encoder input and prints
-its decoder's output alone; a decoder-only model prints the prompt followed by its continuation.
+its decoder's output alone; a decoder-only model prints the prompt followed by its continuation. A recurrent
+memory model (model.memory) has no twin: Parallax's own GPT decodes it a segment at a time, with the same
+sampling and memory that does not grow with the text (launcher/memory_generate.py).
 
 The defaults are the sampling Megatron's and Hugging Face's users know: temperature 1 (the model's
 own distribution), no top-k, no top-p; temperature 0 is greedy. The default seed is fixed, so the
@@ -13,12 +15,17 @@ same command prints the same text.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterator, Optional, Union
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from launcher.memory_generate import MemoryModel
+
+    Model = Union[PreTrainedModel, MemoryModel]  # transformers' (a twin or a directory), or a memory model
 
 
 @dataclass(frozen=True)
@@ -51,9 +58,11 @@ class Sampling:
                     top_k=self.top_k, top_p=self.top_p)
 
 
-def load(path: Path, step: Optional[int]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+@contextmanager
+def load(path: Path, step: Optional[int]) -> Iterator[tuple[Model, PreTrainedTokenizerBase]]:
     """The model (eval mode, on the GPU if there is one) and tokenizer of a Hugging Face directory or of a
-    Parallax run or checkpoint, told apart by config.json; or one line naming what `path` lacks."""
+    Parallax run or checkpoint, told apart by config.json; or one line naming what `path` lacks. A memory
+    model lives only while the block runs (launcher/memory_generate.loaded)."""
     import torch
     import transformers
 
@@ -63,29 +72,39 @@ def load(path: Path, step: Optional[int]) -> tuple[PreTrainedModel, PreTrainedTo
     # such as that a T5.1.1's own output matrix is left untied, which is right (models/huggingface/t5.py)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if (path / "config.json").is_file():
         model, tokenizer = _load_hf_directory(path, step)
+        yield model.to(device), tokenizer
     elif (path / MANIFEST).is_file() or (path / "checkpoints").is_dir() or checkpoints_newest_first(path):
-        model, tokenizer = _load_checkpoint(path, step)
+        with _load_checkpoint(path, step, device) as loaded:
+            yield loaded
     else:
         raise CheckpointError(f"{path}: neither a Parallax run or checkpoint (no checkpoints/, step-*/ or "
                               f"{MANIFEST}) nor a Hugging Face model directory (no config.json)")
-    return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
 
 
-def _load_checkpoint(path: Path, step: Optional[int]):
-    from launcher.twin_checkpoint import read_twin_checkpoint
+@contextmanager
+def _load_checkpoint(path: Path, step: Optional[int], device):
+    from launcher import memory_generate
+    from launcher.twin_checkpoint import check_twin, read_checkpoint
     from models.huggingface import to_hf_model
     from models.huggingface.tokenizer import hf_tokenizer
     from parallel.checkpoint import read_weights
 
-    checkpoint = read_twin_checkpoint(path, step, "generate from")
+    checkpoint = read_checkpoint(path, step, "generate from")
     special = checkpoint.cfg.data.special_tokens
+    tokenizer = hf_tokenizer(checkpoint.tokenizer, special)
+    if checkpoint.cfg.model.memory is not None:
+        with memory_generate.loaded(checkpoint, device) as model:
+            yield model, tokenizer
+        return
+    check_twin(checkpoint, "generate from")
     model = to_hf_model(read_weights(checkpoint.path), checkpoint.cfg.model, checkpoint.vocab_size,
                         checkpoint.tokenizer, special=special)
-    return model, hf_tokenizer(checkpoint.tokenizer, special)
+    yield model.to(device), tokenizer
 
 
 def _load_hf_directory(path: Path, step: Optional[int]):
@@ -107,29 +126,41 @@ def _load_hf_directory(path: Path, step: Optional[int]):
     return model.eval(), transformers.AutoTokenizer.from_pretrained(str(path))
 
 
-def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, sampling: Sampling) -> str:
+def generate(model: Model, tokenizer: PreTrainedTokenizerBase, prompt: str, sampling: Sampling) -> str:
     """The text to print: the prompt and its continuation (an encoder-decoder's output alone), without the
     tokens generation adds around text (begin, end, padding); others, such as T5's sentinels, are kept."""
     import torch
 
     from launcher.config import ConfigError
+    from launcher.memory_generate import MemoryModel, continuation
 
-    prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
-    prompt_len = prompt_ids.shape[1]
-    if prompt_len == 0:
+    prompt_ids = tokenizer(prompt).input_ids
+    if not prompt_ids:
         raise ConfigError("--prompt is empty; give the text to continue")
-    context = getattr(model.config, "max_position_embeddings", None)  # None: relative positions (T5), no limit
-    if context is not None and prompt_len + sampling.max_new_tokens > context:
-        raise ConfigError(f"--prompt is {prompt_len} tokens and --max-new-tokens {sampling.max_new_tokens}: "
-                          f"{prompt_len + sampling.max_new_tokens} exceed the model's context of {context} "
-                          "(model.max_seq_len); shorten one")
     torch.manual_seed(sampling.seed)
-    # The ids alone: a tokenizer that also returns token_type_ids would have GPT-2 add them to its embeddings.
-    ids = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), **sampling.generate_kwargs())
-    ids = ids[0].tolist()
+    if isinstance(model, MemoryModel):  # no context to exceed: it reads the text a segment at a time
+        ids, encoder_decoder = prompt_ids + continuation(model, prompt_ids, sampling, tokenizer.eos_token_id), False
+    else:
+        ids, encoder_decoder = _transformers_generate(model, prompt_ids, sampling), model.config.is_encoder_decoder
     added = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     text = lambda ids: tokenizer.decode([t for t in ids if t not in added])  # noqa: E731
-    if model.config.is_encoder_decoder:
+    if encoder_decoder:
         return text(ids)
     # Decoded whole, since a tokenizer may join tokens (a space between words); the prompt is printed as given.
-    return prompt + text(ids)[len(text(ids[:prompt_len])):]
+    return prompt + text(ids)[len(text(ids[:len(prompt_ids)])):]
+
+
+def _transformers_generate(model: PreTrainedModel, prompt_ids: list[int], sampling: Sampling) -> list[int]:
+    """transformers' tokens: the prompt's and the new ones (an encoder-decoder's: the decoder start and the new)."""
+    import torch
+
+    from launcher.config import ConfigError
+
+    context = getattr(model.config, "max_position_embeddings", None)  # None: relative positions (T5), no limit
+    if context is not None and len(prompt_ids) + sampling.max_new_tokens > context:
+        raise ConfigError(f"--prompt is {len(prompt_ids)} tokens and --max-new-tokens {sampling.max_new_tokens}: "
+                          f"{len(prompt_ids) + sampling.max_new_tokens} exceed the model's context of {context} "
+                          "(model.max_seq_len); shorten one")
+    inputs = torch.tensor([prompt_ids], device=model.device)
+    # The ids alone: a tokenizer that also returns token_type_ids would have GPT-2 add them to its embeddings.
+    return model.generate(inputs, attention_mask=torch.ones_like(inputs), **sampling.generate_kwargs())[0].tolist()

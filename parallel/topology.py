@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -221,6 +222,25 @@ def init_topology(tp: int, ep: int = 1, pp: int = 1, timeout_minutes: float = 30
         save_group=_control_groups[1],
         pp_gradient_group=pp_gradient_groups[dist.get_rank() % stage_size],
     )
+
+
+@contextmanager
+def single_process_world():
+    """A lone process as a world of one at TP=1, for as long as the block runs: megatron-core's layers look up
+    their tensor-parallel group even when it is one rank (`parallax generate` runs Parallax's own GPT for a
+    memory model). Gloo over an in-memory store, so it opens no port that a job on the machine may hold, and
+    it is torn down after, so a later world in the same process (a test's) starts clean."""
+    from megatron.core import parallel_state
+
+    if dist.is_initialized():
+        raise RuntimeError("single_process_world builds its own world of one; run it outside a distributed job")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, create_gloo_process_groups=False)
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
 
 
 class DeepSpeedMPU:

@@ -154,8 +154,8 @@ def test_memory_layouts_are_accepted():
 
 
 def test_a_memory_model_has_no_hugging_face_twin():
-    """export (and generate, which goes through the twin) refuse a memory model in one line instead of
-    writing a plain GPT-2 that silently drops the memory."""
+    """export refuses a memory model in one line instead of writing a plain GPT-2 that silently drops the memory
+    (generate decodes it natively: tests/test_memory_generate.py)."""
     from models.huggingface import HuggingFaceError, twin_for
 
     with pytest.raises(HuggingFaceError, match="model.memory: a recurrent memory model has no Hugging Face twin") as e:
