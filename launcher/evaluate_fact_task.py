@@ -4,20 +4,19 @@ A memory model reads each held-out sample a segment at a time (GPT.read_segment)
 grow with the input: one segment of tokens and the memory, whatever the number of segments. A model without
 memory reads the last segment, its window. Only the answer is scored: the loss is its cross-entropy, the
 accuracy how often the argmax over the whole vocabulary is the answer. Each DP rank scores its share of the
-samples (the same set at any layout) and the sums are all-reduced; TP peers compute together. The model runs
+samples (the same set at any layout) and the sums are all-reduced; TP peers compute together. Each segment
+goes through the engine's forward (GPT.forward's `segment`), so ZeRO-3 gathers what it reads. The model runs
 in eval mode without gradients and the random generators are forked around it, so training after an
-evaluation is what it would have been. Under ZeRO-3 the parameters are gathered whole for the evaluation
-(deepspeed.zero.GatheredParameters), since it runs the model's parts outside the engine's forward.
+evaluation is what it would have been.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from typing import Callable, Optional
 
 import torch
-from megatron.core import tensor_parallel
+import torch.distributed as dist
 
 from data_pipeline.fact_task import FactTask
 from launcher.config import RunConfig
@@ -46,51 +45,48 @@ class FactTaskEvaluator:
         every count's in `by_segments`. `on_segment(segments, segment)` is called after each segment read."""
         engine, device, started = runner.engine, self.topo.device, time.perf_counter()
         engine.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []), \
-                _whole_parameters(engine):
-            by_segments = [self._score(engine.module, segments, on_segment) for segments in self.segment_counts]
+        with torch.no_grad(), torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
+            by_segments = [self._score(engine, segments, on_segment) for segments in self.segment_counts]
         engine.train()
         last = by_segments[-1]
         return {"step": step, "eval_loss": last["loss"], "eval_ppl": math.exp(min(last["loss"], 700.0)),
                 "eval_accuracy": last["accuracy"], "eval_segments": last["segments"], "eval_tokens": last["samples"],
                 "by_segments": by_segments, "eval_seconds": time.perf_counter() - started}
 
-    def _score(self, model, segments: int, on_segment) -> dict:
+    def _score(self, engine, segments: int, on_segment) -> dict:
         started, device = time.perf_counter(), self.topo.device
         mine = range(self.topo.dp_rank, self.samples, self.topo.dp)
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss, right answers, samples
         for first in range(0, len(mine), self.batch_size):
             indices = mine[first:first + self.batch_size]
-            x = self._read(model, indices, segments, on_segment)
-            logits = model.head(x[-1:])  # [1, b, vocab / tp]: the question's last token
+            logits = self._read(engine, indices, segments, on_segment)  # [1, b, vocab / tp]: the question's end
             answers = torch.tensor([[self.task.answer(i, segments)] for i in indices], device=device)
             loss, _ = language_model_loss(logits, answers, reduction="sum")
-            predicted = tensor_parallel.gather_from_tensor_model_parallel_region(logits)[0].argmax(dim=-1)
-            right = (predicted == answers[:, 0]).sum()
+            right = (self._whole_vocabulary(logits)[0].argmax(dim=-1) == answers[:, 0]).sum()
             totals += torch.stack([loss.double(), right.double(), torch.tensor(len(indices), device=device).double()])
         self.topo.sum_scored(totals)
         loss, right, samples = totals.tolist()
         return {"segments": segments, "accuracy": right / samples, "loss": loss / samples, "samples": int(samples),
                 "seconds": time.perf_counter() - started}
 
-    def _read(self, model, indices, segments: int, on_segment) -> torch.Tensor:
-        """The last block's output at the last segment's tokens, [L, b, h]."""
-        device, memory, x = self.topo.device, None, None
+    def _whole_vocabulary(self, logits: torch.Tensor) -> torch.Tensor:
+        """This TP rank's vocabulary slice of the logits joined with its peers' (megatron's gather allocates on
+        the current CUDA device, so it cannot serve a CPU run)."""
+        if self.topo.tp == 1:
+            return logits
+        parts = [torch.empty_like(logits) for _ in range(self.topo.tp)]
+        dist.all_gather(parts, logits.contiguous(), group=self.topo.tp_group)
+        return torch.cat(parts, dim=-1)
+
+    def _read(self, engine, indices, segments: int, on_segment) -> torch.Tensor:
+        """The logits at the last token of the samples `indices`: a memory model reads every segment, carrying
+        its memory; a model without memory reads the last."""
+        memory_model, device, memory, logits = engine.module.memory is not None, self.topo.device, None, None
         for segment, tokens in enumerate(self.task.segment_batches(indices, segments)):
-            if model.memory is not None:
-                if memory is None:
-                    memory = model.initial_memory(len(indices))
-                x, memory = model.read_segment(tokens.to(device), memory)
+            if memory_model:
+                logits, memory = engine(tokens.to(device), segment=True, memory=memory)
             elif segment == segments - 1:
-                x = model.run_layers(model.embed(tokens.to(device)), model.blocks)
+                logits = engine(tokens.to(device))[-1:]
             if on_segment is not None:
                 on_segment(segments, segment)
-        return x
-
-
-def _whole_parameters(engine):
-    if engine.zero_optimization_stage() != 3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
+        return logits

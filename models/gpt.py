@@ -287,12 +287,21 @@ class GPT(nn.Module):
     def moe_metrics(self) -> list[dict]:
         return moe_metrics({int(layer): block.mlp for layer, block in self.blocks.items()})
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean"):
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean", *,
+                segment: bool = False, memory: torch.Tensor | None = None):
         """input_ids, labels: [b, s]. With labels, the mean next-token loss plus the MoE router losses
         (the training objective), or with reduction="sum" (evaluation) the summed next-token loss and
         the number of tokens scored, so that a mean over any split of the data is exact. Without
         labels, this TP rank's vocabulary slice of the logits, [s, b, padded_vocab / tp]. With recurrent
-        memory (model.memory), the same over the segments of input_ids (forward_with_memory)."""
+        memory (model.memory), the same over the segments of input_ids (forward_with_memory).
+
+        segment (recurrent memory, an input read a segment at a time, launcher/evaluate_fact_task.py):
+        input_ids is one segment, read with `memory` (None: the initial memory); returns this rank's slice of
+        the logits at its last token, [1, b, padded_vocab / tp], and the memory it writes. Through forward,
+        so that under ZeRO-3 the engine gathers every parameter it reads."""
+        if segment:
+            x, written = self.read_segment(input_ids, self.initial_memory(len(input_ids)) if memory is None else memory)
+            return self.head(x[-1:], from_segment=True), written
         if self.memory is not None:
             return self.forward_with_memory(input_ids, labels, reduction)
         x = self.run_layers(self.embed(input_ids), self.blocks)

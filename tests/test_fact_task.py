@@ -146,3 +146,26 @@ def test_segments_flag_needs_the_task(tmp_path, capsys):
         main(["eval", str(run), "--segments", "1,2"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "--segments and --samples score data.fact_task" in err
+
+
+def test_reading_a_segment_at_a_time_scores_what_the_whole_forward_does(scenario_results):
+    result = scenario_results("fact_task_eval_reference")
+    streamed = result["streamed"]
+    assert streamed["segments"] == 3 and streamed["samples"] == 12
+    assert abs(streamed["loss"] - result["whole_loss"]) < 1e-5 and streamed["accuracy"] == result["whole_accuracy"]
+
+
+def test_evaluation_holds_no_more_at_its_last_segment_than_at_its_eighth(scenario_results):
+    """The live tensors after each of 64 segments: a reader that kept the segments it read (or their outputs)
+    would hold more with every one."""
+    held = scenario_results("fact_task_eval_reference")["held_bytes"]
+    assert sorted(held) == list(range(64))
+    assert max(held[s] for s in range(8, 64)) <= held[8] * 1.001, {s: held[s] for s in (8, 16, 32, 63)}
+
+
+@pytest.mark.parametrize("layout", ["tp2", "dp2_zero3"])
+def test_evaluation_gives_the_same_figures_at_every_layout(scenario_results, layout):
+    reference = scenario_results("fact_task_eval_reference")["streamed"]
+    figures = scenario_results("fact_task_eval_layouts")[layout]
+    assert figures["samples"] == reference["samples"] and figures["accuracy"] == reference["accuracy"]
+    assert abs(figures["loss"] - reference["loss"]) < 1e-5
