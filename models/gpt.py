@@ -381,8 +381,8 @@ class GPT(nn.Module):
     def read_segment(self, ids: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One segment of tokens ids [b, L] with the memory it reads [M, b, h], run as [read memory; tokens;
         write memory] at positions 0..M-1, M..M+L-1 and M+L..L+2M-1: the last block's output at its tokens,
-        [L, b, h], and the memory it writes, the last block's output at the write positions before the final
-        norm, [M, b, h]. Evaluation and generation call it a segment at a time, so their memory does not grow
+        [L, b, h], and the memory it writes, the final norm of the last block's output at the write positions,
+        [M, b, h]: normalised, the memory keeps one scale however many segments it crosses (docs/memory.md). Evaluation and generation call it a segment at a time, so their memory does not grow
         with the input; score its token outputs with score_segment or head(x, from_segment=True).
 
         Under sequence parallelism the segment, not the window, is split over the TP ranks (L + 2M must be
@@ -407,7 +407,7 @@ class GPT(nn.Module):
         x = self.run_layers(x, self.blocks, memory_attention_mask(m, length, x.device))
         if self.sequence_parallel:
             x = gather_sequence(x, tp_group)
-        return x[m:m + length], x[m + length:]
+        return x[m:m + length], self.final_norm(x[m + length:])
 
     def score_segment(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The summed next-token loss of a segment's outputs x [L, b, h] (read_segment's) and how many tokens it
