@@ -65,10 +65,11 @@ def evaluator_for_run(cfg: RunConfig, topo: Topology):
     return Evaluator.for_run(cfg, topo)
 
 
-def evaluate_checkpoint(cfg: RunConfig, out: Path) -> dict:
+def evaluate_checkpoint(cfg: RunConfig, out: Path, on_segment=None) -> dict:
     """`parallax eval` on this rank: the weights of the checkpoint cfg.checkpoint.resume names, at
     cfg's layout (any: checkpoints do not depend on it), evaluated on cfg's validation set. Rank 0
-    prints the result and writes it to `out` as JSON."""
+    prints the result and writes it to `out` as JSON. on_segment: data.fact_task's per-segment callback
+    (FactTaskEvaluator), for bench/memory.py's trace of memory and time."""
     from launcher.train import build_model_and_engine
     from parallel.checkpoint import Checkpointer
     from parallel.topology import init_topology
@@ -80,7 +81,8 @@ def evaluate_checkpoint(cfg: RunConfig, out: Path) -> dict:
     torch.manual_seed(cfg.train.seed)
     _, engine = build_model_and_engine(cfg, topo, vocab_size, init_from=None)  # the checkpoint has the weights
     resumed = Checkpointer(cfg, topo, engine, loader=None).resume()
-    record = evaluate(step_runner(engine, cfg, topo), step=resumed.step)
+    record = evaluate(step_runner(engine, cfg, topo), step=resumed.step,
+                      **({"on_segment": on_segment} if on_segment else {}))
     result = {"checkpoint": cfg.checkpoint.resume, **record, "layout": topo.describe()}
     if topo.is_logging_rank:
         out.write_text(json.dumps(result, indent=1) + "\n")
