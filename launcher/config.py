@@ -162,6 +162,9 @@ class RunConfig(_Section):
             )
         if self.data.fact_task is not None and m.arch == "t5":
             raise ValueError("data.fact_task is a task for decoders (model.arch=gpt, with model.memory); remove it")
+        if self.data.fact_task is not None and self.parallel.pp > 1:
+            raise ValueError(f"data.fact_task with parallel.pp={self.parallel.pp}: its evaluation reads a segment at "
+                             "a time through the whole model; set parallel.pp=1")
         if m.arch == "t5":
             self._fit_t5()
         elif self.data.span_corruption is not None:

@@ -97,6 +97,8 @@ def test_the_curriculum_grows_the_segments_at_its_steps_and_varies_them_determin
     (["model.memory=null", "data.fact_task=null"], "train.memory_curriculum grows the segments of model.memory"),
     (["data.fact_task.values=11"], "data.fact_task.values: input should be less than or equal to 10"),
     (["data.fact_task.eval_segments=[0]"], "eval_segments=[0]: give one or more segment counts"),
+    (["--nproc", "2", "model.memory=null", "data.seq_len=32", "parallel.pp=2"],
+     "data.fact_task with parallel.pp=2: its evaluation reads a segment at a time"),
 ])
 def test_bad_task_or_curriculum_is_one_line_naming_the_field(capsys, args, expected):
     with pytest.raises(SystemExit) as exit_info:
