@@ -48,6 +48,8 @@ def test_a_sample_plants_one_fact_before_the_question_about_it(tasks, segments):
         assert (batch["input_ids"][0].numpy() == numpy.concatenate(parts)).all()
         labels = batch["labels"][0]
         assert (labels[:-1] == IGNORE_INDEX).all() and labels[-1] == task.values[draw.value] == task.answer(index, segments)
+        window = task.batch([index], segments, last_tokens=SEGMENT)  # what a model without memory sees
+        assert (window["input_ids"][0].numpy() == parts[-1]).all() and window["labels"][0, -1] == labels[-1]
 
 
 def test_samples_are_a_function_of_seed_index_and_segments(tasks):
