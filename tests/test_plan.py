@@ -610,7 +610,7 @@ def test_memory_tokens_cost_what_l_plus_2m_positions_per_segment_cost(capsys, ch
     assert memory_token_overhead(cfg, 8192) == pytest.approx(overhead) and 0.15 < overhead < 0.17
     one_pass = 34 * span * b * h + 5 * a * span * span * b
     kept = layers * (2 * n * span * b * h) + one_pass if checkpointing else n * layers * one_pass
-    head = 2 * n * span * b * h + 2 * n * length * b * h + 4 * n * length * b * v
+    head = 2 * n * span * b * h + 2 * n * length * b * h + 4 * n * length * b * v + 2 * n * m * b * h
     fp32 = 2  # Korthikanti's units are 16-bit bytes
     assert p.memory.activations == pytest.approx((kept + head) * fp32)
     for bptt in (1, 0):  # truncated BPTT cuts gradients, not what the window's one backward keeps
@@ -640,7 +640,7 @@ def test_an_answer_only_task_is_planned_at_its_curriculums_longest_input():
     p = closed_form_plan(cfg, Cluster.of(1, 1, "h100"))
     assert p.step.model_flops == pytest.approx(3 * b * (blocks + output)) and p.step.tokens == b * n * length
     kept = n * layers * (34 * span * b * h + 5 * a * span * span * b)
-    head = 2 * n * span * b * h + 2 * b * h + 4 * b * v
+    head = 2 * n * span * b * h + 2 * b * h + 4 * b * v + 2 * n * 8 * b * h  # + each segment's normed memory
     assert p.memory.activations == pytest.approx((kept + head) * 2)  # fp32
     out = render(p)
     assert "global batch 32 x 128 tokens" in out and "train.memory_curriculum: planned at its longest input" in out

@@ -133,9 +133,10 @@ def activation_bytes(cfg: RunConfig, vocab_size: int, rank: PipelineRank | None 
     # embedding's output and dropout (2sbh/t, every position a block reads) on the first stage, for each
     # micro-batch in flight there; the final norm's and output layer's inputs (2sbh/t) and the fp32 logits for
     # the cross-entropy (4sbv/t), of the scored positions, on the last, whose loss backward frees each
-    # micro-batch as soon as it is computed.
+    # micro-batch as soon as it is computed. With recurrent memory, the final norm's input at every segment's
+    # write memory too (2 M b h a segment, whole on every TP rank).
     head = ((2 * w.positions * b * h / t * in_flight if first else 0)
-            + (2 * w.scored * b * h / t + 4 * w.scored * b * v / t if last else 0))
+            + (2 * w.scored * b * h / t + 4 * w.scored * b * v / t + 2 * w.memory_written * b * h if last else 0))
     return (kept + head) * BYTES[cfg.train.precision] / 2
 
 

@@ -4,7 +4,8 @@ A plain decoder runs its data.seq_len tokens through every block once, s queries
 memory (model.memory, docs/memory.md) the window is n = seq_len / L segments, and each runs through every
 block as [read memory; L tokens; write memory]: n passes of L + 2M positions, each attending over its own
 L + 2M keys (GPT.read_segment, with memory_attention_mask). Only scored positions reach the output layer
-(GPT.score_segment): every token of a corpus window, one answer token of a data.fact_task sample.
+(GPT.score_segment): every token of a corpus window, one answer token of a data.fact_task sample. The memory
+each segment writes goes through the final norm too (GPT.read_segment).
 
 All n passes are one autograd graph whatever bptt_segments says: truncated BPTT detaches the memory an early
 segment reads, but that segment's own loss is part of the window's loss, so its activations are kept until
@@ -28,6 +29,7 @@ class Window:
     span: int  # positions of one pass, each attending over (up to) all of them
     scored: int  # positions through the output layer
     tokens: int  # the data tokens of a sequence
+    memory_written: int = 0  # memory positions through the final norm (every segment's write memory)
 
     @property
     def positions(self) -> int:
@@ -48,4 +50,5 @@ def window(cfg: RunConfig, memory_tokens: bool = True) -> Window:
         return Window(passes=1, span=tokens, scored=tokens, tokens=tokens)
     # data.fact_task scores one answer token per sample, and only scored positions reach the output layer.
     return Window(passes=tokens // segment, span=segment + (2 * memory.num_mem_tokens if memory_tokens else 0),
-                  scored=1 if cfg.data.fact_task else tokens, tokens=tokens)
+                  scored=1 if cfg.data.fact_task else tokens, tokens=tokens,
+                  memory_written=tokens // segment * memory.num_mem_tokens if memory_tokens else 0)
