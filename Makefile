@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench bench-pipeline gpu-wheels clean
+.PHONY: demo test bench bench-pipeline bench-memory gpu-wheels clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ bench: $(STAMP)
 # PP=2 over 2 gloo ranks against one rank: measured efficiency beside the bubble model (docs/pipeline-bench.md).
 bench-pipeline: $(STAMP)
 	$(VENV)/bin/python bench/pipeline.py
+
+# Recurrent memory on the built-in long-context task: 3 seeds and a no-memory baseline, accuracy out to 1,024
+# segments, memory and time while reading 1,024 (docs/memory.md); about 40 minutes on 2 cores.
+bench-memory: $(STAMP)
+	$(VENV)/bin/python bench/memory.py
 
 # What bench/gpu/smoke.sh needs on a bare one-GPU machine, in .gpu/carry (docs/gpu-smoke.md). The
 # wheels are pinned to the venv's versions; an existing venv is used as it is, never reinstalled.
