@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 class LanguageModel(Protocol):
-    """What training asks of a model (models.gpt.GPT, models.t5.T5): an nn.Module whose forward
+    """What training asks of a model (models.gpt.GPT, models.t5.T5, models.bert.BERT): an nn.Module whose forward
     takes the keyword arguments `batch_inputs` makes of a batch."""
 
     def layers(self) -> list[nn.Module]:
@@ -36,11 +36,14 @@ class LanguageModel(Protocol):
 
 
 def model_class(cfg) -> type[LanguageModel]:
-    """The class `model.arch` names: models.gpt.GPT or models.t5.T5. Its static `batch_inputs` tells
+    """The class `model.arch` names: models.gpt.GPT, models.t5.T5 or models.bert.BERT. Its static `batch_inputs` tells
     what a batch feeds the forward without building the model (an outside reference needs no more)."""
     if cfg.arch == "t5":
         from models.t5 import T5
         return T5
+    if cfg.arch == "bert":
+        from models.bert import BERT
+        return BERT
     from models.gpt import GPT
     return GPT
 

@@ -1,5 +1,6 @@
-"""What GPT (and its Llama-style variant) and T5 are both built from: the pre-norm, the
-vocabulary-parallel output layer and loss, and the per-layer MoE figures and parameter counts.
+"""What the models are built from: the norm, the vocabulary-parallel output layer and loss, the
+per-layer MoE figures and parameter counts (GPT, its Llama-style variant, T5, BERT), and the
+attention and MLP sub-layers that GPT and BERT share.
 
 The output layer and the loss are Megatron's: each tensor-parallel (TP) rank scores its slice of
 the (padded) vocabulary, and `vocab_parallel_cross_entropy` finds the softmax over the whole of it
@@ -8,18 +9,20 @@ with two all-reduces of [s, b] figures instead of gathering [s, b, vocab] logits
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from models.config import ModelConfig
 from models.moe import MoEFeedForward, is_expert_parameter
-from parallel.sequence_parallel import gather_sequence, replicated_parameter
+from models.init import parallel_layer
+from parallel.sequence_parallel import gather_sequence, replicated_parameter, row_parallel_reduce_scatter
 from parallel.zero3 import full_shape
 
 IGNORE_INDEX = -100  # label of a position that is not scored (Hugging Face's convention)
 
 
 class Norm(nn.Module):
-    """Pre-norm LayerNorm or RMSNorm (Zhang & Sennrich 2019), replicated on every TP rank."""
+    """LayerNorm or RMSNorm (Zhang & Sennrich 2019), replicated on every TP rank."""
 
     def __init__(self, cfg: ModelConfig, sequence_parallel: bool):
         super().__init__()
@@ -89,3 +92,114 @@ def parameter_counts(model: nn.Module, cfg: ModelConfig, expert_parallel_size: i
         else:
             total, active = total + n, active + n
     return total, int(active)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021), applied to queries and keys."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x):  # x: [b, heads, s, head_dim]
+        s = x.shape[2]
+        cos, sin = self.cos[:s].to(x.dtype), self.sin[:s].to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        return rotated.flatten(-2)
+
+
+class Attention(nn.Module):
+    """Self-attention, causal (GPT) or bidirectional (BERT); this TP rank computes num_heads / tp of the query heads.
+
+    With grouped-query attention, each key/value head is shared by a group of num_heads / kv_heads
+    consecutive query heads (multi-head attention is the case of groups of one). The QKV rows are
+    laid out group by group, [q_g0 ... q_g(r-1), k_g, v_g] for each key/value head g, so splitting
+    the output features contiguously over TP ranks hands each rank whole groups.
+    """
+
+    def __init__(self, cfg: ModelConfig, tp_config: ModelParallelConfig, output_std: float, sequence_parallel: bool,
+                 causal: bool = True):
+        super().__init__()
+        tp = tp_config.tensor_model_parallel_size
+        self.causal = causal
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.local_kv_heads = cfg.kv_heads // tp
+        self.group_size = cfg.num_heads // cfg.kv_heads  # query heads per key/value head
+        self.dropout = cfg.dropout
+        self.sequence_parallel = sequence_parallel
+        self.qkv = parallel_layer(
+            tensor_parallel.ColumnParallelLinear, cfg.hidden_size, (cfg.num_heads + 2 * cfg.kv_heads) * self.head_dim,
+            std=cfg.init_std, config=tp_config, bias=cfg.biased, gather_output=False,
+            disable_grad_reduce=sequence_parallel,
+        )
+        self.proj = parallel_layer(
+            tensor_parallel.RowParallelLinear, cfg.hidden_size, cfg.hidden_size, std=output_std, config=tp_config,
+            bias=cfg.biased, input_is_parallel=True, skip_bias_add=False,
+        )
+        self.rotary = (
+            Rotary(self.head_dim, cfg.max_seq_len, cfg.rotary_base) if cfg.position_embedding == "rotary" else None
+        )
+
+    def forward(self, x, attn_mask=None):
+        """x: [s, b, h], the whole sequence; returns this rank's slice under sequence parallelism. attn_mask
+        (recurrent memory only): [s, s] booleans, True where a query may attend to a key; None: causal, or every
+        key for a bidirectional attention."""
+        s, b, _ = x.shape
+        qkv, _ = self.qkv(x)
+        groups = qkv.view(s, b, self.local_kv_heads, (self.group_size + 2) * self.head_dim).permute(1, 2, 0, 3)
+        q, k, v = groups.split([self.group_size * self.head_dim, self.head_dim, self.head_dim], dim=-1)
+        # [b, kv_heads, s, r x head_dim] -> [b, kv_heads x r, s, head_dim]: query head g x r + j uses key/value head g
+        q = q.reshape(b, self.local_kv_heads, s, self.group_size, self.head_dim).transpose(2, 3).flatten(1, 2)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=self.causal and attn_mask is None,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.group_size > 1,
+        )
+        y = y.permute(2, 0, 1, 3).reshape(s, b, -1)
+        return row_parallel(self.proj, y, self.sequence_parallel)
+
+
+class MLP(nn.Module):
+    """fc_out(gelu(fc_in x)) (GPT), or fc_out(silu(fc_gate x) * fc_in x) (SwiGLU, Llama); the input
+    layers are column-parallel, so each TP rank gates its own slice of the hidden features. GPT-2's GeLU
+    is the tanh approximation, BERT's the exact (erf) form: gelu_approximate is torch's name for it."""
+
+    def __init__(self, cfg: ModelConfig, tp_config: ModelParallelConfig, output_std: float, sequence_parallel: bool,
+                 gelu_approximate: str = "tanh"):
+        super().__init__()
+        self.sequence_parallel, self.gelu_approximate = sequence_parallel, gelu_approximate
+
+        def column_parallel():
+            return parallel_layer(
+                tensor_parallel.ColumnParallelLinear, cfg.hidden_size, cfg.ffn_size, std=cfg.init_std,
+                config=tp_config, bias=cfg.biased, gather_output=False, disable_grad_reduce=sequence_parallel,
+            )
+
+        self.fc_in = column_parallel()
+        self.fc_gate = column_parallel() if cfg.swiglu else None
+        self.fc_out = parallel_layer(
+            tensor_parallel.RowParallelLinear, cfg.ffn_size, cfg.hidden_size, std=output_std, config=tp_config,
+            bias=cfg.biased, input_is_parallel=True, skip_bias_add=False,
+        )
+
+    def forward(self, x):
+        h, _ = self.fc_in(x)
+        if self.fc_gate is None:
+            h = F.gelu(h, approximate=self.gelu_approximate)
+        else:
+            h = F.silu(self.fc_gate(x)[0]) * h
+        return row_parallel(self.fc_out, h, self.sequence_parallel)
+
+
+def row_parallel(layer, x, sequence_parallel: bool):
+    """A row-parallel layer's output summed over TP: all-reduced (megatron's layer), or under sequence
+    parallelism reduce-scattered, this rank keeping its slice of the sequence."""
+    if sequence_parallel:
+        return row_parallel_reduce_scatter(layer, x, parallel_state.get_tensor_model_parallel_group())
+    out, _ = layer(x)
+    return out

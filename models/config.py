@@ -47,25 +47,36 @@ class MemoryConfig(BaseModel):
     )
 
 
-# Fields that only the T5 encoder-decoder reads; a GPT config must leave them unset (None).
+# Fields that only the T5 encoder-decoder reads; another architecture's config must leave them unset (None).
 T5_ONLY = ("num_decoder_layers", "kv_channels", "relative_attention_num_buckets", "relative_attention_max_distance",
            "feed_forward")
-# Fields that only the GPT family reads; a T5 config must leave them unset (None).
-GPT_ONLY = ("mlp", "num_kv_heads", "linear_bias", "memory")
+# Fields that only the GPT family reads.
+GPT_ONLY = ("mlp", "num_kv_heads", "memory")
+# Fields that only the BERT encoder reads.
+BERT_ONLY = ("norm_placement", "type_vocab_size", "position_offset")
+# What each architecture must leave unset: every field another one reads alone, and what it has no use for.
+UNSET = {
+    "gpt": T5_ONLY + BERT_ONLY,
+    "t5": GPT_ONLY + BERT_ONLY + ("linear_bias",),
+    "bert": T5_ONLY + GPT_ONLY + ("moe",),
+}
 
 
 class ModelConfig(BaseModel):
-    """One schema for both architectures: `arch` picks GPT (decoder-only) or T5 (encoder-decoder).
+    """One schema for every architecture: `arch` picks GPT (decoder-only), T5 (encoder-decoder) or BERT
+    (encoder-only, masked language modelling).
 
-    Shared fields mean the same in both (num_layers is T5's encoder depth). Fields only one
+    Shared fields mean the same in all (num_layers is T5's encoder depth). Fields only one
     architecture reads default to None and are read through the properties below, which give that
     architecture's defaults. A Llama-style decoder is a GPT with rotary positions, RMSNorm, SwiGLU,
     grouped-query attention, no linear biases and an untied output layer (configs/llama-*.yaml).
+    RoBERTa is a BERT whose positions start at position_offset 2 and that has one token type;
+    Megatron-BERT is a BERT with norm_placement pre (configs/bert-*.yaml, roberta-*.yaml).
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    arch: Literal["gpt", "t5"] = "gpt"
+    arch: Literal["gpt", "t5", "bert"] = "gpt"
     num_layers: PositiveInt = 4
     hidden_size: PositiveInt = 256
     num_heads: PositiveInt = 4
@@ -104,11 +115,24 @@ class ModelConfig(BaseModel):
         None, description="gpt: key/value heads, each shared by num_heads / num_kv_heads query heads (grouped-query "
         "attention, Ainslie et al. 2023); default num_heads",
     )
-    linear_bias: Optional[bool] = Field(None, description="gpt: linear layers with biases (GPT) or without (Llama); "
-                                        "default true")
+    linear_bias: Optional[bool] = Field(None, description="gpt, bert: linear layers with biases (GPT, BERT) or "
+                                        "without (Llama); default true")
     memory: Optional[MemoryConfig] = Field(
         None, description="gpt: recurrent memory tokens carried from segment to segment (docs/memory.md); none: a "
         "plain decoder",
+    )
+    # BERT only (arch: bert); see BERT_ONLY.
+    norm_placement: Optional[Literal["post", "pre"]] = Field(
+        None, description="bert: LayerNorm after each residual sum (post: BERT, RoBERTa, with one on the embeddings) "
+        "or before each sub-layer and at the end (pre: Megatron-BERT, which keeps improving with scale); default post",
+    )
+    type_vocab_size: Optional[NonNegativeInt] = Field(
+        None, description="bert: token types (segment A/B) with a learned embedding each; 0: none; default 2 (BERT; "
+        "RoBERTa has 1)",
+    )
+    position_offset: Optional[NonNegativeInt] = Field(
+        None, description="bert: the first token's position row; RoBERTa's positions start after its padding id, at "
+        "2, so its table has max_seq_len + 2 rows (514); default 0",
     )
     # T5 only (arch: t5); see T5_ONLY.
     num_decoder_layers: Optional[PositiveInt] = Field(None, description="t5: decoder depth; default num_layers")
@@ -123,10 +147,12 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _fields_fit_the_architecture(self):
-        other_arch = {"gpt": ("t5", T5_ONLY), "t5": ("gpt", GPT_ONLY)}[self.arch]
-        for name in other_arch[1]:
+        for name in UNSET[self.arch]:
             if getattr(self, name) is not None:
-                raise ValueError(f"model.{name} applies to model.arch={other_arch[0]} only; remove it")
+                readers = [arch for arch, unset in UNSET.items() if name not in unset]
+                raise ValueError(f"model.{name} applies to model.arch={' or '.join(readers)} only; remove it")
+        if self.arch == "bert":
+            self._check_bert()
         if self.arch == "t5" and self.position_embedding != "learned":
             raise ValueError("model.position_embedding applies to model.arch=gpt only: T5 uses its relative "
                              "position bias; remove it")
@@ -139,6 +165,16 @@ class ModelConfig(BaseModel):
             raise ValueError(f"model.relative_attention_max_distance={self.max_distance} must exceed the exact "
                              f"offsets, half of model.relative_attention_num_buckets={self.num_buckets}; raise it")
         return self
+
+    def _check_bert(self):
+        wanted = [
+            (self.position_embedding == "learned", "model.position_embedding: BERT has learned positions; remove it"),
+            (self.norm == "layernorm", "model.norm=rmsnorm: BERT normalises with LayerNorm; set model.norm=layernorm"),
+            (self.tied, "model.tie_embeddings=false: BERT's output layer is its word embedding; remove it"),
+        ]
+        for holds, problem in wanted:
+            if not holds:
+                raise ValueError(problem)
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self):
@@ -188,8 +224,22 @@ class ModelConfig(BaseModel):
 
     @property
     def biased(self) -> bool:
-        """Linear layers with biases: a GPT's unless linear_bias is false; T5's never."""
-        return self.arch == "gpt" and self.linear_bias is not False
+        """Linear layers with biases: a GPT's or BERT's unless linear_bias is false; T5's never."""
+        return self.arch != "t5" and self.linear_bias is not False
+
+    @property
+    def pre_norm(self) -> bool:
+        """Each sub-layer reads a normalised input (GPT, T5, Megatron-BERT), rather than each residual sum being
+        normalised (BERT, RoBERTa)."""
+        return self.arch != "bert" or self.norm_placement == "pre"
+
+    @property
+    def token_types(self) -> int:
+        return 2 if self.type_vocab_size is None else self.type_vocab_size
+
+    @property
+    def first_position(self) -> int:
+        return self.position_offset or 0
 
     @property
     def num_buckets(self) -> int:

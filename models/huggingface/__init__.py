@@ -1,7 +1,7 @@
 """Parallax models as Hugging Face `transformers` models, and back: exact, in both directions.
 
 Each architecture that has an exact Hugging Face twin has a module here that implements `Twin`:
-GPT-2 (`gpt2`), Llama (`llama`) and T5 (`t5`). A twin maps the config and every tensor; nothing is
+GPT-2 (`gpt2`), Llama (`llama`) and T5 (`t5`); `bert` holds three, BERT, RoBERTa and Megatron-BERT. A twin maps the config and every tensor; nothing is
 approximated, and a model with no exact twin is refused in one line naming what differs.
 
 Parallax pads its vocabulary to a multiple of model.vocab_multiple; a Hugging Face model keeps the
@@ -59,9 +59,9 @@ class Twin(Protocol):
 
 
 def _twins() -> list[Twin]:
-    from models.huggingface import gpt2, llama, t5
+    from models.huggingface import bert, gpt2, llama, t5
 
-    return [gpt2, llama, t5]
+    return [gpt2, llama, t5, bert.BERT, bert.ROBERTA, bert.MEGATRON_BERT]
 
 
 def twin_for(cfg: ModelConfig) -> Twin:
