@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 EOD = "<|endoftext|>"  # Parallax's own names, which `parallax prepare-tokenizer` trains
 PAD = "<pad>"
+MASK = "<mask>"  # what masked language modelling puts in place of most chosen tokens
 NUM_SENTINELS = 100  # T5 span corruption masks with <extra_id_0> ... <extra_id_99>
 
 
