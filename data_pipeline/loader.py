@@ -158,13 +158,13 @@ class PipelineLoader:
         if own is not None:
             self.check_compatible({self.dp_rank: own})
         if own is not None and len(own["lanes"]) == self.lanes_per_rank:
-            self.lane_states = with_carries_as(tokens_to_bytes, own["lanes"])
+            self.lane_states = with_carries_as(tokens_to_bytes, with_carry_epochs(own["lanes"]))
             self.next_lane, self.chunk_left = own["next_lane"], own["chunk_left"]
         else:
             everyone = dict(enumerate(states))
             self.check_compatible(everyone)
             self.lane_states = self.resharded([lane for state in everyone.values()
-                                               for lane in with_carries_as(tokens_to_bytes, state["lanes"])])
+                                               for lane in with_carries_as(tokens_to_bytes, with_carry_epochs(state["lanes"]))])
             self.next_lane, self.chunk_left = 0, 0
         self.chunks, self.ready = None, deque()  # workers restart from the loaded state
 
@@ -230,6 +230,18 @@ def with_carries_as(convert, lane_states: list[dict]) -> list[dict]:
     for lane in lane_states:
         for cursor in lane["sources"]:
             cursor["carry"] = convert(cursor["carry"])
+    return lane_states
+
+
+def with_carry_epochs(lane_states: list[dict]) -> list[dict]:
+    """Lane states saved before windows knew their epoch have none for their carried tokens: these count as read
+    in the first epoch. Returns a copy where any is added; the checkpoint's own states are left as they are."""
+    if all("carry_epochs" in cursor for lane in lane_states for cursor in lane["sources"]):
+        return lane_states
+    lane_states = copy.deepcopy(lane_states)
+    for lane in lane_states:
+        for cursor in lane["sources"]:
+            cursor.setdefault("carry_epochs", [[len(cursor["carry"]), 0]] if len(cursor["carry"]) else [])
     return lane_states
 
 

@@ -46,8 +46,8 @@ def validation_batches(cfg: DataConfig, *, batches: int, micro_batch_size: int, 
     global_batch = micro_batch_size * grad_accum * dp_size
     wanted = batches * global_batch
     windows = []
-    while len(windows) <= wanted and (window := lane.next_window()) is not None:
-        windows.append(window)
+    while len(windows) <= wanted and (read := lane.next_window()) is not None:
+        windows.append(read[0])  # not its epoch: every evaluation scores a window alike
     if len(windows) <= wanted:
         windows = windows[:-1]  # the stream ended: its last window may be padded
     usable = len(windows) // global_batch * global_batch
