@@ -11,6 +11,7 @@ import numpy
 from tokenizers import Tokenizer
 
 from .errors import DataError
+from .masked_lm import MaskedLM
 from .sources import Source, read_documents
 from .span_corruption import SpanCorruption
 from .work import TOKEN_TYPE, advance, held_out, merge, next_claim, shard_of_visit, shuffle_draw
@@ -29,6 +30,7 @@ class Plan:
     epochs: int | None
     seed: int
     span_corruption: SpanCorruption | None = None  # T5: corrupt each window into inputs and targets
+    masked_lm: MaskedLM | None = None  # BERT: mask each window, the labels its chosen tokens
     holdout: float = 0.0  # the fraction of documents held out for validation (data_pipeline/work.py's held_out)
     validation: bool = False  # read only the held-out documents (else only the others)
 
@@ -37,8 +39,12 @@ class Plan:
 
     @property
     def window(self) -> int:
-        """Tokens per packed window: seq_len + 1 for next-token prediction, or what span corruption needs."""
-        return self.span_corruption.raw_length if self.span_corruption else self.seq_len + 1
+        """Tokens per packed window: seq_len + 1 for next-token prediction (inputs and their shifted targets),
+        seq_len under masked language modelling (the labels are the window's own tokens), or what span
+        corruption needs."""
+        if self.span_corruption:
+            return self.span_corruption.raw_length
+        return self.seq_len if self.masked_lm else self.seq_len + 1
 
     def visit_limit(self, source_index: int) -> int | None:
         return None if self.epochs is None else self.epochs * len(self.sources[source_index].shards)
@@ -224,16 +230,19 @@ class Lane:
     def batches(self, micro_batch_size: int) -> Iterator[tuple[numpy.ndarray | dict[str, numpy.ndarray], dict]]:
         """Each batch comes with the lane state right after it; a finite run's last batch is padded with pad rows.
 
-        Batches are numpy arrays (a dict of them under span corruption): they cross the worker
-        boundary as one plain copy, where a torch tensor would each time be moved into a new
-        shared-memory segment. Span corruption runs here, in the workers, off the training loop's path.
+        Batches are numpy arrays (a dict of them under span corruption and masked language modelling):
+        they cross the worker boundary as one plain copy, where a torch tensor would each time be moved
+        into a new shared-memory segment. Span corruption and masking run here, in the workers, off the
+        training loop's path.
         """
         pad_row = numpy.full(self.plan.window, self.plan.pad, dtype=TOKEN_TYPE)
         while windows := [w for w in (self.next_window() for _ in range(micro_batch_size)) if w is not None]:
-            rows = [tokens for tokens, _ in windows]
+            rows, epochs = [tokens for tokens, _ in windows], [epoch for _, epoch in windows]
             real = len(rows)
             rows += [pad_row] * (micro_batch_size - real)
             if self.plan.span_corruption:
                 yield self.plan.span_corruption.batch(rows, real), self.state()
+            elif self.plan.masked_lm:
+                yield self.plan.masked_lm.batch(rows, epochs, real), self.state()
             else:
                 yield numpy.stack(rows).astype(numpy.int64), self.state()

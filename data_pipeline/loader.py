@@ -29,6 +29,7 @@ from .config import DataConfig
 from .corpus import builtin_corpus
 from .errors import DataError
 from .lane import Lane, Plan
+from .masked_lm import MaskedLM
 from .sources import discover
 from .span_corruption import SpanCorruption
 from .tokenizer import NUM_SENTINELS, load_tokenizer
@@ -62,6 +63,7 @@ def training_plan(cfg: DataConfig, seed: int) -> Plan:
         epochs=cfg.epochs,
         seed=seed,
         span_corruption=span_corruption(cfg, tokenizer, seed),
+        masked_lm=MaskedLM.for_run(cfg, tokenizer, seed),
         holdout=cfg.validation_fraction if cfg.validation is None else 0.0,
     )
 
@@ -84,8 +86,9 @@ def span_corruption(cfg: DataConfig, tokenizer, seed: int) -> SpanCorruption | N
 
 
 class PipelineLoader:
-    """Iterator of LongTensor[micro_batch_size, seq_len + 1], or under span corruption of dicts of
-    input_ids [micro_batch_size, seq_len], decoder_input_ids and labels; endless unless data.epochs is set."""
+    """Iterator of LongTensor[micro_batch_size, seq_len + 1], or of dicts: under span corruption of input_ids
+    [micro_batch_size, seq_len], decoder_input_ids and labels, under masked language modelling of input_ids and
+    labels [micro_batch_size, seq_len]; endless unless data.epochs is set."""
 
     def __init__(self, plan: Plan, micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int):
         self.plan, self.micro_batch_size = plan, micro_batch_size
@@ -163,8 +166,8 @@ class PipelineLoader:
         else:
             everyone = dict(enumerate(states))
             self.check_compatible(everyone)
-            self.lane_states = self.resharded([lane for state in everyone.values()
-                                               for lane in with_carries_as(tokens_to_bytes, with_carry_epochs(state["lanes"]))])
+            old_lanes = [lane for state in everyone.values() for lane in with_carry_epochs(state["lanes"])]
+            self.lane_states = self.resharded(with_carries_as(tokens_to_bytes, old_lanes))
             self.next_lane, self.chunk_left = 0, 0
         self.chunks, self.ready = None, deque()  # workers restart from the loaded state
 
