@@ -9,7 +9,8 @@ import importlib
 _MODULE_OF = {
     "DataConfig": "config", "SourceConfig": "config", "DataError": "errors", "PipelineLoader": "loader",
     "build_dataloader": "loader", "load_tokenizer": "tokenizer", "prepare_data": "corpus",
-    "prepare_tokenizer": "tokenizer", "EOD": "tokenizer", "PAD": "tokenizer", "SPECIAL_TOKENS": "tokenizer",
+    "prepare_tokenizer": "tokenizer", "EOD": "tokenizer", "PAD": "tokenizer", "MASK": "tokenizer",
+    "SPECIAL_TOKENS": "tokenizer",
 }
 __all__ = list(_MODULE_OF)
 

@@ -5,11 +5,12 @@ import os
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 EOD = "<|endoftext|>"  # Parallax's own names, which `parallax prepare-tokenizer` trains
 PAD = "<pad>"
+MASK = "<mask>"  # what masked language modelling puts in place of most chosen tokens
 NUM_SENTINELS = 100  # T5 span corruption masks with <extra_id_0> ... <extra_id_99>
 
 
@@ -54,6 +55,31 @@ class SpanCorruptionConfig(BaseModel):
 
     noise_density: float = Field(0.15, gt=0, lt=1, description="fraction of the tokens masked")
     mean_noise_span_length: float = Field(3.0, ge=1, description="average tokens per masked span")
+
+
+class MaskedLMConfig(BaseModel):
+    """BERT's and RoBERTa's pretraining objective (data_pipeline/masked_lm.py): data.seq_len tokens in, the chosen
+    tokens' originals out. Of the chosen tokens, mask_fraction become the mask token, random_fraction a random
+    token, and the rest stay as they are, so the model cannot learn that only masked positions are scored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    probability: float = Field(0.15, gt=0, lt=1,
+                               description="fraction of the (non-special) tokens chosen for prediction")
+    mask_fraction: float = Field(0.8, ge=0, le=1,
+                                 description="of the chosen tokens, the fraction replaced by mask_token")
+    random_fraction: float = Field(0.1, ge=0, le=1, description="of the chosen tokens, the fraction replaced by a "
+                                   "random non-special token; the rest are left unchanged")
+    whole_word: bool = Field(False, description="choose whole words, as the byte-level BPE marks them (a token "
+                             "starting with 'Ġ' starts a word), rather than single tokens")
+    mask_token: str = Field(MASK, description="the tokenizer's mask token")
+
+    @model_validator(mode="after")
+    def _fractions_fit(self) -> "MaskedLMConfig":
+        if self.mask_fraction + self.random_fraction > 1:
+            raise ValueError(f"mask_fraction={self.mask_fraction} and random_fraction={self.random_fraction} add up "
+                             "to more than 1; they are shares of the chosen tokens, the rest left unchanged")
+        return self
 
 
 class FactTaskConfig(BaseModel):
@@ -108,6 +134,9 @@ class DataConfig(BaseModel):
     span_corruption: SpanCorruptionConfig | None = Field(
         default=None, description="T5's objective; model.arch=t5 sets the defaults when absent. None: next-token windows."
     )
+    masked_lm: MaskedLMConfig | None = Field(
+        default=None, description="BERT's objective, masked language modelling, on windows of data.seq_len tokens. "
+        "None: next-token windows.")
     fact_task: FactTaskConfig | None = Field(
         default=None, description="Train and evaluate on the built-in long-context task (needs model.memory); "
         "its filler text comes from the sources. None: next-token windows of the sources.")
@@ -123,6 +152,13 @@ class DataConfig(BaseModel):
     @property
     def special_tokens(self) -> SpecialTokens:
         return SpecialTokens(self.eod_token, self.pad_token)
+
+    @model_validator(mode="after")
+    def _one_objective(self) -> "DataConfig":
+        chosen = [name for name in ("span_corruption", "masked_lm", "fact_task") if getattr(self, name) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"data.{' and data.'.join(chosen)} are different training objectives; keep one")
+        return self
 
     @field_validator("seq_len", "vocab_size", "shuffle_buffer", "epochs")
     @classmethod

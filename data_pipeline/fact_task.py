@@ -130,9 +130,9 @@ class FactTask:
 def corpus_tokens(plan, count: int) -> numpy.ndarray:
     """The first `count` tokens of `plan`'s documents, in the order training reads them (fewer if they end)."""
     lane, windows, held = in_order(replace(plan, seq_len=4095)), [], 0
-    while held < count and (window := lane.next_window()) is not None:
-        windows.append(window)
-        held += len(window)
+    while held < count and (read := lane.next_window()) is not None:
+        windows.append(read[0])
+        held += len(read[0])
     return numpy.concatenate(windows)[:count].astype(numpy.int64) if windows else numpy.zeros(0, numpy.int64)
 
 

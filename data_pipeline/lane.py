@@ -11,6 +11,7 @@ import numpy
 from tokenizers import Tokenizer
 
 from .errors import DataError
+from .masked_lm import MaskedLM
 from .sources import Source, read_documents
 from .span_corruption import SpanCorruption
 from .work import TOKEN_TYPE, advance, held_out, merge, next_claim, shard_of_visit, shuffle_draw
@@ -29,6 +30,7 @@ class Plan:
     epochs: int | None
     seed: int
     span_corruption: SpanCorruption | None = None  # T5: corrupt each window into inputs and targets
+    masked_lm: MaskedLM | None = None  # BERT: mask each window, the labels its chosen tokens
     holdout: float = 0.0  # the fraction of documents held out for validation (data_pipeline/work.py's held_out)
     validation: bool = False  # read only the held-out documents (else only the others)
 
@@ -37,8 +39,12 @@ class Plan:
 
     @property
     def window(self) -> int:
-        """Tokens per packed window: seq_len + 1 for next-token prediction, or what span corruption needs."""
-        return self.span_corruption.raw_length if self.span_corruption else self.seq_len + 1
+        """Tokens per packed window: seq_len + 1 for next-token prediction (inputs and their shifted targets),
+        seq_len under masked language modelling (the labels are the window's own tokens), or what span
+        corruption needs."""
+        if self.span_corruption:
+            return self.span_corruption.raw_length
+        return self.seq_len if self.masked_lm else self.seq_len + 1
 
     def visit_limit(self, source_index: int) -> int | None:
         return None if self.epochs is None else self.epochs * len(self.sources[source_index].shards)
@@ -56,6 +62,7 @@ class SourceStream:
         self.reader, self.found = None, False
         self.shuffle_key, self.draws = cursor["shuffle"]
         self.carry, self.carry_start = numpy.frombuffer(cursor["carry"], dtype=TOKEN_TYPE), 0
+        self.carry_epochs = [list(run) for run in cursor["carry_epochs"]]  # runs over carry[carry_start:]
         self.buffer_ids = [tuple(doc_id) for doc_id in cursor["buffer"]]  # parallel lists: ids are the state,
         self.buffer_texts = self.reread(self.buffer_ids)  # texts are re-read on restore
         self.buffer_snapshot = None  # tuple(buffer_ids), rebuilt only after the buffer changes
@@ -69,6 +76,7 @@ class SourceStream:
             "buffer": self.buffer_ids_snapshot(),
             "shuffle": [self.shuffle_key, self.draws],
             "carry": self.carry[self.carry_start:].tobytes(),
+            "carry_epochs": [list(run) for run in self.carry_epochs],  # copies: the runs change as windows are cut
         }
 
     def buffer_ids_snapshot(self) -> tuple:
@@ -133,8 +141,8 @@ class SourceStream:
             if len(self.fruitless_shards) == len(self.source.shards):
                 raise DataError(f"{self.source.name}: every document in this source is empty; remove it from data.sources")
 
-    def next_document(self) -> str | None:
-        """A seeded shuffle buffer: fill to capacity, then emit a random element."""
+    def next_document(self) -> tuple[int, str] | None:
+        """A seeded shuffle buffer: fill to capacity, then emit a random element, with its epoch."""
         self.buffer_snapshot = None
         while len(self.buffer_ids) < self.plan.shuffle_buffer and (doc := self.next_read()) is not None:
             self.buffer_ids.append(doc[0])
@@ -145,23 +153,43 @@ class SourceStream:
         self.draws += 1
         for items in (self.buffer_ids, self.buffer_texts):  # swap the pick to the end, where popping is O(1)
             items[pick], items[-1] = items[-1], items[pick]
-        self.buffer_ids.pop()
-        return self.buffer_texts.pop()
+        visit, _ = self.buffer_ids.pop()
+        return visit // len(self.source.shards), self.buffer_texts.pop()
 
-    def next_window(self) -> numpy.ndarray | None:
+    def next_window(self) -> tuple[numpy.ndarray, int] | None:
         """Documents joined by end-of-document, cut with no padding; a document's rest carries over.
+        Comes with the epoch of its first token.
 
         Only the very last window of a finite run is padded, so no token is ever dropped.
         """
         size = self.plan.window
-        while len(self.carry) - self.carry_start < size and (text := self.next_document()) is not None:
+        while len(self.carry) - self.carry_start < size and (read := self.next_document()) is not None:
+            epoch, text = read
             document = numpy.array(self.tokenizer.encode(text).ids + [self.plan.eod], dtype=TOKEN_TYPE)
             self.carry, self.carry_start = numpy.concatenate([self.carry[self.carry_start:], document]), 0
+            if self.carry_epochs and self.carry_epochs[-1][1] == epoch:
+                self.carry_epochs[-1][0] += len(document)
+            else:
+                self.carry_epochs.append([len(document), epoch])
         window = self.carry[self.carry_start:self.carry_start + size]
+        if not len(window):
+            return None
         self.carry_start += len(window)
-        if len(window) in (0, size):
-            return window if len(window) else None
-        return numpy.pad(window, (0, size - len(window)), constant_values=self.plan.pad)
+        epoch = self.carry_epochs[0][1]
+        self.drop_carry_epochs(len(window))
+        if len(window) < size:
+            window = numpy.pad(window, (0, size - len(window)), constant_values=self.plan.pad)
+        return window, epoch
+
+    def drop_carry_epochs(self, tokens: int) -> None:
+        """Forget the epochs of the first `tokens` carried tokens, which a window has taken."""
+        while tokens:
+            run = self.carry_epochs[0]
+            taken = min(tokens, run[0])
+            run[0] -= taken
+            tokens -= taken
+            if not run[0]:
+                self.carry_epochs.pop(0)
 
 
 class Lane:
@@ -183,7 +211,8 @@ class Lane:
     def state(self) -> dict:
         return {"sources": [stream.state() for stream in self.streams], "emitted": list(self.emitted)}
 
-    def next_window(self) -> numpy.ndarray | None:
+    def next_window(self) -> tuple[numpy.ndarray, int] | None:
+        """The next window of the blend, with the epoch it was read in (data_pipeline/work.py)."""
         while any(self.active):
             total = sum(w for w, on in zip(self.weights, self.active) if on)
             made = sum(self.emitted) + 1
@@ -201,15 +230,19 @@ class Lane:
     def batches(self, micro_batch_size: int) -> Iterator[tuple[numpy.ndarray | dict[str, numpy.ndarray], dict]]:
         """Each batch comes with the lane state right after it; a finite run's last batch is padded with pad rows.
 
-        Batches are numpy arrays (a dict of them under span corruption): they cross the worker
-        boundary as one plain copy, where a torch tensor would each time be moved into a new
-        shared-memory segment. Span corruption runs here, in the workers, off the training loop's path.
+        Batches are numpy arrays (a dict of them under span corruption and masked language modelling):
+        they cross the worker boundary as one plain copy, where a torch tensor would each time be moved
+        into a new shared-memory segment. Span corruption and masking run here, in the workers, off the
+        training loop's path.
         """
         pad_row = numpy.full(self.plan.window, self.plan.pad, dtype=TOKEN_TYPE)
-        while rows := [w for w in (self.next_window() for _ in range(micro_batch_size)) if w is not None]:
+        while windows := [w for w in (self.next_window() for _ in range(micro_batch_size)) if w is not None]:
+            rows, epochs = [tokens for tokens, _ in windows], [epoch for _, epoch in windows]
             real = len(rows)
             rows += [pad_row] * (micro_batch_size - real)
             if self.plan.span_corruption:
                 yield self.plan.span_corruption.batch(rows, real), self.state()
+            elif self.plan.masked_lm:
+                yield self.plan.masked_lm.batch(rows, epochs, real), self.state()
             else:
                 yield numpy.stack(rows).astype(numpy.int64), self.state()

@@ -29,6 +29,7 @@ from .config import DataConfig
 from .corpus import builtin_corpus
 from .errors import DataError
 from .lane import Lane, Plan
+from .masked_lm import MaskedLM
 from .sources import discover
 from .span_corruption import SpanCorruption
 from .tokenizer import NUM_SENTINELS, load_tokenizer
@@ -62,6 +63,7 @@ def training_plan(cfg: DataConfig, seed: int) -> Plan:
         epochs=cfg.epochs,
         seed=seed,
         span_corruption=span_corruption(cfg, tokenizer, seed),
+        masked_lm=MaskedLM.for_run(cfg, tokenizer, seed),
         holdout=cfg.validation_fraction if cfg.validation is None else 0.0,
     )
 
@@ -84,8 +86,9 @@ def span_corruption(cfg: DataConfig, tokenizer, seed: int) -> SpanCorruption | N
 
 
 class PipelineLoader:
-    """Iterator of LongTensor[micro_batch_size, seq_len + 1], or under span corruption of dicts of
-    input_ids [micro_batch_size, seq_len], decoder_input_ids and labels; endless unless data.epochs is set."""
+    """Iterator of LongTensor[micro_batch_size, seq_len + 1], or of dicts: under span corruption of input_ids
+    [micro_batch_size, seq_len], decoder_input_ids and labels, under masked language modelling of input_ids and
+    labels [micro_batch_size, seq_len]; endless unless data.epochs is set."""
 
     def __init__(self, plan: Plan, micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int):
         self.plan, self.micro_batch_size = plan, micro_batch_size
@@ -158,13 +161,13 @@ class PipelineLoader:
         if own is not None:
             self.check_compatible({self.dp_rank: own})
         if own is not None and len(own["lanes"]) == self.lanes_per_rank:
-            self.lane_states = with_carries_as(tokens_to_bytes, own["lanes"])
+            self.lane_states = with_carries_as(tokens_to_bytes, with_carry_epochs(own["lanes"]))
             self.next_lane, self.chunk_left = own["next_lane"], own["chunk_left"]
         else:
             everyone = dict(enumerate(states))
             self.check_compatible(everyone)
-            self.lane_states = self.resharded([lane for state in everyone.values()
-                                               for lane in with_carries_as(tokens_to_bytes, state["lanes"])])
+            old_lanes = [lane for state in everyone.values() for lane in with_carry_epochs(state["lanes"])]
+            self.lane_states = self.resharded(with_carries_as(tokens_to_bytes, old_lanes))
             self.next_lane, self.chunk_left = 0, 0
         self.chunks, self.ready = None, deque()  # workers restart from the loaded state
 
@@ -230,6 +233,18 @@ def with_carries_as(convert, lane_states: list[dict]) -> list[dict]:
     for lane in lane_states:
         for cursor in lane["sources"]:
             cursor["carry"] = convert(cursor["carry"])
+    return lane_states
+
+
+def with_carry_epochs(lane_states: list[dict]) -> list[dict]:
+    """Lane states saved before windows knew their epoch have none for their carried tokens: these count as read
+    in the first epoch. Returns a copy where any is added; the checkpoint's own states are left as they are."""
+    if all("carry_epochs" in cursor for lane in lane_states for cursor in lane["sources"]):
+        return lane_states
+    lane_states = copy.deepcopy(lane_states)
+    for lane in lane_states:
+        for cursor in lane["sources"]:
+            cursor.setdefault("carry_epochs", [[len(cursor["carry"]), 0]] if len(cursor["carry"]) else [])
     return lane_states
 
 

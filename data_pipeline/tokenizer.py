@@ -4,18 +4,20 @@ Byte-level means every UTF-8 text is encodable with no unknown token, which is
 what a pretraining corpus of arbitrary files needs.
 """
 
+import hashlib
 from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .cache import build_once
-from .config import EOD, NUM_SENTINELS, PAD, DataConfig, SourceConfig
+from .config import EOD, MASK, NUM_SENTINELS, PAD, DataConfig, SourceConfig
 from .corpus import builtin_corpus
 from .errors import DataError
 from .sources import discover, read_documents
 
-SPECIAL_TOKENS = [EOD, PAD] + [f"<extra_id_{i}>" for i in range(NUM_SENTINELS)]
+# The mask comes last so that end-of-document, pad and the sentinels keep the ids they had before it was added.
+SPECIAL_TOKENS = [EOD, PAD] + [f"<extra_id_{i}>" for i in range(NUM_SENTINELS)] + [MASK]
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the special tokens
 
 
@@ -67,6 +69,9 @@ def load_tokenizer(cfg: DataConfig) -> Tokenizer:
 
 
 def builtin_tokenizer_path(cfg: DataConfig) -> Path:
+    """Named by its special tokens too, so a tokenizer cached before a special token was added is not taken for one
+    that has it."""
     corpus = builtin_corpus(cfg.cache_dir)
-    name = f"tokenizer-{corpus.path.name}-vocab{cfg.vocab_size}.json"
+    specials = hashlib.blake2b("\n".join(SPECIAL_TOKENS).encode(), digest_size=4).hexdigest()
+    name = f"tokenizer-{corpus.path.name}-vocab{cfg.vocab_size}-special{specials}.json"
     return build_once(cfg.cache_dir / name, lambda tmp: prepare_tokenizer([corpus], tmp, cfg.vocab_size))

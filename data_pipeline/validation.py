@@ -16,6 +16,7 @@ from .config import DataConfig
 from .errors import DataError
 from .lane import Lane, Plan
 from .loader import training_plan
+from .masked_lm import EVALUATION_EPOCH
 from .sources import discover
 from .work import new_cursor
 
@@ -40,14 +41,15 @@ def validation_batches(cfg: DataConfig, *, batches: int, micro_batch_size: int, 
                        dp_size: int, seed: int) -> list:
     """This rank's micro-batches of the first `batches` global batches of the validation windows (fewer
     if the set is smaller), in the training batches' format: LongTensor[micro_batch, seq_len + 1], or
-    dicts of input_ids, decoder_input_ids and labels under span corruption."""
+    dicts of input_ids, decoder_input_ids and labels under span corruption, of input_ids and labels under
+    masked language modelling, whose mask is fixed per window (EVALUATION_EPOCH, data_pipeline/masked_lm.py)."""
     plan = validation_plan(cfg, seed)
     lane = in_order(plan)
     global_batch = micro_batch_size * grad_accum * dp_size
     wanted = batches * global_batch
     windows = []
-    while len(windows) <= wanted and (window := lane.next_window()) is not None:
-        windows.append(window)
+    while len(windows) <= wanted and (read := lane.next_window()) is not None:
+        windows.append(read[0])  # not its epoch: every evaluation scores a window alike
     if len(windows) <= wanted:
         windows = windows[:-1]  # the stream ended: its last window may be padded
     usable = len(windows) // global_batch * global_batch
@@ -65,6 +67,10 @@ def validation_batches(cfg: DataConfig, *, batches: int, micro_batch_size: int, 
             if plan.span_corruption:
                 mine.append({name: torch.from_numpy(array)
                              for name, array in plan.span_corruption.batch(rows, len(rows)).items()})
+            elif plan.masked_lm:
+                epochs = [EVALUATION_EPOCH] * len(rows)
+                mine.append({name: torch.from_numpy(array)
+                             for name, array in plan.masked_lm.batch(rows, epochs, len(rows)).items()})
             else:
                 mine.append(torch.from_numpy(numpy.stack(rows).astype(numpy.int64)))
     return mine

@@ -19,6 +19,11 @@ it had not reached) is collected into a pool and dealt out to the new lanes as
 pending work; from `F` on, the new lanes claim visits with the new stride. The
 tokens a lane had tokenized but not yet emitted (its packing carry-over) are
 handed to new lane `old_lane % new_lanes` to be emitted first.
+
+A document's *epoch* is the pass over its source it was read in, `visit // num_shards`:
+like its identity, it does not depend on the layout. The carry-over keeps the epoch of
+each of its tokens (as runs of [tokens, epoch]) so that every window knows the epoch it
+was read in, which masked language modelling draws a new mask for.
 """
 
 import hashlib
@@ -75,7 +80,8 @@ def tokens_from_bytes(data: bytes) -> list[int]:
     return numpy.frombuffer(data, dtype=TOKEN_TYPE).tolist()
 
 
-def new_cursor(seed: int, source_index: int, base: int, stride: int, lane: int, pending=(), carry=b"") -> dict:
+def new_cursor(seed: int, source_index: int, base: int, stride: int, lane: int, pending=(), carry=b"",
+               carry_epochs=()) -> dict:
     """The state of one source on one lane, as plain data (the carry is bytes in flight, a list in checkpoints)."""
     return {
         "pending": [list(item) for item in pending],
@@ -84,6 +90,7 @@ def new_cursor(seed: int, source_index: int, base: int, stride: int, lane: int, 
         "buffer": [],  # (visit, index) of the documents in the shuffle buffer, in buffer order
         "shuffle": [shuffle_key(seed, source_index, base, lane), 0],  # key, draws made
         "carry": carry,  # tokens tokenized but not yet emitted, as TOKEN_TYPE bytes
+        "carry_epochs": [list(run) for run in carry_epochs],  # [tokens, epoch] runs covering the carry, in order
     }
 
 
@@ -118,7 +125,7 @@ def reshard(cursors: list[dict], new_lanes: int, seed: int, source_index: int, l
     if limit is not None:
         frontier = min(frontier, limit)
     pool: dict[int, Ranges] = {}
-    carries = [b""] * new_lanes
+    carries, carry_epochs = [b""] * new_lanes, [[] for _ in range(new_lanes)]
     for old_lane, cursor in enumerate(cursors):
         items = list(cursor["pending"]) + ([cursor["reading"]] if cursor["reading"] else [])
         items += [[visit, [[index, index + 1]]] for visit, index in cursor["buffer"]]
@@ -127,8 +134,10 @@ def reshard(cursors: list[dict], new_lanes: int, seed: int, source_index: int, l
         for visit, ranges in items:
             pool.setdefault(visit, []).extend(ranges)
         carries[old_lane % new_lanes] += cursor["carry"]
+        carry_epochs[old_lane % new_lanes] += cursor["carry_epochs"]
     work = [[visit, merge(pool[visit])] for visit in sorted(pool)]
     return [
-        new_cursor(seed, source_index, frontier, new_lanes, lane, pending=work[lane::new_lanes], carry=carries[lane])
+        new_cursor(seed, source_index, frontier, new_lanes, lane, pending=work[lane::new_lanes], carry=carries[lane],
+                   carry_epochs=carry_epochs[lane])
         for lane in range(new_lanes)
     ]

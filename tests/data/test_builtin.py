@@ -7,7 +7,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from data_pipeline import EOD, PAD, SPECIAL_TOKENS, DataConfig, build_dataloader, load_tokenizer, prepare_data
+from data_pipeline import EOD, MASK, PAD, SPECIAL_TOKENS, DataConfig, build_dataloader, load_tokenizer, prepare_data
 from data_pipeline.cache import build_once
 from data_pipeline.corpus import top_level_units
 
@@ -42,7 +42,9 @@ def test_default_config_builds_corpus_and_tokenizer_once_and_trains_on_it(tmp_pa
     tokenizer = load_tokenizer(cfg)
     assert tokenizer.get_vocab_size() == 600
     assert all(tokenizer.token_to_id(token) is not None for token in SPECIAL_TOKENS)
-    assert len(SPECIAL_TOKENS) == 102 and "<extra_id_99>" in SPECIAL_TOKENS
+    assert len(SPECIAL_TOKENS) == 103 and "<extra_id_99>" in SPECIAL_TOKENS
+    assert [tokenizer.token_to_id(token) for token in (EOD, PAD, "<extra_id_0>", "<extra_id_99>", MASK)] == \
+        [0, 1, 2, 101, 102], "the mask came last, leaving the ids of the earlier special tokens as they were"
     text = "def main():\n    return 'héllo'\n"
     assert tokenizer.decode(tokenizer.encode(text).ids) == text
     cached = sorted((tmp_path / "cache").iterdir())

@@ -7,7 +7,7 @@ import torch
 
 from data_pipeline import DataConfig, DataError, build_dataloader
 
-from .corpora import id_config, write_id_corpus
+from .corpora import id_config, token_counts, write_id_corpus
 
 STOP_AFTER, COMPARE = 7, 40  # 40 more steps cross epoch boundaries on these small corpora
 
@@ -89,3 +89,27 @@ def test_resuming_onto_different_data_is_refused(tmp_path, id_tokenizer, bpe_tok
         states.reverse()
     with pytest.raises(DataError, match=change.split()[-1]):
         build_dataloader(cfg, micro_batch_size=2, dp_rank=0, dp_size=1, seed=seed).load_state_dict(states)
+
+
+
+@pytest.mark.parametrize("dp_size", [1, 2], ids=["same layout", "resharded"])
+def test_a_state_saved_before_windows_knew_their_epoch_still_resumes(tmp_path, id_tokenizer, dp_size):
+    """Checkpoints written before the carry kept its tokens' epochs have no `carry_epochs`: they still
+    resume, at the same layout exactly and at another with every document once."""
+    lengths = write_id_corpus(tmp_path / "corpus", num_shards=5, docs_per_shard=10)
+    cfg = id_config(tmp_path / "corpus", id_tokenizer, num_workers=0, epochs=1)
+    original = build_dataloader(cfg, micro_batch_size=2, dp_rank=0, dp_size=1, seed=11)
+    head = [next(original) for _ in range(STOP_AFTER)]
+    state = original.state_dict()
+    cursors = [cursor for lane in state["lanes"] for cursor in lane["sources"]]
+    assert any(cursor["carry"] for cursor in cursors), "the stop must catch carried tokens"
+    for cursor in cursors:
+        del cursor["carry_epochs"]
+    resumed = [build_dataloader(cfg, micro_batch_size=2, dp_rank=r, dp_size=dp_size, seed=11) for r in range(dp_size)]
+    for loader in resumed:
+        loader.load_state_dict(through_a_checkpoint_file([state]))
+    if dp_size == 1:
+        assert_bitwise_equal([list(original)], [list(resumed[0])])
+    else:
+        counts = token_counts(head + [batch for loader in resumed for batch in loader], id_tokenizer)
+        assert {word: counts[word] for word in lengths} == lengths
