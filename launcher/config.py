@@ -16,7 +16,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt,
                       model_validator)
 
 from data_pipeline import DataConfig, DataError
-from data_pipeline.config import NUM_SENTINELS, SpanCorruptionConfig
+from data_pipeline.config import NUM_SENTINELS, MaskedLMConfig, SpanCorruptionConfig
 from data_pipeline.span_corruption import SpanCorruption
 from models.config import ModelConfig
 
@@ -160,8 +160,10 @@ class RunConfig(_Section):
                 f"equal share of the padded vocabulary; choose parallel.tp from {fitting} or set "
                 f"model.vocab_multiple to a multiple of {tp}, e.g. {math.lcm(m.vocab_multiple, tp)}"
             )
-        if self.data.fact_task is not None and m.arch == "t5":
+        if self.data.fact_task is not None and m.arch != "gpt":
             raise ValueError("data.fact_task is a task for decoders (model.arch=gpt, with model.memory); remove it")
+        if self.data.masked_lm is not None and m.arch != "bert":
+            raise ValueError("data.masked_lm is BERT's objective; remove it or set model.arch=bert")
         if self.data.fact_task is not None and self.parallel.pp > 1:
             raise ValueError(f"data.fact_task with parallel.pp={self.parallel.pp}: its evaluation reads a segment at "
                              "a time through the whole model; set parallel.pp=1")
@@ -179,6 +181,8 @@ class RunConfig(_Section):
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
                 "raise model.max_seq_len or shorten data.seq_len"
             )
+        if m.arch == "bert" and self.data.masked_lm is None:  # BERT trains by masked LM, with its defaults
+            self.data.masked_lm = MaskedLMConfig()
         ep, moe = self.parallel.ep, m.moe
         if ep > 1 and moe is None:
             raise ValueError(f"parallel.ep={ep} shards experts, but the model has none; add a model.moe section or set parallel.ep=1")
@@ -229,9 +233,10 @@ class RunConfig(_Section):
                 raise ValueError("parallel.pipeline_layers splits layers over pipeline stages, but parallel.pp=1; "
                                  "remove it or set parallel.pp")
             return
-        if m.arch == "t5":
-            raise ValueError(f"parallel.pp={p.pp}: pipelines are built for decoders (model.arch=gpt); split a T5 "
-                             "with parallel.tp and parallel.zero_stage=3 instead, and set parallel.pp=1")
+        if m.arch != "gpt":
+            raise ValueError(f"parallel.pp={p.pp}: pipelines are built for decoders (model.arch=gpt); split a "
+                             f"model.arch={m.arch} with parallel.tp and parallel.zero_stage=3 instead, and set "
+                             "parallel.pp=1")
         if p.zero_stage > 1:
             raise ValueError(f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: ZeRO-2/3 partition "
                              "gradients as each backward runs, which a pipeline runs once per micro-batch and "

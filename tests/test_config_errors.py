@@ -80,7 +80,7 @@ def test_bad_moe_layout_is_one_line_naming_the_field(capsys, config, args, expec
      "runs once per micro-batch and stage; use parallel.zero_stage=1"),
     (TINY, ["--nproc", "2", "parallel.pp=2", "parallel.zero_stage=3"], "parallel.zero_stage=3 with parallel.pp=2"),
     ("configs/t5-tiny.yaml", ["--nproc", "2", "parallel.pp=2"],
-     "parallel.pp=2: pipelines are built for decoders (model.arch=gpt); split a T5 with parallel.tp and "
+     "parallel.pp=2: pipelines are built for decoders (model.arch=gpt); split a model.arch=t5 with parallel.tp and "
      "parallel.zero_stage=3 instead, and set parallel.pp=1"),
     (TINY, ["--nproc", "2", "parallel.pp=2", "train.precision=fp16"],
      "train.precision=fp16 with parallel.pp=2: the loss scale is applied at the last stage only; use "
