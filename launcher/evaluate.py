@@ -50,10 +50,11 @@ class Evaluator:
             totals = torch.stack(runner.evaluate(micro_batches))  # summed loss, tokens
         engine.train()
         self.topo.sum_scored(totals)
-        loss_sum, tokens = totals.tolist()  # waits for the device, so the clock below includes its work
+        loss_sum, tokens, *right = totals.tolist()  # waits for the device, so the clock below includes its work
         loss = loss_sum / tokens
+        accuracy = {"eval_accuracy": right[0] / tokens} if right else {}  # BERT: masked tokens predicted
         return {"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": int(tokens),
-                "eval_seconds": time.perf_counter() - started}
+                **accuracy, "eval_seconds": time.perf_counter() - started}
 
 
 def evaluator_for_run(cfg: RunConfig, topo: Topology):
@@ -89,7 +90,8 @@ def evaluate_checkpoint(cfg: RunConfig, out: Path, on_segment=None) -> dict:
         for count in record.get("by_segments", []):
             print(f"parallax: {count['segments']:>6} segments: accuracy {count['accuracy']:.1%}  loss "
                   f"{count['loss']:.4f}  ({count['samples']} samples, {count['seconds']:.1f}s)", flush=True)
+        accuracy = f"accuracy {record['eval_accuracy']:.2%}  " if "eval_accuracy" in record else ""
         print(f"parallax: eval of {cfg.checkpoint.resume} (step {record['step']}, {topo.describe()}): "
-              f"loss {record['eval_loss']:.4f}  ppl {record['eval_ppl']:.2f}  {record['eval_tokens']:,} tokens  "
+              f"loss {record['eval_loss']:.4f}  ppl {record['eval_ppl']:.2f}  {accuracy}{record['eval_tokens']:,} tokens  "
               f"{record['eval_seconds']:.1f}s; written to {out}", flush=True)
     return result

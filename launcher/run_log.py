@@ -61,9 +61,11 @@ class RunLog:
         self.metrics.flush()
         share = "" if record["step"] == 0 else \
             f"; evaluation is {self.eval_seconds / (time.perf_counter() - self.started):.1%} of the run so far"
-        if "eval_accuracy" in record:  # data.fact_task: the answers, at eval_segments segments
+        if "eval_segments" in record:  # data.fact_task: the answers, at eval_segments segments
             figures = (f"accuracy {record['eval_accuracy']:.1%} at {record['eval_segments']} segments  ({record['eval_tokens']:,} "
                        "answers")
+        elif "eval_accuracy" in record:  # masked LM: the masked tokens
+            figures = f"ppl {record['eval_ppl']:.2f}  accuracy {record['eval_accuracy']:.1%}  ({record['eval_tokens']:,} masked tokens"
         else:
             figures = f"ppl {record['eval_ppl']:.2f}  ({record['eval_tokens']:,} tokens"
         print(f"{chr(10) if self.live else ''}eval after step {record['step']}: loss {record['eval_loss']:.4f}  "

@@ -31,7 +31,8 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.blocks import MLP, Attention, Norm, language_model_loss, parameter_counts, vocab_parallel_logits
+from models.blocks import (MLP, Attention, Norm, language_model_loss, parameter_counts, vocab_parallel_correct,
+                           vocab_parallel_logits)
 from models.config import ModelConfig
 from models.init import draw_normal, initialise, layer_config, parallel_layer
 from parallel.sequence_parallel import (gather_sequence, reduce_scatter_sequence, replicated_parameter,
@@ -145,16 +146,20 @@ class BERT(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean",
                 token_type_ids: torch.Tensor | None = None):
         """input_ids, labels, token_type_ids (default all 0): [b, s]. With labels, the mean loss over the labels
-        that are not IGNORE_INDEX (the masked positions), or with reduction="sum" (evaluation) their summed loss
-        and how many they are. Without labels, this TP rank's vocabulary slice of the logits, [s, b,
-        padded_vocab / tp]."""
+        that are not IGNORE_INDEX (the masked positions), or with reduction="sum" (evaluation) their summed loss,
+        how many they are and how many of them the model's argmax gets right. Without labels, this TP rank's
+        vocabulary slice of the logits, [s, b, padded_vocab / tp]."""
         x = self.embed(input_ids, token_type_ids)
         for block in self.blocks:
             x = checkpoint(block, x, use_reentrant=False) if self.activation_checkpointing else block(x)
         if self.final_norm is not None:
             x = self.final_norm(x)
         logits = self.head(x, self.embedding.weight)
-        return logits if labels is None else language_model_loss(logits, labels, reduction)
+        if labels is None:
+            return logits
+        if reduction == "sum":
+            return (*language_model_loss(logits, labels, reduction), vocab_parallel_correct(logits, labels))
+        return language_model_loss(logits, labels)
 
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
         """The first block's input, [s, b, h] (this rank's [s/tp, b, h] under sequence parallelism): word,

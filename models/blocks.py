@@ -67,6 +67,22 @@ def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: s
     return total / scored.sum().clamp(min=1)
 
 
+def vocab_parallel_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How many scored labels [b, s] are the argmax of vocabulary-parallel logits [s, b, vocab / tp] over the
+    whole (padded) vocabulary: a label is right when its logit is the largest, which two all-reduces of [s, b]
+    figures over TP tell, as they tell the loss, instead of gathering the logits."""
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    logits, labels = logits.detach().float(), labels.transpose(0, 1)
+    per_rank = logits.shape[-1]
+    largest = logits.max(dim=-1).values
+    torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX, group=tp_group)
+    local = labels - parallel_state.get_tensor_model_parallel_rank() * per_rank
+    held = (local >= 0) & (local < per_rank)
+    label_logit = logits.gather(-1, local.clamp(0, per_rank - 1).unsqueeze(-1)).squeeze(-1) * held
+    torch.distributed.all_reduce(label_logit, group=tp_group)
+    return ((label_logit >= largest) & (labels != IGNORE_INDEX)).sum()
+
+
 def moe_metrics(feed_forwards: dict[int, nn.Module]) -> list[dict]:
     """Per MoE layer, numbered by its block's index in the model (`feed_forwards` maps it to the block's
     feed-forward), from the last forward: tokens routed to each expert, the dropped fraction and the

@@ -70,3 +70,37 @@ def test_a_config_with_no_exact_twin_is_refused_naming_the_field():
 
     with pytest.raises(HuggingFaceError, match="model.type_vocab_size=0"):
         twin_for(encoder_config("post", 0, 0))
+
+
+EVAL_LAYOUTS = {"tp2-sp": ["--nproc", "2", "parallel.tp=2", "parallel.sequence_parallel=true"],
+                "dp2-zero3": ["--nproc", "2", "parallel.zero_stage=3", "train.micro_batch_size=4"]}  # the same global batch
+
+
+def test_masked_lm_evaluation_gives_the_same_loss_and_accuracy_at_every_layout(tmp_path):
+    """Issue 27 point 4: the evaluation mask is fixed per held-out window, so one checkpoint's masked-LM loss and
+    masked-token accuracy are the same at TP=2 with sequence parallelism and at DP=2 under ZeRO-3 as on one
+    process (1e-5), and the run's log shows the accuracy."""
+    import json
+
+    from launcher.cli import main
+
+    run = tmp_path / "run"
+    main(["train", "configs/bert-tiny.yaml", "train.steps=30", "train.eval_interval=30", "train.eval_batches=2",
+          f"logging.run_dir={run}"])
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [record for record in logged if "eval_loss" in record]
+    assert [r["step"] for r in evaluations] == [0, 30]
+    assert 0 < evaluations[-1]["eval_accuracy"] < 1
+    assert evaluations[-1]["eval_accuracy"] > evaluations[0]["eval_accuracy"], "30 steps must learn something"
+
+    results = {}
+    for name, extra in {"one": [], **EVAL_LAYOUTS}.items():
+        out = tmp_path / f"{name}.json"
+        main(["eval", str(run), "--out", str(out), *extra])
+        results[name] = json.loads(out.read_text())
+    one = results.pop("one")
+    assert one["eval_tokens"] > 100
+    for name, result in results.items():
+        assert result["eval_tokens"] == one["eval_tokens"], name
+        assert result["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-5), name
+        assert result["eval_accuracy"] == pytest.approx(one["eval_accuracy"], abs=1e-5), name

@@ -19,8 +19,9 @@ class StepRunner(Protocol):
         """Forward and backward every micro-batch (the model's keyword arguments, on the device) and take
         the optimizer step; returns the summed loss of the micro-batches this rank scored (0 if none)."""
 
-    def evaluate(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The summed loss and number of tokens scored of the micro-batches this rank scored (0, 0 if none)."""
+    def evaluate(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+        """The summed loss and number of tokens scored of the micro-batches this rank scored (0, 0 if none),
+        then any figure the model counts beside them (BERT: masked tokens it got right)."""
 
 
 class WholeModel:
@@ -39,12 +40,11 @@ class WholeModel:
             loss_sum += loss.detach().float()
         return loss_sum
 
-    def evaluate(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for inputs in micro_batches:
-            loss_sum, tokens = self.engine(**inputs, reduction="sum")
-            totals += torch.stack([loss_sum.double(), tokens.double()])
-        return totals[0], totals[1]
+    def evaluate(self, micro_batches: list[dict]) -> tuple[torch.Tensor, ...]:
+        # the summed loss, the tokens scored, and any figure the model counts beside them (an encoder's right answers)
+        figures = [torch.stack([figure.double() for figure in self.engine(**inputs, reduction="sum")])
+                   for inputs in micro_batches]
+        return tuple(torch.stack(figures).sum(0) if figures else torch.zeros(2, dtype=torch.float64, device=self.device))
 
 
 def stage_chunks(cfg: RunConfig, pp_rank: int) -> list[range]:
