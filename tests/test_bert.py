@@ -104,3 +104,9 @@ def test_masked_lm_evaluation_gives_the_same_loss_and_accuracy_at_every_layout(t
         assert result["eval_tokens"] == one["eval_tokens"], name
         assert result["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-5), name
         assert result["eval_accuracy"] == pytest.approx(one["eval_accuracy"], abs=1e-5), name
+
+
+def test_masked_token_accuracy_takes_the_argmax_over_the_whole_vocabulary_at_tp2(scenario_results):
+    """A label that is the largest logit on its own rank's half of the vocabulary, but not overall, is wrong."""
+    result = scenario_results("masked_accuracy_tp2")
+    assert result["correct_by_rank"] == [result["expected"]] * 2
