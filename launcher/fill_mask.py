@@ -54,7 +54,7 @@ def render(results: list[list[dict]]) -> str:
     for i, fillers in enumerate(results):
         if len(results) > 1:
             lines.append(f"mask {i + 1}:")
-        lines += [f"{f['score']:.4f}\t{f['token_str']}\t{f['sequence']}" for f in fillers]
+        lines += [f"{f['score']:.4g}\t{f['token_str']}\t{f['sequence']}" for f in fillers]
     return "\n".join(lines)
 
 
