@@ -21,6 +21,7 @@ class SpecialTokens(NamedTuple):
 
     eod: str = EOD  # between documents
     pad: str = PAD  # a finite run's last batch; T5's decoder start
+    mask: str = MASK  # what masked language modelling puts in place of a chosen token (data.masked_lm.mask_token)
 
 
 def default_cache_dir() -> Path:
@@ -151,7 +152,8 @@ class DataConfig(BaseModel):
 
     @property
     def special_tokens(self) -> SpecialTokens:
-        return SpecialTokens(self.eod_token, self.pad_token)
+        mask = self.masked_lm.mask_token if self.masked_lm is not None else MASK
+        return SpecialTokens(self.eod_token, self.pad_token, mask)
 
     @model_validator(mode="after")
     def _one_objective(self) -> "DataConfig":

@@ -121,7 +121,8 @@ def _consolidate(args) -> None:
 
 
 def _export(args) -> None:
-    """`parallax export`: a checkpoint as the Hugging Face model it is exactly (GPT-2, Llama, T5), or one line why not."""
+    """`parallax export`: a checkpoint as the Hugging Face model it is exactly (GPT-2, Llama, T5, BERT, RoBERTa,
+    Megatron-BERT), or one line why not."""
     from launcher.config import ConfigError
 
     if args.dtype not in ("fp32", "bf16"):
@@ -170,6 +171,23 @@ def _add_generate_command(commands) -> None:
                           help="the sampling's seed: the same seed, the same text (default %(default)s)")
     generate.add_argument("--step", type=non_negative_int, default=None, help="that step's checkpoint of the run")
     generate.set_defaults(run=_generate)
+
+
+def _fill_mask(args) -> None:
+    from launcher.fill_mask import run
+
+    print(run(Path(args.path), args.step, args.text, args.top_k))
+
+
+def _add_fill_mask_command(commands) -> None:
+    fill = commands.add_parser("fill-mask", help="an encoder's most likely fillers for each <mask> of a text, "
+                               "from a checkpoint or a Hugging Face model directory")
+    fill.add_argument("path", metavar="RUN|CHECKPOINT|HF_DIR", help="a run directory (its newest checkpoint), its "
+                      "checkpoints directory, one checkpoint, or a Hugging Face model directory")
+    fill.add_argument("--text", required=True, help="the text, with <mask> where a token is missing")
+    fill.add_argument("--top-k", type=int, default=5, metavar="K", help="fillers per mask (default %(default)s)")
+    fill.add_argument("--step", type=non_negative_int, default=None, help="that step's checkpoint of the run")
+    fill.set_defaults(run=_fill_mask)
 
 
 def _add_data_commands(commands) -> None:
@@ -254,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="default: the newest complete checkpoint")
     consolidate.add_argument("--out", default=None, help="default: RUN/consolidated-step-NNNNNNNN.pt")
     consolidate.set_defaults(run=_consolidate)
-    export = commands.add_parser("export", help="write a checkpoint as a Hugging Face model directory (GPT-2, Llama, T5)")
+    export = commands.add_parser("export", help="write a checkpoint as a Hugging Face model directory (GPT-2, Llama, T5, BERT, "
+                                    "RoBERTa, Megatron-BERT)")
     export.add_argument("path", metavar="RUN|CHECKPOINT", help="a run directory (its newest checkpoint), its "
                         "checkpoints directory, or one checkpoint")
     export.add_argument("--out", required=True, help="the directory to write (config.json, model.safetensors, tokenizer)")
@@ -262,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", default="fp32", metavar="fp32|bf16", help="weights' type (default %(default)s)")
     export.set_defaults(run=_export)
     _add_generate_command(commands)
+    _add_fill_mask_command(commands)
     _add_data_commands(commands)
     add_plan_command(commands)
     add_submit_command(commands)

@@ -408,15 +408,22 @@ def _take_model_from(directory: Path, raw: dict) -> None:
             raise ConfigError(f"model.init_from: {directory} has no tokenizer.json; set data.tokenizer to the "
                               "tokenizer the model was trained with")
         data["tokenizer"] = str(directory / "tokenizer.json")
-        for field, token in _special_tokens_of(directory).items():
+        special = _special_tokens_of(directory)
+        mask = special.pop("mask_token", None)
+        for field, token in special.items():
             data.setdefault(field, token)
+        # An encoder masks with its tokenizer's own mask token (BERT's [MASK]), unless the run names one.
+        masked_lm = data.get("masked_lm")
+        if theirs.arch == "bert" and mask is not None and (masked_lm is None or isinstance(masked_lm, dict)):
+            data["masked_lm"] = {"mask_token": mask, **(masked_lm or {})}
 
 
 def _special_tokens_of(directory: Path) -> dict[str, str]:
     """The data.eod_token and data.pad_token of the directory's tokenizer, as its tokenizer_config.json names
-    them: a Hugging Face tokenizer ends documents with its eos (Llama's `</s>`), and one with no pad token
-    (Llama) pads with that too. {} without the file or an eos_token: the run's names then apply, and
-    load_tokenizer names the field to set if the tokenizer lacks them."""
+    them: a Hugging Face tokenizer ends documents with its eos (Llama's `</s>`), or without one with its sep
+    (BERT's `[SEP]`, which separates its segments), and one with no pad token (Llama) pads with that too; and
+    its mask_token, if it names one (masked language modelling's). {} without the file or an eos or sep
+    token: the run's names then apply, and load_tokenizer names the field to set if the tokenizer lacks them."""
     path = directory / "tokenizer_config.json"
     if not path.is_file():
         return {}
@@ -428,8 +435,10 @@ def _special_tokens_of(directory: Path) -> dict[str, str]:
         raise ConfigError(f"model.init_from: {path}: not a JSON object of tokenizer settings")
     # transformers writes a special token as its text, or as an AddedToken {"content": ...} (older versions)
     content = lambda token: token.get("content") if isinstance(token, dict) else token  # noqa: E731
-    eos, pad = content(names.get("eos_token")), content(names.get("pad_token"))
-    return {"eod_token": eos, "pad_token": pad or eos} if eos else {}
+    eos = content(names.get("eos_token")) or content(names.get("sep_token"))
+    pad, mask = content(names.get("pad_token")), content(names.get("mask_token"))
+    found = {"eod_token": eos, "pad_token": pad or eos} if eos else {}
+    return found | ({"mask_token": mask} if mask else {})
 
 
 def _same_value(name: str, value: Any, theirs: Any) -> bool:
@@ -445,6 +454,7 @@ def _check_tokenizer_fits(cfg: RunConfig) -> None:
     also start and end its decoder's sequences where span corruption does (from <pad>, ending with the
     end-of-document token), or the run would teach it other start and end tokens than it has learned."""
     from data_pipeline import EOD, PAD, load_tokenizer
+    from data_pipeline.config import MaskedLMConfig
     from models.huggingface import read_config
 
     tokenizer = load_tokenizer(cfg.data)
@@ -454,6 +464,12 @@ def _check_tokenizer_fits(cfg: RunConfig) -> None:
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} has {tokens} tokens but {config_json} has vocab_size "
                           f"{cfg.model.vocab_size}: the model has no row for its last ids; use the directory's "
                           "tokenizer (remove data.tokenizer)")
+    if cfg.model.arch == "bert":
+        mask = (cfg.data.masked_lm or MaskedLMConfig()).mask_token
+        if tokenizer.token_to_id(mask) is None:
+            raise ConfigError(f"model.init_from: data.tokenizer={cfg.data.tokenizer} has no mask token {mask} "
+                              "(data.masked_lm.mask_token); remove data.masked_lm.mask_token to take the "
+                              "directory's tokenizer's, or name a token it has")
     if cfg.model.arch != "t5":
         return
     hf_config = read_config(cfg.model.init_from)[1]

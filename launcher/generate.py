@@ -58,11 +58,25 @@ class Sampling:
                     top_k=self.top_k, top_p=self.top_p)
 
 
+def check_task(arch: str, path: Path, task: str) -> None:
+    """`generate` continues text, which an encoder (model.arch bert) cannot; `fill-mask` fills masks, which only
+    an encoder is trained to: one line pointing to the command that fits the model."""
+    from launcher.config import ConfigError
+
+    if task == "generate" and arch == "bert":
+        raise ConfigError(f"{path} is an encoder (BERT, masked language modelling): it fills masks rather than "
+                          f"continuing text; use `parallax fill-mask {path} --text \"... <mask> ...\"`")
+    if task == "fill-mask" and arch != "bert":
+        raise ConfigError(f"{path} is a model.arch {arch} model, which continues text rather than filling masks; "
+                          f"use `parallax generate {path} --prompt ...`, or fill masks with an encoder (model.arch bert)")
+
+
 @contextmanager
-def load(path: Path, step: Optional[int]) -> Iterator[tuple[Model, PreTrainedTokenizerBase]]:
+def load(path: Path, step: Optional[int], task: str = "generate") -> Iterator[tuple[Model, PreTrainedTokenizerBase]]:
     """The model (eval mode, on the GPU if there is one) and tokenizer of a Hugging Face directory or of a
-    Parallax run or checkpoint, told apart by config.json; or one line naming what `path` lacks. A memory
-    model lives only while the block runs (launcher/memory_generate.loaded)."""
+    Parallax run or checkpoint, told apart by config.json; or one line naming what `path` lacks, or that the
+    model is not one `task` (generate, fill-mask) fits, before its weights load. A memory model lives only
+    while the block runs (launcher/memory_generate.loaded)."""
     import torch
     import transformers
 
@@ -76,10 +90,10 @@ def load(path: Path, step: Optional[int]) -> Iterator[tuple[Model, PreTrainedTok
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if (path / "config.json").is_file():
-        model, tokenizer = _load_hf_directory(path, step)
+        model, tokenizer = _load_hf_directory(path, step, task)
         yield model.to(device), tokenizer
     elif (path / MANIFEST).is_file() or (path / "checkpoints").is_dir() or checkpoints_newest_first(path):
-        with _load_checkpoint(path, step, device) as loaded:
+        with _load_checkpoint(path, step, device, task) as loaded:
             yield loaded
     else:
         raise CheckpointError(f"{path}: neither a Parallax run or checkpoint (no checkpoints/, step-*/ or "
@@ -87,27 +101,28 @@ def load(path: Path, step: Optional[int]) -> Iterator[tuple[Model, PreTrainedTok
 
 
 @contextmanager
-def _load_checkpoint(path: Path, step: Optional[int], device):
+def _load_checkpoint(path: Path, step: Optional[int], device, task: str):
     from launcher import memory_generate
     from launcher.twin_checkpoint import check_twin, read_checkpoint
     from models.huggingface import to_hf_model
     from models.huggingface.tokenizer import hf_tokenizer
     from parallel.checkpoint import read_weights
 
-    checkpoint = read_checkpoint(path, step, "generate from")
+    checkpoint = read_checkpoint(path, step, "generate from" if task == "generate" else task)
+    check_task(checkpoint.cfg.model.arch, path, task)
     special = checkpoint.cfg.data.special_tokens
     tokenizer = hf_tokenizer(checkpoint.tokenizer, special)
     if checkpoint.cfg.model.memory is not None:
         with memory_generate.loaded(checkpoint, device) as model:
             yield model, tokenizer
         return
-    check_twin(checkpoint, "generate from")
+    check_twin(checkpoint, "generate from" if task == "generate" else task)
     model = to_hf_model(read_weights(checkpoint.path), checkpoint.cfg.model, checkpoint.vocab_size,
                         checkpoint.tokenizer, special=special)
     yield model.to(device), tokenizer
 
 
-def _load_hf_directory(path: Path, step: Optional[int]):
+def _load_hf_directory(path: Path, step: Optional[int], task: str):
     """Checked first (config.json, every weight file and its tensors' dtypes, the tokenizer), so a partial,
     quantized or rewritten directory costs one line rather than transformers' traceback or a silent cast."""
     import transformers
@@ -118,9 +133,10 @@ def _load_hf_directory(path: Path, step: Optional[int]):
     if step is not None:
         raise ConfigError(f"--step {step}: {path} is a Hugging Face model directory, which holds one model")
     twin, _ = read_config(path)
+    check_task(twin.ARCH, path, task)
     check_weights(path)
     if not (path / "tokenizer.json").is_file():
-        raise HuggingFaceError(f"{path / 'tokenizer.json'}: not found; generate needs the model's tokenizer "
+        raise HuggingFaceError(f"{path / 'tokenizer.json'}: not found; {task} needs the model's tokenizer "
                                "(`parallax export` writes it)")
     model = getattr(transformers, twin.AUTO_CLASS).from_pretrained(str(path))
     return model.eval(), transformers.AutoTokenizer.from_pretrained(str(path))

@@ -165,7 +165,7 @@ def test_a_directory_saved_in_bf16_is_taken_exactly(gpt2_dir, tmp_path):
     (lambda d, t: t / "nowhere", [], "model.init_from: {dir}: no such directory"),
     (lambda d, t: _without(d, t, "config.json"), [], "model.init_from: {dir}/config.json: not found"),
     (lambda d, t: _without(d, t, "model.safetensors"), [], "model.init_from: {dir}: no model.safetensors"),
-    (lambda d, t: _config_json(d, t, model_type="bert"), [], "model_type 'bert' has no Parallax twin; Parallax holds gpt2"),
+    (lambda d, t: _config_json(d, t, model_type="albert"), [], "model_type 'albert' has no Parallax twin; Parallax holds gpt2"),
     (lambda d, t: _config_json(d, t, activation_function="relu"), [],
      "config.json: activation_function='relu'; Parallax's GPT-2 has 'gelu_new'"),
     (lambda d, t: _config_json(d, t, n_head=3), [],

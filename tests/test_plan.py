@@ -3,7 +3,8 @@ reproduces published facts (GPT-3, T-NLG, T5 and Llama sizes, T-NLG's V100 layou
 memory). Issue 16: the same for the GPT's Llama-style options (GQA, SwiGLU, no biases, untied).
 Issue 25 point 7: pipelines (what a stage holds and keeps in flight, the bubble, point-to-point
 traffic, PP in the search) and the published 3D layouts of GPT-3 175B and MT-NLG 530B. Issue 26 point 6:
-recurrent memory's FLOPs and activations, against the formula and a real model's."""
+recurrent memory's FLOPs and activations, against the formula and a real model's. Issue 27 point 6: BERT,
+RoBERTa and Megatron-BERT counted as transformers counts them, and their FLOPs and activations."""
 import re
 from pathlib import Path
 
@@ -68,6 +69,83 @@ def test_meta_t5_build_matches_the_closed_form(tp, variant):
     assert built.total == closed_form_count(m, 1000, 1, 1).per_rank
 
 
+BERT_SMALL = ("model.arch=bert", "model.num_layers=3", "model.hidden_size=128", "model.num_heads=8",
+              "model.ffn_hidden_size=320", "model.vocab_size=1000")
+
+
+@pytest.mark.parametrize("tp", [1, 2, 8])
+@pytest.mark.parametrize("variant", [(), ("model.norm_placement=pre", "model.type_vocab_size=0"),
+                                     ("model.position_offset=2", "model.type_vocab_size=1", "model.linear_bias=false")],
+                         ids=["bert", "megatron-bert", "roberta-unbiased"])
+def test_meta_bert_build_matches_the_closed_form(tp, variant):
+    m = load_config(None, [*BERT_SMALL, *variant]).model
+    built = built_count(m, 1000, tp)
+    assert built == closed_form_count(m, 1000, tp)
+    assert built.total == closed_form_count(m, 1000, 1).per_rank
+
+
+def _transformers_masked_lm_parameters(name: str) -> int:
+    """transformers' own count of the Hub model's masked-LM class, built on the meta device from the published
+    config.json's shapes (bert-base-uncased, bert-large-uncased, roberta-base, roberta-large); the decoder is
+    tied to the word embedding and its bias is the head's, each counted once."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
+
+    large = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+    size = large if name.endswith("large") else {}
+    with torch.device("meta"):
+        if name.startswith("bert"):
+            model = BertForMaskedLM(BertConfig(vocab_size=30522, max_position_embeddings=512, type_vocab_size=2,
+                                               layer_norm_eps=1e-12, **size))
+        else:
+            model = RobertaForMaskedLM(RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
+                                                     layer_norm_eps=1e-5, pad_token_id=1, **size))
+    assert model.config.tie_word_embeddings
+    return model.num_parameters()
+
+
+@pytest.mark.parametrize("name", ["bert-base", "bert-large", "roberta-base", "roberta-large"])
+def test_bert_and_roberta_plans_count_what_transformers_counts(name):
+    """The count `parallax plan` prints (the meta build, checked against the closed form) is transformers'
+    total exactly, once the vocabulary padding is taken off: model.vocab_multiple pads the word embedding and
+    the head's output bias to 30592 (50304) rows, which the export trims back to model.vocab_size."""
+    cfg = load_config(f"configs/{name}.yaml")
+    m = cfg.model
+    count = checked_count(m, m.vocab_size, cfg.parallel.tp)
+    padding = (m.padded_vocab_size(m.vocab_size) - m.vocab_size) * (m.hidden_size + 1)  # embedding rows, bias
+    assert count.total - padding == _transformers_masked_lm_parameters(name)
+    unpadded = load_config(f"configs/{name}.yaml", ["model.vocab_multiple=1"]).model
+    assert closed_form_count(unpadded, m.vocab_size, 1).total == _transformers_masked_lm_parameters(name)
+
+
+@pytest.mark.parametrize("name", ["bert-large", "megatron-bert-3.9b"])
+def test_bert_flops_are_six_per_parameter_per_token_plus_attention(name):
+    """6N per token over the parameters that multiply (all but the position and token-type tables, whose
+    lookups cost nothing; the tied word embedding is the output layer's matmul), plus the bidirectional
+    scores, full s x s: the masked-LM head runs at every position, its transform included."""
+    cfg = load_config(f"configs/{name}.yaml")
+    p = closed_form_plan(cfg, Cluster.of(4, 8, "a100"))
+    m, s = cfg.model, cfg.data.seq_len
+    multiplied = p.count.total - (m.first_position + m.max_seq_len + m.token_types) * m.hidden_size
+    attention = 12 * m.num_layers * s * m.hidden_size
+    assert p.step.model_flops / p.step.tokens == pytest.approx(6 * multiplied + attention, rel=0.002)
+
+
+@pytest.mark.parametrize("placement", ["post", "pre"])
+def test_bert_activations_are_korthikantis_blocks_and_the_masked_lm_heads_tensors(placement):
+    """Korthikanti's 34sbh + 5as^2b per block (the bidirectional scores are the same s x s), then the ends: the
+    embedding's output, post-LN's embedding norm input (pre-LN's final norm input instead), the head
+    transform's dense, GeLU and norm inputs, the output layer's input and fp32 logits (a GPT keeps 2 of these
+    6 [s, b, h] tensors). 16-bit, so 2 bytes
+    per unit of Korthikanti's count / 2."""
+    cfg = load_config("configs/bert-base.yaml", ["parallel.tp=1", "train.micro_batch_size=2",
+                                                 f"model.norm_placement={placement}"])
+    s, b, h, a, L, v = 512, 2, 768, 12, 12, 30592
+    blocks = L * (34 * s * b * h + 5 * a * s * s * b)
+    ends = 2 * s * b * h * (1 + 1 + 3 + 1) + 4 * s * b * v
+    assert activation_bytes(cfg, 30522) == blocks + ends
+
+
 def test_t5_flops_are_six_per_parameter_per_token_plus_attention():
     """Per input token, 6N counted over the parameters each token meets: the encoder's at s_in
     tokens, the decoder's and the output layer's at s_out, plus the attention scores."""
@@ -96,6 +174,7 @@ PUBLISHED_SIZES = [
     ("t5-base", 223e6, 0.005), ("t5-large", 738e6, 0.005), ("t5-11b", 11.3e9, 0.005),
     ("llama2-7b", 6_738_415_616, 0), ("llama2-13b", 13_015_864_320, 0), ("llama2-70b", 68_976_648_192, 0),
     ("llama3-8b", 8_030_261_248, 0), ("llama3-70b", 70_553_706_496, 0),
+    ("megatron-bert-3.9b", 3.9e9, 0.01),  # Shoeybi et al. 2019, table 4, rounded
 ]
 
 

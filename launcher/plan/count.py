@@ -1,6 +1,6 @@
 """How many parameters one rank holds: the model built on the meta device, and the closed form.
 
-The meta build is the real model (`models.gpt.GPT` or `models.t5.T5`) for rank 0 of the layout's tensor-parallel group, so it
+The meta build is the real model (`models.gpt.GPT`, `models.t5.T5` or `models.bert.BERT`) for rank 0 of the layout's tensor-parallel group, so it
 counts exactly what a training rank allocates, without allocating it. Megatron's layers ask
 `parallel_state` for the TP group, so the build runs inside a world of fake ranks (torch's "fake"
 backend: groups of any size in one process, no communication). Only the model-parallel ranks are
@@ -48,6 +48,10 @@ def closed_form_count(m: ModelConfig, vocab_size: int, tp: int, ep: int = 1,
         if rank is not None:
             raise ValueError("a T5 has no pipeline stages; count it without a pipeline rank")
         return _t5_closed_form_count(m, vocab_size, tp, ep)
+    if m.arch == "bert":
+        if rank is not None:
+            raise ValueError("a BERT has no pipeline stages; count it without a pipeline rank")
+        return _bert_closed_form_count(m, vocab_size, tp)
     return _gpt_closed_form_count(m, vocab_size, tp, ep, rank)
 
 
@@ -107,6 +111,30 @@ def _gpt_closed_form_count(m: ModelConfig, vocab_size: int, tp: int, ep: int,
         per_layer_per_rank=max((n for n, _ in blocks), default=0),
         experts_per_rank=sum(x for _, x in blocks),
         active=dense_total + moe_layers * k * expert if moe_layers else None,
+    )
+
+
+def _bert_closed_form_count(m: ModelConfig, vocab_size: int, tp: int) -> ParameterCount:
+    """Parameters of models.bert.BERT: GPT's blocks (the same attention and MLP, two norms each, wherever
+    they sit), and around them what a decoder lacks. The word embedding is vocabulary-parallel and the
+    masked-LM head scores against it (tied, counted once); the head adds its own output bias, one per padded
+    vocabulary entry and vocabulary-parallel as well. Replicated on every TP rank: the position table,
+    position_offset + max_seq_len rows (RoBERTa's 514), a row per token type, one norm on the embeddings
+    (post-LN) or after the last block (pre-LN), and the head's transform, a dense h x h layer with its bias
+    (whatever linear_bias says) and a norm. This is BertForMaskedLM / RobertaForMaskedLM /
+    MegatronBertForMaskedLM's count, padding rows aside."""
+    h, f, L = m.hidden_size, m.ffn_size, m.num_layers
+    norm = 2 * h if m.norm == "layernorm" else h
+    biased = m.biased
+    split = (h * 3 * h + (3 * h if biased else 0)) + h * h + (h * f + (f if biased else 0)) + f * h
+    replicated = 2 * (h if biased else 0) + 2 * norm  # proj's and fc_out's biases, two norms
+    padded = m.padded_vocab_size(vocab_size)
+    vocab_parallel = padded * h + padded  # the word embedding, the head's output bias
+    ends = (m.first_position + m.max_seq_len) * h + m.token_types * h + norm + (h * h + h) + norm
+    return ParameterCount(
+        per_rank=L * (split // tp + replicated) + vocab_parallel // tp + ends,
+        total=L * (split + replicated) + vocab_parallel + ends,
+        per_layer_per_rank=split // tp + replicated,
     )
 
 

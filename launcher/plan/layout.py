@@ -207,8 +207,8 @@ def _tp_sizes(cluster: Cluster) -> list[int]:
 
 def _pp_sizes(cfg: RunConfig, ranks: int) -> list[int]:
     """Pipeline sizes that divide the `ranks` left beside TP and give every stage a layer; 1 for a model
-    no pipeline can split (T5) or a precision it cannot train (fp16): the schema would refuse the rest."""
-    if cfg.model.arch == "t5" or cfg.train.precision == "fp16":
+    no pipeline can split (T5, BERT) or a precision it cannot train (fp16): the schema would refuse the rest."""
+    if cfg.model.arch != "gpt" or cfg.train.precision == "fp16":
         return [1]
     return [pp for pp in range(1, min(ranks, cfg.model.num_layers) + 1) if ranks % pp == 0]
 

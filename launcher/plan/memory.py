@@ -137,7 +137,21 @@ def activation_bytes(cfg: RunConfig, vocab_size: int, rank: PipelineRank | None 
     # write memory too (2 M b h a segment, whole on every TP rank).
     head = ((2 * w.positions * b * h / t * in_flight if first else 0)
             + (2 * w.scored * b * h / t + 4 * w.scored * b * v / t + 2 * w.memory_written * b * h if last else 0))
+    if m.arch == "bert":
+        head += _bert_head_extra(cfg)
     return (kept + head) * BYTES[cfg.train.precision] / 2
+
+
+def _bert_head_extra(cfg: RunConfig) -> float:
+    """What a BERT keeps beside the blocks more than a GPT's ends, in the same 16-bit units. GPT's count keeps
+    the output layer's input (2sbh) on the last stage; a BERT's masked-LM head also keeps its transform's
+    dense input, GeLU input and norm input (3 x 2sbh), and one more norm's input (2sbh): the embeddings'
+    (post-LN) or the final norm's after the last block (pre-LN). These norms and the dense layer are
+    replicated over TP, so their tensors are whole on every rank unless sequence parallelism splits them.
+    The attention is bidirectional, which keeps nothing a causal mask would not: the same 5as^2b scores."""
+    m, p = cfg.model, cfg.parallel
+    s, b, h = cfg.data.seq_len, cfg.train.micro_batch_size, m.hidden_size
+    return 4 * 2 * s * b * h / (p.tp if p.sequence_parallel else 1)
 
 
 def _t5_activation_bytes(cfg: RunConfig, vocab_size: int) -> float:

@@ -77,12 +77,17 @@ def forward_flops_per_sequence(cfg: RunConfig, vocab_size: int, *, padded: bool 
     """(all blocks, output layer) forward FLOPs for one sequence. An MoE layer's MLP is its router
     plus top_k experts per token, or with `padded`, top_k x capacity factor: what the GPUs compute.
     With recurrent memory the blocks run every segment with its memory tokens (launcher/plan/window.py),
-    the output layer only the scored tokens."""
+    the output layer only the scored tokens. A BERT's blocks cost a GPT's (its bidirectional scores are the
+    full s x s that Megatron counts for causal ones too); its output layer is the masked-LM head, run at every
+    position although only the masked ones are scored: the transform's dense h x h, then the vocabulary."""
     m = cfg.model
     if m.arch == "t5":
         return _t5_forward_flops(cfg, vocab_size, padded)
     blocks = sum(layer_forward_flops(cfg, range(m.num_layers), padded))
-    return blocks, 2 * window(cfg).scored * m.hidden_size * m.padded_vocab_size(vocab_size)
+    output = 2 * window(cfg).scored * m.hidden_size * m.padded_vocab_size(vocab_size)
+    if m.arch == "bert":  # the masked-LM head's transform (dense h x h) before the output layer, at every position
+        output += 2 * window(cfg).scored * m.hidden_size * m.hidden_size
+    return blocks, output
 
 
 def layer_forward_flops(cfg: RunConfig, layers: Sequence[int], padded: bool = False) -> list[float]:

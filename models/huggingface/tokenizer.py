@@ -6,8 +6,9 @@ from data_pipeline.config import SpecialTokens
 
 def hf_tokenizer(tokenizer, special: SpecialTokens = SpecialTokens()):
     """Parallax's tokenizers.Tokenizer as a PreTrainedTokenizerFast, with the run's end-of-document token
-    (`special.eod`) as eos (and bos, as GPT-2's), its padding token as pad, and the T5 sentinels it has as
-    additional special tokens. Nothing is added around encoded text."""
+    (`special.eod`) as eos (and bos, as GPT-2's), its padding token as pad, its mask token (`special.mask`,
+    data.masked_lm.mask_token) as mask, which transformers' fill-mask pipeline looks for, and the T5
+    sentinels it has as additional special tokens. Nothing is added around encoded text."""
     from transformers import PreTrainedTokenizerFast
 
     from data_pipeline.tokenizer import SPECIAL_TOKENS
@@ -16,7 +17,9 @@ def hf_tokenizer(tokenizer, special: SpecialTokens = SpecialTokens()):
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token=present(special.eod), bos_token=present(special.eod), pad_token=present(special.pad),
-        additional_special_tokens=[t for t in SPECIAL_TOKENS[2:] if present(t)],  # the sentinels
+        mask_token=present(special.mask),
+        # the T5 sentinels, and the built-in mask token where the run masks with another
+        additional_special_tokens=[t for t in SPECIAL_TOKENS[2:] if present(t) and t != special.mask],
         clean_up_tokenization_spaces=False, model_max_length=None,
     )
 
