@@ -37,6 +37,7 @@ from models.config import ModelConfig
 from models.init import draw_normal, initialise, layer_config, parallel_layer
 from parallel.sequence_parallel import (gather_sequence, reduce_scatter_sequence, replicated_parameter,
                                        vocab_parallel_embedding_partial)
+from parallel.zero3 import held_values
 
 
 class Block(nn.Module):
@@ -72,7 +73,7 @@ class MaskedLMHead(nn.Module):
         self.sequence_parallel = sequence_parallel
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
         draw_normal(self.dense.weight, cfg.init_std)
-        self.dense.bias.data.zero_()
+        held_values(self.dense.bias)[2].zero_()  # ZeRO-3 has partitioned it already: .data is empty then
         self.norm = Norm(cfg, sequence_parallel)
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.bias = nn.Parameter(torch.zeros(padded_vocab_size // tp))

@@ -88,24 +88,26 @@ def straight_and_resumed(name: str, *layout_overrides: str) -> dict:
     return {"straight": straight, "resumed": resumed}
 
 
-def reload(source: str, *layout_overrides: str):
-    """Load `source`'s step-10 checkpoint at this layout: the engine, the topology and what resume returned."""
-    from models.gpt import GPT
+def reload(source: str, *layout_overrides: str, config=tiny_config, step: int = SAVED_AT):
+    """Load `source`'s step-`step` checkpoint at this layout: the engine, the topology and what resume returned.
+    `config` builds the run's config from overrides (the tiny GPT's, or another model's: scenarios_bert.py)."""
+    from models import build_model
     from parallel.checkpoint import Checkpointer
     from parallel.engine import build_engine
     from parallel.topology import init_topology
 
-    cfg = tiny_config(f"train.steps={STEPS}", saved(source), *layout_overrides)
+    cfg = config(f"train.steps={STEPS}", f"checkpoint.resume={saved_path(source, step)}", *layout_overrides)
     topo = init_topology(tp=cfg.parallel.tp, ep=cfg.parallel.ep)
-    model = GPT(cfg.model, VOCAB, expert_parallel_size=cfg.parallel.ep)  # its initial weights are overwritten by the load
+    # its initial weights are overwritten by the load
+    model = build_model(cfg.model, VOCAB, expert_parallel_size=cfg.parallel.ep)
     engine = build_engine(model, cfg, topo)
     resumed = Checkpointer(cfg, topo, engine, ResumableBatches(cfg, topo)).resume()
     return engine, topo, resumed
 
 
-def reloaded_tensors(source: str, *layout_overrides: str) -> dict:
+def reloaded_tensors(source: str, *layout_overrides: str, **reload_options) -> dict:
     """Load `source`'s step-10 checkpoint at this layout and gather every full tensor back to rank 0."""
-    engine, topo, _ = reload(source, *layout_overrides)
+    engine, topo, _ = reload(source, *layout_overrides, **reload_options)
     return {name: {key: full_tensor(engine, topo, param, key) for key in ("param", "exp_avg", "exp_avg_sq")}
             for name, param in engine.module.named_parameters()}
 
