@@ -50,8 +50,13 @@ def test_resumed_losses_are_bitwise_equal(scenario_results, name):
 def test_reshard_keeps_weights_and_moments_and_continues_the_curve(scenario_results, name, uninterrupted):
     """The reload at the new layout holds exactly the saved tensors, and steps 11-20 from it follow the
     uninterrupted run of the saving layout (the global batches are the same; only summation order differs)."""
-    reference = scenario_results(uninterrupted)["straight"][SAVED_AT:]
-    result = scenario_results(name)
+    assert_reload_is_the_checkpoint(scenario_results(name), scenario_results(uninterrupted)["straight"][SAVED_AT:])
+
+
+def assert_reload_is_the_checkpoint(result: dict, reference: list[dict]) -> dict:
+    """A reshard scenario's reload holds bitwise the tensors its checkpoint's files hold, moments included, and
+    its curve from there follows `reference`, the uninterrupted run's records after the save; returns the saved
+    tensors."""
     saved = read_full_tensors(Path(result["checkpoint"]))
     reloaded = result["tensors"]
     assert reloaded.keys() == saved.keys() and len(saved) > 0
@@ -63,6 +68,7 @@ def test_reshard_keeps_weights_and_moments_and_continues_the_curve(scenario_resu
     assert [r["step"] for r in curve] == [r["step"] for r in reference]
     for ref, got in zip(reference, curve):
         assert abs(got["loss"] - ref["loss"]) <= LOSS_CURVE_TOL, f"step {ref['step']}: {got['loss']} vs {ref['loss']}"
+    return saved
 
 
 def test_the_data_pipeline_reads_every_document_once_across_a_dp_reshard(scenario_results):
