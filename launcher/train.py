@@ -25,6 +25,7 @@ from launcher.step_metrics import StepMetrics
 from launcher.stopping import StopRequested, StopVote
 from launcher.tensorboard_log import TensorBoardLog
 from models import build_model
+from models.blocks import IGNORE_INDEX
 from models.huggingface import import_directory
 from parallel.checkpoint import Checkpointer, Resumed, load_full_state
 from parallel.engine import build_engine, building_model, loss_scale
@@ -108,7 +109,7 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
         micro_batches = [{name: tensor.to(topo.device) for name, tensor in model.batch_inputs(
             curriculum.window(next(stream), step) if curriculum else next(stream)).items()}
             for _ in range(cfg.train.grad_accum)] if stream is not None else []
-        loss_sum = runner.train_step(micro_batches)
+        loss_sum = runner.train_step(micro_batches, **per_token_loss(micro_batches, topo, cfg))
         segments = curriculum.segments_at(step) if curriculum else None
         tokens = sequences_per_step * (segments * curriculum.segment_len if curriculum else cfg.data.seq_len)
         metrics.add(step, loss_sum, lr, engine.get_global_grad_norm(), loss_scale(engine), tokens, segments)
@@ -189,6 +190,20 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def per_token_loss(micro_batches: list[dict], topo: Topology, cfg: RunConfig) -> dict:
+    """Masked LM scores a different number of tokens in each micro-batch, so a mean of the micro-batches' means
+    (what the engine's averaging over DP ranks and micro-batches gives) would weigh a token by its micro-batch's
+    count, and depend on the layout. The step's loss is instead every scored token's loss over their count in
+    the whole step: each micro-batch's summed loss weighed by loss_weight, dp x micro-batches / that count, which
+    the engine's averaging brings back to 1 / count. Other objectives score the same number in every micro-batch
+    (their mean is already per token): {}."""
+    if cfg.data.masked_lm is None:
+        return {}
+    scored = sum((inputs["labels"] != IGNORE_INDEX).sum() for inputs in micro_batches).double()
+    topo.sum_scored(scored)
+    return {"loss_weight": len(micro_batches) * topo.dp / scored.clamp(min=1)}
 
 
 def _data_wait(loader) -> float:

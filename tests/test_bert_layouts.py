@@ -30,6 +30,7 @@ def test_tensor_parallel_logits_loss_and_gradients_match_one_process(scenario_re
     ("bert_tp2_sp_training", "bert_reference_training"),
     ("bert_pre_ln_tp2_sp_training", "bert_pre_ln_reference_training"),
     ("bert_dp2_zero3_training", "bert_reference_training"),
+    ("bert_grad_accum_training", "bert_reference_training"),
     ("bert_tp2_sp_dp2_zero3_training", "bert_reference_training"),
 ])
 def test_three_steps_match_one_process(scenario_results, layout, reference):

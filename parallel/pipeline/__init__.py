@@ -15,9 +15,12 @@ if TYPE_CHECKING:
 class StepRunner(Protocol):
     engine: object  # the DeepSpeed engine, whose module is this rank's model (or stage of it)
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]],
+                   loss_weight: torch.Tensor | None = None) -> torch.Tensor:
         """Forward and backward every micro-batch (the model's keyword arguments, on the device) and take
-        the optimizer step; returns the summed loss of the micro-batches this rank scored (0 if none)."""
+        the optimizer step; returns the summed loss of the micro-batches this rank scored (0 if none).
+        loss_weight: each micro-batch's loss is its summed loss times this (launcher.train.per_token_loss),
+        not its mean."""
 
     def evaluate(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
         """The summed loss and number of tokens scored of the micro-batches this rank scored (0, 0 if none),
@@ -31,10 +34,13 @@ class WholeModel:
     def __init__(self, engine, device: torch.device):
         self.engine, self.device = engine, device
 
-    def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
+    def train_step(self, micro_batches: list[dict], loss_weight: torch.Tensor | None = None) -> torch.Tensor:
         loss_sum = torch.zeros((), device=self.device)
         for inputs in micro_batches:
-            loss = self.engine(**inputs)
+            if loss_weight is None:
+                loss = self.engine(**inputs)
+            else:
+                loss = self.engine(**inputs, reduction="sum")[0] * loss_weight
             self.engine.backward(loss)
             self.engine.step()
             loss_sum += loss.detach().float()

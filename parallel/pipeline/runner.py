@@ -61,9 +61,11 @@ class Pipeline:
         self.last_stage = topo.pp * len(chunks) - 1
         self.payload = [(hidden_shape, dtype), (torch.Size([]), torch.float32)]
 
-    def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
+    def train_step(self, micro_batches: list[dict], loss_weight: None = None) -> torch.Tensor:
         """Forward and backward every micro-batch and take the optimizer step. Returns this rank's
-        summed loss of the micro-batches: the real one on the last stage, 0 elsewhere."""
+        summed loss of the micro-batches: the real one on the last stage, 0 elsewhere. Pipelines hold decoders,
+        whose micro-batches score alike: no loss_weight."""
+        assert loss_weight is None, "a pipeline's micro-batches are scored by their mean loss"
         link = StageLink(self.topo, self.micro_batches, self.payload)
         loss_sum = torch.zeros((), device=self.topo.device)
         in_flight: dict[tuple[int, int], _InFlight] = {}
