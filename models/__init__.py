@@ -25,8 +25,9 @@ class LanguageModel(Protocol):
         """A data-pipeline batch as forward's keyword arguments (input_ids, labels, ...)."""
 
     def forward(self, *, labels: torch.Tensor | None = None, reduction: str = "mean", **inputs: torch.Tensor) -> Any:
-        """With labels: the training loss (mean, plus any router losses), or with reduction="sum" the
-        summed loss and the number of labels scored. Without: this TP rank's vocabulary slice of the logits."""
+        """With labels: the training loss (mean, plus any router losses); with reduction="sum", the summed loss
+        and the number of labels scored; with reduction="evaluate", those two and any figure the model counts
+        beside them (BERT: masked tokens it gets right). Without: this TP rank's vocabulary slice of the logits."""
 
     def parameter_counts(self) -> tuple[int, int]:
         """(total, active per token) over the whole model, every TP shard and expert counted once."""

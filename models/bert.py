@@ -17,9 +17,9 @@ embedding, plus a bias per vocabulary entry. RoBERTa's positions start after its
 
 Tensor parallelism is GPT's: activations are [s, b, h], attention is column- then row-parallel, so is the
 MLP. The head's dense layer and norm are small and replicated on every TP rank, and each rank scores its
-slice of the vocabulary with its slice of the output bias. Under sequence parallelism the residual stream,
-the norms and the head's transform hold this rank's 1/tp of the sequence; replicated parameters applied to a
-slice have their gradients summed over the TP group in the graph (parallel/sequence_parallel.py).
+slice of the vocabulary with its slice of the output bias. Under sequence parallelism the residual stream and
+the norms hold this rank's 1/tp of the sequence, gathered whole before the head; replicated parameters applied
+to a slice have their gradients summed over the TP group in the graph (parallel/sequence_parallel.py).
 
 There is no padding mask: pretraining packs full windows (RoBERTa's full sentences), and a finite run's
 padding rows are not scored.
@@ -31,8 +31,8 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.blocks import (MLP, Attention, Norm, language_model_loss, parameter_counts, vocab_parallel_correct,
-                           vocab_parallel_logits)
+from models.blocks import (IGNORE_INDEX, MLP, Attention, Norm, language_model_loss, parameter_counts,
+                           vocab_parallel_correct)
 from models.config import ModelConfig
 from models.init import draw_normal, initialise, layer_config, parallel_layer
 from parallel.sequence_parallel import (gather_sequence, reduce_scatter_sequence, replicated_parameter,
@@ -80,11 +80,17 @@ class MaskedLMHead(nn.Module):
         tensor_parallel.set_tensor_model_parallel_attributes(self.bias, is_parallel=True, dim=0, stride=1)
 
     def forward(self, x: torch.Tensor, word_embedding: torch.Tensor) -> torch.Tensor:
+        """x: [..., h], the same on every TP rank (under sequence parallelism, gathered from the ranks'
+        slices). Each rank's gradient reaching the transform is partial, from its vocabulary slice alone: it
+        is summed over TP after the transform, or under sequence parallelism by the gather's reduce-scatter
+        for x and by replicated_parameter for the transform's own parameters."""
         weight, bias = self.dense.weight, self.dense.bias
-        if self.sequence_parallel:  # applied to this rank's slice of the sequence: sum the gradient over TP
+        if self.sequence_parallel:
             weight, bias = replicated_parameter(weight), replicated_parameter(bias)
         x = self.norm(F.gelu(F.linear(x, weight, bias)))
-        return vocab_parallel_logits(x, word_embedding, self.sequence_parallel) + self.bias
+        if not self.sequence_parallel:
+            x = tensor_parallel.copy_to_tensor_model_parallel_region(x)
+        return F.linear(x, word_embedding) + self.bias
 
 
 class BERT(nn.Module):
@@ -95,7 +101,7 @@ class BERT(nn.Module):
         *,
         sequence_parallel: bool = False,
         activation_checkpointing: bool = False,
-        expert_parallel_size: int = 1,
+        expert_parallel_size: int = 1,  # build_model's option for every model; an encoder has none (model.moe is refused)
     ):
         super().__init__()
         self.cfg = cfg
@@ -147,20 +153,27 @@ class BERT(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean",
                 token_type_ids: torch.Tensor | None = None):
         """input_ids, labels, token_type_ids (default all 0): [b, s]. With labels, the mean loss over the labels
-        that are not IGNORE_INDEX (the masked positions), or with reduction="sum" (evaluation) their summed loss,
-        how many they are and how many of them the model's argmax gets right. Without labels, this TP rank's
-        vocabulary slice of the logits, [s, b, padded_vocab / tp]."""
+        that are not IGNORE_INDEX (the masked positions); with reduction="sum", their summed loss and how many
+        they are; with reduction="evaluate", those two and how many of them the model's argmax gets right.
+        Without labels, this TP rank's vocabulary slice of the logits, [s, b, padded_vocab / tp].
+
+        With labels only the masked positions go through the head, as in fairseq's RoBERTa: scoring the
+        vocabulary is most of a small encoder's compute, and the other 85% of positions would be thrown away."""
         x = self.embed(input_ids, token_type_ids)
         for block in self.blocks:
             x = checkpoint(block, x, use_reentrant=False) if self.activation_checkpointing else block(x)
         if self.final_norm is not None:
             x = self.final_norm(x)
-        logits = self.head(x, self.embedding.weight)
+        if self.sequence_parallel:
+            x = gather_sequence(x, parallel_state.get_tensor_model_parallel_group())
         if labels is None:
-            return logits
-        if reduction == "sum":
-            return (*language_model_loss(logits, labels, reduction), vocab_parallel_correct(logits, labels))
-        return language_model_loss(logits, labels)
+            return self.head(x, self.embedding.weight)
+        masked = labels.transpose(0, 1) != IGNORE_INDEX  # [s, b]
+        logits = self.head(x[masked][:, None, :], self.embedding.weight)  # one sequence of the masked positions
+        labels = labels.transpose(0, 1)[masked][None, :]
+        if reduction == "evaluate":
+            return (*language_model_loss(logits, labels, "sum"), vocab_parallel_correct(logits, labels))
+        return language_model_loss(logits, labels, reduction)
 
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
         """The first block's input, [s, b, h] (this rank's [s/tp, b, h] under sequence parallelism): word,

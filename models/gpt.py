@@ -194,6 +194,8 @@ class GPT(nn.Module):
         input_ids is one segment, read with `memory` (None: the initial memory); returns this rank's slice of
         the logits at its last token, [1, b, padded_vocab / tp], and the memory it writes. Through forward,
         so that under ZeRO-3 the engine gathers every parameter it reads."""
+        if reduction == "evaluate":  # a decoder counts nothing beside its loss
+            reduction = "sum"
         if segment:
             x, written = self.read_segment(input_ids, self.initial_memory(len(input_ids)) if memory is None else memory)
             return self.head(x[-1:], from_segment=True), written

@@ -275,6 +275,6 @@ class T5(nn.Module):
             logits, _ = self.lm_head(x)
         if labels is None:
             return logits
-        if reduction == "sum":
-            return language_model_loss(logits, labels, reduction)
+        if reduction in ("sum", "evaluate"):  # evaluation counts nothing beside the loss
+            return language_model_loss(logits, labels, "sum")
         return language_model_loss(logits, labels) + sum(moe.router_loss for moe in self.moe_layers)

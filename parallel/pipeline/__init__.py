@@ -48,7 +48,7 @@ class WholeModel:
 
     def evaluate(self, micro_batches: list[dict]) -> tuple[torch.Tensor, ...]:
         # the summed loss, the tokens scored, and any figure the model counts beside them (an encoder's right answers)
-        figures = [torch.stack([figure.double() for figure in self.engine(**inputs, reduction="sum")])
+        figures = [torch.stack([figure.double() for figure in self.engine(**inputs, reduction="evaluate")])
                    for inputs in micro_batches]
         return tuple(torch.stack(figures).sum(0) if figures else torch.zeros(2, dtype=torch.float64, device=self.device))
 
