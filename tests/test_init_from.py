@@ -53,6 +53,12 @@ def _rewritten(gpt2_dir, tmp_path, tensors_as, only=None, **fields):
     return copy
 
 
+def _json_list_config(gpt2_dir, tmp_path):
+    copy = _without(gpt2_dir, tmp_path)
+    (copy / "config.json").write_text("[]")
+    return copy
+
+
 QKV = "transformer.h.0.attn.c_attn.weight"  # as GPT2LMHeadModel names it
 
 
@@ -166,6 +172,11 @@ def test_a_directory_saved_in_bf16_is_taken_exactly(gpt2_dir, tmp_path):
     (lambda d, t: _without(d, t, "config.json"), [], "model.init_from: {dir}/config.json: not found"),
     (lambda d, t: _without(d, t, "model.safetensors"), [], "model.init_from: {dir}: no model.safetensors"),
     (lambda d, t: _config_json(d, t, model_type="albert"), [], "model_type 'albert' has no Parallax twin; Parallax holds gpt2"),
+    (lambda d, t: _config_json(d, t, n_embd="64"), [],  # issue 27: was a 40-line traceback from AutoConfig
+     "model.init_from: {dir}/config.json: transformers cannot read it (Validation error for field 'n_embd': "
+     "TypeError: Field 'n_embd' expected int, got str (value: '64')); fix or replace the file"),
+    (lambda d, t: _json_list_config(d, t), [],
+     "{dir}/config.json: transformers cannot read it (a JSON object of fields is expected, not list)"),
     (lambda d, t: _config_json(d, t, activation_function="relu"), [],
      "config.json: activation_function='relu'; Parallax's GPT-2 has 'gelu_new'"),
     (lambda d, t: _config_json(d, t, n_head=3), [],

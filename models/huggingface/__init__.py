@@ -158,10 +158,14 @@ def read_config(directory: Path) -> tuple[Twin, PretrainedConfig]:
     if not (directory / "config.json").is_file():
         raise HuggingFaceError(f"{directory / 'config.json'}: not found; a Hugging Face model directory has one")
     try:
-        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+        fields = json.loads((directory / "config.json").read_text())
+        if not isinstance(fields, dict):
+            raise ValueError(f"a JSON object of fields is expected, not {type(fields).__name__}")
+        model_type = fields.get("model_type")
         hf_config = AutoConfig.from_pretrained(str(directory))
-    except (ValueError, OSError) as error:
-        raise HuggingFaceError(f"{directory / 'config.json'}: unreadable ({' '.join(str(error).split())[:200]})") from None
+    except Exception as error:  # transformers' validation raises types of its own (huggingface_hub's), which vary
+        raise HuggingFaceError(f"{directory / 'config.json'}: transformers cannot read it "
+                               f"({' '.join(str(error).split())[:200]}); fix or replace the file") from None
     twin = next((t for t in _twins() if t.MODEL_TYPE == model_type), None)
     if twin is None:
         raise HuggingFaceError(f"{directory / 'config.json'}: model_type {model_type!r} has no Parallax twin; "
