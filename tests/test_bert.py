@@ -1,5 +1,5 @@
-"""Issue 27: BERT, RoBERTa and Megatron-BERT equal transformers' masked-LM models, and the trip
-transformers -> Parallax -> transformers is bitwise. One process, TP=1; the layouts are in the scenarios."""
+"""Issue 27: BERT, RoBERTa and Megatron-BERT equal transformers' masked-LM models (logits, loss and
+gradients), and the trip transformers -> Parallax -> transformers is bitwise. One process, TP=1; the layouts are in the scenarios."""
 import pytest
 import torch
 import transformers
@@ -22,8 +22,8 @@ def encoder_config(placement: str, offset: int, types: int) -> ModelConfig:
 
 
 def ours_and_state(cfg: ModelConfig, ids, labels, token_type_ids):
-    """Our logits (true vocabulary) and loss, and the weights, norms and biases nudged off their initial values
-    so that a mapping that dropped one would show."""
+    """Our logits (true vocabulary), loss and gradients, and the weights, norms and biases nudged off their
+    initial values so that a mapping that dropped one would show."""
     from models.bert import BERT
     from parallel.topology import single_process_world
 
@@ -35,12 +35,14 @@ def ours_and_state(cfg: ModelConfig, ids, labels, token_type_ids):
                 if "norm" in name or name.endswith("bias"):
                     p.add_(torch.randn_like(p) * 0.1)
             logits = model(ids, token_type_ids=token_type_ids).transpose(0, 1)[..., :VOCAB]
-            loss = model(ids, labels, token_type_ids=token_type_ids).item()
-        return logits, loss, {name: p.detach().clone() for name, p in model.named_parameters()}
+        loss = model(ids, labels, token_type_ids=token_type_ids)
+        loss.backward()
+        return (logits, loss.item(), {name: p.detach().clone() for name, p in model.named_parameters()},
+                {name: p.grad for name, p in model.named_parameters()})
 
 
 @pytest.mark.parametrize("name", FAMILY)
-def test_logits_and_loss_equal_transformers_and_the_round_trip_is_bitwise(name):
+def test_logits_loss_and_grads_equal_transformers_and_the_round_trip_is_bitwise(name):
     cfg = encoder_config(*FAMILY[name])
     twin = twin_for(cfg)
     assert twin.NAME == name
@@ -48,17 +50,20 @@ def test_logits_and_loss_equal_transformers_and_the_round_trip_is_bitwise(name):
     ids = torch.randint(3, VOCAB, (2, 20), generator=g)
     labels = torch.where(torch.rand(2, 20, generator=g) < 0.3, ids, -100)
     token_type_ids = torch.randint(0, cfg.token_types, (2, 20), generator=g)
-    ours, loss, state = ours_and_state(cfg, ids, labels, token_type_ids)
+    ours, loss, state, grads = ours_and_state(cfg, ids, labels, token_type_ids)
 
     special = {"eos": None, "bos": None, "pad": max(cfg.first_position - 1, 0)}
     hf = transformers.AutoModelForMaskedLM.from_config(twin.hf_config(cfg, VOCAB, special)).eval()
     result = hf.load_state_dict(twin.to_hf(state, cfg, VOCAB), strict=False)
     assert result.unexpected_keys == [] and result.missing_keys == [f"{twin.head[3]}.weight"]  # tied to the embedding
     hf.tie_weights()
-    with torch.no_grad():
-        theirs = hf(input_ids=ids, token_type_ids=token_type_ids, labels=labels)
-    torch.testing.assert_close(ours, theirs.logits, atol=HF_TOL, rtol=0)
+    theirs = hf(input_ids=ids, token_type_ids=token_type_ids, labels=labels)
+    torch.testing.assert_close(ours, theirs.logits.detach(), atol=HF_TOL, rtol=0)
     assert loss == pytest.approx(theirs.loss.item(), abs=HF_TOL)
+    theirs.loss.backward()  # the gradients too: the head scores only the masked positions, transformers all of them
+    their_grads = {name: p.grad for name, p in hf.named_parameters(remove_duplicate=False)}  # tied ones too
+    for name, grad in twin.to_hf(grads, cfg, VOCAB).items():
+        torch.testing.assert_close(grad, their_grads[name], atol=HF_TOL, rtol=0, msg=name)
 
     back = twin.from_hf(hf.state_dict(), cfg, cfg.padded_vocab_size(VOCAB))
     assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)

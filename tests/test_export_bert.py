@@ -78,6 +78,16 @@ def test_exported_encoder_computes_parallax_logits_and_fills_masks(tmp_path, cap
     assert [f["token"] for f in filled] == expected.indices.tolist()
 
 
+@pytest.mark.parametrize("name", ["bert_export_tp2_sp_checkpoint", "bert_export_dp2_zero3_checkpoint"])
+def test_checkpoints_saved_at_tp2_and_at_zero3_export_to_parallax_logits(scenario_results, name):
+    """Trained checkpoints of the layout scenarios (TP=2 with SP, ZeRO-3 DP=2), exported as BertForMaskedLM."""
+    result = scenario_results(name)
+    assert result["hf_class"] == "BertForMaskedLM"
+    assert result["ours"].shape == result["hf"].shape == (4, 32, 512)
+    torch.testing.assert_close(result["hf"], result["ours"], atol=TOL, rtol=0)
+    assert (result["ours"] - result["ours"].mean()).abs().max() > 100 * TOL
+
+
 def test_roberta_export_needs_the_padding_id_before_its_first_position(tmp_path, capsys):
     """RoBERTa numbers positions from its padding id + 1: a tokenizer whose <pad> is id 0 cannot be exported
     with model.position_offset=2."""
@@ -89,15 +99,16 @@ def test_roberta_export_needs_the_padding_id_before_its_first_position(tmp_path,
     assert "the tokenizer's padding token (data.pad_token) is id 0; use a tokenizer whose padding id is 1" in err
 
 
-def _hf_directory(directory: Path, kind: str, mask: str = MASK) -> Path:
+def _hf_directory(directory: Path, kind: str, mask: str = MASK, **config_fields) -> Path:
     """A random BertForMaskedLM / RobertaForMaskedLM saved by transformers, every tensor drawn (norms and
-    biases too), with an id tokenizer whose mask token is `mask`, declared in tokenizer_config.json."""
+    biases too), with an id tokenizer whose mask token is `mask`, declared in tokenizer_config.json;
+    `config_fields` go to its config."""
     import transformers
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     shapes = dict(vocab_size=IDS + 4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  intermediate_size=48)
+                  intermediate_size=48, **config_fields)
     config = (transformers.BertConfig(max_position_embeddings=16, pad_token_id=1, **shapes) if kind == "bert" else
               transformers.RobertaConfig(max_position_embeddings=18, type_vocab_size=1, pad_token_id=1,
                                          layer_norm_eps=1e-5, **shapes))

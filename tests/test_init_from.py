@@ -1,5 +1,6 @@
 """Issue 16: model.init_from takes the model, weights and tokenizer of a Hugging Face directory (GPT-2,
-Llama, T5); bad input is one line and exit code 2. The runs themselves are tests/distributed/scenarios_init_from.py."""
+Llama, T5; issue 27: BERT, RoBERTa); bad input is one line and exit code 2. The runs themselves are
+tests/distributed/scenarios_init_from.py."""
 import json
 import shutil
 
@@ -9,8 +10,8 @@ import torch
 from launcher.cli import main
 from launcher.config import load_config
 from tests.data.corpora import write_id_tokenizer
-from tests.distributed.scenarios_init_from import (GPT_LAYOUTS, SEQ_LEN, T5_LAYOUTS, VOCAB, write_gpt2_directory,
-                                                   write_t5_directory)
+from tests.distributed.scenarios_init_from import (ENCODER_LAYOUTS, GPT_LAYOUTS, SEQ_LEN, T5_LAYOUTS, VOCAB,
+                                                   write_gpt2_directory, write_t5_directory)
 
 TOL = 1e-5
 
@@ -75,6 +76,19 @@ def test_first_step_computes_what_transformers_computes(scenario_results, name, 
     torch.testing.assert_close(ours["logits"][..., :VOCAB], theirs["logits"], atol=TOL, rtol=0)
     assert not ours["logits"][..., VOCAB:].any(), "the padded vocabulary's rows are zero"
     # train() itself started from the directory: its first loss is the one these weights give.
+    assert ours["loss"] == pytest.approx(theirs["loss"], abs=TOL)
+
+
+@pytest.mark.parametrize("name", ["init_from_bert", "init_from_roberta"])
+@pytest.mark.parametrize("layout", ENCODER_LAYOUTS)
+def test_an_encoder_run_starts_from_what_transformers_computes(scenario_results, name, layout):
+    """Issue 27: BERT and RoBERTa directories (vocabulary 401, padded to 512) at TP=2 with SP and at ZeRO-3;
+    the loss is the masked-LM loss over the masked positions."""
+    result = scenario_results(name)
+    theirs, ours = result["transformers"], result[layout]
+    assert theirs["logits"].shape == (4, SEQ_LEN, 401) and ours["logits"].shape == (4, SEQ_LEN, 512)
+    torch.testing.assert_close(ours["logits"][..., :401], theirs["logits"], atol=TOL, rtol=0)
+    assert not ours["logits"][..., 401:].any(), "the padded vocabulary's rows are zero"
     assert ours["loss"] == pytest.approx(theirs["loss"], abs=TOL)
 
 

@@ -198,3 +198,42 @@ def bert_exact_resume_dp2_zero3():
 @scenario(world_size=4)
 def bert_tp2_sp_dp2_zero3_training():
     return run_bert_training(*layout(2, 2, 3, "parallel.sequence_parallel=true"))
+
+
+# --- one process, after the two-rank launch: the checkpoints saved at TP=2 with SP and at ZeRO-3, exported ---
+
+def exported_and_ours(source: str) -> dict:
+    """`source`'s SAVED_AT checkpoint written as a Hugging Face directory (BertForMaskedLM: the tiny BERT is post-LN
+    with token types), reloaded by transformers, and both models' logits of a batch with both token types."""
+    import os
+    from pathlib import Path
+
+    from transformers import AutoModelForMaskedLM
+
+    from models.bert import BERT
+    from models.huggingface import export
+    from parallel.checkpoint import read_weights
+    from parallel.topology import init_topology
+
+    cfg = bert_config()
+    state = read_weights(ckpt.saved_path(source, SAVED_AT))
+    out = Path(os.environ["PARALLAX_SCENARIO_DIR"]) / "exported" / source
+    export(state, cfg.model, VOCAB, None, out)
+    hf = AutoModelForMaskedLM.from_pretrained(out).eval()
+    topo = init_topology(tp=1)
+    model = BERT(cfg.model, VOCAB).eval()
+    model.load_state_dict(state, strict=True)
+    batch = next(iter(masked_batches(cfg)(topo)))
+    inputs = {"input_ids": batch["input_ids"], "token_type_ids": batch["token_type_ids"]}
+    with torch.no_grad():
+        return {"ours": model(**inputs).transpose(0, 1), "hf": hf(**inputs).logits, "hf_class": type(hf).__name__}
+
+
+@scenario(world_size=1, reads_from=2)
+def bert_export_tp2_sp_checkpoint():
+    return exported_and_ours("bert-tp2-sp")
+
+
+@scenario(world_size=1, reads_from=2)
+def bert_export_dp2_zero3_checkpoint():
+    return exported_and_ours("bert-dp2-zero3")

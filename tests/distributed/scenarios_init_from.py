@@ -1,7 +1,7 @@
 """Issue 16: a run that starts from a Hugging Face directory (model.init_from) computes what
 transformers computes with the same weights, for every architecture and layout: GPT-2 and Llama at
 TP=2, TP=2 with sequence parallelism and ZeRO-3 DP=2, T5.1.1 (no sequence parallelism) at TP=2 and
-ZeRO-3 DP=2.
+ZeRO-3 DP=2, BERT and RoBERTa (issue 27) at TP=2 with sequence parallelism and ZeRO-3 DP=2.
 
 Each directory is a small random model saved by transformers itself, with a vocabulary (200 tokens)
 that Parallax pads to 256, so at TP=2 the second rank's embedding and output slices hold padding.
@@ -25,6 +25,7 @@ TP2_SP = (*TP2, "parallel.sequence_parallel=true")
 DP2_ZERO3 = ("parallel.zero_stage=3", f"train.micro_batch_size={GLOBAL_BATCH // 2}")
 GPT_LAYOUTS = {"tp2": TP2, "tp2_sp": TP2_SP, "dp2_zero3": DP2_ZERO3}
 T5_LAYOUTS = {"tp2": TP2, "dp2_zero3": DP2_ZERO3}  # T5 has no sequence parallelism
+ENCODER_LAYOUTS = {"tp2_sp": TP2_SP, "dp2_zero3": DP2_ZERO3}  # plain TP=2 equals one process: scenarios_bert.py
 Batch = torch.Tensor | dict[str, torch.Tensor]
 
 
@@ -82,6 +83,26 @@ def write_t5_directory(out: Path) -> Path:
     model = T5ForConditionalGeneration(config)
     model.lm_head.weight = torch.nn.Parameter(0.2 * torch.randn_like(model.lm_head.weight))
     return _save(model, out)
+
+
+def encoder_directory(kind: str) -> Callable[[Path], Path]:
+    """Writes a random BERT or RoBERTa (tests/test_export_bert.py's, mask token [MASK], vocabulary 401, which
+    Parallax pads to 512) with no dropout, so a training step's loss is the eval-mode loss."""
+    def write(out: Path) -> Path:
+        from tests.test_export_bert import _hf_directory
+
+        return _hf_directory(out, kind, mask="[MASK]", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return write
+
+
+def masked_words() -> dict[str, torch.Tensor]:
+    """An encoder's global batch: words (ids 4-400, after the specials; no padding id, so RoBERTa's positions
+    are its plain offset ones), a fifth of them replaced by the mask token (id 3) and scored."""
+    g = torch.Generator().manual_seed(7)
+    words = torch.randint(4, 401, (GLOBAL_BATCH, SEQ_LEN), generator=g)
+    masked = torch.rand(words.shape, generator=g) < 0.2
+    masked[:, 0] = True
+    return {"input_ids": torch.where(masked, 3, words), "labels": torch.where(masked, words, -100)}
 
 
 def windows() -> torch.Tensor:
@@ -157,7 +178,8 @@ def transformers_outputs(directory: Path, batch: Batch) -> dict:
     model = getattr(transformers, read_config(directory)[0].AUTO_CLASS).from_pretrained(directory).eval()
     with torch.no_grad():
         logits = model(**without_labels(inputs)).logits
-    padded = torch.nn.functional.pad(logits, (0, cfg.padded_vocab_size(VOCAB) - VOCAB))
+    vocab = model.config.vocab_size
+    padded = torch.nn.functional.pad(logits, (0, cfg.padded_vocab_size(vocab) - vocab))
     loss = torch.nn.functional.cross_entropy(padded.flatten(0, 1), inputs["labels"].flatten())
     return {"logits": logits, "loss": loss.item()}
 
@@ -189,6 +211,16 @@ def init_from_llama():
 @scenario(world_size=2)
 def init_from_t5():
     return init_from_runs("init-from-t5", write_t5_directory, span_corrupted(), T5_LAYOUTS)
+
+
+@scenario(world_size=2)
+def init_from_bert():
+    return init_from_runs("init-from-bert", encoder_directory("bert"), masked_words(), ENCODER_LAYOUTS)
+
+
+@scenario(world_size=2)
+def init_from_roberta():
+    return init_from_runs("init-from-roberta", encoder_directory("roberta"), masked_words(), ENCODER_LAYOUTS)
 
 
 @scenario(world_size=2)
