@@ -78,7 +78,7 @@ def test_a_config_with_no_exact_twin_is_refused_naming_the_field():
 
 
 EVAL_LAYOUTS = {"tp2-sp": ["--nproc", "2", "parallel.tp=2", "parallel.sequence_parallel=true"],
-                "dp2-zero3": ["--nproc", "2", "parallel.zero_stage=3", "train.micro_batch_size=4"]}  # the same global batch
+                "dp2-zero3": ["--nproc", "2", "parallel.zero_stage=3", "train.micro_batch_size=4"]}  # the run's 8, over 2
 
 
 def test_masked_lm_evaluation_gives_the_same_loss_and_accuracy_at_every_layout(tmp_path):
@@ -90,8 +90,8 @@ def test_masked_lm_evaluation_gives_the_same_loss_and_accuracy_at_every_layout(t
     from launcher.cli import main
 
     run = tmp_path / "run"
-    main(["train", "configs/bert-tiny.yaml", "train.steps=30", "train.eval_interval=30", "train.eval_batches=2",
-          f"logging.run_dir={run}"])
+    main(["train", "configs/bert-tiny.yaml", "train.steps=30", "train.micro_batch_size=8", "train.eval_interval=30",
+          "train.eval_batches=2", f"logging.run_dir={run}"])
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evaluations = [record for record in logged if "eval_loss" in record]
     assert [r["step"] for r in evaluations] == [0, 30]
