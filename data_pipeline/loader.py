@@ -11,7 +11,6 @@ is next and how many batches of its current chunk are still due.
 import contextlib
 import copy
 import ctypes
-import hashlib
 import os
 import signal
 import sys
@@ -32,7 +31,7 @@ from .lane import Lane, Plan
 from .masked_lm import MaskedLM
 from .sources import discover
 from .span_corruption import SpanCorruption
-from .tokenizer import NUM_SENTINELS, load_tokenizer
+from .tokenizer import NUM_SENTINELS, fingerprint, load_tokenizer
 from .work import new_cursor, reshard, tokens_from_bytes, tokens_to_bytes
 
 STATE_VERSION = 1
@@ -146,7 +145,7 @@ class PipelineLoader:
             "dp_size": self.dp_size,
             "seed": self.plan.seed,
             "shards": shard_names(self.plan),
-            "tokenizer": tokenizer_fingerprint(self.plan),
+            "tokenizer": fingerprint(self.plan.tokenizer_json),
             "holdout": self.plan.holdout,
             "next_lane": self.next_lane,
             "chunk_left": self.chunk_left,
@@ -192,7 +191,7 @@ class PipelineLoader:
         states = list(states.values())
         if states[0]["shards"] != shard_names(self.plan):
             raise DataError("data.sources lists different files than when the checkpoint was saved; resume with the same files")
-        if states[0]["tokenizer"] != tokenizer_fingerprint(self.plan):
+        if states[0]["tokenizer"] != fingerprint(self.plan.tokenizer_json):
             raise DataError("data.tokenizer differs from the checkpoint's (its carried-over tokens would be wrong); resume with the same tokenizer")
         if states[0].get("holdout", 0.0) != self.plan.holdout:
             raise DataError(f"the checkpoint held out {states[0].get('holdout', 0.0)} of the documents for validation "
@@ -300,10 +299,6 @@ def _leave_stop_signals_to_the_rank(rank_pid: int) -> None:
         os._exit(0)
 
     threading.Thread(target=exit_when_the_rank_says, name="stop-on-rank-sigterm", daemon=True).start()
-
-
-def tokenizer_fingerprint(plan: Plan) -> str:
-    return hashlib.sha256(plan.tokenizer_json.encode()).hexdigest()[:16]
 
 
 def shard_names(plan: Plan) -> list[list[str]]:

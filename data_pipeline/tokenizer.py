@@ -68,6 +68,12 @@ def load_tokenizer(cfg: DataConfig) -> Tokenizer:
     return tokenizer
 
 
+def fingerprint(tokenizer_json: str) -> str:
+    """Names a tokenizer by its whole content (`Tokenizer.to_str()`): checkpoints and tokenized corpora record it,
+    so that tokens are never read with a tokenizer other than the one that made them."""
+    return hashlib.sha256(tokenizer_json.encode()).hexdigest()[:16]
+
+
 def builtin_tokenizer_path(cfg: DataConfig) -> Path:
     """Named by its special tokens too, so a tokenizer cached before a special token was added is not taken for one
     that has it."""
