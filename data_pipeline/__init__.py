@@ -8,7 +8,7 @@ import importlib
 
 _MODULE_OF = {
     "DataConfig": "config", "SourceConfig": "config", "DataError": "errors", "PipelineLoader": "loader",
-    "build_dataloader": "loader", "load_tokenizer": "tokenizer", "prepare_data": "corpus",
+    "build_dataloader": "loader", "largest_token_ids": "loader", "load_tokenizer": "tokenizer", "prepare_data": "corpus",
     "prepare_tokenizer": "tokenizer", "EOD": "tokenizer", "PAD": "tokenizer", "MASK": "tokenizer",
     "SPECIAL_TOKENS": "tokenizer",
 }

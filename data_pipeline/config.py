@@ -30,14 +30,16 @@ def default_cache_dir() -> Path:
 
 
 class SourceConfig(BaseModel):
-    """One corpus: a file or a directory of files, each file being one shard."""
+    """One corpus: a file or a directory of files, each file being one shard; or (format "tokenized") the
+    PREFIX of a PREFIX.bin/PREFIX.idx pair that `parallax tokenize` or Megatron's preprocessing wrote."""
 
     model_config = ConfigDict(extra="forbid")
 
     path: Path
     weight: float = 1.0
-    format: Literal["text", "jsonl", "parquet"] | None = Field(
-        default=None, description="None infers it per file from the extension (.jsonl/.json, .parquet, else text)."
+    format: Literal["text", "jsonl", "parquet", "tokenized"] | None = Field(
+        default=None, description="None infers it per file from the extension (.jsonl/.json, .parquet, else text); "
+        "tokenized: path is a .bin/.idx prefix, read by mmap with no tokenizing."
     )
     text_field: str = "text"
 
@@ -119,6 +121,9 @@ class DataConfig(BaseModel):
     tokenizer: Path | None = Field(
         default=None, description="A tokenizer.json; None builds (once, then caches) a BPE on the built-in corpus."
     )
+    tokenizer_check: bool = Field(
+        True, description="Refuse a tokenized source whose PREFIX.meta.json names another tokenizer than "
+        "data.tokenizer, or has none. false: trust a corpus made elsewhere (Megatron's preprocessing) to use its ids.")
     vocab_size: int = 8192
     eod_token: str = Field(
         EOD, description="The tokenizer's end-of-document token, packed between documents (a model's eos, e.g. "

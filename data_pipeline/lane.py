@@ -16,6 +16,8 @@ from .sources import Source, read_documents
 from .span_corruption import SpanCorruption
 from .work import TOKEN_TYPE, advance, held_out, merge, next_claim, shard_of_visit, shuffle_draw
 
+Document = str | numpy.ndarray  # a text, or a view of a tokenized corpus's tokens
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -64,7 +66,7 @@ class SourceStream:
         self.carry, self.carry_start = numpy.frombuffer(cursor["carry"], dtype=TOKEN_TYPE), 0
         self.carry_epochs = [list(run) for run in cursor["carry_epochs"]]  # runs over carry[carry_start:]
         self.buffer_ids = [tuple(doc_id) for doc_id in cursor["buffer"]]  # parallel lists: ids are the state,
-        self.buffer_texts = self.reread(self.buffer_ids)  # texts are re-read on restore
+        self.buffer_documents = self.reread(self.buffer_ids)  # documents are re-read on restore
         self.buffer_snapshot = None  # tuple(buffer_ids), rebuilt only after the buffer changes
         self.fruitless_shards: set[int] = set()
 
@@ -88,23 +90,23 @@ class SourceStream:
     def shard(self, visit: int):
         return self.source.shards[shard_of_visit(self.plan.seed, self.source_index, len(self.source.shards), visit)]
 
-    def read(self, visit: int, ranges: list) -> Iterator[tuple[int, str]]:
+    def read(self, visit: int, ranges: list) -> Iterator[tuple[int, Document]]:
         """The documents of one work item, reading the shard once from its first wanted record."""
         wanted = merge(ranges)
-        for index, text in read_documents(self.shard(visit), start=wanted[0][0]):
+        for index, document in read_documents(self.shard(visit), start=wanted[0][0]):
             wanted = advance(wanted, index)
             if not wanted:
                 return
             if index >= wanted[0][0]:
-                yield index, text
+                yield index, document
 
-    def reread(self, doc_ids: list[tuple[int, int]]) -> list[str]:
-        """Refills a restored shuffle buffer; checkpoints hold document ids, not texts, to stay small."""
-        texts = {}
+    def reread(self, doc_ids: list[tuple[int, int]]) -> list[Document]:
+        """Refills a restored shuffle buffer; checkpoints hold document ids, not documents, to stay small."""
+        documents = {}
         for visit in sorted({visit for visit, _ in doc_ids}):
             indices = [[index, index + 1] for v, index in doc_ids if v == visit]
-            texts.update(((visit, index), text) for index, text in self.read(visit, indices))
-        return [texts[doc_id] for doc_id in doc_ids]
+            documents.update(((visit, index), document) for index, document in self.read(visit, indices))
+        return [documents[doc_id] for doc_id in doc_ids]
 
     def next_work(self) -> list | None:
         if self.pending:
@@ -116,7 +118,7 @@ class SourceStream:
         self.claim[3] += 1
         return [visit, [[0, None]]]
 
-    def next_read(self) -> tuple[tuple[int, int], str] | None:
+    def next_read(self) -> tuple[tuple[int, int], Document] | None:
         while True:
             if self.reader is None:
                 self.reading = self.reading or self.next_work()
@@ -128,11 +130,11 @@ class SourceStream:
                 self.check_not_all_empty()
                 self.reading = self.reader = None
                 continue
-            index, text = item
+            index, document = item
             self.found = True
             self.reading[1] = advance(self.reading[1], index + 1)
             if self.plan.reads(self.shard(self.reading[0]).path.name, index):
-                return (self.reading[0], index), text
+                return (self.reading[0], index), document
 
     def check_not_all_empty(self) -> None:
         """Without this, a source whose records all have empty text would be read forever: a hang."""
@@ -141,20 +143,20 @@ class SourceStream:
             if len(self.fruitless_shards) == len(self.source.shards):
                 raise DataError(f"{self.source.name}: every document in this source is empty; remove it from data.sources")
 
-    def next_document(self) -> tuple[int, str] | None:
+    def next_document(self) -> tuple[int, Document] | None:
         """A seeded shuffle buffer: fill to capacity, then emit a random element, with its epoch."""
         self.buffer_snapshot = None
         while len(self.buffer_ids) < self.plan.shuffle_buffer and (doc := self.next_read()) is not None:
             self.buffer_ids.append(doc[0])
-            self.buffer_texts.append(doc[1])
+            self.buffer_documents.append(doc[1])
         if not self.buffer_ids:
             return None
         pick = shuffle_draw(self.shuffle_key, self.draws, len(self.buffer_ids))
         self.draws += 1
-        for items in (self.buffer_ids, self.buffer_texts):  # swap the pick to the end, where popping is O(1)
+        for items in (self.buffer_ids, self.buffer_documents):  # swap the pick to the end, where popping is O(1)
             items[pick], items[-1] = items[-1], items[pick]
         visit, _ = self.buffer_ids.pop()
-        return visit // len(self.source.shards), self.buffer_texts.pop()
+        return visit // len(self.source.shards), self.buffer_documents.pop()
 
     def next_window(self) -> tuple[numpy.ndarray, int] | None:
         """Documents joined by end-of-document, cut with no padding; a document's rest carries over.
@@ -164,8 +166,8 @@ class SourceStream:
         """
         size = self.plan.window
         while len(self.carry) - self.carry_start < size and (read := self.next_document()) is not None:
-            epoch, text = read
-            document = numpy.array(self.tokenizer.encode(text).ids + [self.plan.eod], dtype=TOKEN_TYPE)
+            epoch, document = read
+            document = self.tokens(document)
             self.carry, self.carry_start = numpy.concatenate([self.carry[self.carry_start:], document]), 0
             if self.carry_epochs and self.carry_epochs[-1][1] == epoch:
                 self.carry_epochs[-1][0] += len(document)
@@ -180,6 +182,15 @@ class SourceStream:
         if len(window) < size:
             window = numpy.pad(window, (0, size - len(window)), constant_values=self.plan.pad)
         return window, epoch
+
+    def tokens(self, document: Document) -> numpy.ndarray:
+        """A document's tokens, ending with end-of-document: a text is tokenized here; a tokenized corpus's
+        documents end with it already when written by `parallax tokenize` (or Megatron's --append-eod)."""
+        if isinstance(document, str):
+            return numpy.array(self.tokenizer.encode(document).ids + [self.plan.eod], dtype=TOKEN_TYPE)
+        if document[-1] == self.plan.eod:
+            return document.astype(TOKEN_TYPE)
+        return numpy.append(document.astype(TOKEN_TYPE), TOKEN_TYPE(self.plan.eod))
 
     def drop_carry_epochs(self, tokens: int) -> None:
         """Forget the epochs of the first `tokens` carried tokens, which a window has taken."""

@@ -22,14 +22,15 @@ from functools import partial
 from itertools import islice
 
 import torch
+from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .config import DataConfig
+from .config import DataConfig, SourceConfig
 from .corpus import builtin_corpus
 from .errors import DataError
 from .lane import Lane, Plan
 from .masked_lm import MaskedLM
-from .sources import discover
+from .sources import Source, discover
 from .span_corruption import SpanCorruption
 from .tokenizer import NUM_SENTINELS, fingerprint, load_tokenizer
 from .work import new_cursor, reshard, tokens_from_bytes, tokens_to_bytes
@@ -53,7 +54,7 @@ def training_plan(cfg: DataConfig, seed: int) -> Plan:
     """The training sources (the built-in corpus by default), less the documents held out for validation."""
     tokenizer = load_tokenizer(cfg)
     return Plan(
-        sources=tuple(discover(source) for source in cfg.sources or [builtin_corpus(cfg.cache_dir)]),
+        sources=open_sources(cfg.sources or [builtin_corpus(cfg.cache_dir)], "data.sources", cfg, tokenizer),
         tokenizer_json=tokenizer.to_str(),
         eod=tokenizer.token_to_id(cfg.eod_token),
         pad=tokenizer.token_to_id(cfg.pad_token),
@@ -65,6 +66,22 @@ def training_plan(cfg: DataConfig, seed: int) -> Plan:
         masked_lm=MaskedLM.for_run(cfg, tokenizer, seed),
         holdout=cfg.validation_fraction if cfg.validation is None else 0.0,
     )
+
+
+def open_sources(sources: list[SourceConfig], field: str, cfg: DataConfig, tokenizer: Tokenizer) -> tuple[Source, ...]:
+    return tuple(discover(source, field, tokenizer, cfg.tokenizer_check) for source in sources)
+
+
+def largest_token_ids(cfg: DataConfig) -> list[tuple[str, int]]:
+    """(prefix, largest id) of each tokenized corpus the run reads: a model must have a row for every id, which
+    the ranks check before building one (RunConfig.check_vocab_size), not when the id comes up mid-run."""
+    tokenized = [(source, field) for field, sources in (("data.sources", cfg.sources), ("data.validation", cfg.validation))
+                 for source in sources or [] if source.format == "tokenized"]
+    if not tokenized:
+        return []
+    tokenizer = load_tokenizer(cfg)
+    opened = [discover(source, field, tokenizer, cfg.tokenizer_check) for source, field in tokenized]
+    return [(source.name, source.largest_id) for source in opened]
 
 
 def span_corruption(cfg: DataConfig, tokenizer, seed: int) -> SpanCorruption | None:
@@ -302,4 +319,4 @@ def _leave_stop_signals_to_the_rank(rank_pid: int) -> None:
 
 
 def shard_names(plan: Plan) -> list[list[str]]:
-    return [[shard.path.name for shard in source.shards] for source in plan.sources]
+    return [[shard.name for shard in source.shards] for source in plan.sources]

@@ -7,10 +7,14 @@ user nothing about which of their thousands of files is broken.
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
+
+import numpy
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # a training job must never reach for the network
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,8 +23,11 @@ import datasets  # noqa: E402  (must see the offline switches above)
 import pyarrow  # noqa: E402
 import pyarrow.parquet  # noqa: E402
 
+from tokenizers import Tokenizer  # noqa: E402
+
 from .config import SourceConfig  # noqa: E402
 from .errors import DataError  # noqa: E402
+from .token_files import TokenFile, bin_path, id_capacity, idx_path, meta_path, read_meta  # noqa: E402
 
 datasets.disable_progress_bars()
 datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own error logging would duplicate ours
@@ -28,13 +35,26 @@ log = logging.getLogger(__name__)
 
 BUILDERS = {"text": "text", "jsonl": "json", "parquet": "parquet"}
 READ_BATCH = 64  # records per Arrow batch: large enough to amortise per-call overhead
+TOKENIZED_SHARDS = 1024  # a tokenized corpus is read as this many runs of documents (fewer if it has fewer)
 
 
 @dataclass(frozen=True)
 class Shard:
+    """A file, or (format "tokenized") documents first..stop-1 of the token corpus at prefix `path`.
+
+    A tokenized corpus is one pair of files, but lanes share work shard by shard (data_pipeline/work.py):
+    cutting it into runs of documents, by its document count alone, lets every lane of any layout read
+    its own part. Its documents keep their index in the whole corpus, which is their identity."""
+
     path: Path
     format: str
     text_field: str
+    first: int = 0
+    stop: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.path.name}[{self.first}:{self.stop}]" if self.format == "tokenized" else self.path.name
 
 
 @dataclass(frozen=True)
@@ -45,6 +65,7 @@ class Source:
     weight: float
     shards: tuple[Shard, ...]
     skipped_empty: tuple[Path, ...]
+    largest_id: int | None = None  # a tokenized corpus's largest token id, which the model's vocabulary must hold
 
 
 def infer_format(path: Path) -> str:
@@ -56,15 +77,21 @@ def infer_format(path: Path) -> str:
     return "text"
 
 
-def discover(cfg: SourceConfig, field: str = "data.sources") -> Source:
+def discover(cfg: SourceConfig, field: str = "data.sources", tokenizer: Tokenizer | None = None,
+             tokenizer_check: bool = True) -> Source:
     """Lists and checks a source's files up front, so bad paths fail at startup and not hours into a run.
 
     Policy: empty (0-byte) files are skipped and counted, and dot-files and
     dot-directories (.git, editor droppings) are not data; everything else that is
     wrong is an error. A text file is one document; JSON Lines and Parquet hold one
     document per record. Content errors (bad UTF-8, malformed JSON) can only be seen
-    while reading and are raised then.
+    while reading and are raised then. A tokenized source is checked against `tokenizer`
+    (discover_tokenized).
     """
+    if cfg.format == "tokenized":
+        if tokenizer is None:
+            raise DataError(f"{cfg.path}: a tokenized corpus holds no text to train a tokenizer on; give text sources")
+        return discover_tokenized(cfg, field, tokenizer, tokenizer_check)
     root = cfg.path.expanduser()
     if not root.exists():
         raise DataError(f"{root}: data source path does not exist; fix {field}[].path")
@@ -84,6 +111,43 @@ def discover(cfg: SourceConfig, field: str = "data.sources") -> Source:
     return Source(str(root), cfg.weight, shards, empty)
 
 
+def discover_tokenized(cfg: SourceConfig, field: str, tokenizer: Tokenizer, tokenizer_check: bool) -> Source:
+    """Opens a .bin/.idx pair by its index alone and refuses, at start-up, what would go wrong later: ids its
+    dtype cannot hold, ids of another tokenizer (its PREFIX.meta.json names the one it was made with), a .bin
+    shorter than its index. The largest id comes from the meta file; a corpus made elsewhere is scanned once."""
+    from .tokenizer import fingerprint  # here: tokenizer.py reads text sources with this module
+
+    prefix = cfg.path.expanduser()
+    corpus = open_token_file(prefix)
+    vocabulary = tokenizer.get_vocab_size()
+    if id_capacity(corpus.dtype) < vocabulary:
+        raise DataError(f"{idx_path(prefix)}: stores {corpus.dtype} ids, up to {id_capacity(corpus.dtype) - 1}, but "
+                        f"the tokenizer has {vocabulary} tokens; tokenize it again with `parallax tokenize`")
+    meta = read_meta(prefix)
+    if tokenizer_check:
+        own = fingerprint(tokenizer.to_str())
+        if meta is None:
+            raise DataError(f"{meta_path(prefix)}: missing, so nothing says which tokenizer made {bin_path(prefix)}; "
+                            "set data.tokenizer_check: false for a corpus made elsewhere with data.tokenizer")
+        if meta.tokenizer_fingerprint != own:
+            raise DataError(f"{bin_path(prefix)}: tokenized with tokenizer {meta.tokenizer_fingerprint}, not with "
+                            f"data.tokenizer ({own}); tokenize it again with `parallax tokenize --tokenizer`, or set "
+                            "data.tokenizer_check: false if both give every token the same id")
+    if not corpus.documents:
+        raise DataError(f"{idx_path(prefix)}: the corpus has no documents; remove it from {field}")
+    per_shard = math.ceil(corpus.documents / TOKENIZED_SHARDS)
+    shards = tuple(Shard(prefix, "tokenized", cfg.text_field, first, min(first + per_shard, corpus.documents))
+                   for first in range(0, corpus.documents, per_shard))
+    largest = meta.largest_id if meta is not None and meta.documents == corpus.documents else corpus.largest_id()
+    return Source(str(prefix), cfg.weight, shards, (), largest)
+
+
+@lru_cache(maxsize=None)
+def open_token_file(prefix: Path) -> TokenFile:
+    """One mapping per corpus and process: every shard of a corpus reads the same pair."""
+    return TokenFile(prefix)
+
+
 def check_parquet(shard: Shard) -> None:
     """Reads only the footer, so checking thousands of shards stays cheap."""
     try:
@@ -101,8 +165,12 @@ def read_documents(shard: Shard, start: int = 0) -> Iterator[tuple[int, str]]:
     """Yields (index within the shard, text) from document `start` on; empty documents are dropped.
 
     Indices count every record, dropped or not, so a document's id never depends
-    on what the pipeline chose to skip.
+    on what the pipeline chose to skip. A tokenized shard yields views of its tokens
+    (read_tokenized).
     """
+    if shard.format == "tokenized":
+        yield from read_tokenized(shard, start)
+        return
     kwargs = {"sample_by": "document"} if shard.format == "text" else {}
     if shard.format == "parquet":
         kwargs["columns"] = [shard.text_field]
@@ -124,6 +192,17 @@ def read_documents(shard: Shard, start: int = 0) -> Iterator[tuple[int, str]]:
                 index += 1
     except (pyarrow.ArrowException, datasets.exceptions.DatasetGenerationError, ValueError) as error:  # incl. UnicodeDecodeError
         raise DataError(f"{shard.path}: {diagnose(shard, error)}") from None
+
+
+def read_tokenized(shard: Shard, start: int) -> Iterator[tuple[int, numpy.ndarray]]:
+    """(index in the corpus, its tokens as a view of the mapping) from document max(first, start) on: no copy,
+    no Python object but the view per document."""
+    corpus = open_token_file(shard.path)
+    first = max(shard.first, start)
+    starts, ends = corpus.document_spans(first, shard.stop)
+    for index, begin, end in zip(range(first, shard.stop), starts.tolist(), ends.tolist()):
+        if end > begin:
+            yield index, corpus.tokens[begin:end]
 
 
 def diagnose(shard: Shard, error: Exception) -> str:

@@ -93,7 +93,9 @@ class TokenFile:
         if actual < expected:
             raise DataError(f"{data}: {actual:,} bytes, shorter than the {expected:,} its index {index.name} says; "
                             "the copy is incomplete: copy or write the corpus again")
-        self.tokens = numpy.memmap(data, dtype=self.dtype, mode="r") if expected else numpy.zeros(0, self.dtype)
+        # a plain array over the mapping: slicing a numpy.memmap costs a subclass's bookkeeping per document
+        self.tokens = numpy.memmap(data, dtype=self.dtype, mode="r").view(numpy.ndarray) if expected \
+            else numpy.zeros(0, self.dtype)
 
     @property
     def token_count(self) -> int:
@@ -145,6 +147,16 @@ def read_meta(prefix: Path) -> CorpusMeta | None:
                         "`parallax tokenize`, or delete the file and set data.tokenizer_check: false") from None
 
 
+def write_index(path: Path, dtype: numpy.dtype, lengths: numpy.ndarray) -> None:
+    """The index of documents of `lengths` tokens lying back to back, one sequence each."""
+    pointers = numpy.concatenate([[0], numpy.cumsum(lengths)[:-1]]).astype(numpy.int64) * numpy.dtype(dtype).itemsize
+    with open(path, "wb") as out:
+        out.write(MAGIC + struct.pack("<QBQQ", VERSION, CODE_OF_DTYPE[numpy.dtype(dtype)], len(lengths), len(lengths) + 1))
+        out.write(numpy.asarray(lengths).astype(numpy.int32).tobytes())
+        out.write(pointers[:len(lengths)].tobytes())
+        out.write(numpy.arange(len(lengths) + 1, dtype=numpy.int64).tobytes())
+
+
 class TokenFileWriter:
     """Writes a corpus, one sequence per document, under temporary names; `finish` moves it into place.
 
@@ -179,13 +191,7 @@ class TokenFileWriter:
     def finish(self, tokenizer_fingerprint: str, largest_id: int | None = None) -> CorpusMeta:
         self.data.close()
         lengths = numpy.asarray(self.lengths, dtype=numpy.int64)
-        pointers = numpy.concatenate([[0], numpy.cumsum(lengths)[:-1]]).astype(numpy.int64) * self.dtype.itemsize
-        index = self.partial(idx_path(self.prefix))
-        with open(index, "wb") as out:
-            out.write(MAGIC + struct.pack("<QBQQ", VERSION, CODE_OF_DTYPE[self.dtype], len(lengths), len(lengths) + 1))
-            out.write(lengths.astype(numpy.int32).tobytes())
-            out.write(pointers[:len(lengths)].tobytes())
-            out.write(numpy.arange(len(lengths) + 1, dtype=numpy.int64).tobytes())
+        write_index(self.partial(idx_path(self.prefix)), self.dtype, lengths)
         meta = CorpusMeta(tokenizer_fingerprint, len(lengths), int(lengths.sum()),
                           self.largest if largest_id is None else largest_id)
         self.partial(meta_path(self.prefix)).write_text(meta.to_json(), encoding="utf-8")

@@ -11,13 +11,13 @@ loop would deal it; an incomplete last window is never evaluated.
 from dataclasses import replace
 import numpy
 import torch
+from tokenizers import Tokenizer
 
 from .config import DataConfig
 from .errors import DataError
 from .lane import Lane, Plan
-from .loader import training_plan
+from .loader import open_sources, training_plan
 from .masked_lm import EVALUATION_EPOCH
-from .sources import discover
 from .work import new_cursor
 
 
@@ -25,7 +25,8 @@ def validation_plan(cfg: DataConfig, seed: int) -> Plan:
     """The held-out documents (data.validation, else the training sources' held-out share), read once."""
     plan = training_plan(cfg, seed)
     if cfg.validation is not None:
-        plan = replace(plan, sources=tuple(discover(source, "data.validation") for source in cfg.validation))
+        tokenizer = Tokenizer.from_str(plan.tokenizer_json)
+        plan = replace(plan, sources=open_sources(cfg.validation, "data.validation", cfg, tokenizer))
     elif not plan.holdout:
         raise DataError("evaluation needs held-out data: set data.validation, or data.validation_fraction above 0")
     return replace(plan, validation=True, epochs=1, shuffle_buffer=1)

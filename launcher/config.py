@@ -329,19 +329,23 @@ class RunConfig(_Section):
         it, loading the tokenizer before they read data or build the model; load_config cannot: reading a config
         loads no tokenizer (`parallax plan` needs none). Batches of a caller's own need no tokenizer when
         model.vocab_size is set."""
-        from data_pipeline import load_tokenizer
+        from data_pipeline import largest_token_ids, load_tokenizer
         from data_pipeline.tokenizer import tokenizer_path
 
         vocab_size = self.model.vocab_size
         if vocab_size is not None and not tokenized:
             return vocab_size
         tokens = load_tokenizer(self.data).get_vocab_size()
-        if vocab_size is None:
-            return tokens
-        if vocab_size < tokens:
+        if vocab_size is not None and vocab_size < tokens:
             raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the {tokens} tokens of tokenizer "
                               f"{tokenizer_path(self.data)}: ids from {vocab_size} up have no embedding row; raise "
                               f"model.vocab_size to {tokens} or more, or remove it to take the tokenizer's")
+        vocab_size = vocab_size or tokens
+        for corpus, largest in largest_token_ids(self.data):
+            if largest >= vocab_size:
+                raise ConfigError(f"{corpus}.bin: holds token id {largest}, beyond the model's {vocab_size}-token "
+                                  f"vocabulary; set model.vocab_size to {largest + 1} or more, or tokenize the corpus "
+                                  "with data.tokenizer")
         return vocab_size
 
     def to_yaml(self) -> str:

@@ -1,0 +1,169 @@
+"""Issue 28 point 2: a tokenized corpus (.bin/.idx) keeps every guarantee of the streaming pipeline."""
+
+import numpy
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from data_pipeline import EOD, DataError, build_dataloader
+from data_pipeline.validation import validation_batches
+from data_pipeline.work import held_out
+
+from .corpora import id_config, token_counts, tokenized_copy, write_id_corpus
+from .test_reshard import start, train_steps
+from .test_resume import assert_bitwise_equal, run_and_resume
+
+STEPS_BEFORE_STOP = 4
+
+
+def tokenized_config(tmp_path, tokenizer, num_shards=7, docs_per_shard=12, **overrides):
+    """The id corpus, tokenized; returns (config reading the pair, {word: length})."""
+    lengths = write_id_corpus(tmp_path / "text", num_shards, docs_per_shard)
+    source = tokenized_copy(tmp_path / "text", tmp_path / "corpus", tokenizer)
+    return id_config(tmp_path, tokenizer, sources=[source], **overrides), lengths
+
+
+@pytest.mark.parametrize("dp_sizes", [(2, 1), (2, 4, 3)], ids=lambda sizes: "->".join(map(str, sizes)))
+def test_every_document_exactly_once_across_dp_changes(tmp_path, id_tokenizer, dp_sizes):
+    cfg, lengths = tokenized_config(tmp_path, id_tokenizer, epochs=1)
+    batches, states = [], None
+    for dp_size in dp_sizes[:-1]:
+        loaders = start(cfg, dp_size, states)
+        batches += train_steps(loaders, STEPS_BEFORE_STOP)
+        states = [loader.state_dict() for loader in loaders]
+        cursors = [cursor for state in states for lane in state["lanes"] for cursor in lane["sources"]]
+        assert any(c["buffer"] for c in cursors) and any(c["carry"] for c in cursors), "stop must catch work in flight"
+    for loader in start(cfg, dp_sizes[-1], states):
+        batches += list(loader)
+    counts = token_counts(batches, id_tokenizer)
+    assert {word: counts[word] for word in lengths} == lengths
+    assert counts[EOD] == len(lengths)
+
+
+def test_exact_resume_with_workers_mixed_with_a_text_source(tmp_path, id_tokenizer):
+    cfg, _ = tokenized_config(tmp_path, id_tokenizer, num_workers=2)
+    write_id_corpus(tmp_path / "more", num_shards=3, docs_per_shard=10, first_id=500)
+    cfg = cfg.model_copy(update={"sources": [*cfg.sources, cfg.sources[0].model_copy(
+        update={"path": tmp_path / "more", "format": None, "weight": 0.5})]})
+    assert_bitwise_equal(*run_and_resume(cfg, dp_size=2))
+
+
+def test_the_held_out_documents_are_chosen_by_identity_and_training_never_reads_them(tmp_path, id_tokenizer):
+    cfg, lengths = tokenized_config(tmp_path, id_tokenizer, epochs=1, validation_fraction=0.25)
+    held = {f"d{i}" for i in range(len(lengths)) if held_out("corpus", i, 0.25)}
+    assert 0 < len(held) < len(lengths)
+    trained = token_counts([batch for rank in range(2) for batch in build_dataloader(
+        cfg, micro_batch_size=2, dp_rank=rank, dp_size=2, seed=3)], id_tokenizer)
+    assert {word: trained[word] for word in lengths if word not in held} == {
+        word: length for word, length in lengths.items() if word not in held}
+    assert not held & set(trained)
+    one, two = ([torch.cat(rows) for rows in zip(*[validation_batches(
+        cfg, batches=100, micro_batch_size=4 // dp, grad_accum=1, dp_rank=r, dp_size=dp, seed=3) for r in range(dp)])]
+        for dp in (1, 2))
+    assert len(one) == len(two) > 1 and all(torch.equal(a, b) for a, b in zip(one, two))
+    assert set(token_counts(one, id_tokenizer)) - {EOD} <= held
+
+
+def test_the_shuffle_is_seeded(tmp_path, id_tokenizer):
+    cfg, _ = tokenized_config(tmp_path, id_tokenizer, num_workers=0)
+
+    def first(seed):
+        loader = build_dataloader(cfg, micro_batch_size=2, dp_rank=0, dp_size=1, seed=seed)
+        return torch.cat([next(loader) for _ in range(6)])
+
+    assert torch.equal(first(1), first(1)) and not torch.equal(first(1), first(2))
+
+
+def test_a_corpus_from_megatrons_preprocessing_trains_as_it_is(tmp_path, id_tokenizer):
+    """Written by megatron-core's own builder with no end-of-document tokens and no .meta.json: the pipeline adds
+    each document's end-of-document, and reads it once the user vouches for the tokenizer."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    lengths = write_id_corpus(tmp_path / "text", num_shards=3, docs_per_shard=10)
+    tokenizer = Tokenizer.from_file(str(id_tokenizer))
+    builder = IndexedDatasetBuilder(str(tmp_path / "megatron.bin"), dtype=numpy.uint16)
+    for word, length in lengths.items():
+        builder.add_document(torch.tensor([tokenizer.token_to_id(word)] * length), [length])
+    builder.finalize(str(tmp_path / "megatron.idx"))
+    source = {"path": tmp_path / "megatron", "format": "tokenized"}
+    with pytest.raises(DataError, match="megatron.meta.json: missing, so nothing says which tokenizer made"):
+        build_dataloader(id_config(tmp_path, id_tokenizer, sources=[source]), micro_batch_size=2, dp_rank=0,
+                         dp_size=1, seed=0)
+    cfg = id_config(tmp_path, id_tokenizer, sources=[source], epochs=1, tokenizer_check=False)
+    counts = token_counts(list(build_dataloader(cfg, micro_batch_size=2, dp_rank=0, dp_size=1, seed=0)), id_tokenizer)
+    assert {word: counts[word] for word in lengths} == lengths and counts[EOD] == len(lengths)
+
+
+def test_masked_lm_and_span_corruption_read_tokenized_corpora(tmp_path, stdlib_corpus, bpe_tokenizer):
+    source = tokenized_copy(stdlib_corpus, tmp_path / "corpus", bpe_tokenizer)
+    tokenizer = Tokenizer.from_file(str(bpe_tokenizer))
+    corpus_ids = set(numpy.fromfile(tmp_path / "corpus.bin", dtype=numpy.uint16).tolist())
+    for objective in ({"masked_lm": {}}, {"span_corruption": {}}):
+        cfg = id_config(tmp_path, bpe_tokenizer, sources=[source], seq_len=64, **objective)
+        batch = next(build_dataloader(cfg, micro_batch_size=4, dp_rank=0, dp_size=1, seed=0))
+        labels = batch["labels"][batch["labels"] >= 0].tolist()
+        assert batch["input_ids"].shape == (4, 64) and labels
+        special = {tokenizer.token_to_id(f"<extra_id_{k}>") for k in range(100)} | {tokenizer.token_to_id(EOD)}
+        assert set(labels) - special <= corpus_ids, objective
+
+
+def write_corpus(prefix, documents, dtype=numpy.uint16, fingerprint_of=None):
+    from data_pipeline.token_files import TokenFileWriter
+    from data_pipeline.tokenizer import fingerprint
+
+    writer = TokenFileWriter(prefix, dtype)
+    for document in documents:
+        writer.add_document(numpy.array(document))
+    writer.finish(fingerprint(Tokenizer.from_file(str(fingerprint_of)).to_str()) if fingerprint_of else "none")
+    return {"path": prefix, "format": "tokenized"}
+
+
+@pytest.mark.parametrize("problem,expected", [
+    ("no .idx", "corpus.idx: missing; a tokenized source needs both PREFIX.bin and PREFIX.idx"),
+    ("no .bin", "corpus.bin: missing; a tokenized source needs both PREFIX.bin and PREFIX.idx"),
+    ("short .bin", "corpus.bin: 58 bytes, shorter than the 60 its index corpus.idx says; the copy is incomplete"),
+    ("not an index", "corpus.idx: not a Megatron token index (no MMIDIDX header)"),
+    ("uint8 ids", "corpus.idx: stores uint8 ids, up to 255, but the tokenizer has 2003 tokens; tokenize it again"),
+    ("other tokenizer", "corpus.bin: tokenized with tokenizer "),
+])
+def test_bad_tokenized_corpora_are_refused_at_start_in_one_line_naming_the_file(tmp_path, id_tokenizer, problem,
+                                                                                    expected):
+    prefix = tmp_path / "corpus"
+    documents = [[5 + i] * 10 for i in range(3)]
+    if problem == "uint8 ids":
+        source = write_corpus(prefix, documents, numpy.uint8, fingerprint_of=id_tokenizer)
+    elif problem == "other tokenizer":
+        from .corpora import write_id_tokenizer
+
+        source = write_corpus(prefix, documents, fingerprint_of=write_id_tokenizer(tmp_path / "other.json", 2001))
+    else:
+        source = write_corpus(prefix, documents, fingerprint_of=id_tokenizer)
+    if problem == "no .idx":
+        (tmp_path / "corpus.idx").unlink()
+    elif problem == "no .bin":
+        (tmp_path / "corpus.bin").unlink()
+    elif problem == "short .bin":
+        (tmp_path / "corpus.bin").write_bytes((tmp_path / "corpus.bin").read_bytes()[:-2])
+    elif problem == "not an index":
+        (tmp_path / "corpus.idx").write_bytes(b"{}")
+    with pytest.raises(DataError) as error:
+        build_dataloader(id_config(tmp_path, id_tokenizer, sources=[source]), micro_batch_size=2, dp_rank=0,
+                         dp_size=1, seed=0)
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_ids_beyond_the_models_vocabulary_are_refused_before_the_model_is_built(tmp_path, id_tokenizer):
+    """A corpus made with a larger tokenizer (trusted with tokenizer_check: false) would fail at the first batch
+    holding such an id, maybe step 1000: the ranks check every corpus's largest id at start."""
+    from launcher.config import ConfigError, load_config
+
+    write_corpus(tmp_path / "corpus", [[7] * 10, [4999, 3]])
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  tokenizer: {id_tokenizer}\n  tokenizer_check: false\n  sources:\n"
+                      f"    - path: {tmp_path / 'corpus'}\n      format: tokenized\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as error:
+        load_config(config, ["model.vocab_size=2048"]).check_vocab_size()
+    assert str(error.value) == (f"{tmp_path / 'corpus'}.bin: holds token id 4999, beyond the model's 2048-token "
+                                "vocabulary; set model.vocab_size to 5000 or more, or tokenize the corpus with "
+                                "data.tokenizer")
+    assert load_config(config, ["model.vocab_size=5000"]).check_vocab_size() == 5000
