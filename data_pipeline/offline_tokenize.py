@@ -43,6 +43,7 @@ class Progress:
     shards_done: int
     shards_total: int
     seconds: float
+    workers: int
 
     @property
     def tokens_per_second(self) -> float:
@@ -67,7 +68,7 @@ def tokenize_corpus(sources: Iterable[Path | str | SourceConfig], prefix: Path, 
     `progress` is called after each shard.
     """
     configs = [s if isinstance(s, SourceConfig) else SourceConfig(path=Path(s)) for s in sources]
-    shards = [shard for cfg in configs for shard in discover(cfg, field="tokenize SOURCES").shards]
+    shards = [shard for cfg in configs for shard in discover(cfg, field="SOURCES").shards]
     tokenizer = load_tokenizer(tokenizer_cfg)
     encoding = Encoding(tokenizer, tokenizer.token_to_id(tokenizer_cfg.eod_token),
                         dtype_for(tokenizer.get_vocab_size()), fingerprint(tokenizer.to_str()))
@@ -84,7 +85,7 @@ def tokenize_corpus(sources: Iterable[Path | str | SourceConfig], prefix: Path, 
                 documents, tokens = documents + part.documents, tokens + part.tokens
                 largest = max(largest, part.largest_id)
                 if progress:
-                    progress(Progress(documents, tokens, done, len(shards), time.perf_counter() - start))
+                    progress(Progress(documents, tokens, done, len(shards), time.perf_counter() - start, workers))
                 remove_corpus(part_prefix)  # the disk holds the unappended parts, not a second copy of the corpus
         return writer.finish(encoding.fingerprint, largest)
     except BaseException:  # Ctrl-C too: nothing half-written may stay
