@@ -221,9 +221,12 @@ def _add_data_commands(commands) -> None:
         # The corpus holds no padding, so the eod token may stand for the pad that load_tokenizer asks for.
         tokenizer_cfg = DataConfig(tokenizer=args.tokenizer, eod_token=eod, pad_token=eod)
         shown = []
-        meta = tokenize_corpus(args.sources, prefix, tokenizer_cfg, args.workers,
-                               progress=lambda report: shown.append(_show_tokenize_progress(report)))
-        print(file=sys.stderr)  # ends the progress line, whose last state stays on screen
+        try:
+            meta = tokenize_corpus(args.sources, prefix, tokenizer_cfg, args.workers,
+                                   progress=lambda report: shown.append(_show_tokenize_progress(report)))
+        finally:
+            if shown:  # ends the progress line, whose last state stays on screen above a summary or an error
+                print(file=sys.stderr)
         last = shown[-1]
         print(f"parallax: wrote {prefix}.bin/.idx: {meta.documents:,} documents, {meta.tokens:,} tokens "
               f"({TokenFile(prefix).dtype}), {last.tokens_per_second:,.0f} tokens/s with {last.workers} workers")
