@@ -222,11 +222,15 @@ def _add_data_commands(commands) -> None:
         tokenizer_cfg = DataConfig(tokenizer=args.tokenizer, eod_token=eod, pad_token=eod)
         shown = []
         try:
-            meta = tokenize_corpus(args.sources, prefix, tokenizer_cfg, args.workers,
-                                   progress=lambda report: shown.append(_show_tokenize_progress(report)))
-        finally:
-            if shown:  # ends the progress line, whose last state stays on screen above a summary or an error
-                print(file=sys.stderr)
+            try:
+                meta = tokenize_corpus(args.sources, prefix, tokenizer_cfg, args.workers,
+                                       progress=lambda report: shown.append(_show_tokenize_progress(report)))
+            finally:
+                if shown:  # ends the progress line, whose last state stays on screen above a summary or an error
+                    print(file=sys.stderr)
+        except KeyboardInterrupt:  # Ctrl-C is no error to trace: the workers are gone and nothing half-written stays
+            print(f"parallax: interrupted; {prefix}.bin/.idx were left as they were", file=sys.stderr)
+            sys.exit(128 + signal.SIGINT)
         last = shown[-1]
         print(f"parallax: wrote {prefix}.bin/.idx: {meta.documents:,} documents, {meta.tokens:,} tokens "
               f"({TokenFile(prefix).dtype}), {last.tokens_per_second:,.0f} tokens/s with {last.workers} workers")
