@@ -120,7 +120,8 @@ def tokenized_parts(shards: list[Shard], parts_dir: Path, encoding: Encoding, wo
     # Largest first, so the last shards handed out are small and no worker is left with a big one while the
     # others idle; the parts are still appended in shard order.
     largest_first = sorted(tasks, key=lambda task: task[1].path.stat().st_size, reverse=True)
-    with multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker, initargs=(encoding, True)) as pool:
+    fork = multiprocessing.get_context("fork")
+    with fork.Pool(workers, initializer=_start_worker, initargs=(encoding, True)) as pool:
         finished: dict[int, tuple[Path, CorpusMeta]] = {}
         next_index = 0
         for index, part_prefix, meta in pool.imap_unordered(tokenize_shard, largest_first):
