@@ -191,7 +191,8 @@ def _add_fill_mask_command(commands) -> None:
 
 
 def _add_data_commands(commands) -> None:
-    """`prepare-data` and `prepare-tokenizer`: make the built-in corpus and a tokenizer.json ahead of a run."""
+    """`prepare-data`, `prepare-tokenizer` and `tokenize`: make the built-in corpus, a tokenizer.json and a
+    token corpus ahead of a run."""
     from data_pipeline.corpus import DEFAULT_MAX_BYTES, DEFAULT_NUM_SHARDS
 
     def prepare_data(args) -> None:
@@ -209,6 +210,31 @@ def _add_data_commands(commands) -> None:
         out = prepare_tokenizer(args.sources, output_file(args.out, "--out"), vocab_size=args.vocab_size)
         print(f"parallax: wrote byte-level BPE tokenizer ({args.vocab_size} tokens) to {out}")
 
+    def tokenize(args) -> None:
+        from data_pipeline.config import EOD, DataConfig
+        from data_pipeline.offline_tokenize import tokenize_corpus
+        from data_pipeline.token_files import TokenFile
+        from launcher.output_paths import output_file
+
+        prefix = output_file(args.out, "--out")
+        eod = args.eod_token or EOD
+        # The corpus holds no padding, so the eod token may stand for the pad that load_tokenizer asks for.
+        tokenizer_cfg = DataConfig(tokenizer=args.tokenizer, eod_token=eod, pad_token=eod)
+        shown = []
+        try:
+            try:
+                meta = tokenize_corpus(args.sources, prefix, tokenizer_cfg, args.workers,
+                                       progress=lambda report: shown.append(_show_tokenize_progress(report)))
+            finally:
+                if shown:  # ends the progress line, whose last state stays on screen above a summary or an error
+                    print(file=sys.stderr)
+        except KeyboardInterrupt:  # Ctrl-C is no error to trace: the workers are gone and nothing half-written stays
+            print(f"parallax: interrupted; {prefix}.bin/.idx were left as they were", file=sys.stderr)
+            sys.exit(128 + signal.SIGINT)
+        last = shown[-1]
+        print(f"parallax: wrote {prefix}.bin/.idx: {meta.documents:,} documents, {meta.tokens:,} tokens "
+              f"({TokenFile(prefix).dtype}), {last.tokens_per_second:,.0f} tokens/s with {last.workers} workers")
+
     data = commands.add_parser("prepare-data", help="write the built-in corpus (stdlib source) as shard files")
     data.add_argument("out_dir", help="directory for the .jsonl shards")
     data.add_argument("--max-bytes", type=positive_int, default=DEFAULT_MAX_BYTES,
@@ -221,6 +247,24 @@ def _add_data_commands(commands) -> None:
     tokenizer.add_argument("--out", required=True, help="where to write tokenizer.json")
     tokenizer.add_argument("--vocab-size", type=int, default=8192, help="default %(default)s")
     tokenizer.set_defaults(run=prepare_tokenizer)
+    corpus = commands.add_parser("tokenize", help="tokenize text sources once into a Megatron .bin/.idx corpus")
+    corpus.add_argument("sources", nargs="+", help="text/.jsonl/.parquet files or directories, in this order")
+    corpus.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.bin, PREFIX.idx, "
+                        "PREFIX.meta.json")
+    corpus.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                        help="processes, one shard file each at a time (default: one per CPU, at most one per shard)")
+    corpus.add_argument("--tokenizer", type=Path, default=None, metavar="tokenizer.json",
+                        help="default: the built-in tokenizer that training uses with no data.tokenizer")
+    corpus.add_argument("--eod-token", default=None, metavar="TOKEN",
+                        help="appended to every document (default: <|endoftext|>, the built-in tokenizer's)")
+    corpus.set_defaults(run=tokenize)
+
+
+def _show_tokenize_progress(report):
+    """Rewrites one stderr line in place per shard; returns the report, so the summary can quote the last."""
+    print(f"\r{report.documents:,} documents, {report.tokens:,} tokens, {report.tokens_per_second:,.0f} tokens/s, "
+          f"{report.shards_done}/{report.shards_total} shards", end="", file=sys.stderr, flush=True)
+    return report
 
 
 class _OneLineErrors(argparse.ArgumentParser):

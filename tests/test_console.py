@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PARALLAX = [sys.executable, "-c", "from launcher.cli import main; main()"]
-COMMANDS = ("train", "checkpoint", "prepare-data", "prepare-tokenizer", "plan", "submit", "status")
+COMMANDS = ("train", "checkpoint", "prepare-data", "prepare-tokenizer", "tokenize", "plan", "submit", "status")
 HEAVY_MODULES = ("torch", "deepspeed", "megatron", "datasets", "pydantic", "launcher.config")
 TINY = ["configs/gpt-tiny.yaml", "--nproc", "2", "model.num_layers=2"]
 

@@ -49,6 +49,8 @@ def places(tmp_path):
     (["prepare-data", "{FILE}"], "OUT_DIR {FILE} is a file; name a directory"),
     (["prepare-tokenizer", "{SOURCE}", "--out", "/proc/t.json"], f"--out /proc/t.json: {CANNOT_WRITE_PROC}"),
     (["prepare-tokenizer", "{SOURCE}", "--out", "{EMPTY}"], "--out {EMPTY} is a directory; name the file to write"),
+    (["tokenize", "{SOURCE}", "--out", "/proc/corpus"], f"--out /proc/corpus: {CANNOT_WRITE_PROC}"),
+    (["tokenize", "{SOURCE}", "--out", "{EMPTY}"], "--out {EMPTY} is a directory; name the file to write"),
 ])
 def test_a_destination_that_cannot_or_must_not_be_written_is_refused_in_one_line_before_the_work(
         places, capsys, monkeypatch, args, expected):
