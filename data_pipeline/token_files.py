@@ -8,7 +8,7 @@ offset (int64) and the sequence index where each document ends (int64, starting 
 
 Read and written here rather than through megatron-core because importing megatron.core costs ~5 s, which every
 DataLoader worker and every `parallax tokenize` process would pay for a format of five fields;
-tests/data/test_token_files.py proves the bytes equal megatron-core's writer's and its reader reads ours.
+tests/data/test_tokenize.py proves the bytes equal megatron-core's writer's and its reader reads ours.
 
 Beside the pair, PREFIX.meta.json records what `parallax tokenize` knew: the tokenizer's fingerprint, the
 document and token counts, the largest id. A corpus written elsewhere has none.

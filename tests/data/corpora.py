@@ -56,19 +56,8 @@ def id_config(corpus: Path, tokenizer: Path, **overrides) -> DataConfig:
 
 
 def tokenized_copy(corpus: Path, prefix: Path, tokenizer_path: Path) -> dict:
-    """`corpus`'s documents as `parallax tokenize` writes them (file by file, record by record, each ending with
-    end-of-document); returns the data.sources entry that reads the pair."""
-    import numpy
+    """`corpus` tokenized by `parallax tokenize`'s own function; returns the data.sources entry that reads it."""
+    from data_pipeline.offline_tokenize import tokenize_corpus
 
-    from data_pipeline.sources import discover
-    from data_pipeline.token_files import TokenFileWriter, dtype_for
-    from data_pipeline.tokenizer import fingerprint
-
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    writer = TokenFileWriter(prefix, dtype_for(tokenizer.get_vocab_size()))
-    eod = tokenizer.token_to_id(EOD)
-    for shard in discover(DataConfig(sources=[{"path": corpus}]).sources[0]).shards:
-        for line in shard.path.read_text(encoding="utf-8").splitlines():
-            writer.add_document(numpy.array(tokenizer.encode(json.loads(line)["text"]).ids + [eod]))
-    writer.finish(fingerprint(tokenizer.to_str()))
+    tokenize_corpus([corpus], prefix, DataConfig(tokenizer=tokenizer_path), workers=1)
     return {"path": prefix, "format": "tokenized"}
