@@ -195,3 +195,44 @@ def test_a_billion_token_corpus_starts_as_fast_as_a_million_token_one(tmp_path, 
     seconds_to_the_first_batch(1_000_000)  # first-use costs (imports, caches) are paid once, before timing
     small, large = seconds_to_the_first_batch(1_000_000), seconds_to_the_first_batch(1_000_000_000)
     assert large < 2 * small + 0.5, (small, large)
+
+
+def test_the_memory_task_draws_its_filler_from_a_tokenized_corpus(tmp_path, stdlib_corpus):
+    """data.fact_task (recurrent memory's task) reads its filler through the same lanes: from a tokenized corpus
+    too, the training documents' tokens for training and the held-out documents' for evaluation."""
+    from data_pipeline import DataConfig
+    from data_pipeline.config import FactTaskConfig
+    from data_pipeline.fact_task import FactTask
+    from data_pipeline.tokenizer import tokenizer_path
+
+    builtin = tokenizer_path(DataConfig())
+    source = tokenized_copy(stdlib_corpus, tmp_path / "corpus", builtin)
+    cfg = DataConfig(fact_task=FactTaskConfig(), sources=[source], tokenizer=builtin)
+    corpus = numpy.fromfile(tmp_path / "corpus.bin", dtype=numpy.uint16)
+    train, held = (FactTask.build(cfg, 32, seed=7, held_out=held_out).filler for held_out in (False, True))
+    assert len(train) > len(held) > 1000
+    padding = {Tokenizer.from_file(str(builtin)).token_to_id(cfg.pad_token)}  # this small corpus runs out: padded
+    assert set(train.tolist()) | set(held.tolist()) <= set(corpus.tolist()) | padding
+    starts = numpy.flatnonzero(corpus == held[0])
+    assert not any(numpy.array_equal(train[i:i + 16], held[:16]) for i in range(len(train) - 16)), \
+        "evaluation filler must come from held-out documents"
+    assert any(numpy.array_equal(corpus[i:i + 16], held[:16]) for i in starts)
+
+
+def test_tokenize_then_train_on_the_corpus_blended_with_text(tmp_path, stdlib_corpus):
+    """The user's trip, real processes: `parallax tokenize`, then 2 ranks train on the pair and on text."""
+    import subprocess
+
+    from tests.test_console import PARALLAX, REPO
+
+    def parallax(*args):
+        return subprocess.run([*PARALLAX, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+    tokenized = parallax("tokenize", str(stdlib_corpus), "--out", str(tmp_path / "corpus"), "--workers", "2")
+    assert tokenized.returncode == 0 and "parallax: wrote" in tokenized.stdout, tokenized.stderr[-2000:]
+    trained = parallax("train", "configs/gpt-tiny.yaml", "--nproc", "2", "model.num_layers=1", "train.steps=3",
+                       "train.eval_interval=0", f"logging.run_dir={tmp_path / 'run'}",
+                       f"data.sources=[{{path: {tmp_path / 'corpus'}, format: tokenized}}, "
+                       f"{{path: {stdlib_corpus}, weight: 0.5}}]")
+    assert trained.returncode == 0, (trained.stdout + trained.stderr)[-3000:]
+    assert "parallax: done: 3 steps" in trained.stdout + trained.stderr
