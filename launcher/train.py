@@ -19,6 +19,7 @@ from launcher.config import ConfigError, RunConfig
 from launcher.errors import SaveFailed
 from launcher.curriculum import MemoryCurriculum
 from launcher.evaluate import evaluator_for_run
+from launcher.faults import Faults
 from launcher.output_paths import output_directory
 from launcher.run_log import RunLog
 from launcher.step_metrics import StepMetrics
@@ -63,6 +64,8 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
     curriculum = MemoryCurriculum(cfg) if cfg.model.memory is not None or cfg.data.fact_task is not None else None
     _seed_everything(cfg.train.seed)
     model, engine = build_model_and_engine(cfg, topo, vocab_size, init_from=cfg.model.init_from)
+    faults = Faults.from_env(topo.rank)  # tests' injected failures (launcher/faults.py); none in a real run
+    faults.install(model)
     runner = step_runner(engine, cfg, topo)
     if batches is None and cfg.data.fact_task is not None:
         loader = FactTaskLoader(
@@ -105,6 +108,7 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
         metrics.restart_clock(_data_wait(loader))
     for step in range(first_step, cfg.train.steps + 1):
         stop_vote = StopVote(topo.control_group) if checkpoints else None  # travels while the step computes
+        faults.begin_step(step)
         lr = engine.get_lr()[0]
         micro_batches = [{name: tensor.to(topo.device) for name, tensor in model.batch_inputs(
             curriculum.window(next(stream), step) if curriculum else next(stream)).items()}
