@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, TypeAdapter, ValidationError,
-                      model_validator)
+                      field_validator, model_validator)
 
 from data_pipeline import DataConfig, DataError
 from data_pipeline.config import NUM_SENTINELS, MaskedLMConfig, SpanCorruptionConfig
@@ -83,6 +83,33 @@ class TrainConfig(_Section):
     memory_curriculum: Optional[MemoryCurriculumConfig] = Field(
         None, description="recurrent memory: grow the segments of a training sample over training; none: every "
         "sample has data.seq_len / model.memory.segment_len segments")
+    max_bad_steps: PositiveInt = Field(
+        10, description="stop the run after this many steps in a row skipped for a non-finite loss or gradient "
+        "norm (each is skipped on every rank, the weights untouched)")
+    skip_batches: list[tuple[PositiveInt, PositiveInt]] = Field(
+        [], description="[first, last] step ranges whose batches are read and dropped, with no update: what a "
+        "loss-spike rollback does, given from the start (e.g. to rerun past a bad stretch of data)")
+    spike: Optional[SpikeConfig] = Field(
+        None, description="roll back to the last checkpoint on a loss spike and skip the batches that led to it; "
+        "none: no rollback")
+
+    @field_validator("skip_batches")
+    @classmethod
+    def _ranges_ordered(cls, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        for first, last in ranges:
+            if first > last:
+                raise ValueError(f"[{first}, {last}] ends before it starts; give [first, last] step ranges")
+        return ranges
+
+
+class SpikeConfig(_Section):
+    """A loss spike (launcher/spikes.py): a step's loss above `factor` times the median of the `window` good
+    steps before it. The run goes back to its newest checkpoint from before the `skip` steps that end at the
+    spike, and drops their batches."""
+
+    factor: float = Field(gt=1, description="a spike is a loss above factor x the running median, e.g. 1.5")
+    window: PositiveInt = Field(50, description="good steps in the running median; no spike is called before it fills")
+    skip: PositiveInt = Field(10, description="the spike's step and the steps before it whose batches are dropped")
 
 
 class MemoryCurriculumConfig(_Section):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from launcher.config import load_config
 from launcher.console import failed_after_a_peer, quiet_deepspeed_op_loading, quiet_third_party, report_error_once
-from launcher.errors import (REQUEUE_EXIT_CODE, SAVE_FAILED_EXIT_CODE, USER_ERROR_EXIT_CODE, USER_ERRORS, SaveFailed,
-                             exit_with)
+from launcher.errors import (DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE, SAVE_FAILED_EXIT_CODE, USER_ERROR_EXIT_CODE,
+                             USER_ERRORS, SaveFailed, TrainingDiverged, exit_with)
 from launcher.slurm.env import SlurmError, set_torch_rendezvous
 from launcher.stopping import StopRequested, listen_for_stop_signals
 from parallel.checkpoint import CheckpointError
@@ -41,11 +41,14 @@ def main(argv=None) -> None:
         if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
             # torchrun restarted the ranks after a crash: the newest checkpoint is at least as new as the one named
             cfg.checkpoint.resume = "auto"
+            if job is train and (Path(cfg.logging.run_dir) / TrainingDiverged.MARKER).exists():
+                sys.exit(DIVERGED_EXIT_CODE)  # the round that diverged said why; these steps would diverge again
         job(cfg)
-    except (CheckpointError, SaveFailed) as e:  # every rank reached the same verdict together: rank 0 says it
+    except (CheckpointError, SaveFailed, TrainingDiverged) as e:  # every rank's verdict alike: rank 0 says it
         if rank == "0":
             print(f"parallax: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(SAVE_FAILED_EXIT_CODE if isinstance(e, SaveFailed) else USER_ERROR_EXIT_CODE)
+        codes = {SaveFailed: SAVE_FAILED_EXIT_CODE, TrainingDiverged: DIVERGED_EXIT_CODE}
+        sys.exit(codes.get(type(e), USER_ERROR_EXIT_CODE))
     except USER_ERRORS as e:  # one rank's problem, or every rank's (a file they all read): said once
         report_error_once(f"parallax: error (rank {rank}): {e}", e)
         sys.exit(USER_ERROR_EXIT_CODE)

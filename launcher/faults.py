@@ -1,8 +1,9 @@
 """Fault injection, for tests only: PARALLAX_FAULTS makes real ranks meet the failures long runs meet.
 
-The one switch is the environment variable PARALLAX_FAULTS, a `;`-separated list of KIND@STEP:RANK[:SECONDS]:
+The one switch is the environment variable PARALLAX_FAULTS, a `;`-separated list of KIND@STEP:RANK[:AMOUNT]:
 - `nan_loss@3:1`: rank 1's loss is NaN at step 3 (its backward makes every gradient NaN);
 - `nan_grad@3:1`: rank 1's gradients are NaN at step 3, its loss finite;
+- `spike@3:1:50`: rank 1's loss (and so its gradients) is 50 times what it is at step 3: a loss spike;
 - `delay@3:1:0.5`: rank 1 computes 0.5 s longer at step 3 (it burns CPU in the training thread, as a slow
   device would make it late);
 - `stall@3:1:60`: rank 1 stops for 60 s at step 3, before its first collective, where its peers then wait.
@@ -19,8 +20,8 @@ from typing import Literal
 import torch
 
 ENV = "PARALLAX_FAULTS"
-Kind = Literal["nan_loss", "nan_grad", "delay", "stall"]
-KINDS = ("nan_loss", "nan_grad", "delay", "stall")
+Kind = Literal["nan_loss", "nan_grad", "spike", "delay", "stall"]
+KINDS = ("nan_loss", "nan_grad", "spike", "delay", "stall")
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Fault:
     kind: Kind
     step: int
     rank: int
-    seconds: float = 0.0
+    amount: float = 0.0  # seconds for delay and stall, the factor for spike
 
 
 def parse(spec: str) -> tuple[Fault, ...]:
@@ -36,12 +37,12 @@ def parse(spec: str) -> tuple[Fault, ...]:
     for item in filter(None, (part.strip() for part in spec.split(";"))):
         try:
             kind, where = item.split("@")
-            step, rank, *seconds = where.split(":")
+            step, rank, *amount = where.split(":")
             if kind not in KINDS:
                 raise ValueError(kind)
-            faults.append(Fault(kind, int(step), int(rank), float(seconds[0]) if seconds else 0.0))
+            faults.append(Fault(kind, int(step), int(rank), float(amount[0]) if amount else 0.0))
         except ValueError:
-            raise ValueError(f"{ENV}: {item!r} is not KIND@STEP:RANK[:SECONDS] with KIND one of "
+            raise ValueError(f"{ENV}: {item!r} is not KIND@STEP:RANK[:AMOUNT] with KIND one of "
                              f"{', '.join(KINDS)}") from None
     return tuple(faults)
 
@@ -63,25 +64,27 @@ class Faults:
 
     def install(self, model: torch.nn.Module) -> None:
         """The loss is the model's output (or its first element); the gradient hook is on every parameter."""
-        if any(f.kind == "nan_loss" for f in self.faults):
-            model.register_forward_hook(self._poison_loss)
+        if any(f.kind in ("nan_loss", "spike") for f in self.faults):
+            model.register_forward_hook(self._scale_loss)
         if any(f.kind == "nan_grad" for f in self.faults):
             for parameter in model.parameters():
                 if parameter.requires_grad:
                     parameter.register_hook(lambda grad: grad * float("nan") if self.at("nan_grad") else grad)
 
-    def _poison_loss(self, module, inputs, output):
-        if not (module.training and self.at("nan_loss")):
+    def _scale_loss(self, module, inputs, output):
+        fault = self.at("nan_loss") or self.at("spike")
+        if not (module.training and fault):
             return output
+        factor = float("nan") if fault.kind == "nan_loss" else fault.amount
         if isinstance(output, tuple):
-            return (output[0] * float("nan"), *output[1:])
-        return output * float("nan")
+            return (output[0] * factor, *output[1:])
+        return output * factor
 
     def begin_step(self, step: int) -> None:
         self.step = step
         if delay := self.at("delay"):
-            deadline = time.thread_time() + delay.seconds
+            deadline = time.thread_time() + delay.amount
             while time.thread_time() < deadline:  # busy, as a slow device keeps its rank busy
                 pass
         if stall := self.at("stall"):
-            time.sleep(stall.seconds)
+            time.sleep(stall.amount)

@@ -71,6 +71,19 @@ class RunLog:
         print(f"{chr(10) if self.live else ''}eval after step {record['step']}: loss {record['eval_loss']:.4f}  "
               f"{figures} in {record['eval_seconds']:.1f}s{share})", flush=True)
 
+    def rollback(self, spike: dict, median: float, to_step: int, dropped: tuple[int, int]) -> None:
+        """A loss spike's rollback (launcher/spikes.py): one line, and one record in metrics.jsonl, whose records
+        of the steps after `to_step` the run then writes again."""
+        if not self.enabled:
+            return
+        record = {"step": spike["step"], "spike_loss": spike["loss"], "spike_median": median,
+                  "rolled_back_to": to_step, "dropped_batches": list(dropped)}
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        print(f"{chr(10) if self.live else ''}parallax: loss spike at step {spike['step']}: {spike['loss']:.4f}, "
+              f"{spike['loss'] / median:.1f}x the median {median:.4f}; rolled back to step {to_step}, dropping the "
+              f"batches of steps {dropped[0]}-{dropped[1]}", flush=True)
+
     def close(self, summary: str) -> None:
         if self.tensorboard:
             self.tensorboard.close()

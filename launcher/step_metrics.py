@@ -22,6 +22,7 @@ class StepMetrics:
         self.topo = topo
         self.loss_divisor = micro_batches_per_step * topo.dp  # the loss sums of every micro-batch of every DP rank
         self.pending: list[dict] = []
+        self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient norm, this launch
         self.restart_clock(data_wait)
 
     def restart_clock(self, data_wait: float) -> None:
@@ -29,14 +30,17 @@ class StepMetrics:
         self.started, self.data_wait_at_start = time.perf_counter(), data_wait
 
     def add(self, step: int, loss_sum: torch.Tensor, lr: float, grad_norm, loss_scale, tokens: int,
-            segments: Optional[int] = None) -> None:
+            segments: Optional[int] = None, skipped: Optional[str] = None) -> None:
         """One step's figures as the engine left them: `loss_sum` and `grad_norm` may be device tensors.
         `tokens`: what the step trained on, all ranks together; `segments`: a memory model's segments per sample,
-        which its curriculum may change from step to step."""
+        which its curriculum may change from step to step; `skipped`: why the step made no update ("non-finite"
+        loss or gradient norm, or its batch "dropped"), None when it made one."""
         if isinstance(grad_norm, torch.Tensor):
             grad_norm = grad_norm.detach().clone()  # the engine may reuse its tensor next step
+        self.skipped_steps += skipped == "non-finite"
         self.pending.append({"step": step, "loss_sum": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                             "loss_scale": loss_scale, "tokens": tokens, "segments": segments})
+                             "loss_scale": loss_scale, "tokens": tokens, "segments": segments, "skipped": skipped,
+                             "skipped_steps": self.skipped_steps})
 
     def read(self, data_wait: float, moe: list[dict]) -> list[dict]:
         """Every pending step's record; the last one also carries the interval's throughput, the
@@ -49,8 +53,9 @@ class StepMetrics:
         self.topo.sum_scored(losses)
         losses = (losses / self.loss_divisor).tolist()
         records = [{"step": p["step"], "loss": loss, "lr": p["lr"], "grad_norm": _as_float(p["grad_norm"]),
-                    "loss_scale": _as_float(p["loss_scale"]),
-                    **({"segments": p["segments"]} if p["segments"] is not None else {})}
+                    "loss_scale": _as_float(p["loss_scale"]), "skipped_steps": p["skipped_steps"],
+                    **({"segments": p["segments"]} if p["segments"] is not None else {}),
+                    **({"skipped": p["skipped"]} if p["skipped"] else {})}
                    for p, loss in zip(self.pending, losses)]
         steps = len(records)
         records[-1].update({

@@ -78,6 +78,7 @@ class TensorBoardLog:
                 "train/lr": record["lr"],
                 "train/grad_norm": record["grad_norm"],
                 "train/loss_scale": record.get("loss_scale"),
+                "train/skipped_steps": record.get("skipped_steps"),
                 "time/checkpoint_save_seconds": record.get("checkpoint_save_seconds"),
             }
             if "step_seconds" in record:

@@ -16,19 +16,20 @@ import torch
 from data_pipeline import build_dataloader
 from data_pipeline.fact_task import FactTask, FactTaskLoader
 from launcher.config import ConfigError, RunConfig
-from launcher.errors import SaveFailed
+from launcher.errors import SaveFailed, TrainingDiverged
 from launcher.curriculum import MemoryCurriculum
 from launcher.evaluate import evaluator_for_run
 from launcher.faults import Faults
 from launcher.output_paths import output_directory
 from launcher.run_log import RunLog
+from launcher.spikes import SpikeDetector
 from launcher.step_metrics import StepMetrics
 from launcher.stopping import StopRequested, StopVote
 from launcher.tensorboard_log import TensorBoardLog
 from models import build_model
 from models.blocks import IGNORE_INDEX
 from models.huggingface import import_directory
-from parallel.checkpoint import Checkpointer, Resumed, load_full_state
+from parallel.checkpoint import Checkpointer, Resumed, checkpoints_newest_first, load_full_state
 from parallel.engine import build_engine, building_model, loss_scale
 from parallel.pipeline import moe_metrics_of_every_stage, stage_options, step_runner, whole_model_parameter_counts
 from parallel.pipeline.tied import mark_tied_copy
@@ -57,6 +58,7 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
         raise ConfigError("train.precision=fp16 needs CUDA (DeepSpeed's loss scaler); use bf16 or fp32 on CPU")
     if topo.is_logging_rank:  # the one rank that writes it, before the seconds of building, not after
         output_directory(cfg.logging.run_dir, "logging.run_dir")
+        (Path(cfg.logging.run_dir) / TrainingDiverged.MARKER).unlink(missing_ok=True)  # a launch starts afresh
     if cfg.checkpoint.dir:  # every rank writes its shard there, first at the first save: hours in, maybe
         output_directory(cfg.checkpoint.dir, "checkpoint.dir")
     vocab_size = cfg.check_vocab_size(tokenized=batches is None or cfg.train.eval_interval > 0)
@@ -103,31 +105,64 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
     first_step, tokens_seen = resumed.step + 1, resumed.tokens
     first_loss = last_loss = None
     pending_save = None  # the checkpoint being written in the background while training goes on
+    dropped = {step for first, last in cfg.train.skip_batches for step in range(first, last + 1)}
+    spikes = SpikeDetector(cfg.train.spike) if cfg.train.spike and checkpoints else None
+    bad_in_a_row = 0  # steps skipped for a non-finite loss or gradient norm, up to this one
     if evaluate and first_step == 1:
         _log_evaluation(evaluate(runner, step=0), log, records)
         metrics.restart_clock(_data_wait(loader))
-    for step in range(first_step, cfg.train.steps + 1):
+    step = first_step
+    while step <= cfg.train.steps:
         stop_vote = StopVote(topo.control_group) if checkpoints else None  # travels while the step computes
         faults.begin_step(step)
         lr = engine.get_lr()[0]
         micro_batches = [{name: tensor.to(topo.device) for name, tensor in model.batch_inputs(
             curriculum.window(next(stream), step) if curriculum else next(stream)).items()}
             for _ in range(cfg.train.grad_accum)] if stream is not None else []
-        loss_sum = runner.train_step(micro_batches, **per_token_loss(micro_batches, topo, cfg))
+        if step in dropped:  # read and dropped, as a spike's rollback drops it: no forward, no update
+            loss_sum, skipped = torch.full((), float("nan"), device=topo.device), "dropped"
+        else:
+            skipped_before = engine.skipped_steps  # the engine's optimizer skips a non-finite step on every rank
+            loss_sum = runner.train_step(micro_batches, **per_token_loss(micro_batches, topo, cfg))
+            skipped = "non-finite" if engine.skipped_steps > skipped_before else None
+        bad_in_a_row = bad_in_a_row + 1 if skipped == "non-finite" else 0
+        diverged = bad_in_a_row >= cfg.train.max_bad_steps
         segments = curriculum.segments_at(step) if curriculum else None
         tokens = sequences_per_step * (segments * curriculum.segment_len if curriculum else cfg.data.seq_len)
-        metrics.add(step, loss_sum, lr, engine.get_global_grad_norm(), loss_scale(engine), tokens, segments)
+        grad_norm = None if skipped == "dropped" else engine.get_global_grad_norm()
+        metrics.add(step, loss_sum, lr, grad_norm, loss_scale(engine), tokens, segments, skipped)
         tokens_seen += tokens
 
         stop_signal = stop_vote.received() if stop_vote else None
         stopping = checkpoints is not None and (stop_signal is not None or step == cfg.train.stop_at_step)
         last = step == cfg.train.steps
-        save = checkpoints is not None and (
-            stopping or last or (cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0))
+        # no save mid-streak of non-finite steps: the checkpoints from before it are the ones to keep
+        save = checkpoints is not None and not diverged and (stopping or last or (
+            cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0 and skipped != "non-finite"))
         evaluating = evaluate is not None and (last or step % cfg.train.eval_interval == 0)
-        if not (save or evaluating or last or step == first_step or step % cfg.logging.interval == 0):
+        if not (save or evaluating or last or diverged or step == first_step or step % cfg.logging.interval == 0):
+            step += 1
             continue
         step_records = metrics.read(_data_wait(loader), moe_metrics_of_every_stage(model, topo))
+        for record in step_records:
+            if record.get("skipped") == "non-finite":
+                log.say(f"step {record['step']} skipped on every rank: non-finite loss or gradient norm "
+                        f"({record['skipped_steps']} so far; train.max_bad_steps={cfg.train.max_bad_steps} in a row "
+                        "stop the run)")
+        if spikes and (spike := spikes.first_spike(step_records)):
+            log.write(step_records)
+            first_dropped, last_dropped = spikes.dropped_steps(spike["step"])
+            back = checkpoints.roll_back(before_step=first_dropped)
+            if back is not None:
+                dropped.update(range(first_dropped, last_dropped + 1))
+                spikes.rolled_back_to(back.step)
+                log.rollback(spike, spikes.median(), back.step, (first_dropped, last_dropped))
+                step, tokens_seen, bad_in_a_row = back.step + 1, back.tokens, 0
+                stream = iter(loader) if topo.reads_batches else None  # the loader is back at that step too
+                metrics.restart_clock(_data_wait(loader))
+                continue
+            log.say(f"warning: loss spike at step {spike['step']} ({spike['loss']:.4f}) but no checkpoint from "
+                    f"before step {first_dropped} to roll back to: going on")
         evaluation = evaluate(runner, step) if evaluating else None
         if stopping and not last:
             log.say(f"stopping after step {step} ({stop_signal.name if stop_signal else 'train.stop_at_step'}): "
@@ -149,8 +184,11 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
         metrics.restart_clock(_data_wait(loader))  # throughput counts training: not evaluating, saving or logging
         first_loss = step_records[0]["loss"] if first_loss is None else first_loss
         last_loss = step_records[-1]["loss"]
+        if diverged:
+            raise _diverged(step, cfg, run_dir, checkpoints, pending_save, topo)
         if stopping and not last:
             raise StopRequested(step)
+        step += 1
     summary = f"loss {first_loss:.3f} -> {last_loss:.3f}" if first_loss is not None else "nothing left to train"
     log.close(f"parallax: done: {cfg.train.steps} steps, {summary}, run dir {run_dir}")
 
@@ -180,6 +218,21 @@ def _schedule(cfg: RunConfig) -> str:
     schedule = f"interleaved-1f1b(virtual_stages={p.virtual_stages})" if p.virtual_stages > 1 else "1f1b"
     return (f" schedule={schedule} micro_batches={cfg.train.grad_accum} "
             f"stage_layers={[len(layers) for layers in cfg.stage_layers()]} bubble={cfg.pipeline_bubble():.1%}")
+
+
+def _diverged(step: int, cfg: RunConfig, run_dir: Path, checkpoints, pending_save, topo: Topology) -> TrainingDiverged:
+    """The run's last line, left in RUN_DIR for an automatic restart to stop on (launcher/entry.py)."""
+    if pending_save is not None:
+        pending_save.wait()
+    newest = checkpoints_newest_first(checkpoints.root) if checkpoints else []
+    where = f"its last checkpoint, {newest[0]}, is from before them" if newest else "no checkpoint was saved"
+    error = TrainingDiverged(
+        f"steps {step - cfg.train.max_bad_steps + 1}-{step} all had a non-finite loss or gradient norm "
+        f"(train.max_bad_steps={cfg.train.max_bad_steps}) and were skipped; {where}. Lower optim.lr, or resume "
+        "past the bad data with train.skip_batches")
+    if topo.is_logging_rank:
+        (run_dir / TrainingDiverged.MARKER).write_text(f"{error}\n")
+    return error
 
 
 def _log_evaluation(record: dict, log: RunLog, records: Optional[list]) -> None:

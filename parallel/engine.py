@@ -127,12 +127,16 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology):
 
 def _adapt_plain_fp32_path(engine, dp: int) -> None:
     """At ZeRO-0 in fp32 no DeepSpeed optimizer wrapper sits between the engine and AdamW, and
-    that path has three gaps:
+    that path has four gaps:
+    - a non-finite gradient is applied: the weights and moments become NaN, where DeepSpeed's optimizers at
+      every other stage and precision skip the step (their `overflow`), and the engine then leaves the LR
+      schedule alone and counts the step in `skipped_steps`: skip it the same way;
     - the engine computes the TP-aware global gradient norm to clip and drops it, while every other
-      stage and precision records it for `get_global_grad_norm()`: keep it;
+      stage and precision records it for `get_global_grad_norm()`: keep it (with no clipping too);
     - that norm counts a pipeline's tied-embedding copy a second time (the optimizers skip it);
     - with one data-parallel rank it still copies every gradient into a bucket and all-reduces it
       over a group of one (measured: ~1.6% of a step): skip that.
+    The skip reads the norm on the host once per step, as DeepSpeed's optimizers do on every other path.
     """
     if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
         return
@@ -143,14 +147,20 @@ def _adapt_plain_fp32_path(engine, dp: int) -> None:
     params = list(engine.module.parameters())
     copies = [p for p in params if is_copy_across_stages(p)]  # a pipeline's last-stage copy of a tied embedding
     originals = [p for p in params if not is_copy_across_stages(p)]
+    optimizer, take_step = engine.optimizer, engine.optimizer.step
+    max_norm = engine.gradient_clipping() or math.inf  # inf: the norm is taken, nothing is clipped
 
-    def clip_and_keep_norm():
+    def step_unless_non_finite(*args, **kwargs):
         # DeepSpeed's clip counts every parameter it is given: the copy is left out of the norm and then clipped
         # by the coefficient its original was clipped by, so the two stay equal.
-        engine._global_grad_norm = clip_grad_norm_(originals, max_norm=engine.gradient_clipping(), mpu=engine.mpu)
-        torch.nn.utils.clip_grads_with_norm_(copies, engine.gradient_clipping(), engine._global_grad_norm)
+        engine._global_grad_norm = clip_grad_norm_(originals, max_norm=max_norm, mpu=engine.mpu)
+        torch.nn.utils.clip_grads_with_norm_(copies, max_norm, engine._global_grad_norm)
+        optimizer.overflow = not bool(torch.isfinite(engine._global_grad_norm).all())
+        if not optimizer.overflow:
+            take_step(*args, **kwargs)
 
-    engine.clip_fp32_gradients = clip_and_keep_norm
+    engine.clip_fp32_gradients = lambda: None  # clipped in the step above, where the norm is also checked
+    optimizer.step = step_unless_non_finite
     if dp == 1:
         engine.enable_backward_allreduce = False
 

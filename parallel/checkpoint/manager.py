@@ -218,6 +218,23 @@ class Checkpointer:
                       f"{self.cfg.checkpoint.keep})")
         return Resumed()
 
+    def roll_back(self, before_step: int) -> Optional[Resumed]:
+        """Load this run's most recently saved usable checkpoint of a step below `before_step` (a loss spike's
+        rollback): None if there is none, the engine then untouched. Waits for a save in flight first."""
+        if self._pending is not None:
+            self._pending.wait()
+        for path in storage.checkpoints_newest_first(self.root):
+            if int(path.name[len("step-"):]) >= before_step:
+                continue
+            resumed, problem, wrote_engine = self._load(path)
+            if problem is None:
+                return resumed
+            if wrote_engine:
+                raise CheckpointError(f"cannot roll back: {problem}; the engine holds part of it. Relaunch, which "
+                                      "resumes from the newest usable checkpoint")
+            self._say(f"warning: cannot roll back to {path.name}: {problem}")
+        return None
+
     def _load(self, path: Path) -> tuple[Optional[Resumed], Optional[str], bool]:
         """Load checkpoint `path` into the engine, the generators, the scheduler and the loader: where to go on
         from, or the one line saying why it cannot be used, the same on every rank, and whether the engine
