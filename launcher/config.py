@@ -110,6 +110,9 @@ class SpikeConfig(_Section):
     factor: float = Field(gt=1, description="a spike is a loss above factor x the running median, e.g. 1.5")
     window: PositiveInt = Field(50, description="good steps in the running median; no spike is called before it fills")
     skip: PositiveInt = Field(10, description="the spike's step and the steps before it whose batches are dropped")
+    lr_factor: float = Field(1.0, gt=0, le=1, description="after a rollback, train at this fraction of the "
+                             "scheduled learning rate for lr_steps steps; 1: as scheduled")
+    lr_steps: NonNegativeInt = Field(0, description="how many steps after a rollback train at lr_factor")
 
 
 class MemoryCurriculumConfig(_Section):

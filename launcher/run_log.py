@@ -41,7 +41,7 @@ class RunLog:
         record = records[-1]
         step = record["step"]
         line = (
-            f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}  loss {record['loss']:.4f}  "
+            f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}  loss {_fmt(record['loss'], 4)}  "
             f"lr {record['lr']:.2e}  grad-norm {_fmt(record['grad_norm'])}  tokens/s {record['tokens_per_s']:,.0f}"
         )
         if self.live:
@@ -109,5 +109,5 @@ def _cut_torn_last_line(path: Path) -> int:
     return size - keep
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def _fmt(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"

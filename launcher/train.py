@@ -108,6 +108,7 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
     dropped = {step for first, last in cfg.train.skip_batches for step in range(first, last + 1)}
     spikes = SpikeDetector(cfg.train.spike) if cfg.train.spike and checkpoints else None
     bad_in_a_row = 0  # steps skipped for a non-finite loss or gradient norm, up to this one
+    lowered_lr = range(0)  # the steps after a spike's rollback that train at train.spike.lr_factor
     if evaluate and first_step == 1:
         _log_evaluation(evaluate(runner, step=0), log, records)
         metrics.restart_clock(_data_wait(loader))
@@ -115,6 +116,8 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
     while step <= cfg.train.steps:
         stop_vote = StopVote(topo.control_group) if checkpoints else None  # travels while the step computes
         faults.begin_step(step)
+        if step in lowered_lr:
+            _scale_lr(engine, cfg.train.spike.lr_factor)
         lr = engine.get_lr()[0]
         micro_batches = [{name: tensor.to(topo.device) for name, tensor in model.batch_inputs(
             curriculum.window(next(stream), step) if curriculum else next(stream)).items()}
@@ -158,6 +161,7 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
                 spikes.rolled_back_to(back.step)
                 log.rollback(spike, spikes.median(), back.step, (first_dropped, last_dropped))
                 step, tokens_seen, bad_in_a_row = back.step + 1, back.tokens, 0
+                lowered_lr = range(last_dropped + 1, last_dropped + 1 + cfg.train.spike.lr_steps)
                 stream = iter(loader) if topo.reads_batches else None  # the loader is back at that step too
                 metrics.restart_clock(_data_wait(loader))
                 continue
@@ -182,8 +186,9 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
         if evaluation:
             _log_evaluation(evaluation, log, records)
         metrics.restart_clock(_data_wait(loader))  # throughput counts training: not evaluating, saving or logging
-        first_loss = step_records[0]["loss"] if first_loss is None else first_loss
-        last_loss = step_records[-1]["loss"]
+        losses = [record["loss"] for record in step_records if record["loss"] is not None]  # none: batches dropped
+        first_loss = losses[0] if first_loss is None and losses else first_loss
+        last_loss = losses[-1] if losses else last_loss
         if diverged:
             raise _diverged(step, cfg, run_dir, checkpoints, pending_save, topo)
         if stopping and not last:
@@ -233,6 +238,14 @@ def _diverged(step: int, cfg: RunConfig, run_dir: Path, checkpoints, pending_sav
     if topo.is_logging_rank:
         (run_dir / TrainingDiverged.MARKER).write_text(f"{error}\n")
     return error
+
+
+def _scale_lr(engine, factor: float) -> None:
+    """This step's learning rate is `factor` x the scheduled one; the scheduler computes the next from its own
+    count, so the lowering ends when the loop stops asking for it."""
+    scheduler = engine.lr_scheduler
+    for group, scheduled in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = scheduled * factor
 
 
 def _log_evaluation(record: dict, log: RunLog, records: Optional[list]) -> None:

@@ -17,7 +17,7 @@ PARALLAX = [sys.executable, "-c", "from launcher.cli import main; main()"]
 
 
 def figures(records: list[dict], *names: str) -> list[tuple]:
-    return [tuple(record[name] for name in ("step", *names)) for record in records]
+    return [tuple(record.get(name) for name in ("step", *names)) for record in records]
 
 
 @pytest.mark.parametrize("name", ["nan_loss_skipped_dp2_zero0", "nan_grad_skipped_dp2_zero2",
@@ -30,7 +30,7 @@ def test_a_non_finite_step_is_skipped_everywhere_and_the_run_ends_as_one_that_dr
     result = scenario_results(name)
     skipped, dropped = result["skipped"], result["dropped"]
     assert skipped[2]["skipped"] == "non-finite" and skipped[2]["skipped_steps"] == 1
-    assert dropped[2]["skipped"] == "dropped" and dropped[2]["grad_norm"] is None
+    assert dropped[2]["skipped"] == "dropped" and dropped[2]["loss"] is dropped[2]["grad_norm"] is None
     later = [record for record in skipped if record["step"] != 3]
     assert figures(later, "loss", "grad_norm", "lr") == figures(
         [record for record in dropped if record["step"] != 3], "loss", "grad_norm", "lr")
@@ -55,6 +55,9 @@ def test_a_loss_spike_rolls_back_and_the_run_ends_as_one_told_to_drop_those_batc
     assert figures(result["rolled_back"], "loss", "grad_norm", "lr", "skipped") == figures(
         result["dropped"], "loss", "grad_norm", "lr", "skipped")
     assert [record["step"] for record in result["rolled_back"]] == list(range(1, 9))
+    lowered, scheduled = result["lowered_lr"], result["dropped"]
+    assert lowered[6]["lr"] == scheduled[6]["lr"] / 2 and lowered[7]["lr"] == scheduled[7]["lr"]  # steps 7 and 8
+    assert lowered[6]["loss"] == scheduled[6]["loss"] and lowered[7]["loss"] != scheduled[7]["loss"]
 
 
 def test_a_diverged_run_exits_with_its_code_in_one_line_and_a_restart_does_not_train_into_it_again(tmp_path):

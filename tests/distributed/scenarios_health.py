@@ -81,6 +81,9 @@ def spike_rolled_back():
     with faults("spike@6:0:100"):
         rolled_back = health_run("spike", *spike, *layout(1, 2, 1))
     metrics = (run_dir("spike") / "metrics.jsonl").read_text().splitlines()
-    return {"rolled_back": rolled_back, "metrics": metrics,
+    with faults("spike@6:0:100"):
+        lowered = health_run("spike-lowered-lr", "train.spike={factor: 3, window: 3, skip: 2, lr_factor: 0.5, "
+                             "lr_steps: 1}", *spike[1:], *layout(1, 2, 1))
+    return {"rolled_back": rolled_back, "metrics": metrics, "lowered_lr": lowered,
             "dropped": health_run("spike-dropped", "train.skip_batches=[[5, 6]]", "checkpoint.interval=2",
                                   *layout(1, 2, 1))}
