@@ -31,7 +31,12 @@ def train_steps(loaders, steps):
 @pytest.mark.parametrize("dp_sizes", [(2, 1), (2, 4), (4, 2), (2, 4, 3)], ids=lambda sizes: "->".join(map(str, sizes)))
 def test_every_document_exactly_once_across_dp_changes(tmp_path, id_tokenizer, dp_sizes):
     lengths = write_id_corpus(tmp_path / "corpus", num_shards=7, docs_per_shard=12)
-    cfg = id_config(tmp_path / "corpus", id_tokenizer, epochs=1)
+    assert_exactly_once_across(dp_sizes, id_config(tmp_path / "corpus", id_tokenizer, epochs=1), lengths, id_tokenizer)
+
+
+def assert_exactly_once_across(dp_sizes, cfg, lengths: dict[str, int], tokenizer) -> None:
+    """Train STEPS_BEFORE_STOP steps at each DP size in turn, resuming from the last's states, then run dry at the
+    last: every document's tokens are counted exactly its length, and one end-of-document each."""
     batches, states = [], None
     for dp_size in dp_sizes[:-1]:
         loaders = start(cfg, dp_size, states)
@@ -41,7 +46,7 @@ def test_every_document_exactly_once_across_dp_changes(tmp_path, id_tokenizer, d
         assert any(c["buffer"] for c in cursors) and any(c["carry"] for c in cursors), "stop must catch work in flight"
     for loader in start(cfg, dp_sizes[-1], states):
         batches += list(loader)  # epochs=1: each rank runs dry
-    counts = token_counts(batches, id_tokenizer)
+    counts = token_counts(batches, tokenizer)
     assert {word: counts[word] for word in lengths} == lengths
     assert counts[EOD] == len(lengths)
     assert set(counts) <= set(lengths) | {EOD, PAD}

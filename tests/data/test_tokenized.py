@@ -12,11 +12,8 @@ from data_pipeline.validation import validation_batches
 from data_pipeline.work import held_out
 
 from .corpora import id_config, token_counts, tokenized_copy, write_id_corpus
-from .test_reshard import start, train_steps
+from .test_reshard import assert_exactly_once_across
 from .test_resume import assert_bitwise_equal, run_and_resume
-
-STEPS_BEFORE_STOP = 4
-
 
 def tokenized_config(tmp_path, tokenizer, num_shards=7, docs_per_shard=12, **overrides):
     """The id corpus, tokenized; returns (config reading the pair, {word: length})."""
@@ -28,18 +25,7 @@ def tokenized_config(tmp_path, tokenizer, num_shards=7, docs_per_shard=12, **ove
 @pytest.mark.parametrize("dp_sizes", [(2, 1), (2, 4, 3)], ids=lambda sizes: "->".join(map(str, sizes)))
 def test_every_document_exactly_once_across_dp_changes(tmp_path, id_tokenizer, dp_sizes):
     cfg, lengths = tokenized_config(tmp_path, id_tokenizer, epochs=1)
-    batches, states = [], None
-    for dp_size in dp_sizes[:-1]:
-        loaders = start(cfg, dp_size, states)
-        batches += train_steps(loaders, STEPS_BEFORE_STOP)
-        states = [loader.state_dict() for loader in loaders]
-        cursors = [cursor for state in states for lane in state["lanes"] for cursor in lane["sources"]]
-        assert any(c["buffer"] for c in cursors) and any(c["carry"] for c in cursors), "stop must catch work in flight"
-    for loader in start(cfg, dp_sizes[-1], states):
-        batches += list(loader)
-    counts = token_counts(batches, id_tokenizer)
-    assert {word: counts[word] for word in lengths} == lengths
-    assert counts[EOD] == len(lengths)
+    assert_exactly_once_across(dp_sizes, cfg, lengths, id_tokenizer)
 
 
 def test_exact_resume_with_workers_mixed_with_a_text_source(tmp_path, id_tokenizer):
