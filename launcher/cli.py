@@ -75,9 +75,11 @@ def _launch(entry_args: list[str], nproc: int, max_restarts: int) -> None:
 
     import torch
 
-    from launcher.errors import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE, SAVE_FAILED_EXIT_CODE, USER_ERROR_EXIT_CODE
+    from launcher.errors import (DIVERGED_EXIT_CODE, HANG_EXIT_CODE, REQUEUE_EXIT_CODE, SAVE_FAILED_EXIT_CODE,
+                                 USER_ERROR_EXIT_CODE)
 
-    ranks_have_said_why = {USER_ERROR_EXIT_CODE, SAVE_FAILED_EXIT_CODE, REQUEUE_EXIT_CODE, DIVERGED_EXIT_CODE}
+    ranks_have_said_why = {USER_ERROR_EXIT_CODE, SAVE_FAILED_EXIT_CODE, REQUEUE_EXIT_CODE, DIVERGED_EXIT_CODE,
+                           HANG_EXIT_CODE}
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     # A restarted round must not share the rendezvous store with the round that died: its keys

@@ -92,6 +92,20 @@ class TrainConfig(_Section):
     spike: Optional[SpikeConfig] = Field(
         None, description="roll back to the last checkpoint on a loss spike and skip the batches that led to it; "
         "none: no rollback")
+    hang_seconds: float = Field(
+        600, ge=0, description="a step phase, collective or save that makes no progress this long writes every "
+        "rank's stacks to <run_dir>/hang/ and ends the run (exit 76); 0: never. Keep it below "
+        "parallel.timeout_minutes, and above the longest save or evaluation")
+    profile_steps: Optional[tuple[PositiveInt, PositiveInt]] = Field(
+        None, description="[first, last]: torch.profiler traces of these steps into <run_dir>/tensorboard (its "
+        "profile plugin), and on CUDA a memory snapshot; none: nothing is recorded")
+
+    @field_validator("profile_steps")
+    @classmethod
+    def _profile_range(cls, steps: Optional[tuple[int, int]]) -> Optional[tuple[int, int]]:
+        if steps is not None and steps[0] > steps[1]:
+            raise ValueError(f"[{steps[0]}, {steps[1]}] ends before it starts; give [first, last] steps")
+        return steps
 
     @field_validator("skip_batches")
     @classmethod
@@ -140,6 +154,9 @@ class LoggingConfig(_Section):
     tensorboard: Literal["rank0", "every_rank", "off"] = Field(
         "rank0", description="who writes TensorBoard events under <run_dir>/tensorboard: global rank 0, "
         "every rank (its own figures in rank-NNNNN/), or nobody")
+    straggler_factor: float = Field(
+        1.5, gt=1, description="name a rank on the console when its own time per step (CPU seconds, outside "
+        "collectives) is above this times the median rank's, once per logging interval")
     peak_tflops: Optional[float] = Field(
         None, gt=0, description="peak TFLOP/s per device for MFU; default: the A100/H100/H200 table at "
         "train.precision, or a matmul probe on CPU")
@@ -190,6 +207,13 @@ class RunConfig(_Section):
                 f"equal share of the padded vocabulary; choose parallel.tp from {fitting} or set "
                 f"model.vocab_multiple to a multiple of {tp}, e.g. {math.lcm(m.vocab_multiple, tp)}"
             )
+        if self.train.hang_seconds >= 60 * self.parallel.timeout_minutes:
+            raise ValueError(f"train.hang_seconds={self.train.hang_seconds:g} is not below parallel.timeout_minutes="
+                             f"{self.parallel.timeout_minutes:g}: a hung collective would fail first, with no stacks; "
+                             "lower train.hang_seconds or raise parallel.timeout_minutes")
+        if self.train.profile_steps and self.train.profile_steps[1] > self.train.steps:
+            raise ValueError(f"train.profile_steps={list(self.train.profile_steps)} ends after train.steps="
+                             f"{self.train.steps}; profile steps the run takes")
         if self.data.fact_task is not None and m.arch != "gpt":
             raise ValueError("data.fact_task is a task for decoders (model.arch=gpt, with model.memory); remove it")
         if self.data.masked_lm is not None and m.arch != "bert":

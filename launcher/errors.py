@@ -12,6 +12,7 @@ USER_ERROR_EXIT_CODE = 2
 SAVE_FAILED_EXIT_CODE = 74  # sysexits EX_IOERR: the last checkpoint could not be written; fix the disk
 REQUEUE_EXIT_CODE = 75  # sysexits EX_TEMPFAIL: stopped early with a checkpoint; run the same command again
 DIVERGED_EXIT_CODE = 3  # train.max_bad_steps non-finite steps in a row: the same command would meet them again
+HANG_EXIT_CODE = 76  # no progress for train.hang_seconds: stacks in RUN_DIR/hang/; restart as any failure
 
 
 class SaveFailed(Exception):

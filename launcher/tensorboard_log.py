@@ -79,6 +79,9 @@ class TensorBoardLog:
                 "train/grad_norm": record["grad_norm"],
                 "train/loss_scale": record.get("loss_scale"),
                 "train/skipped_steps": record.get("skipped_steps"),
+                "stragglers/rank_cpu_seconds_median": record.get("rank_cpu_seconds_median"),
+                "stragglers/rank_cpu_seconds_max": record.get("rank_cpu_seconds_max"),
+                "stragglers/slowest_rank": record.get("slowest_rank"),
                 "time/checkpoint_save_seconds": record.get("checkpoint_save_seconds"),
             }
             if "step_seconds" in record:

@@ -22,10 +22,13 @@ from launcher.evaluate import evaluator_for_run
 from launcher.faults import Faults
 from launcher.output_paths import output_directory
 from launcher.run_log import RunLog
+from launcher.profiling import StepProfiler
 from launcher.spikes import SpikeDetector
 from launcher.step_metrics import StepMetrics
 from launcher.stopping import StopRequested, StopVote
+from launcher.stragglers import StragglerReport
 from launcher.tensorboard_log import TensorBoardLog
+from launcher.watchdog import HangWatchdog
 from models import build_model
 from models.blocks import IGNORE_INDEX
 from models.huggingface import import_directory
@@ -109,91 +112,115 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
     spikes = SpikeDetector(cfg.train.spike) if cfg.train.spike and checkpoints else None
     bad_in_a_row = 0  # steps skipped for a non-finite loss or gradient norm, up to this one
     lowered_lr = range(0)  # the steps after a spike's rollback that train at train.spike.lr_factor
-    if evaluate and first_step == 1:
-        _log_evaluation(evaluate(runner, step=0), log, records)
-        metrics.restart_clock(_data_wait(loader))
+    watchdog = HangWatchdog(run_dir, topo.rank, topo.world_size, cfg.train.hang_seconds)
+    stragglers = StragglerReport(topo, cfg.logging.straggler_factor)
+    profiler = StepProfiler(cfg.train.profile_steps, run_dir, topo.rank, topo.device)
     step = first_step
-    while step <= cfg.train.steps:
-        stop_vote = StopVote(topo.control_group) if checkpoints else None  # travels while the step computes
-        faults.begin_step(step)
-        if step in lowered_lr:
-            _scale_lr(engine, cfg.train.spike.lr_factor)
-        lr = engine.get_lr()[0]
-        micro_batches = [{name: tensor.to(topo.device) for name, tensor in model.batch_inputs(
-            curriculum.window(next(stream), step) if curriculum else next(stream)).items()}
-            for _ in range(cfg.train.grad_accum)] if stream is not None else []
-        if step in dropped:  # read and dropped, as a spike's rollback drops it: no forward, no update
-            loss_sum, skipped = torch.full((), float("nan"), device=topo.device), "dropped"
-        else:
-            skipped_before = engine.skipped_steps  # the engine's optimizer skips a non-finite step on every rank
-            loss_sum = runner.train_step(micro_batches, **per_token_loss(micro_batches, topo, cfg))
-            skipped = "non-finite" if engine.skipped_steps > skipped_before else None
-        bad_in_a_row = bad_in_a_row + 1 if skipped == "non-finite" else 0
-        diverged = bad_in_a_row >= cfg.train.max_bad_steps
-        segments = curriculum.segments_at(step) if curriculum else None
-        tokens = sequences_per_step * (segments * curriculum.segment_len if curriculum else cfg.data.seq_len)
-        grad_norm = None if skipped == "dropped" else engine.get_global_grad_norm()
-        metrics.add(step, loss_sum, lr, grad_norm, loss_scale(engine), tokens, segments, skipped)
-        tokens_seen += tokens
+    try:
+        if evaluate and first_step == 1:
+            watchdog.beat(0, "evaluation")
+            _log_evaluation(evaluate(runner, step=0), log, records)
+            metrics.restart_clock(_data_wait(loader))
+        while step <= cfg.train.steps:
+            stop_vote = StopVote(topo.control_group) if checkpoints else None  # travels while the step computes
+            watchdog.beat(step, "start")
+            stragglers.begin_step()
+            profiler.begin_step(step)
+            faults.begin_step(step)
+            if step in lowered_lr:
+                _scale_lr(engine, cfg.train.spike.lr_factor)
+            lr = engine.get_lr()[0]
+            micro_batches = [{name: tensor.to(topo.device) for name, tensor in model.batch_inputs(
+                curriculum.window(next(stream), step) if curriculum else next(stream)).items()}
+                for _ in range(cfg.train.grad_accum)] if stream is not None else []
+            if step in dropped:  # read and dropped, as a spike's rollback drops it: no forward, no update
+                loss_sum, skipped = torch.full((), float("nan"), device=topo.device), "dropped"
+            else:
+                watchdog.beat(step, "forward/backward/optimizer step")
+                skipped_before = engine.skipped_steps  # the engine's optimizer skips a non-finite step on every rank
+                loss_sum = runner.train_step(micro_batches, **per_token_loss(micro_batches, topo, cfg))
+                skipped = "non-finite" if engine.skipped_steps > skipped_before else None
+            stragglers.end_step()
+            profiler.end_step(step)
+            bad_in_a_row = bad_in_a_row + 1 if skipped == "non-finite" else 0
+            diverged = bad_in_a_row >= cfg.train.max_bad_steps
+            segments = curriculum.segments_at(step) if curriculum else None
+            tokens = sequences_per_step * (segments * curriculum.segment_len if curriculum else cfg.data.seq_len)
+            grad_norm = None if skipped == "dropped" else engine.get_global_grad_norm()
+            metrics.add(step, loss_sum, lr, grad_norm, loss_scale(engine), tokens, segments, skipped)
+            tokens_seen += tokens
 
-        stop_signal = stop_vote.received() if stop_vote else None
-        stopping = checkpoints is not None and (stop_signal is not None or step == cfg.train.stop_at_step)
-        last = step == cfg.train.steps
-        # no save mid-streak of non-finite steps: the checkpoints from before it are the ones to keep
-        save = checkpoints is not None and not diverged and (stopping or last or (
-            cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0 and skipped != "non-finite"))
-        evaluating = evaluate is not None and (last or step % cfg.train.eval_interval == 0)
-        if not (save or evaluating or last or diverged or step == first_step or step % cfg.logging.interval == 0):
-            step += 1
-            continue
-        step_records = metrics.read(_data_wait(loader), moe_metrics_of_every_stage(model, topo))
-        for record in step_records:
-            if record.get("skipped") == "non-finite":
-                log.say(f"step {record['step']} skipped on every rank: non-finite loss or gradient norm "
-                        f"({record['skipped_steps']} so far; train.max_bad_steps={cfg.train.max_bad_steps} in a row "
-                        "stop the run)")
-        if spikes and (spike := spikes.first_spike(step_records)):
-            log.write(step_records)
-            first_dropped, last_dropped = spikes.dropped_steps(spike["step"])
-            back = checkpoints.roll_back(before_step=first_dropped)
-            if back is not None:
-                dropped.update(range(first_dropped, last_dropped + 1))
-                spikes.rolled_back_to(back.step)
-                log.rollback(spike, spikes.median(), back.step, (first_dropped, last_dropped))
-                step, tokens_seen, bad_in_a_row = back.step + 1, back.tokens, 0
-                lowered_lr = range(last_dropped + 1, last_dropped + 1 + cfg.train.spike.lr_steps)
-                stream = iter(loader) if topo.reads_batches else None  # the loader is back at that step too
-                metrics.restart_clock(_data_wait(loader))
+            stop_signal = stop_vote.received() if stop_vote else None
+            stopping = checkpoints is not None and (stop_signal is not None or step == cfg.train.stop_at_step)
+            last = step == cfg.train.steps
+            # no save mid-streak of non-finite steps: the checkpoints from before it are the ones to keep
+            save = checkpoints is not None and not diverged and (stopping or last or (
+                cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0 and skipped != "non-finite"))
+            evaluating = evaluate is not None and (last or step % cfg.train.eval_interval == 0)
+            if not (save or evaluating or last or diverged or step == first_step or step % cfg.logging.interval == 0):
+                step += 1
                 continue
-            log.say(f"warning: loss spike at step {spike['step']} ({spike['loss']:.4f}) but no checkpoint from "
-                    f"before step {first_dropped} to roll back to: going on")
-        evaluation = evaluate(runner, step) if evaluating else None
-        if stopping and not last:
-            log.say(f"stopping after step {step} ({stop_signal.name if stop_signal else 'train.stop_at_step'}): "
-                    "saving a checkpoint")
-        if save:
-            save_started = time.perf_counter()
-            if pending_save is not None and (error := pending_save.wait()):  # one save at a time
-                log.say(f"warning: {error}; training continues and saves again at the next interval")
-            pending_save = checkpoints.save(step, tokens_seen)  # blocks only while it copies to CPU memory
-            # The run must not end ("done", or "requeue me") before its last checkpoint is known committed.
-            if (stopping or last) and (error := pending_save.wait()):
-                raise SaveFailed(f"{error}; free space or fix permissions on {checkpoints.root} and launch again")
-            step_records[-1]["checkpoint_save_seconds"] = time.perf_counter() - save_started
-        log.write(step_records)
-        if records is not None:
-            records.extend(step_records)
-        if evaluation:
-            _log_evaluation(evaluation, log, records)
-        metrics.restart_clock(_data_wait(loader))  # throughput counts training: not evaluating, saving or logging
-        losses = [record["loss"] for record in step_records if record["loss"] is not None]  # none: batches dropped
-        first_loss = losses[0] if first_loss is None and losses else first_loss
-        last_loss = losses[-1] if losses else last_loss
-        if diverged:
-            raise _diverged(step, cfg, run_dir, checkpoints, pending_save, topo)
-        if stopping and not last:
-            raise StopRequested(step)
-        step += 1
+            watchdog.beat(step, "logging")
+            step_records = metrics.read(_data_wait(loader), moe_metrics_of_every_stage(model, topo))
+            figures, straggler = stragglers.read()
+            step_records[-1].update(figures)
+            if straggler is not None:
+                log.say(f"warning: rank {straggler} is a straggler: {figures['rank_cpu_seconds_max']:.3f} CPU s per "
+                        f"step against a median of {figures['rank_cpu_seconds_median']:.3f} "
+                        f"(logging.straggler_factor={cfg.logging.straggler_factor:g})")
+            for record in step_records:
+                if record.get("skipped") == "non-finite":
+                    log.say(f"step {record['step']} skipped on every rank: non-finite loss or gradient norm "
+                            f"({record['skipped_steps']} so far; train.max_bad_steps={cfg.train.max_bad_steps} in a row "
+                            "stop the run)")
+            if spikes and (spike := spikes.first_spike(step_records)):
+                log.write(step_records)
+                first_dropped, last_dropped = spikes.dropped_steps(spike["step"])
+                back = checkpoints.roll_back(before_step=first_dropped)
+                if back is not None:
+                    dropped.update(range(first_dropped, last_dropped + 1))
+                    spikes.rolled_back_to(back.step)
+                    log.rollback(spike, spikes.median(), back.step, (first_dropped, last_dropped))
+                    step, tokens_seen, bad_in_a_row = back.step + 1, back.tokens, 0
+                    lowered_lr = range(last_dropped + 1, last_dropped + 1 + cfg.train.spike.lr_steps)
+                    stream = iter(loader) if topo.reads_batches else None  # the loader is back at that step too
+                    metrics.restart_clock(_data_wait(loader))
+                    continue
+                log.say(f"warning: loss spike at step {spike['step']} ({spike['loss']:.4f}) but no checkpoint from "
+                        f"before step {first_dropped} to roll back to: going on")
+            if evaluating:
+                watchdog.beat(step, "evaluation")
+            evaluation = evaluate(runner, step) if evaluating else None
+            if stopping and not last:
+                log.say(f"stopping after step {step} ({stop_signal.name if stop_signal else 'train.stop_at_step'}): "
+                        "saving a checkpoint")
+            if save:
+                watchdog.beat(step, "saving")
+                save_started = time.perf_counter()
+                if pending_save is not None and (error := pending_save.wait()):  # one save at a time
+                    log.say(f"warning: {error}; training continues and saves again at the next interval")
+                pending_save = checkpoints.save(step, tokens_seen)  # blocks only while it copies to CPU memory
+                # The run must not end ("done", or "requeue me") before its last checkpoint is known committed.
+                if (stopping or last) and (error := pending_save.wait()):
+                    raise SaveFailed(f"{error}; free space or fix permissions on {checkpoints.root} and launch again")
+                step_records[-1]["checkpoint_save_seconds"] = time.perf_counter() - save_started
+            log.write(step_records)
+            if records is not None:
+                records.extend(step_records)
+            if evaluation:
+                _log_evaluation(evaluation, log, records)
+            metrics.restart_clock(_data_wait(loader))  # throughput counts training: not evaluating, saving or logging
+            losses = [record["loss"] for record in step_records if record["loss"] is not None]  # none: batches dropped
+            first_loss = losses[0] if first_loss is None and losses else first_loss
+            last_loss = losses[-1] if losses else last_loss
+            if diverged:
+                raise _diverged(step, cfg, run_dir, checkpoints, pending_save, topo)
+            if stopping and not last:
+                raise StopRequested(step)
+            step += 1
+    finally:
+        watchdog.stop()  # a finished run's thread must never fire: tests train many runs in one process
+
     summary = f"loss {first_loss:.3f} -> {last_loss:.3f}" if first_loss is not None else "nothing left to train"
     log.close(f"parallax: done: {cfg.train.steps} steps, {summary}, run dir {run_dir}")
 
