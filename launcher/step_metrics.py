@@ -52,7 +52,8 @@ class StepMetrics:
         # Every DP rank's last pipeline stage holds its own shard's loss; the run's loss is their mean.
         self.topo.sum_scored(losses)
         losses = (losses / self.loss_divisor).tolist()
-        records = [{"step": p["step"], "loss": None if p["skipped"] == "dropped" else loss, "lr": p["lr"], "grad_norm": _as_float(p["grad_norm"]),
+        records = [{"step": p["step"], "loss": None if p["skipped"] == "dropped" else loss, "lr": p["lr"],
+                    "grad_norm": _as_float(p["grad_norm"]),
                     "loss_scale": _as_float(p["loss_scale"]), "skipped_steps": p["skipped_steps"],
                     **({"segments": p["segments"]} if p["segments"] is not None else {}),
                     **({"skipped": p["skipped"]} if p["skipped"] else {})}

@@ -164,15 +164,7 @@ def train(cfg: RunConfig, batches: Optional[BatchSource] = None, records: Option
             step_records = metrics.read(_data_wait(loader), moe_metrics_of_every_stage(model, topo))
             figures, straggler = stragglers.read()
             step_records[-1].update(figures)
-            if straggler is not None:
-                log.say(f"warning: rank {straggler} is a straggler: {figures['rank_cpu_seconds_max']:.3f} CPU s per "
-                        f"step against a median of {figures['rank_cpu_seconds_median']:.3f} "
-                        f"(logging.straggler_factor={cfg.logging.straggler_factor:g})")
-            for record in step_records:
-                if record.get("skipped") == "non-finite":
-                    log.say(f"step {record['step']} skipped on every rank: non-finite loss or gradient norm "
-                            f"({record['skipped_steps']} so far; train.max_bad_steps={cfg.train.max_bad_steps} in a row "
-                            "stop the run)")
+            _say_health(log, step_records, straggler, cfg)
             if spikes and (spike := spikes.first_spike(step_records)):
                 log.write(step_records)
                 first_dropped, last_dropped = spikes.dropped_steps(spike["step"])
@@ -265,6 +257,20 @@ def _diverged(step: int, cfg: RunConfig, run_dir: Path, checkpoints, pending_sav
     if topo.is_logging_rank:
         (run_dir / TrainingDiverged.MARKER).write_text(f"{error}\n")
     return error
+
+
+def _say_health(log: RunLog, step_records: list[dict], straggler: Optional[int], cfg: RunConfig) -> None:
+    """A line for each step skipped as non-finite since the last logging step, and one naming a straggler."""
+    for record in step_records:
+        if record.get("skipped") == "non-finite":
+            log.say(f"step {record['step']} skipped on every rank: non-finite loss or gradient norm "
+                    f"({record['skipped_steps']} so far; train.max_bad_steps={cfg.train.max_bad_steps} in a row stop "
+                    "the run)")
+    if straggler is not None:
+        figures = step_records[-1]
+        log.say(f"warning: rank {straggler} is a straggler: {figures['rank_cpu_seconds_max']:.3f} CPU s per step "
+                f"against a median of {figures['rank_cpu_seconds_median']:.3f} "
+                f"(logging.straggler_factor={cfg.logging.straggler_factor:g})")
 
 
 def _scale_lr(engine, factor: float) -> None:
