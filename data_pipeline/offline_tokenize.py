@@ -22,6 +22,7 @@ import tempfile
 import time
 from contextlib import closing
 from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -29,6 +30,7 @@ import numpy
 from tokenizers import Tokenizer
 
 from .config import DataConfig, SourceConfig
+from .errors import DataError
 from .sources import Shard, discover, read_documents
 from .token_files import CorpusMeta, TokenFile, TokenFileWriter, dtype_for
 from .tokenizer import fingerprint, load_tokenizer
@@ -104,33 +106,83 @@ def tokenize_corpus(sources: Iterable[Path | str | SourceConfig], prefix: Path, 
 def tokenized_parts(shards: list[Shard], parts_dir: Path, encoding: Encoding, workers: int,
                     shard_done: Callable[[CorpusMeta], None]) -> Iterator[tuple[Path, CorpusMeta]]:
     """Each shard's part corpus, in shard order, as soon as it and all before it are written; `shard_done` hears
-    of each part as soon as it alone is.
-
-    Workers are forked (the tokenizer is not pickled per task) and ignore SIGINT, so Ctrl-C reaches only the
-    parent, whose pool exit terminates them at once instead of each printing its own traceback.
-    """
+    of each part as soon as it alone is."""
     tasks = [(index, shard, parts_dir / f"part-{index:06d}") for index, shard in enumerate(shards)]
     if workers == 1:  # in-process: no slower than one forked worker (1.65-1.71 s against 1.71-1.75 s, built-in corpus)
         _start_worker(encoding, forked=False)
-        for task in tasks:
-            _, part_prefix, meta = tokenize_shard(task)
-            shard_done(meta)
-            yield part_prefix, meta
-        return
-    # Largest first, so the last shards handed out are small and no worker is left with a big one while the
-    # others idle; the parts are still appended in shard order. It matters where shard sizes differ: on the
-    # built-in corpus's even shards 2 workers make 1.66-1.75x one worker's tokens/s with or without it.
-    largest_first = sorted(tasks, key=lambda task: task[1].path.stat().st_size, reverse=True)
+        parts = map(tokenize_shard, tasks)
+    else:
+        # Largest first, so the last shards handed out are small and no worker is left with a big one while the
+        # others idle; the parts are still appended in shard order. It matters where shard sizes differ: on the
+        # built-in corpus's even shards 2 workers make 1.66-1.75x one worker's tokens/s with or without it.
+        parts = forked_workers(sorted(tasks, key=lambda task: task[1].path.stat().st_size, reverse=True),
+                               encoding, workers)
+    finished: dict[int, tuple[Path, CorpusMeta]] = {}
+    next_index = 0
+    for index, part_prefix, meta in parts:
+        shard_done(meta)
+        finished[index] = (part_prefix, meta)
+        while next_index in finished:
+            yield finished.pop(next_index)
+            next_index += 1
+
+
+def forked_workers(tasks: list[tuple[int, Shard, Path]], encoding: Encoding,
+                   workers: int) -> Iterator[tuple[int, Path, CorpusMeta]]:
+    """`tokenize_shard` of every task, in the order they finish, from forked workers handed one task at a time.
+
+    Each worker has its own pipe and nothing else is shared, so stopping them early is a SIGKILL that cannot
+    hang: multiprocessing.Pool's terminate waits for a queue lock that an idle worker holds, and a CI run hung
+    there. Workers are forked (the tokenizer is not pickled) and ignore SIGINT, so Ctrl-C reaches only the
+    parent, which stops them, instead of each printing its own traceback.
+    """
     fork = multiprocessing.get_context("fork")
-    with fork.Pool(workers, initializer=_start_worker, initargs=(encoding, True)) as pool:
-        finished: dict[int, tuple[Path, CorpusMeta]] = {}
-        next_index = 0
-        for index, part_prefix, meta in pool.imap_unordered(tokenize_shard, largest_first):
-            shard_done(meta)
-            finished[index] = (part_prefix, meta)
-            while next_index in finished:
-                yield finished.pop(next_index)
-                next_index += 1
+    pending = iter(tasks)
+    processes: dict[Connection, multiprocessing.Process] = {}
+    handed: dict[Connection, tuple[int, Shard, Path]] = {}  # each worker's task in hand
+    try:
+        for _ in range(min(workers, len(tasks))):
+            parent_end, child_end = fork.Pipe()
+            process = fork.Process(target=_serve, args=(child_end, encoding), daemon=True)
+            process.start()
+            child_end.close()  # so the parent sees EOF, not silence, if the worker dies
+            processes[parent_end] = process
+            handed[parent_end] = next(pending)
+            parent_end.send(handed[parent_end])
+        busy = set(processes)
+        while busy:
+            for connection in wait(busy):
+                try:
+                    outcome = connection.recv()
+                    if not isinstance(outcome, BaseException):
+                        handed[connection] = next(pending, None)
+                        connection.send(handed[connection])  # before the yield: it goes on while its part is appended
+                except (EOFError, ConnectionError):  # its end of the pipe closed or reset
+                    processes[connection].join(timeout=5)
+                    raise DataError(f"{handed[connection][1].path}: the tokenize worker reading it died (exit code "
+                                    f"{processes[connection].exitcode}); rerun, with fewer --workers if memory is "
+                                    "short") from None
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                if handed[connection] is None:
+                    busy.discard(connection)
+                yield outcome
+    finally:
+        for connection, process in processes.items():
+            process.kill()
+            process.join()
+            connection.close()
+
+
+def _serve(connection: Connection, encoding: Encoding) -> None:
+    """A worker's loop: tokenize each task sent until None; a failure is sent back, to be raised by the parent."""
+    _start_worker(encoding, forked=True)
+    while (task := connection.recv()) is not None:
+        try:
+            connection.send(tokenize_shard(task))
+        except Exception as error:
+            connection.send(error)
+            return
 
 
 _encoding: Encoding | None = None  # the worker's tokenizer, set once per worker process by _start_worker
@@ -138,11 +190,13 @@ _encoding: Encoding | None = None  # the worker's tokenizer, set once per worker
 
 def _start_worker(encoding: Encoding, forked: bool) -> None:
     """In a forked worker, TOKENIZERS_PARALLELISM=false keeps it to one thread, so N workers use N cores and
-    the comparison of worker counts measures the workers, not Hugging Face's own thread pool."""
+    the comparison of worker counts measures the workers, not Hugging Face's own thread pool; the parent's
+    signal handlers are undone, so only the parent reacts to Ctrl-C and SIGTERM ends a worker."""
     global _encoding
     if forked:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _encoding = encoding
 
 

@@ -2,6 +2,10 @@
 would have written byte for byte, the same bytes for any run and worker count, and nothing half-written."""
 
 import json
+import multiprocessing
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy
@@ -118,16 +122,39 @@ def test_a_failed_run_leaves_no_new_corpus_and_no_temporary_files(broken_source,
     assert tree(tmp_path / "out") == before
 
 
-def test_ctrl_c_stops_the_workers_and_leaves_nothing(broken_source, id_tokenizer, tmp_path):
+@pytest.mark.parametrize("idle_workers", [False, True])
+def test_ctrl_c_stops_the_workers_and_leaves_nothing(broken_source, id_tokenizer, tmp_path, idle_workers):
+    """With idle workers, the interruption comes after every shard is handed out and the other worker waits for
+    more: multiprocessing.Pool's terminate hung there for ever (it waits for a lock an idle worker holds)."""
     broken_source.unlink()  # every shard is good: only the interruption stops the run
 
     def interrupt(report):
+        if idle_workers:
+            time.sleep(1.0)
         raise KeyboardInterrupt
 
+    started = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
         tokenize_corpus([broken_source.parent], tmp_path / "out" / "corpus", DataConfig(tokenizer=id_tokenizer),
                         workers=2, progress=interrupt)
+    assert time.perf_counter() - started < 30
     assert tree(tmp_path / "out") == {}
+
+
+def test_a_worker_killed_midway_is_one_line_naming_its_shard_and_leaves_nothing(id_tokenizer, tmp_path):
+    """As the kernel's OOM killer would: every worker gets SIGKILL after the first shard, with six still to hand
+    out, so the parent must notice at its next word with a worker, not wait for an answer for ever."""
+    write_id_corpus(tmp_path / "source", num_shards=8, docs_per_shard=4)
+
+    def kill_the_workers(report):
+        for worker in multiprocessing.active_children():
+            os.kill(worker.pid, signal.SIGKILL)
+
+    with pytest.raises(DataError, match=r"part-00\d\.jsonl: the tokenize worker reading it died \(exit code -9\)"):
+        tokenize_corpus([tmp_path / "source"], tmp_path / "out" / "corpus", DataConfig(tokenizer=id_tokenizer),
+                        workers=2, progress=kill_the_workers)
+    assert tree(tmp_path / "out") == {}
+    assert multiprocessing.active_children() == []
 
 
 def test_cli_prints_one_line_naming_the_bad_file_and_exits_2(broken_source, id_tokenizer, tmp_path, capsys):
