@@ -12,10 +12,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 PARALLAX = [sys.executable, "-c", "from launcher.cli import main; main()"]
 STEPS, INTERVAL = 8, 4
 SEQUENCES, SEQ_LEN, LAYERS, HIDDEN, VOCAB = 8, 128, 2, 256, 8192  # micro-batch 4 x DP 2; gpt-tiny's widths
-EVERY_STEP = {"train/loss", "train/lr", "train/grad_norm"}
+EVERY_STEP = {"train/loss", "train/lr", "train/grad_norm", "train/skipped_steps"}
 PER_LOGGING_STEP = {"throughput/tokens_per_s", "throughput/tokens_per_s_per_device", "throughput/samples_per_s",
                     "throughput/tflops_per_device", "throughput/mfu", "time/step_seconds", "time/data_wait_fraction",
-                    "memory/rss_gib"}
+                    "memory/rss_gib", "stragglers/rank_cpu_seconds_median", "stragglers/rank_cpu_seconds_max",
+                    "stragglers/slowest_rank"}
 
 
 def parallax_train(run_dir: Path, config: str, *overrides: str) -> None:
