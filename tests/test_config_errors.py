@@ -107,6 +107,27 @@ def test_a_pipeline_that_cannot_work_is_one_line_saying_what_to_use(capsys, conf
     assert exit_info.value.code == 2 and err.count("\n") == 1 and expected in err, err
 
 
+@pytest.mark.parametrize("args,expected", [
+    (["model.memory={segment_len: 64}"], "model.memory applies to model.arch=gpt only; remove it"),
+    (["model.mlp=swiglu"], "model.mlp applies to model.arch=gpt only; remove it"),
+    (["model.num_kv_heads=2"], "model.num_kv_heads applies to model.arch=gpt only; remove it"),
+    (["data.masked_lm=null", "data.fact_task={}"],
+     "data.fact_task is a task for decoders (model.arch=gpt, with model.memory); remove it"),
+    (["data.span_corruption={}"], "data.span_corruption and data.masked_lm are different training objectives; keep one"),
+    (["train.memory_curriculum={segments: [1, 2], at_steps: [1, 10]}"],
+     "train.memory_curriculum grows the segments of model.memory; add a model.memory section"),
+    (["--nproc", "2", "parallel.pp=2"], "parallel.pp=2: pipelines are built for decoders (model.arch=gpt); split a "
+     "model.arch=bert with parallel.tp and parallel.zero_stage=3 instead, and set parallel.pp=1"),
+])
+def test_an_encoder_asked_for_a_causal_only_feature_is_one_line(capsys, args, expected):
+    """Issue 27, point 7: recurrent memory, its task and curriculum, pipelines and the decoders' MLP and grouped
+    attention are refused for model.arch=bert before anything starts (generate: tests/test_fill_mask.py)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "configs/bert-tiny.yaml", *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and expected in err, err
+
+
 @pytest.mark.parametrize("argv,expected", [
     (["train"], "parallax train: error: the following arguments are required: config"),
     (["eval"], "parallax eval: error: the following arguments are required: RUN|CHECKPOINT"),
