@@ -113,7 +113,8 @@ def test_a_pipeline_that_cannot_work_is_one_line_saying_what_to_use(capsys, conf
     (["model.num_kv_heads=2"], "model.num_kv_heads applies to model.arch=gpt only; remove it"),
     (["data.masked_lm=null", "data.fact_task={}"],
      "data.fact_task is a task for decoders (model.arch=gpt, with model.memory); remove it"),
-    (["data.span_corruption={}"], "data.span_corruption and data.masked_lm are different training objectives; keep one"),
+    (["data.span_corruption={}"],
+     "data.span_corruption and data.masked_lm are different training objectives; keep one"),
     (["train.memory_curriculum={segments: [1, 2], at_steps: [1, 10]}"],
      "train.memory_curriculum grows the segments of model.memory; add a model.memory section"),
     (["--nproc", "2", "parallel.pp=2"], "parallel.pp=2: pipelines are built for decoders (model.arch=gpt); split a "
