@@ -110,7 +110,7 @@ def tokenized_parts(shards: list[Shard], parts_dir: Path, encoding: Encoding, wo
     tasks = [(index, shard, parts_dir / f"part-{index:06d}") for index, shard in enumerate(shards)]
     if workers == 1:  # in-process: no slower than one forked worker (1.65-1.71 s against 1.71-1.75 s, built-in corpus)
         _start_worker(encoding, forked=False)
-        parts = map(tokenize_shard, tasks)
+        parts = (tokenize_shard(task) for task in tasks)
     else:
         # Largest first, so the last shards handed out are small and no worker is left with a big one while the
         # others idle; the parts are still appended in shard order. It matters where shard sizes differ: on the
@@ -119,12 +119,13 @@ def tokenized_parts(shards: list[Shard], parts_dir: Path, encoding: Encoding, wo
                                encoding, workers)
     finished: dict[int, tuple[Path, CorpusMeta]] = {}
     next_index = 0
-    for index, part_prefix, meta in parts:
-        shard_done(meta)
-        finished[index] = (part_prefix, meta)
-        while next_index in finished:
-            yield finished.pop(next_index)
-            next_index += 1
+    with closing(parts):  # stops the workers now, not when the garbage collector gets to them, on any exit
+        for index, part_prefix, meta in parts:
+            shard_done(meta)
+            finished[index] = (part_prefix, meta)
+            while next_index in finished:
+                yield finished.pop(next_index)
+                next_index += 1
 
 
 def forked_workers(tasks: list[tuple[int, Shard, Path]], encoding: Encoding,
@@ -132,8 +133,9 @@ def forked_workers(tasks: list[tuple[int, Shard, Path]], encoding: Encoding,
     """`tokenize_shard` of every task, in the order they finish, from forked workers handed one task at a time.
 
     Each worker has its own pipe and nothing else is shared, so stopping them early is a SIGKILL that cannot
-    hang: multiprocessing.Pool's terminate waits for a queue lock that an idle worker holds, and a CI run hung
-    there. Workers are forked (the tokenizer is not pickled) and ignore SIGINT, so Ctrl-C reaches only the
+    hang, and a worker that dies is an error naming its shard. multiprocessing.Pool did neither: its terminate
+    can wait for ever on queue locks (a CI run hung there), and it replaces a worker the OOM killer takes while
+    that worker's shard is lost, so the run waits for ever. Workers are forked (the tokenizer is not pickled) and ignore SIGINT, so Ctrl-C reaches only the
     parent, which stops them, instead of each printing its own traceback.
     """
     fork = multiprocessing.get_context("fork")
@@ -159,9 +161,10 @@ def forked_workers(tasks: list[tuple[int, Shard, Path]], encoding: Encoding,
                         connection.send(handed[connection])  # before the yield: it goes on while its part is appended
                 except (EOFError, ConnectionError):  # its end of the pipe closed or reset
                     processes[connection].join(timeout=5)
-                    raise DataError(f"{handed[connection][1].path}: the tokenize worker reading it died (exit code "
-                                    f"{processes[connection].exitcode}); rerun, with fewer --workers if memory is "
-                                    "short") from None
+                    task = handed[connection]
+                    reading = f"{task[1].path}: the tokenize worker reading it" if task else "a tokenize worker"
+                    raise DataError(f"{reading} died (exit code {processes[connection].exitcode}); rerun, with "
+                                    "fewer --workers if memory is short") from None
                 if isinstance(outcome, BaseException):
                     raise outcome
                 if handed[connection] is None:

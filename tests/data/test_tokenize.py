@@ -138,6 +138,7 @@ def test_ctrl_c_stops_the_workers_and_leaves_nothing(broken_source, id_tokenizer
         tokenize_corpus([broken_source.parent], tmp_path / "out" / "corpus", DataConfig(tokenizer=id_tokenizer),
                         workers=2, progress=interrupt)
     assert time.perf_counter() - started < 30
+    assert multiprocessing.active_children() == [], "the workers are stopped before tokenize_corpus returns"
     assert tree(tmp_path / "out") == {}
 
 
