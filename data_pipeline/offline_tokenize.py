@@ -135,8 +135,9 @@ def forked_workers(tasks: list[tuple[int, Shard, Path]], encoding: Encoding,
     Each worker has its own pipe and nothing else is shared, so stopping them early is a SIGKILL that cannot
     hang, and a worker that dies is an error naming its shard. multiprocessing.Pool did neither: its terminate
     can wait for ever on queue locks (a CI run hung there), and it replaces a worker the OOM killer takes while
-    that worker's shard is lost, so the run waits for ever. Workers are forked (the tokenizer is not pickled) and ignore SIGINT, so Ctrl-C reaches only the
-    parent, which stops them, instead of each printing its own traceback.
+    that worker's shard is lost, so the run waits for ever. Workers are forked (the tokenizer is not pickled)
+    and ignore SIGINT, so Ctrl-C reaches only the parent, which stops them, instead of each printing its own
+    traceback.
     """
     fork = multiprocessing.get_context("fork")
     pending = iter(tasks)

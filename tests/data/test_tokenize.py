@@ -125,7 +125,8 @@ def test_a_failed_run_leaves_no_new_corpus_and_no_temporary_files(broken_source,
 @pytest.mark.parametrize("idle_workers", [False, True])
 def test_ctrl_c_stops_the_workers_and_leaves_nothing(broken_source, id_tokenizer, tmp_path, idle_workers):
     """With idle workers, the interruption comes after every shard is handed out and the other worker waits for
-    more: multiprocessing.Pool's terminate hung there for ever (it waits for a lock an idle worker holds)."""
+    more; without, while it still tokenizes. Either way the run ends at once, its workers gone (a CI run hung in
+    this test when multiprocessing.Pool's terminate stopped them)."""
     broken_source.unlink()  # every shard is good: only the interruption stops the run
 
     def interrupt(report):
