@@ -10,8 +10,6 @@ and lets everything else through:
   its own kernels, which Parallax does not use (DeepSpeed owns the optimizer);
 - DeepSpeed warns that it chose its CPU accelerator when DS_ACCELERATOR is unset, as only a plan
   (`parallax plan`, or `submit` planning a GPU job) leaves it, building its model on the meta device;
-- DeepSpeed prints (it does not log) "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built
-  successfully" on every rank each time its communication backend starts, compiled or cached;
 - transformers draws progress bars while it writes and reads a model directory (`parallax export`,
   `generate`, `model.init_from`), on stderr, which is for errors.
 They are dropped, not logged to a file: each is fully known and listed here, and none says anything
@@ -29,8 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
-import io
 import logging
 import os
 import sys
@@ -57,22 +53,6 @@ def quiet_third_party() -> None:
 
 def _not_the_accelerator_guess(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Setting accelerator to CPU.")
-
-
-def quiet_deepspeed_op_loading() -> None:
-    """Send DeepSpeed's "... shm_comm_op built successfully" print nowhere (see the module docstring).
-
-    A rank's own setup, not part of `quiet_third_party`: it imports DeepSpeed, which the CLI's commands
-    must not pay for.
-    """
-    backend = importlib.import_module("deepspeed.comm.torch")  # deepspeed.comm's attribute `torch` is torch itself
-    load = backend.build_shm_op
-
-    def quietly():
-        with contextlib.redirect_stdout(io.StringIO()):
-            return load()
-
-    backend.build_shm_op = quietly
 
 
 def report_error_once(line: str, error: Exception) -> None:

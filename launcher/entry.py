@@ -11,7 +11,7 @@ from functools import partial
 from pathlib import Path
 
 from launcher.config import load_config
-from launcher.console import failed_after_a_peer, quiet_deepspeed_op_loading, quiet_third_party, report_error_once
+from launcher.console import failed_after_a_peer, quiet_third_party, report_error_once
 from launcher.errors import (DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE, SAVE_FAILED_EXIT_CODE, USER_ERROR_EXIT_CODE,
                              USER_ERRORS, SaveFailed, TrainingDiverged, exit_with)
 from launcher.slurm.env import SlurmError, set_torch_rendezvous
@@ -27,7 +27,6 @@ def main(argv=None) -> None:
         set_torch_rendezvous()
     except SlurmError as e:
         exit_with(e, prefix=f"parallax: error (SLURM task {os.environ.get('SLURM_PROCID')}): ")
-    quiet_deepspeed_op_loading()
     from launcher.evaluate import evaluate_checkpoint
     from launcher.train import train
 

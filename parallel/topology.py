@@ -171,8 +171,9 @@ def init_topology(tp: int, ep: int = 1, pp: int = 1, timeout_minutes: float = 30
     sets; a lone process with none of them set is a world of one. A collective that waits longer than
     `timeout_minutes` (a dead or hung peer) fails instead of holding every GPU of the job.
     """
-    import deepspeed
     from megatron.core import parallel_state
+
+    from parallel.deepspeed_comm import init_deepspeed_distributed
 
     if torch.cuda.is_available():
         device = cuda_device(int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count())
@@ -186,7 +187,7 @@ def init_topology(tp: int, ep: int = 1, pp: int = 1, timeout_minutes: float = 30
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-        deepspeed.init_distributed(dist_backend=default_backend(), verbose=False, timeout=timeout)
+        init_deepspeed_distributed(default_backend(), timeout)
     if not _control_groups:  # made once per process: the world does not change within it
         _control_groups.extend(dist.new_group(backend="gloo", timeout=timeout) for _ in range(2))
     from deepspeed.utils import groups as deepspeed_groups

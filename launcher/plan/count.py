@@ -241,12 +241,12 @@ def _fake_model_parallel_world(tp: int, ep: int | None):
 
 @contextmanager
 def _expert_groups(ep: int):
-    import deepspeed
     from deepspeed.utils import groups
 
+    from parallel.deepspeed_comm import init_deepspeed_distributed
     from parallel.topology import create_expert_groups
 
-    deepspeed.init_distributed(dist_backend="fake", verbose=False)  # wraps the fake group already set up
+    init_deepspeed_distributed("fake")  # wraps the fake group already set up
     previous_mpu = groups.mpu
     try:
         create_expert_groups(ep)
