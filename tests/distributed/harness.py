@@ -11,6 +11,7 @@ import importlib
 import os
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Callable
@@ -73,10 +74,12 @@ def _run_all(out_dir: Path, world_size: int) -> None:
     for name, (size, fn) in registered.items():
         if size != world_size:
             continue
+        started = time.perf_counter()
         try:
             value = fn()
             if rank == 0:
                 torch.save(value, out_dir / f"{name}.pt")
+                print(f"scenario {name}: {time.perf_counter() - started:.1f} s", flush=True)
         except Exception:
             (out_dir / f"{name}.error").write_text(f"rank {rank}:\n{traceback.format_exc()}")
             if world_size > 1:
