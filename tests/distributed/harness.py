@@ -3,14 +3,17 @@
 Importing megatron-core and DeepSpeed costs ~8 s per rank, so each world size is launched once and
 runs every scenario registered for it in turn, each in its own try-block: a failing scenario writes
 its traceback and the next one still runs. Rank 0 saves what the scenario returns to
-`<out>/<name>.pt`, which the pytest side compares against the single-process reference.
+`<out>/<name>.pt`, which the pytest side compares against the single-process reference, and logs
+how long each scenario took.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -37,15 +40,80 @@ def import_scenarios() -> None:
         importlib.import_module(f"tests.distributed.{path.stem}")
 
 
-def launch(world_size: int, out_dir: Path, timeout: float = 900) -> None:
-    """Start `world_size` local ranks running every scenario registered for that world size."""
+def launch_order() -> list[int]:
+    """Every registered world size once, each after the launches whose files it reads."""
+    order: list[int] = []
+
+    def visit(world_size: int) -> None:
+        for earlier in sorted(LAUNCH_FIRST.get(world_size, ())):
+            visit(earlier)
+        if world_size not in order:
+            order.append(world_size)
+
+    for world_size in sorted({size for size, _ in SCENARIOS.values()}):
+        visit(world_size)
+    return order
+
+
+def start(world_size: int, out_dir: Path, niceness: int = 0) -> subprocess.Popen:
+    """Start `world_size` local ranks running every scenario registered for that world size, at CPU priority
+    `niceness`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu",
            "PARALLAX_SCENARIO_DIR": str(out_dir)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
-           "-m", "tests.distributed.harness", str(out_dir), str(world_size)]
+    cmd = ["nice", "-n", str(niceness), sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={world_size}", "-m", "tests.distributed.harness", str(out_dir), str(world_size)]
     with open(out_dir / f"launch-{world_size}.log", "w") as log:
-        subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+class BackgroundLaunches:
+    """Every world size's launch, one after another on a thread of its own, from when the test session starts.
+
+    Most of the suite starts processes and waits on them (their imports, signals, SLURM), which leaves a core
+    idle much of the time; at the lowest CPU priority the launches fill it without slowing those tests. A test
+    waits only for the launch it reads from, and a launch still running `timeout` seconds after a test began
+    waiting is stopped (a hang), so that its scenarios report the tail of its log."""
+
+    def __init__(self, out_dir: Path, timeout: float = 900):
+        self.out_dir, self.timeout = out_dir, timeout
+        self.finished = {world_size: threading.Event() for world_size in launch_order()}
+        self._lock = threading.Lock()
+        self._running: subprocess.Popen | None = None
+        self._stopping = False
+        threading.Thread(target=self._launch_all, daemon=True).start()
+
+    def _launch_all(self) -> None:
+        for world_size, finished in self.finished.items():
+            with self._lock:
+                if self._stopping:
+                    break
+                self._running = start(world_size, self.out_dir, niceness=19)
+            self._running.wait()
+            finished.set()
+        for finished in self.finished.values():
+            finished.set()
+
+    def wait_for(self, world_size: int) -> None:
+        while not self.finished[world_size].wait(self.timeout):
+            self._kill_running()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+        self._kill_running()
+
+    def _kill_running(self) -> None:
+        """torchrun and its ranks, which it starts in sessions of their own."""
+        import psutil
+
+        with self._lock:
+            if self._running is None or self._running.poll() is not None:
+                return
+            launcher = psutil.Process(self._running.pid)
+            for process in [*launcher.children(recursive=True), launcher]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
 
 
 def result(out_dir: Path, name: str):
