@@ -55,13 +55,13 @@ def launch_order() -> list[int]:
     return order
 
 
-def start(world_size: int, out_dir: Path, niceness: int = 0) -> subprocess.Popen:
-    """Start `world_size` local ranks running every scenario registered for that world size, at CPU priority
-    `niceness`."""
+def start(world_size: int, out_dir: Path) -> subprocess.Popen:
+    """Start `world_size` local ranks running every scenario registered for that world size, at the lowest CPU
+    priority (see BackgroundLaunches)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu",
            "PARALLAX_SCENARIO_DIR": str(out_dir)}
-    cmd = ["nice", "-n", str(niceness), sys.executable, "-m", "torch.distributed.run", "--standalone",
+    cmd = ["nice", "-n", "19", sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={world_size}", "-m", "tests.distributed.harness", str(out_dir), str(world_size)]
     with open(out_dir / f"launch-{world_size}.log", "w") as log:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -88,7 +88,7 @@ class BackgroundLaunches:
             with self._lock:
                 if self._stopping:
                     break
-                self._running = start(world_size, self.out_dir, niceness=19)
+                self._running = start(world_size, self.out_dir)
             self._running.wait()
             finished.set()
         for finished in self.finished.values():
@@ -104,7 +104,7 @@ class BackgroundLaunches:
         self._kill_running()
 
     def _kill_running(self) -> None:
-        """torchrun and its ranks, which it starts in sessions of their own."""
+        """torchrun and its ranks, which it starts in sessions of their own (so no one signal reaches them all)."""
         import psutil
 
         with self._lock:
